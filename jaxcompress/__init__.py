@@ -1,0 +1,33 @@
+"""jaxcompress: quantization and pruning for JAX as pure transforms over parameter pytrees.
+
+The data path (see the README): rules select leaves; array transforms quantize one array;
+pytree transforms apply them to a whole params tree; metrics report what it cost.
+"""
+
+from jaxcompress.metrics import CompressionMetrics, LeafMetrics, quantization_metrics, sqnr_db
+from jaxcompress.params import LeafDecision, QuantizeReport, dequantize_params, quantize_params
+from jaxcompress.qarray import QArray
+from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
+from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Calibration",
+    "CompressionMetrics",
+    "LeafDecision",
+    "LeafMetrics",
+    "QArray",
+    "QuantRule",
+    "QuantSpec",
+    "QuantizeReport",
+    "Rule",
+    "dequantize",
+    "dequantize_params",
+    "match_rules",
+    "path_to_str",
+    "quantization_metrics",
+    "quantize",
+    "quantize_params",
+    "sqnr_db",
+]

@@ -1,0 +1,132 @@
+"""`quantize` / `dequantize`: one array in, one `QArray` out (and back).
+
+Eagerly (concrete input) the work runs in one jit-compiled function cached per shape and spec,
+and a NaN/Inf raises a `ValueError` naming the array. Under a transformation (``jit``, ``vmap``,
+``grad`` of something else...) `quantize` traces inline; a NaN/Inf then raises from a host
+callback when the computation runs (the error surfaces as a ``JaxRuntimeError`` carrying the same
+message), unless ``allow_nonfinite=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.qarray import QArray
+from jaxcompress.quant.calibrate import calibrate_range
+from jaxcompress.quant.codec import encode, scale_from_range
+from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
+
+__all__ = ["quantize", "dequantize", "quantize_with_spec", "make_spec"]
+
+
+def make_spec(spec: QuantSpec | None, kwargs: dict[str, Any]) -> QuantSpec:
+    if spec is not None and kwargs:
+        raise TypeError(f"pass either a QuantSpec or keyword options, not both (got {sorted(kwargs)})")
+    return spec if spec is not None else QuantSpec(**kwargs)
+
+
+def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **options) -> QArray:
+    """Quantize a float array.
+
+    Args:
+      x: a float array (jax or numpy).
+      spec: a `QuantSpec`; or pass its fields as keywords (``bits``, ``qtype``, ``symmetric``,
+        ``channel_axes``, ``group_size``, ``group_axis``, ``calibration``, ``allow_nonfinite``).
+      name: what error messages call the array (`quantize_params` passes the pytree path).
+
+    Returns:
+      A `QArray` with the values, scale (zero point) and metadata.
+
+    Per-output-channel int8 of a Flax Dense kernel, and int4 in groups of 2 along the input axis:
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> w = jnp.array([[0.5, -2.0], [1.0, 0.25], [-0.75, 1.5], [0.1, -0.2]])
+    >>> q = jc.quantize(w, bits=8, channel_axes=(-1,))
+    >>> q.values[:, 1].tolist()
+    [-127, 16, 95, -13]
+    >>> q4 = jc.quantize(w, bits=4, channel_axes=(-1,), group_size=2)
+    >>> q4.scale.shape, q4.values.dtype
+    ((2, 2), dtype(int4))
+    >>> bool(jnp.abs(jc.dequantize(q4) - w).max() <= q4.scale.max() / 2)
+    True
+    """
+    spec = make_spec(spec, options)
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating-point array to quantize, got dtype {x.dtype}")
+    resolved = spec.resolve(tuple(x.shape), name)
+    if isinstance(x, jax.core.Tracer):
+        qarray, finite = _quantize_impl(x, resolved)
+        if not resolved.allow_nonfinite:
+            jax.debug.callback(functools.partial(_raise_if_nonfinite, name), finite)
+        return qarray
+    qarray, finite = _quantize_jit(jnp.asarray(x), resolved)
+    if not resolved.allow_nonfinite:
+        _raise_if_nonfinite(name, finite)
+    return qarray
+
+
+def quantize_with_spec(x: jax.Array, spec: ResolvedSpec) -> QArray:
+    """Quantize with an already-resolved spec, skipping validation and the NaN check (internal:
+    for callers such as fake-quant that have validated once and run inside their own jit)."""
+    return _quantize_impl(x, spec)[0]
+
+
+def _raise_if_nonfinite(name: str, all_finite) -> None:
+    if not bool(all_finite):
+        raise ValueError(
+            f"{name}: contains NaN or Inf; quantization needs finite values "
+            f"(pass allow_nonfinite=True to clip Inf and store NaN as 0)"
+        )
+
+
+def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]:
+    original_dtype = jnp.dtype(x.dtype)
+    shape = tuple(x.shape)
+    xf = x.astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(xf))
+    grouped = xf.reshape(spec.grouped_shape(shape))
+    reduce_axes = spec.reduce_axes(len(shape))
+    lo, hi = calibrate_range(grouped, spec, reduce_axes)
+    scale, zero_point = scale_from_range(lo, hi, spec)
+    values = encode(grouped, scale, zero_point, spec).reshape(shape)
+    if spec.group_axis is not None:
+        # Drop the within-group axis: the scale keeps the original rank, group axis = #groups.
+        scale = jnp.squeeze(scale, spec.group_axis + 1)
+        if zero_point is not None:
+            zero_point = jnp.squeeze(zero_point, spec.group_axis + 1)
+    if zero_point is not None:
+        zero_point = zero_point.astype(values.dtype)
+    qarray = QArray(
+        values=values,
+        scale=scale.astype(jnp.float32),
+        zero_point=zero_point,
+        bits=spec.bits,
+        qtype=spec.qtype,
+        channel_axes=spec.channel_axes,
+        group_axis=spec.group_axis,
+        group_size=spec.group_size,
+        dtype=original_dtype,
+    )
+    return qarray, finite
+
+
+_quantize_jit = jax.jit(_quantize_impl, static_argnums=(1,))
+
+
+def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
+    """The float array a `QArray` stands for (in its original dtype unless ``dtype`` is given).
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> jc.dequantize(jc.quantize(jnp.zeros((2, 3)), bits=4)).tolist()
+    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
+    return q.dequantize(dtype)

@@ -1,0 +1,202 @@
+"""`QuantSpec`: how one array is quantized (bits, format, granularity, calibration).
+
+A spec is static configuration: hashable, so it can key jit caches and live in rules. Checking a
+spec against an array's shape (`QuantSpec.resolve`) turns negative axes into positive ones and
+raises a `ValueError` that names the array (its pytree path) when the two do not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+
+from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE
+
+__all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS"]
+
+CALIBRATION_METHODS = ("absmax", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How the clipping range of each scale group is chosen from the weights.
+
+    Attributes:
+      method: ``"absmax"`` (the full range), ``"percentile"`` (clip at the ``percentile``-th
+        percentile of ``|x|``; for asymmetric quantization, of ``x`` at both ends) or ``"mse"``
+        (grid search over clip ratios minimising ``||x - dequantize(quantize(x))||^2`` per scale
+        group; ratio 1.0, i.e. absmax, is always on the grid so the result is never worse).
+      percentile: used by ``"percentile"``, in (0, 100].
+      grid_size: number of clip ratios tried by ``"mse"``, spaced evenly in [min_ratio, 1].
+      min_ratio: smallest clip ratio tried by ``"mse"``, in (0, 1].
+
+    >>> Calibration(method="mse", grid_size=32).method
+    'mse'
+    """
+
+    method: str = "absmax"
+    percentile: float = 99.99
+    grid_size: int = 64
+    min_ratio: float = 0.3
+
+    def __post_init__(self):
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"calibration method {self.method!r} is not one of {CALIBRATION_METHODS}"
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"calibration percentile {self.percentile} is not in (0, 100]")
+        if self.grid_size < 1:
+            raise ValueError(f"calibration grid_size {self.grid_size} must be >= 1")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError(f"calibration min_ratio {self.min_ratio} is not in (0, 1]")
+
+
+def as_calibration(calibration: str | Calibration) -> Calibration:
+    if isinstance(calibration, Calibration):
+        return calibration
+    if isinstance(calibration, str):
+        return Calibration(method=calibration)
+    raise TypeError(f"calibration must be a method name or a Calibration, got {calibration!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How to quantize one array.
+
+    Attributes:
+      bits: integer bit width, 2..8 (ignored for fp8 formats, which are 8-bit).
+      qtype: ``"int"`` or an fp8 format: ``"float8_e4m3fn"`` / ``"float8_e5m2"``.
+      symmetric: symmetric (no zero point, range ``[-(2^(b-1)-1), 2^(b-1)-1]``) or asymmetric
+        (a zero point, full range ``[-2^(b-1), 2^(b-1)-1]``, zero exactly representable).
+      channel_axes: axes that keep their own scale. ``()`` is per-tensor; ``(-1,)`` is
+        per-output-channel for Flax ``Dense`` (in, out) and ``Conv`` (H, W, I, O) kernels.
+      group_size: if set, the scale is also split into groups of this many consecutive elements
+        along ``group_axis`` (per-group quantization along a contracting axis).
+      group_axis: the axis the groups run along; defaults to -2, the input-feature
+        (contracting) axis of Flax ``Dense`` and ``Conv`` kernels.
+      calibration: a method name (``"absmax"``, ``"percentile"``, ``"mse"``) or a `Calibration`.
+      allow_nonfinite: by default a NaN or Inf in the array is an error. If True, non-finite
+        elements are excluded from calibration, +-Inf saturate to the largest code and NaN is
+        stored as 0.
+
+    >>> QuantSpec(bits=4, channel_axes=(-1,), group_size=128).resolve((256, 64), "w").group_axis
+    0
+    """
+
+    bits: int = 8
+    qtype: str = INT_QTYPE
+    symmetric: bool = True
+    channel_axes: tuple[int, ...] = ()
+    group_size: int | None = None
+    group_axis: int | None = None
+    calibration: str | Calibration = "absmax"
+    allow_nonfinite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
+        object.__setattr__(self, "calibration", as_calibration(self.calibration))
+        if self.qtype != INT_QTYPE and self.qtype not in FP8_QTYPES:
+            raise ValueError(
+                f"qtype {self.qtype!r} is not 'int' or one of {sorted(FP8_QTYPES)}"
+            )
+        if self.qtype == INT_QTYPE:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+                raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
+            if not 2 <= self.bits <= 8:
+                raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        else:
+            if self.bits != 8:
+                object.__setattr__(self, "bits", 8)
+            if not self.symmetric:
+                raise ValueError(f"{self.qtype} quantization is symmetric only (symmetric=False given)")
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+    def resolve(self, shape: tuple[int, ...], name: str = "array") -> "ResolvedSpec":
+        """Check this spec against ``shape`` and return it with non-negative axes.
+
+        Raises ``ValueError`` naming ``name`` (a pytree path) when an axis is out of range, an
+        axis repeats, the group axis is also a channel axis, or the group size does not divide
+        the group axis.
+        """
+        ndim = len(shape)
+
+        def normalize(axis: int, what: str) -> int:
+            if not -ndim <= axis < ndim:
+                raise ValueError(
+                    f"{name}: {what} {axis} is out of range for an array of shape {tuple(shape)} "
+                    f"(expected -{ndim} <= axis < {ndim})"
+                )
+            return axis % ndim
+
+        channel_axes = tuple(sorted(normalize(a, "channel axis") for a in self.channel_axes))
+        if len(set(channel_axes)) != len(channel_axes):
+            raise ValueError(f"{name}: channel_axes {self.channel_axes} repeat an axis")
+        group_axis = None
+        if self.group_size is not None:
+            group_axis = normalize(-2 if self.group_axis is None else self.group_axis, "group axis")
+            if group_axis in channel_axes:
+                raise ValueError(
+                    f"{name}: group axis {group_axis} is also a channel axis {channel_axes}; "
+                    f"groups run along a shared (contracting) axis"
+                )
+            dim = shape[group_axis]
+            if dim % self.group_size:
+                raise ValueError(
+                    f"{name}: group size {self.group_size} does not divide axis {group_axis} "
+                    f"of size {dim} (shape {tuple(shape)})"
+                )
+        return ResolvedSpec(
+            bits=int(self.bits),
+            qtype=self.qtype,
+            symmetric=self.symmetric,
+            channel_axes=channel_axes,
+            group_axis=group_axis,
+            group_size=None if self.group_size is None else int(self.group_size),
+            calibration=self.calibration,
+            allow_nonfinite=self.allow_nonfinite,
+        )
+
+    def describe(self) -> str:
+        fmt = f"int{self.bits}" if self.qtype == INT_QTYPE else self.qtype
+        gran = f"channels{self.channel_axes}" if self.channel_axes else "per-tensor"
+        if self.group_size:
+            gran += f" g{self.group_size}"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{fmt} {gran} {sym} {self.calibration.method}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSpec:
+    """A `QuantSpec` checked against one shape: all axes non-negative (internal)."""
+
+    bits: int
+    qtype: str
+    symmetric: bool
+    channel_axes: tuple[int, ...]
+    group_axis: int | None
+    group_size: int | None
+    calibration: Calibration
+    allow_nonfinite: bool
+
+    def grouped_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``shape`` with the group axis split into ``(dim // group_size, group_size)``."""
+        if self.group_axis is None:
+            return tuple(shape)
+        axis = self.group_axis
+        return tuple(shape[:axis]) + (shape[axis] // self.group_size, self.group_size) + tuple(shape[axis + 1 :])
+
+    def reduce_axes(self, ndim: int) -> tuple[int, ...]:
+        """Axes of the GROUPED view that one scale is shared over."""
+        axes = []
+        for axis in range(ndim):
+            if axis in self.channel_axes:
+                continue
+            if axis == self.group_axis:
+                axes.append(axis + 1)  # the within-group axis
+                continue
+            axes.append(axis if self.group_axis is None or axis < self.group_axis else axis + 1)
+        return tuple(axes)
