@@ -97,6 +97,11 @@ class QArray:
         shared, except the group axis which is split into groups.
       group_axis / group_size: per-group quantization along ``group_axis`` (``None`` if absent).
       dtype: the dtype of the original array, returned by `dequantize`.
+      activation: how `jaxcompress.compressed` runs a dot / conv with this weight:
+        ``"weight_only"``, ``"dynamic"`` or ``"static"`` (see `QuantSpec`).
+      activation_scale: for ``activation="static"``, the calibrated float32 scalar scale of the
+        int8 activation this weight meets (``None`` until attached with
+        `jaxcompress.attach_activation_scales`).
     """
 
     values: jax.Array
@@ -108,6 +113,8 @@ class QArray:
     group_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     dtype: Any = dataclasses.field(default=jnp.dtype(jnp.float32), metadata=dict(static=True))
+    activation: str = dataclasses.field(default="weight_only", metadata=dict(static=True))
+    activation_scale: jax.Array | None = None
 
     # ---- array-like surface -------------------------------------------------------------
     @property
@@ -137,8 +144,14 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed values plus scale (plus zero point)."""
-        return _array_nbytes(self.values) + _array_nbytes(self.scale) + _array_nbytes(self.zero_point)
+        """True storage in bytes: packed values plus scale (plus zero point and static
+        activation scale, when present)."""
+        return (
+            _array_nbytes(self.values)
+            + _array_nbytes(self.scale)
+            + _array_nbytes(self.zero_point)
+            + _array_nbytes(self.activation_scale)
+        )
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this `QArray` stands for, in ``dtype`` (default: the original dtype)."""

@@ -36,7 +36,8 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
     Args:
       x: a float array (jax or numpy).
       spec: a `QuantSpec`; or pass its fields as keywords (``bits``, ``qtype``, ``symmetric``,
-        ``channel_axes``, ``group_size``, ``group_axis``, ``calibration``, ``allow_nonfinite``).
+        ``channel_axes``, ``group_size``, ``group_axis``, ``calibration``, ``allow_nonfinite``,
+        ``activation``).
       name: what error messages call the array (`quantize_params` passes the pytree path).
 
     Returns:
@@ -113,6 +114,7 @@ def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]
         group_axis=spec.group_axis,
         group_size=spec.group_size,
         dtype=original_dtype,
+        activation=spec.activation,
     )
     return qarray, finite
 

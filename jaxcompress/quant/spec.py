@@ -12,9 +12,11 @@ import numpy as np
 
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE
 
-__all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS"]
+__all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "ACTIVATION_MODES"]
 
 CALIBRATION_METHODS = ("absmax", "percentile", "mse")
+# How `jaxcompress.compressed` treats the activation a quantized weight meets in a dot / conv.
+ACTIVATION_MODES = ("weight_only", "dynamic", "static")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +81,11 @@ class QuantSpec:
       allow_nonfinite: by default a NaN or Inf in the array is an error. If True, non-finite
         elements are excluded from calibration, +-Inf saturate to the largest code and NaN is
         stored as 0.
+      activation: what `jaxcompress.compressed` does where this weight meets a ``dot_general``
+        or ``conv_general_dilated``: ``"weight_only"`` (float activations, dequantized weight),
+        ``"dynamic"`` (int8 activations with per-row absmax scales computed at run time, int8 x
+        int8 -> int32) or ``"static"`` (int8 activations with a calibrated per-tensor scale, see
+        `jaxcompress.calibrate_activations`). Integer activation modes need ``qtype="int"``.
 
     >>> QuantSpec(bits=4, channel_axes=(-1,), group_size=128).resolve((256, 64), "w").group_axis
     0
@@ -92,6 +99,7 @@ class QuantSpec:
     group_axis: int | None = None
     calibration: str | Calibration = "absmax"
     allow_nonfinite: bool = False
+    activation: str = "weight_only"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
@@ -114,6 +122,13 @@ class QuantSpec:
             isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1
         ):
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.activation not in ACTIVATION_MODES:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATION_MODES}")
+        if self.activation != "weight_only" and self.qtype != INT_QTYPE:
+            raise ValueError(
+                f"activation={self.activation!r} runs int8 x int8 dots and needs qtype='int', "
+                f"got qtype={self.qtype!r} (use activation='weight_only' for fp8 weights)"
+            )
 
     def resolve(self, shape: tuple[int, ...], name: str = "array") -> "ResolvedSpec":
         """Check this spec against ``shape`` and return it with non-negative axes.
@@ -158,6 +173,7 @@ class QuantSpec:
             group_size=None if self.group_size is None else int(self.group_size),
             calibration=self.calibration,
             allow_nonfinite=self.allow_nonfinite,
+            activation=self.activation,
         )
 
     def describe(self) -> str:
@@ -166,7 +182,8 @@ class QuantSpec:
         if self.group_size:
             gran += f" g{self.group_size}"
         sym = "sym" if self.symmetric else "asym"
-        return f"{fmt} {gran} {sym} {self.calibration.method}"
+        activation = "" if self.activation == "weight_only" else f" a8-{self.activation}"
+        return f"{fmt} {gran} {sym} {self.calibration.method}{activation}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +198,7 @@ class ResolvedSpec:
     group_size: int | None
     calibration: Calibration
     allow_nonfinite: bool
+    activation: str = "weight_only"
 
     def grouped_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """``shape`` with the group axis split into ``(dim // group_size, group_size)``."""
