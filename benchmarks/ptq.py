@@ -181,7 +181,7 @@ def run(args) -> dict:
         }
         results.append(row)
         print(
-            f"{name:<14} quantize {timing['median_s']:.3f} s (median of {args.repeats}; first call "
+            f"{name:<18} quantize {timing['median_s']:.3f} s (median of {args.repeats}; first call "
             f"{first_call_s:.1f} s)  ratio {metrics.ratio:.2f}x  median SQNR {metrics.median_sqnr_db:.2f} dB  "
             f"cosine mean {row['cosine_mean']:.5f}"
         )
