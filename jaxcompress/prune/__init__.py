@@ -1,0 +1,62 @@
+"""Pruning: scores, exact masks, sparsity distributions and schedules, `prune_params` for
+one-shot pruning and `prune(inner, rules)` (an `optax.GradientTransformation`) for training,
+including dynamic sparse training (`SET`, `RigL`).
+
+Modules, one idea each: `topk` (exact top-k by bisection, no sort), `scores`, `masks`
+(unstructured / filter / channel / block / N:M), `distributions` (uniform, ERK), `schedules`,
+`rule` (`PruneRule`), `plan` (rules -> per-leaf decisions and masks), `masktree` (apply/check
+mask trees), `params` (`prune_params`), `inner_state` (param-shaped optimizer state),
+`optax_wrapper` (`prune`), `dst` (SET / RigL).
+"""
+
+from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
+from jaxcompress.prune.dst import SET, RigL, drop_and_grow
+from jaxcompress.prune.masks import (
+    block_mask,
+    global_masks,
+    magnitude_mask,
+    n_m_mask,
+    structured_mask,
+    unstructured_mask,
+)
+from jaxcompress.prune.masktree import apply_masks, check_masks, mask_sparsity
+from jaxcompress.prune.optax_wrapper import PruneState, prune
+from jaxcompress.prune.params import prune_params
+from jaxcompress.prune.plan import PruneDecision, PrunePlan, plan_pruning
+from jaxcompress.prune.rule import PruneRule
+from jaxcompress.prune.schedules import constant, cosine_drop_fraction, one_shot, polynomial
+from jaxcompress.prune.scores import magnitude, random_scores, saliency
+from jaxcompress.prune.topk import global_top_k_masks, top_k_mask
+
+__all__ = [
+    "PruneDecision",
+    "PrunePlan",
+    "PruneRule",
+    "PruneState",
+    "RigL",
+    "SET",
+    "apply_masks",
+    "block_mask",
+    "check_masks",
+    "constant",
+    "cosine_drop_fraction",
+    "drop_and_grow",
+    "erk_sparsities",
+    "global_masks",
+    "global_top_k_masks",
+    "magnitude",
+    "magnitude_mask",
+    "mask_sparsity",
+    "n_m_mask",
+    "one_shot",
+    "plan_pruning",
+    "polynomial",
+    "prune",
+    "prune_params",
+    "random_scores",
+    "saliency",
+    "structured_mask",
+    "top_k_mask",
+    "uniform_sparsities",
+    "unstructured_mask",
+]

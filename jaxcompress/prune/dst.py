@@ -1,0 +1,101 @@
+"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
+
+Every mask update, each pruned leaf drops the ``k = floor(f(t) * active)`` active weights of
+smallest magnitude and regrows ``k`` inactive ones: at random (SET) or those with the largest
+dense-gradient magnitude (RigL). The number of active weights per leaf never changes. ``f(t)``
+is the drop fraction, cosine-decayed from ``drop_fraction`` to 0 at ``end_step``
+(`schedules.cosine_drop_fraction`) unless a schedule is given. Regrown weights start at exactly
+zero (they were pruned) and `prune` resets the inner optimizer's moments there.
+
+Pass an instance as ``prune(inner, rules, dst=RigL(end_step=...))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.prune.schedules import Schedule, cosine_drop_fraction
+from jaxcompress.prune.scores import magnitude
+from jaxcompress.prune.topk import top_k_mask
+
+__all__ = ["SET", "RigL", "drop_and_grow"]
+
+
+def drop_and_grow(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, fraction: Any) -> jax.Array:
+    """Drop the ``floor(fraction * active)`` smallest-magnitude active weights of ``mask`` and
+    grow as many inactive positions with the largest ``grow_scores`` (just-dropped positions may
+    come back, as in RigL). The active count is unchanged.
+
+    >>> import jax.numpy as jnp
+    >>> mask = jnp.array([True, True, False, False])
+    >>> w = jnp.array([0.1, 2.0, 0.0, 0.0])
+    >>> drop_and_grow(mask, w, grow_scores=jnp.array([0.0, 0.0, 5.0, 1.0]), fraction=0.5).tolist()
+    [False, True, True, False]
+    """
+    mask = mask.astype(bool)
+    active = jnp.sum(mask, dtype=jnp.int32)
+    k = jnp.floor(jnp.asarray(fraction, jnp.float32) * active.astype(jnp.float32)).astype(jnp.int32)
+    survivors = top_k_mask(jnp.where(mask, magnitude(weights), -jnp.inf), active - k)
+    grown = top_k_mask(jnp.where(survivors, -jnp.inf, jnp.asarray(grow_scores, jnp.float32)), k)
+    return survivors | grown
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _DynamicSparsity:
+    end_step: int
+    drop_fraction: Union[float, Schedule] = 0.3
+
+    def __post_init__(self):
+        if not isinstance(self.end_step, int) or self.end_step < 1:
+            raise ValueError(f"{type(self).__name__}: end_step must be a positive int, got {self.end_step!r}")
+        if not callable(self.drop_fraction) and not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"{type(self).__name__}: drop_fraction must be in [0, 1], got {self.drop_fraction}")
+
+    def fraction(self, step: Any) -> jax.Array:
+        """The drop fraction at ``step`` (0 from ``end_step`` on)."""
+        if callable(self.drop_fraction):
+            value = jnp.asarray(self.drop_fraction(step), jnp.float32)
+        else:
+            value = cosine_drop_fraction(self.drop_fraction, self.end_step)(step)
+        return jnp.where(jnp.asarray(step) < self.end_step, value, 0.0)
+
+    def grow_scores(self, weights: jax.Array, grads: jax.Array, key: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def update(self, mask: jax.Array, weights: jax.Array, grads: jax.Array, key: jax.Array, step: Any) -> jax.Array:
+        """The new mask of one leaf at ``step``."""
+        return drop_and_grow(mask, weights, self.grow_scores(weights, grads, key), self.fraction(step))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SET(_DynamicSparsity):
+    """Sparse Evolutionary Training: drop by magnitude, regrow at random.
+
+    >>> import jax, jax.numpy as jnp
+    >>> mask = jnp.array([True] * 4 + [False] * 4)
+    >>> new = SET(end_step=100, drop_fraction=0.5).update(mask, jnp.arange(8.0), None, jax.random.PRNGKey(0), 0)
+    >>> int(new.sum()), bool(new[2] & new[3])
+    (4, True)
+    """
+
+    def grow_scores(self, weights, grads, key):
+        return jax.random.uniform(key, jnp.shape(weights), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RigL(_DynamicSparsity):
+    """Rigging the Lottery: drop by magnitude, regrow where the dense gradient is largest.
+
+    >>> import jax, jax.numpy as jnp
+    >>> mask = jnp.array([True, True, False, False])
+    >>> grads = jnp.array([0.0, 0.0, 0.1, 9.0])
+    >>> RigL(end_step=10, drop_fraction=0.5).update(mask, jnp.array([1.0, 2.0, 0, 0]), grads, None, 0).tolist()
+    [False, True, False, True]
+    """
+
+    def grow_scores(self, weights, grads, key):
+        return jnp.abs(jnp.asarray(grads, jnp.float32))

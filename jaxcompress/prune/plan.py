@@ -1,0 +1,243 @@
+"""From rules to masks for a whole params tree.
+
+`plan_pruning` matches `PruneRule`s against the leaves (first full match wins), checks every
+pruned leaf against its rule (N:M divisibility, block sizes, ...; errors name the leaf's path)
+and returns a `PrunePlan`: the per-leaf decisions as static data plus `PrunePlan.masks`, a pure
+jit-able function ``(params, grads, step, key) -> mask tree``. `prune_params` and `prune` are
+both built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from optax import MaskedNode
+
+from jaxcompress.prune import masks as masks_lib
+from jaxcompress.prune import scores as scores_lib
+from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
+from jaxcompress.prune.rule import PruneRule
+from jaxcompress.rules import check_unused_rules, match_rules, normalize_rules, path_to_keystr
+
+__all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneDecision:
+    """What happens to one leaf: ``action`` is ``"pruned"``, ``"skipped"`` (matched, left dense,
+    ``reason`` says why) or ``"unmatched"``; ``method`` is the rule's `PruneRule.describe`."""
+
+    path: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    action: str
+    rule_index: int | None = None
+    reason: str = ""
+    method: str = ""
+
+
+def as_rules(rules: Any) -> tuple[PruneRule, ...]:
+    """Accept a `PruneRule`, a sequence of them, or a ``{pattern: sparsity}`` mapping
+    (layer-wise magnitude pruning for each pattern)."""
+    if isinstance(rules, Mapping):
+        rules = [PruneRule(pattern=pattern, sparsity=sparsity) for pattern, sparsity in rules.items()]
+    rules = normalize_rules(rules)
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, PruneRule):
+            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a PruneRule")
+    return rules
+
+
+def _skip_reason(leaf: Any) -> str | None:
+    if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape") or isinstance(leaf, MaskedNode):
+        return f"not an array ({type(leaf).__name__})"
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return f"non-float dtype {jnp.dtype(leaf.dtype).name}"
+    if len(leaf.shape) == 0:
+        return "scalar"
+    return None
+
+
+def _check_leaf(rule: PruneRule, shape: tuple[int, ...], name: str) -> None:
+    ndim = len(shape)
+    if rule.structure == "n:m":
+        axis = masks_lib.contracting_axis(ndim, name) if rule.axis is None else rule.axis
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"{name}: N:M axis {axis} is out of range for shape {shape}")
+        masks_lib.check_n_m(rule.n, rule.m, shape[axis], name)
+    elif rule.structure == "channel":
+        masks_lib.contracting_axis(ndim, name)
+    elif rule.structure == "block":
+        br, bc = masks_lib._block(rule.block_size)
+        if ndim < 2 or br < 1 or bc < 1 or shape[-2] % br or shape[-1] % bc:
+            raise ValueError(f"{name}: block size {(br, bc)} does not divide the last two dims of shape {shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """The static outcome of matching rules: per-leaf decisions and how to compute masks.
+
+    Attributes:
+      leaves: a `PruneDecision` per leaf, in flattening order.
+      unused_rules: indices of rules that matched no leaf.
+      rules: the rules.
+      groups: per rule, the indices of the leaves it prunes.
+    """
+
+    leaves: tuple[PruneDecision, ...]
+    unused_rules: tuple[int, ...]
+    rules: tuple[PruneRule, ...]
+    groups: tuple[tuple[int, ...], ...]
+    names: tuple[str, ...]
+    treedef: Any
+
+    @property
+    def pruned(self) -> tuple[str, ...]:
+        return tuple(d.path for d in self.leaves if d.action == "pruned")
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return tuple(d.path for d in self.leaves if d.action == "skipped")
+
+    @property
+    def unmatched(self) -> tuple[str, ...]:
+        return tuple(d.path for d in self.leaves if d.action == "unmatched")
+
+    @property
+    def pruned_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, d in enumerate(self.leaves) if d.action == "pruned")
+
+    @property
+    def needs_grads(self) -> bool:
+        return any(self.rules[r].score == "saliency" for r, g in enumerate(self.groups) if g)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "leaves": [dataclasses.asdict(d) for d in self.leaves],
+            "unused_rules": [{"index": i, "pattern": self.rules[i].pattern} for i in self.unused_rules],
+        }
+
+    def leaves_of(self, tree: Any) -> list[Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=masks_lib.is_masked_node)
+        if treedef != self.treedef:
+            raise ValueError(f"tree structure {treedef} does not match the planned params {self.treedef}")
+        return leaves
+
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+    def dense_masks(self, params: Any) -> Any:
+        """All-True masks for the pruned leaves (`optax.MaskedNode()` elsewhere)."""
+        leaves = self.leaves_of(params)
+        pruned = set(self.pruned_indices)
+        return self.unflatten(
+            [jnp.ones(jnp.shape(x), bool) if i in pruned else MaskedNode() for i, x in enumerate(leaves)]
+        )
+
+    def target_sparsities(self, step: Any = 0) -> dict[int, jax.Array]:
+        """Per pruned leaf index, the sparsity its rule asks for at ``step`` (after distribution)."""
+        out: dict[int, jax.Array] = {}
+        for rule_index, group in enumerate(self.groups):
+            rule = self.rules[rule_index]
+            if not group:
+                continue
+            if rule.structure == "n:m":
+                for i in group:
+                    out[i] = jnp.float32(1.0 - rule.n / rule.m)
+                continue
+            target = jnp.clip(jnp.asarray(rule.sparsity_at(step), jnp.float32), 0.0, 1.0)
+            shapes = [self.leaves[i].shape for i in group]
+            spread = erk_sparsities if rule.distribution == "erk" else uniform_sparsities
+            for i, value in zip(group, spread(shapes, target)):
+                out[i] = value
+        return out
+
+    def masks(self, params: Any, grads: Any = None, *, step: Any = 0, key: jax.Array | None = None) -> Any:
+        """The mask tree for ``params`` at ``step`` (pure; jit-able with traced step and key)."""
+        leaves = self.leaves_of(params)
+        grad_leaves = None if grads is None else self.leaves_of(grads)
+        out: list[Any] = [MaskedNode()] * len(leaves)
+        sparsities = self.target_sparsities(step)
+        for rule_index, group in enumerate(self.groups):
+            if not group:
+                continue
+            rule = self.rules[rule_index]
+            scores = [self._scores(rule, i, leaves, grad_leaves, key) for i in group]
+            if rule.scope == "global":
+                chosen = masks_lib.global_masks(scores, sparsities[group[0]], normalize=rule.normalize)
+            else:
+                chosen = [self._layer_mask(rule, i, s, sparsities[i]) for i, s in zip(group, scores)]
+            for i, mask in zip(group, chosen):
+                out[i] = mask
+        return self.unflatten(out)
+
+    def _scores(self, rule, i, leaves, grad_leaves, key):
+        weights = leaves[i]
+        if rule.score == "magnitude":
+            return scores_lib.magnitude(weights)
+        if rule.score == "saliency":
+            if grad_leaves is None:
+                raise ValueError(f"{self.names[i]}: score='saliency' needs gradients (pass grads=...)")
+            return scores_lib.saliency(weights, grad_leaves[i])
+        if key is None:
+            raise ValueError(f"{self.names[i]}: score='random' needs a PRNG key (pass key=...)")
+        return scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights))
+
+    def _layer_mask(self, rule, i, scores, sparsity):
+        name = self.names[i]
+        if rule.structure == "unstructured":
+            return masks_lib.unstructured_mask(scores, sparsity)
+        if rule.structure == "filter":
+            return masks_lib.structured_mask(scores, sparsity, axis=-1, norm=rule.norm, name=name)
+        if rule.structure == "channel":
+            axis = masks_lib.contracting_axis(scores.ndim, name)
+            return masks_lib.structured_mask(scores, sparsity, axis=axis, norm=rule.norm, name=name)
+        if rule.structure == "block":
+            return masks_lib.block_mask(scores, sparsity, block_size=rule.block_size, norm=rule.norm, name=name)
+        return masks_lib.n_m_mask(scores, rule.n, rule.m, axis=rule.axis, name=name)
+
+
+def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePlan:
+    """Match ``rules`` against ``params`` and check every pruned leaf fits its rule.
+
+    Matched leaves that cannot be pruned (integer/bool dtypes, scalars, non-arrays) are skipped
+    with a reason; a float leaf that does not fit its rule is an error naming its path.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}, "step": jnp.array(0)}
+    >>> plan = plan_pruning(params, [PruneRule(pattern=r".*kernel", sparsity=0.5)])
+    >>> plan.pruned, plan.unmatched
+    (('dense/kernel',), ('dense/bias', 'step'))
+    >>> int(plan.masks(params)["dense"]["kernel"].sum())
+    16
+    """
+    rules = as_rules(rules)
+    matched = match_rules(params, rules, is_leaf=masks_lib.is_masked_node)
+    check_unused_rules(rules, matched.unused_rules, on_unused)
+    decisions = []
+    groups: list[list[int]] = [[] for _ in rules]
+    names = []
+    for i, (path, path_str, leaf, index) in enumerate(
+        zip(matched.paths, matched.path_strs, matched.leaves, matched.rule_indices)
+    ):
+        name = path_to_keystr(path)
+        names.append(name)
+        shape = tuple(leaf.shape) if hasattr(leaf, "shape") else None
+        dtype = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") else None
+        if index is None:
+            decisions.append(PruneDecision(path_str, shape, dtype, "unmatched"))
+            continue
+        rule = rules[index]
+        reason = "rule says skip" if rule.skip else _skip_reason(leaf)
+        if reason is not None:
+            decisions.append(PruneDecision(path_str, shape, dtype, "skipped", index, reason))
+            continue
+        _check_leaf(rule, shape, name)
+        groups[index].append(i)
+        decisions.append(PruneDecision(path_str, shape, dtype, "pruned", index, method=rule.describe()))
+    return PrunePlan(
+        tuple(decisions), matched.unused_rules, rules, tuple(tuple(g) for g in groups), tuple(names), matched.treedef
+    )
