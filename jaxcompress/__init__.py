@@ -7,6 +7,7 @@ pytree transforms apply them to a whole params tree; metrics report what it cost
 from jaxcompress.metrics import CompressionMetrics, LeafMetrics, quantization_metrics, sqnr_db
 from jaxcompress.params import LeafDecision, QuantizeReport, dequantize_params, quantize_params
 from jaxcompress.qarray import QArray
+from jaxcompress.qat import fake_quant, fake_quant_array, init_lsq_step, init_lsq_steps, lsq_fake_quant
 from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
@@ -24,6 +25,11 @@ __all__ = [
     "Rule",
     "dequantize",
     "dequantize_params",
+    "fake_quant",
+    "fake_quant_array",
+    "init_lsq_step",
+    "init_lsq_steps",
+    "lsq_fake_quant",
     "match_rules",
     "path_to_str",
     "quantization_metrics",

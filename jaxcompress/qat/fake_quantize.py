@@ -1,0 +1,283 @@
+"""Fake quantization for quantization-aware training: quantize -> dequantize in the forward pass.
+
+Two gradients are offered:
+
+* **Clipped straight-through estimator** (`fake_quant_array`, and `fake_quant` without steps):
+  the scale is computed from the current weights exactly as post-training quantization would
+  (same `QuantSpec`, same calibration; no gradient flows into it), and the gradient with respect
+  to the weight is the identity where the weight lies inside the representable range and zero
+  where it was clipped (Bengio et al. 2013; the clip matters for percentile / MSE calibration).
+* **LSQ** (`lsq_fake_quant`, and `fake_quant` with ``steps``): a learned step size per scale
+  group (Esser et al. 2020, "Learned Step Size Quantization"). With ``v = x / s``:
+  ``d x_hat / d x = 1`` inside ``[qmin, qmax]`` else 0, and
+  ``d x_hat / d s = round(v) - v`` inside, ``qmin`` below, ``qmax`` above, with the step's
+  gradient scaled by ``1 / sqrt(N * qmax)`` (N = elements sharing the step).
+
+Both keep the array's shape and dtype, so a model's ``apply`` runs unchanged on the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.qarray import INT_QTYPE
+from jaxcompress.quant.calibrate import calibrate_range
+from jaxcompress.quant.codec import decode, encode, fp8_max, int_range, scale_from_range
+from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
+from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
+
+__all__ = ["fake_quant_array", "lsq_fake_quant", "init_lsq_step", "fake_quant", "init_lsq_steps"]
+
+
+def _resolve(x: jax.Array, spec: QuantSpec | ResolvedSpec, name: str) -> ResolvedSpec:
+    if isinstance(spec, ResolvedSpec):
+        return spec
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating-point array to fake-quantize, got dtype {x.dtype}")
+    return spec.resolve(tuple(x.shape), name)
+
+
+def _grouped(x: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    return x.astype(jnp.float32).reshape(spec.grouped_shape(tuple(x.shape)))
+
+
+def _ste_forward(x: jax.Array, spec: ResolvedSpec):
+    grouped = _grouped(x, spec)
+    lo, hi = calibrate_range(grouped, spec, spec.reduce_axes(x.ndim))
+    scale, zero_point = scale_from_range(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
+    out = decode(encode(grouped, scale, zero_point, spec), scale, zero_point)
+    codes = grouped / scale
+    if spec.qtype == INT_QTYPE:
+        qmin, qmax = int_range(spec.bits, spec.symmetric)
+        if zero_point is not None:
+            codes = codes + zero_point
+        inside = (codes >= qmin) & (codes <= qmax)
+    else:
+        inside = jnp.abs(codes) <= fp8_max(spec.qtype)
+    return out.reshape(x.shape).astype(x.dtype), inside.reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ste(x: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    return _ste_forward(x, spec)[0]
+
+
+def _ste_fwd(x, spec):
+    out, inside = _ste_forward(x, spec)
+    return out, inside
+
+
+def _ste_bwd(spec, inside, g):
+    return (jnp.where(inside, g, jnp.zeros_like(g)),)
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def fake_quant_array(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
+    """``dequantize(quantize(x))`` with a clipped straight-through gradient.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> x = jnp.array([0.1, -0.6, 1.0, 0.33])
+    >>> [round(float(v), 3) for v in jc.fake_quant_array(x, bits=4)]
+    [0.143, -0.571, 1.0, 0.286]
+    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4).sum())(x).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    if spec is None:
+        spec = QuantSpec(**options)
+    elif options:
+        raise TypeError(f"pass either a QuantSpec or keyword options, not both (got {sorted(options)})")
+    return _ste(x, _resolve(x, spec, name))
+
+
+# ---- LSQ -------------------------------------------------------------------------------------
+
+
+def _check_lsq(spec: ResolvedSpec, name: str) -> None:
+    if spec.qtype != INT_QTYPE or not spec.symmetric:
+        raise ValueError(f"{name}: LSQ supports symmetric integer quantization only (got {spec.qtype}, symmetric={spec.symmetric})")
+
+
+def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> int:
+    grouped_shape = spec.grouped_shape(shape)
+    return int(math.prod(grouped_shape[a] for a in spec.reduce_axes(len(shape))))
+
+
+def _step_grouped(step: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    # Steps use the QArray scale layout (group axis = number of groups); re-insert the
+    # within-group axis so they broadcast against the grouped view.
+    step = step.astype(jnp.float32)
+    return step if spec.group_axis is None else jnp.expand_dims(step, spec.group_axis + 1)
+
+
+def _lsq_parts(x, step, spec):
+    qmin, qmax = int_range(spec.bits, spec.symmetric)
+    grouped = _grouped(x, spec)
+    s = _step_grouped(step, spec)
+    v = grouped / s
+    rounded = jnp.clip(jnp.round(v), qmin, qmax)
+    return grouped, s, v, rounded, qmin, qmax
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lsq(x: jax.Array, step: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    _, s, _, rounded, _, _ = _lsq_parts(x, step, spec)
+    return (rounded * s).reshape(x.shape).astype(x.dtype)
+
+
+def _lsq_fwd(x, step, spec):
+    return _lsq(x, step, spec), (x, step)
+
+
+def _lsq_bwd(spec, residuals, g):
+    x, step = residuals
+    grouped, s, v, rounded, qmin, qmax = _lsq_parts(x, step, spec)
+    g = g.astype(jnp.float32).reshape(grouped.shape)
+    below, above = v < qmin, v > qmax
+    inside = ~(below | above)
+    grad_x = jnp.where(inside, g, 0.0).reshape(x.shape).astype(x.dtype)
+    d_step = jnp.where(below, float(qmin), jnp.where(above, float(qmax), rounded - v))
+    reduce_axes = spec.reduce_axes(x.ndim)
+    grad_scale = 1.0 / math.sqrt(_group_count(spec, tuple(x.shape)) * qmax)
+    grad_step = jnp.sum(g * d_step, axis=reduce_axes, keepdims=True) * grad_scale
+    if spec.group_axis is not None:
+        grad_step = jnp.squeeze(grad_step, spec.group_axis + 1)
+    return grad_x, grad_step.reshape(step.shape).astype(step.dtype)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
+    """LSQ's initial step ``2 * mean|x| / sqrt(qmax)`` per scale group, in the QArray scale layout.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> step = jc.init_lsq_step(jnp.array([[1.0, -2.0], [3.0, -4.0]]), bits=4, channel_axes=(1,))
+    >>> step.shape, [round(float(v), 4) for v in step[0]]  # 2 * mean|x| / sqrt(7)
+    ((1, 2), [1.5119, 2.2678])
+    """
+    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(spec, name)
+    _, qmax = int_range(spec.bits, spec.symmetric)
+    grouped = _grouped(x, spec)
+    mean_abs = jnp.mean(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
+    step = jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0)
+    if spec.group_axis is not None:
+        step = jnp.squeeze(step, spec.group_axis + 1)
+    return step
+
+
+def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
+    """Fake-quantize ``x`` with a learned step size; differentiable in ``x`` and ``step``.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> x = jnp.array([[0.2, -1.4, 3.0]])
+    >>> step = jnp.array([[0.5]])
+    >>> jc.lsq_fake_quant(x, step, bits=3).tolist()
+    [[0.0, -1.5, 1.5]]
+    >>> gx, gs = jax.grad(lambda a, s: jc.lsq_fake_quant(a, s, bits=3).sum(), argnums=(0, 1))(x, step)
+    >>> gx.tolist()  # 3.0 / 0.5 = 6 > qmax = 3: clipped
+    [[1.0, 1.0, 0.0]]
+    """
+    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(spec, name)
+    grouped_scale_shape = tuple(
+        1 if a in spec.reduce_axes(x.ndim) else d
+        for a, d in enumerate(spec.grouped_shape(tuple(x.shape)))
+    )
+    expected = grouped_scale_shape
+    if spec.group_axis is not None:
+        expected = grouped_scale_shape[: spec.group_axis + 1] + grouped_scale_shape[spec.group_axis + 2 :]
+    if tuple(step.shape) != tuple(expected):
+        raise ValueError(f"{name}: LSQ step has shape {tuple(step.shape)}, expected {tuple(expected)} for this spec")
+    return _lsq(x, step, spec)
+
+
+# ---- pytrees ---------------------------------------------------------------------------------
+
+
+def _quant_rules(rules) -> tuple:
+    rules = normalize_rules(rules)
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, QuantRule):
+            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
+    return rules
+
+
+def _selected(params, rules, on_unused):
+    """Match rules; return the match and, per leaf, ``(path, path_str, leaf, spec or None)``."""
+    matched = match_rules(params, rules)
+    check_unused_rules(rules, matched.unused_rules, on_unused)
+    selected = []
+    for path, path_str, leaf, index in zip(matched.paths, matched.path_strs, matched.leaves, matched.rule_indices):
+        chosen = index is not None and not rules[index].skip
+        is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+        selected.append((path, path_str, leaf, rules[index].spec if chosen and is_float else None))
+    return matched, selected
+
+
+def init_lsq_steps(params: Any, rules: Sequence[QuantRule] | QuantRule, *, on_unused: str = "warn") -> dict[str, jax.Array]:
+    """Initial LSQ steps for every leaf the rules quantize: ``{path string: step}``.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> steps = jc.init_lsq_steps({"w": jnp.ones((4, 2))}, [jc.QuantRule(pattern="w", bits=4, channel_axes=(-1,))])
+    >>> {k: v.shape for k, v in steps.items()}
+    {'w': (1, 2)}
+    """
+    rules = _quant_rules(rules)
+    return {
+        path_str: init_lsq_step(leaf, spec, name=path_to_keystr(path))
+        for path, path_str, leaf, spec in _selected(params, rules, on_unused)[1]
+        if spec is not None
+    }
+
+
+def fake_quant(
+    params: Any,
+    rules: Sequence[QuantRule] | QuantRule,
+    steps: dict[str, jax.Array] | None = None,
+    *,
+    on_unused: str = "warn",
+) -> Any:
+    """Fake-quantize the leaves of ``params`` that ``rules`` select (same tree, same dtypes).
+
+    Without ``steps``: scales from the weights (as in `quantize_params`) and a clipped
+    straight-through gradient. With ``steps`` (from `init_lsq_steps`, trained alongside the
+    params): LSQ, differentiable in both.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> params = {"dense": {"kernel": jnp.linspace(-1, 1, 8).reshape(4, 2), "bias": jnp.ones(2)}}
+    >>> rules = [jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,))]
+    >>> fq = jc.fake_quant(params, rules)
+    >>> bool(jnp.all(fq["dense"]["kernel"] == jc.dequantize_params(jc.quantize_params(params, rules)[0])["dense"]["kernel"]))
+    True
+    >>> g = jax.grad(lambda p: jc.fake_quant(p, rules)["dense"]["kernel"].sum())(params)
+    >>> g["dense"]["kernel"].tolist()[0]
+    [1.0, 1.0]
+    """
+    rules = _quant_rules(rules)
+    matched, selected = _selected(params, rules, on_unused)
+    if steps is not None:
+        quantized_paths = {path_str for _, path_str, _, spec in selected if spec is not None}
+        unknown = set(steps) - quantized_paths
+        if unknown:
+            raise ValueError(f"LSQ steps given for paths the rules do not quantize: {sorted(unknown)}")
+    leaves = []
+    for path, path_str, leaf, spec in selected:
+        if spec is None:
+            leaves.append(leaf)
+            continue
+        name = path_to_keystr(path)
+        if steps is None:
+            leaves.append(fake_quant_array(leaf, spec, name=name))
+        elif path_str not in steps:
+            raise ValueError(f"{name}: no LSQ step for this leaf (see init_lsq_steps)")
+        else:
+            leaves.append(lsq_fake_quant(leaf, steps[path_str], spec, name=name))
+    return matched.unflatten(leaves)
