@@ -45,5 +45,6 @@ def prune_params(
     'MaskedNode'
     """
     plan = plan_pruning(params, rules, on_unused=on_unused)
-    masks = plan.masks(params, grads, step=step, key=key)
+    compute = jax.jit(lambda p, g, s, k: plan.masks(p, g, step=s, key=k))
+    masks = compute(params, grads, step, key)
     return apply_masks(params, masks), masks

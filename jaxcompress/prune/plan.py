@@ -134,7 +134,7 @@ class PrunePlan:
         leaves = self.leaves_of(params)
         pruned = set(self.pruned_indices)
         return self.unflatten(
-            [jnp.ones(jnp.shape(x), bool) if i in pruned else MaskedNode() for i, x in enumerate(leaves)]
+            [jnp.ones_like(x, dtype=bool) if i in pruned else MaskedNode() for i, x in enumerate(leaves)]
         )
 
     def target_sparsities(self, step: Any = 0) -> dict[int, jax.Array]:

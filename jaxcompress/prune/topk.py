@@ -10,7 +10,8 @@ bisection over the index (again only counts). The result keeps EXACTLY ``k`` ele
 the ties (e.g. many weights that are already exactly zero). The second bisection runs only when
 there are more ties than places left (`lax.cond`), which is rare for float weights.
 
-Scores are compared as float32 (bf16/f16/f64 scores are cast); NaN scores rank lowest.
+Scores are compared as float32 (bf16/f16/f64 scores are cast); NaN scores rank lowest; XLA on
+CPU flushes float32 denormals to zero, so they tie with 0.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def top_k_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
     >>> top_k_mask(jnp.array([[0.1, 3.0], [2.0, 2.0]]), 2).tolist()
     [[False, True], [True, False]]
     """
-    return _select([sortable_keys(scores)], k)[0]
+    return _top_k_jit(jnp.asarray(scores), jnp.asarray(k, jnp.int32))
 
 
 def global_top_k_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[jax.Array]:
@@ -125,4 +126,10 @@ def global_top_k_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[
     >>> [m.tolist() for m in global_top_k_masks([jnp.array([5.0, 1.0]), jnp.array([3.0, 4.0])], 3)]
     [[True, False], [True, True]]
     """
-    return _select([sortable_keys(s) for s in scores], k)
+    return _global_top_k_jit([jnp.asarray(s) for s in scores], jnp.asarray(k, jnp.int32))
+
+
+# Jitted once per shape (also when called eagerly: the loop bodies are closures, so an eager
+# call would otherwise retrace and recompile every time). Inside a user's jit they inline.
+_top_k_jit = jax.jit(lambda scores, k: _select([sortable_keys(scores)], k)[0])
+_global_top_k_jit = jax.jit(lambda scores, k: _select([sortable_keys(s) for s in scores], k))
