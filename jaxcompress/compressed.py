@@ -1,0 +1,77 @@
+"""`compressed(fn)`: run an unmodified JAX function with quantized params on integer ops.
+
+The function is traced to a jaxpr with a float stand-in for every `QArray` in its arguments and
+the jaxpr is re-interpreted (as ``jax.vmap`` or quax do; nothing in jax or flax is patched):
+where a `QArray` weight -- possibly transposed, reshaped, broadcast or converted on the way --
+meets ``dot_general`` or ``conv_general_dilated`` the quantized op of its activation mode runs:
+
+=================  ==========================================================================
+``weight_only``    float activation, float dot / conv with the weight converted from its codes
+``dynamic``        int8 activation (per-row absmax scale computed at run time), int8 x int8 ->
+                   int32 dot / conv, scales (and the zero-point correction) on the output
+``static``         as ``dynamic`` with the calibrated per-tensor activation scale stored on the
+                   `QArray` (`calibrate_activations`, `attach_activation_scales`)
+=================  ==========================================================================
+
+The mode is chosen per leaf by the `QuantRule` / `QuantSpec` that quantized it (``activation=``).
+Everywhere else a `QArray` is seen as its dequantized float value.
+
+What is seen through: nested ``jax.jit``, ``jax.checkpoint`` / ``remat``, ``custom_jvp`` and
+``custom_vjp`` functions (``jax.nn.relu``, ``gelu``, flax's activations) are inlined when a
+quantized weight flows into them. Limits: a `QArray` that enters ``lax.scan``, ``lax.cond`` or
+``lax.while_loop`` (e.g. ``nn.scan``-stacked layers) is dequantized at the boundary -- correct,
+but those dots run in float; ``pmap`` / ``shard_map`` bodies likewise. The returned function
+composes with ``jax.jit`` and ``jax.vmap``; it is for inference (the custom derivative rules of
+inlined functions are dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from jaxcompress.execute.interpret import Interpreter
+from jaxcompress.execute.trace import TraceCache, call_with_qarrays
+
+__all__ = ["compressed"]
+
+
+def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
+    """Transform ``fn`` so that it accepts params containing `QArray`\\ s and runs integer ops.
+
+    Args:
+      fn: any JAX function: a linen ``model.apply``, an nnx forward pass through
+        ``nnx.merge(graphdef, state)``, plain ``jnp`` code. Not modified.
+      on_unsupported: where a weight asks for an integer activation mode but its op or layout
+        cannot run on the integer path (e.g. a scale that varies along two contracted axes, fp8
+        codes, ``batch_group_count``), ``"error"`` (default) raises `UnsupportedQuantizedOp`
+        naming the primitive and the leaf; ``"dequantize"`` runs that op weight-only instead.
+
+    Returns:
+      A function with ``fn``'s signature and outputs.
+
+    A linen Dense with int8 weights and dynamic int8 activations; the compiled program contains
+    an ``s8 x s8 -> s32`` dot:
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
+    >>> model = nn.Dense(8)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 16))
+    >>> params = model.init(jax.random.key(1), x)
+    >>> rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
+    >>> qparams, _ = jc.quantize_params(params, rules)
+    >>> apply = jax.jit(compressed(model.apply))
+    >>> y = apply(qparams, x)
+    >>> bool(jnp.allclose(y, model.apply(params, x), atol=0.1))
+    True
+    >>> hlo = apply.lower(qparams, x).compile().as_text()
+    >>> any("s32[4,8]" in line and "s8[" in line for line in hlo.splitlines())
+    True
+    """
+    interpreter = Interpreter(on_unsupported=on_unsupported)
+    cache = TraceCache()
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return call_with_qarrays(fn, args, kwargs, interpreter, cache)
+
+    return wrapped

@@ -1,0 +1,14 @@
+"""Integer execution of quantized weights: quantized ``dot_general`` / ``conv_general_dilated``,
+activation quantization and calibration, and the jaxpr interpreter behind
+`jaxcompress.compressed`."""
+
+from jaxcompress.execute.activation import quantize_activation
+from jaxcompress.execute.conv import quantized_conv_general_dilated
+from jaxcompress.execute.dot import UnsupportedQuantizedOp, quantized_dot_general
+
+__all__ = [
+    "UnsupportedQuantizedOp",
+    "quantize_activation",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
+]

@@ -1,0 +1,215 @@
+"""Quantized ``conv_general_dilated``: a float activation convolved with a quantized kernel.
+
+Integer path: the activation is quantized to int8 (one dynamic scale per example, or the static
+calibrated scale), unfolded into int8 patches (im2col: ``prod(kernel window)`` strided slices of
+the padded, lhs-dilated input, a pure data movement) and contracted with the reshaped int8 kernel
+by `jaxcompress.execute.dot.integer_dot` (int8 x int8 -> int32, scales and zero-point correction
+on the output, grouped kernels as a batch dimension). XLA's CPU backend upcasts an s8
+``convolution`` to s32 before running it; the patches formulation keeps the contraction an s8 dot,
+which XLA runs on its integer matmul path. ``feature_group_count`` (grouped / depthwise convs)
+becomes a batch dimension of that dot. Patches cost ``prod(kernel window)`` times the int8
+input in memory (a quarter of a float32 im2col).
+
+Patch features are ordered ``(input channel, window position)`` so that a per-group kernel scale
+along the input-channel axis stays contiguous after flattening.
+
+Weight-only path: a float convolution with the dequantized kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.execute.activation import quantize_activation
+from jaxcompress.execute.dot import UnsupportedQuantizedOp, _unsupported, integer_dot
+from jaxcompress.execute.weight_view import WeightView
+from jaxcompress.qarray import QArray
+
+__all__ = ["quantized_conv_general_dilated", "conv_with_weight"]
+
+
+def _patches(codes, lhs_spec, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation):
+    """int8 patches ``(N, *out_spatial, C, prod(kernel_sizes))`` of an activation in layout
+    ``lhs_spec`` (batch axis, feature axis, spatial axes)."""
+    batch_axis, feature_axis, spatial_axes = lhs_spec[0], lhs_spec[1], tuple(lhs_spec[2:])
+    x = jnp.transpose(codes, (batch_axis,) + spatial_axes + (feature_axis,))
+    config = [(0, 0, 0)]
+    for (low, high), dilation in zip(padding, lhs_dilation):
+        config.append((int(low), int(high), int(dilation) - 1))
+    config.append((0, 0, 0))
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    padded = x.shape[1:-1]
+    out_sizes = [
+        (size - (k - 1) * d - 1) // s + 1
+        for size, k, d, s in zip(padded, kernel_sizes, rhs_dilation, window_strides)
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_sizes)):
+        start = (0,) + tuple(o * d for o, d in zip(offset, rhs_dilation)) + (0,)
+        limit = (
+            (x.shape[0],)
+            + tuple(st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_sizes, window_strides))
+            + (x.shape[-1],)
+        )
+        slices.append(jax.lax.slice(x, start, limit, (1,) + tuple(window_strides) + (1,)))
+    return jnp.stack(slices, axis=-1)
+
+
+def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax.Array:
+    """The integer path (see the module docs); raises `UnsupportedQuantizedOp` when the kernel's
+    scale layout or the conv's options do not allow it."""
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    if view.qtype != "int":
+        raise _unsupported("conv_general_dilated", view, f"{view.qtype} weights have no int8 codes")
+    if params.get("batch_group_count", 1) != 1:
+        raise _unsupported("conv_general_dilated", view, "batch_group_count > 1")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise _unsupported("conv_general_dilated", view, f"the activation has non-float dtype {x.dtype}")
+    if mode == "static" and view.activation_scale is None:
+        raise ValueError(
+            f"{view.name}: activation='static' needs a calibrated activation scale; run "
+            f"jaxcompress.calibrate_activations and jaxcompress.attach_activation_scales first"
+        )
+    out_axis, in_axis, kernel_axes = rhs_spec[0], rhs_spec[1], tuple(rhs_spec[2:])
+    if any(view.scale.shape[a] != 1 for a in kernel_axes):
+        raise _unsupported("conv_general_dilated", view, "the scale varies over the kernel window")
+    groups = int(params.get("feature_group_count", 1))
+    kernel_sizes = [view.shape[a] for a in kernel_axes]
+    window = math.prod(kernel_sizes)
+    in_features, out_features = view.shape[in_axis], view.shape[out_axis]
+
+    reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
+    codes, scale = quantize_activation(x, reduce_axes, mode, view.activation_scale)
+    patches = _patches(
+        codes, lhs_spec, kernel_sizes, params["window_strides"], params["padding"],
+        params["lhs_dilation"], params["rhs_dilation"],
+    )
+    spatial_rank = len(kernel_sizes)
+    batch_shape = patches.shape[: 1 + spatial_rank]
+    # kernel -> (in_features * window, out_features), matching the patches' (C, window) order.
+    kernel = view.transpose((in_axis,) + kernel_axes + (out_axis,)).reshape((in_features * window, out_features))
+    if kernel is None:
+        raise _unsupported("conv_general_dilated", view, "the kernel scale does not flatten to (in * window, out)")
+    if scale.ndim:
+        scale = scale.reshape((batch_shape[0],) + (1,) * (spatial_rank + (1 if groups == 1 else 2)))
+    if groups == 1:
+        patches = patches.reshape(batch_shape + (in_features * window,))
+        dims = (((spatial_rank + 1,), (0,)), ((), ()))
+        out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
+    else:
+        patches = patches.reshape(batch_shape + (groups, in_features * window))
+        kernel = kernel.reshape((in_features * window, groups, out_features // groups))
+        if kernel is None:
+            raise _unsupported("conv_general_dilated", view, "the kernel scale does not split into feature groups")
+        kernel = kernel.transpose((1, 0, 2))
+        dims = (((spatial_rank + 2,), (1,)), ((spatial_rank + 1,), (0,)))
+        out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
+        out = jnp.moveaxis(out, 0, -2).reshape(batch_shape + (out_features,))
+    # out is (N, *spatial, O); put it in out_spec's layout.
+    permutation = [0] * out.ndim
+    permutation[out_spec[0]] = 0
+    permutation[out_spec[1]] = out.ndim - 1
+    for i, axis in enumerate(out_spec[2:]):
+        permutation[axis] = 1 + i
+    return jnp.transpose(out, permutation)
+
+
+def conv_with_weight(
+    x: jax.Array,
+    view: WeightView,
+    params: dict,
+    *,
+    out_dtype: Any,
+    mode: str | None = None,
+    on_activation=None,
+    on_unsupported: str = "error",
+) -> jax.Array:
+    """``conv_general_dilated(x, w)`` with the primitive's own ``params`` (explicit padding,
+    `ConvDimensionNumbers`) and a quantized kernel (internal; see
+    `quantized_conv_general_dilated`)."""
+    mode = view.activation if mode is None else mode
+    if on_activation is not None:
+        on_activation(view, x, tuple(a for a in range(x.ndim) if a != params["dimension_numbers"][0][0]))
+    if mode != "weight_only":
+        try:
+            return integer_conv(x, view, params, out_dtype, mode).astype(out_dtype)
+        except UnsupportedQuantizedOp:
+            if on_unsupported == "error":
+                raise
+    weight = view.dequantize(jnp.result_type(x.dtype, view.dtype))
+    return jax.lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=params["window_strides"],
+        padding=params["padding"],
+        lhs_dilation=params["lhs_dilation"],
+        rhs_dilation=params["rhs_dilation"],
+        dimension_numbers=params["dimension_numbers"],
+        feature_group_count=params.get("feature_group_count", 1),
+        batch_group_count=params.get("batch_group_count", 1),
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+    ).astype(out_dtype)
+
+
+def quantized_conv_general_dilated(
+    lhs,
+    rhs: QArray,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    activation: str | None = None,
+) -> jax.Array:
+    """`jax.lax.conv_general_dilated` with a float input ``lhs`` and a `QArray` kernel ``rhs``.
+
+    Arguments are those of `jax.lax.conv_general_dilated` (string or explicit padding, string or
+    `ConvDimensionNumbers` layouts); ``activation`` (``"weight_only"`` / ``"dynamic"`` /
+    ``"static"``) defaults to the kernel's own mode.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    >>> w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    >>> q = jc.quantize(w, channel_axes=(-1,))
+    >>> dn = ("NHWC", "HWIO", "NHWC")
+    >>> out = quantized_conv_general_dilated(x, q, (1, 1), "SAME", dimension_numbers=dn, activation="dynamic")
+    >>> ref = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+    >>> out.shape, bool(jnp.abs(out - ref).max() < 0.1 * jnp.abs(ref).max())
+    ((2, 8, 8, 4), True)
+    """
+    if not isinstance(rhs, QArray):
+        raise TypeError(f"quantized_conv_general_dilated expects a QArray kernel, got {type(rhs).__name__}")
+    lhs = jnp.asarray(lhs)
+    spatial = lhs.ndim - 2
+    dnums = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    lhs_dilation = (1,) * spatial if lhs_dilation is None else tuple(lhs_dilation)
+    rhs_dilation = (1,) * spatial if rhs_dilation is None else tuple(rhs_dilation)
+    if isinstance(padding, str):
+        in_shape = [lhs.shape[a] for a in dnums.lhs_spec[2:]]
+        in_shape = [(n - 1) * d + 1 for n, d in zip(in_shape, lhs_dilation)]
+        window = [(rhs.shape[a] - 1) * d + 1 for a, d in zip(dnums.rhs_spec[2:], rhs_dilation)]
+        padding = jax.lax.padtype_to_pads(in_shape, window, window_strides, padding)
+    params = dict(
+        window_strides=tuple(window_strides),
+        padding=tuple(tuple(p) for p in padding),
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dnums,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    return conv_with_weight(lhs, WeightView.from_qarray(rhs), params, out_dtype=out_dtype, mode=activation)

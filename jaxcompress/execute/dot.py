@@ -1,0 +1,269 @@
+"""Quantized ``dot_general``: a float activation times a quantized weight.
+
+Integer path (``activation="dynamic"`` / ``"static"``), for ``w = (q - z) * s`` and
+``x ~= qx * sx``::
+
+    out = sx * s * (dot(qx, q) - dot(rowsum(qx), z))        # int8 x int8 -> int32 inside
+
+The int8 x int8 -> int32 ``dot_general`` is what XLA sees; the activation scale ``sx`` (per row
+or per tensor) and the weight scale ``s`` (per tensor or per output channel) are constant along
+the contracted axes, so they multiply the int32 result. The zero-point term (asymmetric weights)
+is an outer product of the activation's row sums with ``z``, computed by a second integer
+``dot_general`` with the same dimension numbers over size-1 contracted axes.
+
+Per-group weights (a scale that varies along one contracted axis in groups of ``group_size``)
+split that axis into ``(groups, group_size)`` on both operands and make ``groups`` a batch
+dimension of the integer dot; each group's int32 partial sum gets its own scale and the groups
+are summed in float32. This is measured against dequantizing the weight and running a float dot
+in ``benchmarks/int8_matmul.py``; see `GROUPED_INTEGER` for the choice this module makes.
+
+Weight-only path (``activation="weight_only"``): float activation, float dot with the weight
+converted from its integer codes. When the scale is constant along the contracted axes the scale
+is applied to the (smaller) output instead of the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.execute.activation import quantize_activation
+from jaxcompress.execute.weight_view import WeightView
+from jaxcompress.qarray import QArray
+
+__all__ = [
+    "UnsupportedQuantizedOp",
+    "quantized_dot_general",
+    "dot_with_weight",
+    "integer_dot",
+    "GROUPED_INTEGER",
+]
+
+# Per-group weights in an integer activation mode: True runs the grouped integer dot described
+# in the module docs, False dequantizes the weight and runs a float dot on the dequantized
+# activation. Chosen from benchmarks/int8_matmul.py's "grouped" rows (see that file's notes).
+GROUPED_INTEGER = True
+
+
+class UnsupportedQuantizedOp(NotImplementedError):
+    """A quantized weight meets an op that cannot run on the integer path as requested."""
+
+
+def _unsupported(primitive: str, view: WeightView, reason: str) -> UnsupportedQuantizedOp:
+    return UnsupportedQuantizedOp(
+        f"{view.name}: `{primitive}` cannot run with this quantized weight in "
+        f"activation={view.activation!r} mode: {reason}. Quantize this leaf with "
+        f"activation='weight_only', or pass on_unsupported='dequantize' to compressed()"
+    )
+
+
+def _dims(dimension_numbers):
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    return tuple(map(int, lhs_contract)), tuple(map(int, rhs_contract)), tuple(map(int, lhs_batch)), tuple(map(int, rhs_batch))
+
+
+def _free(ndim: int, contract, batch) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in contract and a not in batch)
+
+
+def _to_output(array: jax.Array, contract, batch, side: str, n_other_free: int) -> jax.Array:
+    """Lay out a per-operand scale (``contract`` axes of size 1) like the dot's output:
+    ``(batch..., lhs free..., rhs free...)``, with size-1 axes for the other operand's free axes."""
+    if array.ndim == 0:
+        return array
+    free = _free(array.ndim, contract, batch)
+    moved = jnp.transpose(array, tuple(batch) + free + tuple(contract))
+    kept = moved.shape[: len(batch) + len(free)]
+    moved = moved.reshape(kept)
+    ones = (1,) * n_other_free
+    if side == "lhs":
+        return moved.reshape(kept + ones)
+    return moved.reshape(kept[: len(batch)] + ones + kept[len(batch) :])
+
+
+def _split_axis(array, axis: int, parts: int):
+    shape = array.shape
+    return array.reshape(shape[:axis] + (parts, shape[axis] // parts) + shape[axis + 1 :])
+
+
+def integer_dot(
+    x_codes: jax.Array,
+    x_scale: jax.Array,
+    view: WeightView,
+    dimension_numbers,
+    out_dtype: Any,
+    primitive: str = "dot_general",
+) -> jax.Array:
+    """``dot_general(x, w)`` from int8 activation codes (``x ~= x_codes * x_scale``; the scale is
+    a scalar or has size 1 on the contracted axes) and a quantized weight on the right."""
+    lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    x_scale_out = _to_output(
+        x_scale, lhs_contract, lhs_batch, "lhs", view.ndim - len(rhs_contract) - len(rhs_batch)
+    )
+    grouped = [a for a in rhs_contract if view.scale.shape[a] != 1]
+    if len(grouped) > 1:
+        raise _unsupported(primitive, view, f"the scale varies along several contracted axes {grouped}")
+    non_contract = [a for a in range(view.ndim) if a not in rhs_contract]
+    scale, zero_point = view.full_scale(non_contract)
+    codes = view.int8_values()
+    if grouped:
+        # groups -> a leading batch dimension of the integer dot; summed after scaling.
+        axis = grouped[0]
+        x_axis = lhs_contract[rhs_contract.index(axis)]
+        groups = view.scale.shape[axis]
+        codes, scale = _split_axis(codes, axis, groups), _split_axis(scale, axis, groups)
+        zero_point = None if zero_point is None else _split_axis(zero_point, axis, groups)
+        x_codes = _split_axis(x_codes, x_axis, groups)
+
+        def shift(axes, at):
+            return tuple(a + 1 if a > at else a for a in axes)
+
+        lhs_contract = shift([a for a in lhs_contract if a != x_axis], x_axis) + (x_axis + 1,)
+        rhs_contract = shift([a for a in rhs_contract if a != axis], axis) + (axis + 1,)
+        lhs_batch = (x_axis,) + shift(lhs_batch, x_axis)
+        rhs_batch = (axis,) + shift(rhs_batch, axis)
+    dims = ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+    accumulator = jax.lax.dot_general(x_codes, codes, dims, preferred_element_type=jnp.int32)
+    if zero_point is not None:
+        row_sums = jnp.sum(x_codes, axis=lhs_contract, keepdims=True, dtype=jnp.int32)
+        correction = jax.lax.dot_general(
+            row_sums, zero_point.astype(jnp.int32), dims, preferred_element_type=jnp.int32
+        )
+        accumulator = accumulator - correction
+    n_lhs_free = len(_free(x_codes.ndim, lhs_contract, lhs_batch))
+    out = accumulator.astype(jnp.float32) * _to_output(scale, rhs_contract, rhs_batch, "rhs", n_lhs_free)
+    if grouped:
+        out = jnp.sum(out, axis=0)
+    out = out * x_scale_out
+    return out.astype(out_dtype)
+
+
+def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision=None, preferred_element_type=None):
+    """Float ``dot_general(x, dequantize(w))``; the scale goes on the output when it is
+    constant along the contracted axes (no zero point, no groups)."""
+    lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    compute_dtype = jnp.result_type(x.dtype, view.dtype)
+    scale_on_output = view.zero_point is None and all(view.scale.shape[a] == 1 for a in rhs_contract)
+    if not scale_on_output:
+        weight = view.dequantize(compute_dtype)
+        return jax.lax.dot_general(
+            x, weight, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+        ).astype(out_dtype)
+    weight = view.values.astype(compute_dtype)
+    out = jax.lax.dot_general(x, weight, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
+    scale, _ = view.full_scale([a for a in range(view.ndim) if a not in rhs_contract])
+    n_lhs_free = len(_free(x.ndim, lhs_contract, lhs_batch))
+    out = out * _to_output(scale, rhs_contract, rhs_batch, "rhs", n_lhs_free).astype(out.dtype)
+    return out.astype(out_dtype)
+
+
+def dot_with_weight(
+    x: jax.Array,
+    view: WeightView,
+    dimension_numbers,
+    *,
+    weight_side: str = "rhs",
+    out_dtype: Any = None,
+    mode: str | None = None,
+    precision=None,
+    preferred_element_type=None,
+    on_activation=None,
+    on_unsupported: str = "error",
+) -> jax.Array:
+    """``dot_general`` of a float activation and a quantized weight on either side (internal;
+    `quantized_dot_general` is the public form). ``on_activation(view, x, reduce_axes)`` is
+    called with the activation the weight meets (activation calibration uses it)."""
+    lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    if weight_side == "lhs":
+        dimension_numbers = ((rhs_contract, lhs_contract), (rhs_batch, lhs_batch))
+        lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    if out_dtype is None:
+        out_dtype = preferred_element_type or jnp.result_type(x.dtype, view.dtype)
+    mode = view.activation if mode is None else mode
+    if on_activation is not None:
+        on_activation(view, x, lhs_contract)
+    out = None
+    if mode != "weight_only":
+        try:
+            out = _integer_dot_general(x, view, dimension_numbers, out_dtype, mode)
+        except UnsupportedQuantizedOp:
+            if on_unsupported == "error":
+                raise
+    if out is None:
+        out = weight_only_dot(x, view, dimension_numbers, out_dtype, precision, preferred_element_type)
+    if weight_side == "lhs":
+        n_batch = len(lhs_batch)
+        n_x_free = x.ndim - len(lhs_contract) - n_batch
+        n_w_free = out.ndim - n_batch - n_x_free
+        batch = tuple(range(n_batch))
+        x_free = tuple(range(n_batch, n_batch + n_x_free))
+        w_free = tuple(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
+        out = jnp.transpose(out, batch + w_free + x_free)
+    return out
+
+
+def _integer_dot_general(x, view: WeightView, dimension_numbers, out_dtype, mode):
+    if view.qtype != "int":
+        raise _unsupported("dot_general", view, f"{view.qtype} weights have no int8 codes")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise _unsupported("dot_general", view, f"the activation has non-float dtype {x.dtype}")
+    if mode == "static" and view.activation_scale is None:
+        raise ValueError(
+            f"{view.name}: activation='static' needs a calibrated activation scale; run "
+            f"jaxcompress.calibrate_activations and jaxcompress.attach_activation_scales first"
+        )
+    lhs_contract = _dims(dimension_numbers)[0]
+    x_codes, x_scale = quantize_activation(x, lhs_contract, mode, view.activation_scale)
+    return integer_dot(x_codes, x_scale, view, dimension_numbers, out_dtype)
+
+
+def quantized_dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    activation: str | None = None,
+) -> jax.Array:
+    """`jax.lax.dot_general` where one operand is a `QArray` weight and the other a float array.
+
+    Args:
+      lhs, rhs: exactly one of them a `QArray`.
+      dimension_numbers, precision, preferred_element_type: as in `jax.lax.dot_general`
+        (``precision`` only affects the weight-only float dot).
+      activation: ``"weight_only"``, ``"dynamic"`` or ``"static"``; default: the `QArray`'s own
+        ``activation`` (set from its `QuantSpec`).
+
+    Returns:
+      The float result, laid out and typed as `jax.lax.dot_general`'s.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> x = jax.random.normal(jax.random.key(0), (4, 16))
+    >>> w = jax.random.normal(jax.random.key(1), (16, 8))
+    >>> q = jc.quantize(w, channel_axes=(-1,))
+    >>> dims = (((1,), (0,)), ((), ()))
+    >>> out = quantized_dot_general(x, q, dims, activation="dynamic")   # int8 x int8 -> int32
+    >>> out.shape, out.dtype, bool(jnp.allclose(out, x @ w, atol=0.1))
+    ((4, 8), dtype('float32'), True)
+    >>> f = jax.jit(lambda x, q: quantized_dot_general(x, q, dims, activation="dynamic"))
+    >>> hlo = f.lower(x, q).compile().as_text()
+    >>> "s8[4,16]" in hlo and "s32[4,8]" in hlo
+    True
+    """
+    if isinstance(lhs, QArray) == isinstance(rhs, QArray):
+        raise TypeError("quantized_dot_general expects exactly one QArray operand")
+    weight_side = "lhs" if isinstance(lhs, QArray) else "rhs"
+    q, x = (lhs, rhs) if weight_side == "lhs" else (rhs, lhs)
+    x = jnp.asarray(x)
+    return dot_with_weight(
+        x,
+        WeightView.from_qarray(q),
+        dimension_numbers,
+        weight_side=weight_side,
+        mode=activation,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )

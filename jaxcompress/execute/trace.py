@@ -1,0 +1,122 @@
+"""Trace an unmodified function with float stand-ins for its `QArray`\\ s, then re-interpret it.
+
+`call_with_qarrays` flattens ``(args, kwargs)`` (a `QArray` counts as one leaf), traces ``fn`` to
+a jaxpr with a float ``ShapeDtypeStruct`` of each `QArray`'s shape and original dtype in its place
+(plus the shapes of the other array leaves; non-array leaves such as ``deterministic=True`` stay
+Python values, as they were in the call), and evaluates that jaxpr with an `Interpreter` that
+sees each `QArray` as a `WeightView`. Under an outer ``jax.jit`` / ``jax.vmap`` the arrays are
+tracers and the whole thing is just more tracing.
+
+Jaxprs are cached per call signature (tree structure, shapes, dtypes, static leaves) on the
+`TraceCache` the caller passes, so repeated eager calls do not re-trace ``fn``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxcompress.execute.interpret import Interpreter
+from jaxcompress.execute.weight_view import WeightView
+from jaxcompress.qarray import QArray
+
+__all__ = ["call_with_qarrays", "TraceCache", "is_qarray"]
+
+
+def is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
+
+
+def _leaf_name(path) -> str:
+    """``args[0]['params']['Dense_0']['kernel']`` for error messages."""
+    head, rest = path[0], path[1:]
+    if getattr(head, "idx", None) == 0 and rest:
+        return f"args[{rest[0].idx}]" + jax.tree_util.keystr(tuple(rest[1:]))
+    return "kwargs" + jax.tree_util.keystr(tuple(rest))
+
+
+class TraceCache:
+    """A small bounded cache of traced jaxprs, keyed by call signature."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        if key is None or key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key, value):
+        if key is None:
+            return
+        self._entries[key] = value
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def _signature(treedef, stand_ins, statics):
+    try:
+        key = (treedef, tuple((s.shape, str(s.dtype), s.weak_type) for s in stand_ins), tuple(statics))
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+def call_with_qarrays(
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    interpreter: Interpreter,
+    cache: TraceCache | None = None,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` with the `QArray` leaves executed by ``interpreter``."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs)), is_leaf=is_qarray)
+    paths = [p for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    dynamic_positions, stand_ins, statics = [], [], []
+    for position, leaf in enumerate(leaves):
+        if isinstance(leaf, QArray):
+            stand_ins.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+        elif _is_array(leaf):
+            aval = jax.typeof(leaf)
+            stand_ins.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
+        else:
+            statics.append((position, leaf))
+            continue
+        dynamic_positions.append(position)
+
+    key = _signature(treedef, stand_ins, statics)
+    traced = cache.get(key) if cache is not None else None
+    if traced is None:
+
+        def flat_fn(*dynamic):
+            filled = list(leaves)
+            for position, value in zip(dynamic_positions, dynamic):
+                filled[position] = value
+            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+            return fn(*call_args, **call_kwargs)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+        traced = (closed, jax.tree_util.tree_structure(out_shape))
+        if cache is not None:
+            cache.put(key, traced)
+    closed, out_tree = traced
+
+    inputs = []
+    for position in dynamic_positions:
+        leaf = leaves[position]
+        if isinstance(leaf, QArray):
+            leaf = WeightView.from_qarray(leaf, name=_leaf_name(paths[position]), leaf_index=position)
+        inputs.append(leaf)
+    out_flat = interpreter.run(closed.jaxpr, closed.consts, inputs)
+    return jax.tree_util.tree_unflatten(out_tree, out_flat)

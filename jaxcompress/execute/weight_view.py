@@ -1,0 +1,261 @@
+"""`WeightView`: a quantized weight after the layout ops a program applied to it (internal).
+
+When `jaxcompress.compressed` re-interprets a traced program, a `QArray` weight often reaches its
+``dot_general`` only after a ``transpose``, ``reshape``, ``convert_element_type`` or
+``broadcast_in_dim`` (``jnp.einsum`` and ``DenseGeneral`` do this). A `WeightView` follows the
+weight through those ops without dequantizing it: the same op is applied to the integer codes and,
+where the layout allows, to the scale and zero point.
+
+Layout: block scaling. ``scale`` has the rank of ``values`` and ``scale.shape[d]`` divides
+``values.shape[d]``; element ``i`` along axis ``d`` uses scale entry
+``i // (values.shape[d] // scale.shape[d])``. A shared axis has a scale of size 1, a per-channel
+axis has full size, a per-group axis has ``dim // group_size`` entries, which is exactly the
+`QArray` layout, so a `QArray` is a view with no ops applied. Every op below either keeps that
+form or returns ``None`` (the caller then dequantizes, which is always correct).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.qarray import QArray
+
+__all__ = ["WeightView"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightView:
+    """A quantized weight seen through layout ops (see the module docs).
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quantize(jnp.arange(24.0).reshape(2, 3, 4), channel_axes=(-1,))
+    >>> view = WeightView.from_qarray(q).reshape((6, 4))
+    >>> view.shape, view.scale.shape
+    ((6, 4), (1, 4))
+    >>> bool(jnp.allclose(view.dequantize(), q.dequantize().reshape(6, 4)))
+    True
+    """
+
+    values: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    dtype: Any
+    qtype: str = "int"
+    activation: str = "weight_only"
+    activation_scale: jax.Array | None = None
+    name: str = "weight"
+    leaf_index: int | None = None
+
+    @classmethod
+    def from_qarray(cls, q: QArray, name: str = "weight", leaf_index: int | None = None) -> "WeightView":
+        return cls(
+            values=q.values,
+            scale=q.scale,
+            zero_point=q.zero_point,
+            dtype=jnp.dtype(q.dtype),
+            qtype=q.qtype,
+            activation=q.activation,
+            activation_scale=q.activation_scale,
+            name=name,
+            leaf_index=leaf_index,
+        )
+
+    # ---- shape -------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    def block(self, axis: int) -> int:
+        """How many consecutive elements along ``axis`` share one scale entry."""
+        return self.shape[axis] // self.scale.shape[axis]
+
+    def _with(self, values, scale, zero_point, dtype=None) -> "WeightView":
+        return dataclasses.replace(
+            self, values=values, scale=scale, zero_point=zero_point, dtype=self.dtype if dtype is None else dtype
+        )
+
+    def _map_scales(self, fn):
+        return fn(self.scale), None if self.zero_point is None else fn(self.zero_point)
+
+    # ---- values ------------------------------------------------------------------------
+    def int8_values(self) -> jax.Array:
+        """The codes as int8 (int4 / int2 containers widened; XLA's integer dots want s8)."""
+        return self.values.astype(jnp.int8)
+
+    def full_scale(self, axes) -> tuple[jax.Array, jax.Array | None]:
+        """Scale and zero point with the block-scaled ``axes`` repeated to one entry per element
+        (axes of scale size 1 stay 1)."""
+        scale, zero_point = self.scale, self.zero_point
+        for axis in axes:
+            size = scale.shape[axis]
+            if size != 1 and size != self.shape[axis]:
+                repeat = self.shape[axis] // size
+                scale = jnp.repeat(scale, repeat, axis=axis)
+                if zero_point is not None:
+                    zero_point = jnp.repeat(zero_point, repeat, axis=axis)
+        return scale, zero_point
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float array this view stands for."""
+        out_dtype = jnp.dtype(self.dtype if dtype is None else dtype)
+        scale, zero_point = self.full_scale(range(self.ndim))
+        values = self.values.astype(jnp.float32)
+        if zero_point is not None:
+            values = values - zero_point.astype(jnp.float32)
+        return (values * scale.astype(jnp.float32)).astype(out_dtype)
+
+    # ---- layout ops (each mirrors the lax primitive of the same name) ------------------
+    def astype(self, dtype: Any) -> "WeightView | None":
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return None
+        return self._with(self.values, self.scale, self.zero_point, jnp.dtype(dtype))
+
+    def transpose(self, permutation) -> "WeightView":
+        permutation = tuple(permutation)
+        scale, zero_point = self._map_scales(lambda a: jnp.transpose(a, permutation))
+        return self._with(jnp.transpose(self.values, permutation), scale, zero_point)
+
+    def squeeze(self, dimensions) -> "WeightView":
+        dimensions = tuple(dimensions)
+        scale, zero_point = self._map_scales(lambda a: jnp.squeeze(a, dimensions))
+        return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point)
+
+    def broadcast_in_dim(self, shape, broadcast_dimensions) -> "WeightView":
+        shape, broadcast_dimensions = tuple(shape), tuple(broadcast_dimensions)
+        scale_shape = [1] * len(shape)
+        for in_axis, out_axis in enumerate(broadcast_dimensions):
+            if self.shape[in_axis] == shape[out_axis]:
+                scale_shape[out_axis] = self.scale.shape[in_axis]
+        scale, zero_point = self._map_scales(
+            lambda a: jax.lax.broadcast_in_dim(a, tuple(scale_shape), broadcast_dimensions)
+        )
+        values = jax.lax.broadcast_in_dim(self.values, shape, broadcast_dimensions)
+        return self._with(values, scale, zero_point)
+
+    def reshape(self, new_sizes) -> "WeightView | None":
+        new_sizes = tuple(int(d) for d in new_sizes)
+        scale_shape = reshaped_scale_shape(self.shape, tuple(self.scale.shape), new_sizes)
+        if scale_shape is None:
+            return None
+        scale, zero_point = self._map_scales(lambda a: a.reshape(scale_shape))
+        return self._with(self.values.reshape(new_sizes), scale, zero_point)
+
+    def slice(self, start_indices, limit_indices, strides=None) -> "WeightView | None":
+        strides = (1,) * self.ndim if strides is None else tuple(strides)
+        scale_start, scale_limit = [], []
+        for axis, (start, limit, stride) in enumerate(zip(start_indices, limit_indices, strides)):
+            size, block = self.scale.shape[axis], self.block(axis)
+            if size == 1:
+                scale_start.append(0), scale_limit.append(1)
+            elif block == 1:
+                scale_start.append(start), scale_limit.append(limit)
+            elif stride == 1 and start % block == 0 and limit % block == 0:
+                scale_start.append(start // block), scale_limit.append(limit // block)
+            else:
+                return None
+        scale_strides = tuple(s if self.block(a) == 1 and self.scale.shape[a] != 1 else 1 for a, s in enumerate(strides))
+        scale, zero_point = self._map_scales(
+            lambda a: jax.lax.slice(a, tuple(scale_start), tuple(scale_limit), scale_strides)
+        )
+        values = jax.lax.slice(self.values, tuple(start_indices), tuple(limit_indices), strides)
+        return self._with(values, scale, zero_point)
+
+
+def reshaped_scale_shape(shape, scale_shape, new_shape) -> tuple[int, ...] | None:
+    """The block-scale shape after reshaping ``shape`` to ``new_shape``, or ``None`` when the
+    scale blocks would not stay contiguous.
+
+    >>> reshaped_scale_shape((4, 5, 6), (1, 1, 6), (20, 6))      # per-channel kernel, merge
+    (1, 6)
+    >>> reshaped_scale_shape((8, 6), (2, 6), (2, 4, 6))          # groups of 4 rows, split
+    (2, 1, 6)
+    >>> reshaped_scale_shape((4, 6), (4, 1), (24,)) is None      # per-row then merged: fine
+    False
+    >>> reshaped_scale_shape((4, 6), (1, 6), (24,)) is None      # per-column then merged: not
+    True
+    """
+    if 0 in shape or math.prod(shape) != math.prod(new_shape):
+        return None
+    new_scale = [1] * len(new_shape)
+    for old_axes, new_axes in _segments(tuple(shape), tuple(new_shape)):
+        dims = [shape[a] for a in old_axes]
+        count = _merged_count(dims, [scale_shape[a] for a in old_axes])
+        if count is None:
+            return None
+        split = _split_count([new_shape[a] for a in new_axes], count)
+        if split is None:
+            return None
+        for axis, size in zip(new_axes, split):
+            new_scale[axis] = size
+    return tuple(new_scale)
+
+
+def _segments(old, new):
+    """Pair up runs of axes of ``old`` and ``new`` with equal products (size-1 axes alone)."""
+    i = j = 0
+    segments = []
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            segments.append(([i], []))
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            segments.append(([], [j]))
+            j += 1
+            continue
+        old_axes, new_axes = [i], [j]
+        old_size, new_size = old[i], new[j]
+        i += 1
+        j += 1
+        while old_size != new_size:
+            if old_size < new_size:
+                old_axes.append(i)
+                old_size *= old[i]
+                i += 1
+            else:
+                new_axes.append(j)
+                new_size *= new[j]
+                j += 1
+        segments.append((old_axes, new_axes))
+    return segments
+
+
+def _merged_count(dims, scale_dims) -> int | None:
+    """Number of scale blocks when ``dims`` are flattened into one axis (row-major)."""
+    count = 1
+    for k, (dim, size) in enumerate(zip(dims, scale_dims)):
+        count *= size
+        if size != dim:
+            if any(s != 1 for s in scale_dims[k + 1 :]):
+                return None
+            return count
+    return count
+
+
+def _split_count(dims, count) -> list[int] | None:
+    """Scale sizes of ``dims`` (row-major split of one axis) holding ``count`` equal blocks."""
+    if not dims:
+        return [] if count == 1 else None
+    remaining = math.prod(dims) // count
+    sizes = []
+    for dim in reversed(dims):
+        if remaining == 1:
+            sizes.append(dim)
+        elif remaining % dim == 0:
+            sizes.append(1)
+            remaining //= dim
+        elif dim % remaining == 0:
+            sizes.append(dim // remaining)
+            remaining = 1
+        else:
+            return None
+    return list(reversed(sizes))
