@@ -21,7 +21,7 @@ from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import encode, scale_from_range
 from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
 
-__all__ = ["quantize", "dequantize", "quantize_with_spec", "make_spec"]
+__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec"]
 
 
 def make_spec(spec: QuantSpec | None, kwargs: dict[str, Any]) -> QuantSpec:
@@ -88,13 +88,23 @@ def _raise_if_nonfinite(name: str, all_finite) -> None:
 
 
 def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]:
-    original_dtype = jnp.dtype(x.dtype)
-    shape = tuple(x.shape)
     xf = x.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(xf))
-    grouped = xf.reshape(spec.grouped_shape(shape))
-    reduce_axes = spec.reduce_axes(len(shape))
-    lo, hi = calibrate_range(grouped, spec, reduce_axes)
+    grouped = xf.reshape(spec.grouped_shape(tuple(x.shape)))
+    lo, hi = calibrate_range(grouped, spec, spec.reduce_axes(x.ndim))
+    return _from_range(x, grouped, lo, hi, spec), finite
+
+
+def quantize_with_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
+    """Quantize with a GIVEN clip range instead of calibrating (internal: QAT conversion uses the
+    ranges training tracked). ``lo`` / ``hi`` are in the grouped layout with reduced axes kept."""
+    grouped = x.astype(jnp.float32).reshape(spec.grouped_shape(tuple(x.shape)))
+    return _from_range(x, grouped, lo, hi, spec)
+
+
+def _from_range(x: jax.Array, grouped: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
+    original_dtype = jnp.dtype(x.dtype)
+    shape = tuple(x.shape)
     scale, zero_point = scale_from_range(lo, hi, spec)
     values = encode(grouped, scale, zero_point, spec).reshape(shape)
     if spec.group_axis is not None:
@@ -104,7 +114,7 @@ def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]
             zero_point = jnp.squeeze(zero_point, spec.group_axis + 1)
     if zero_point is not None:
         zero_point = zero_point.astype(values.dtype)
-    qarray = QArray(
+    return QArray(
         values=values,
         scale=scale.astype(jnp.float32),
         zero_point=zero_point,
@@ -116,7 +126,6 @@ def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]
         dtype=original_dtype,
         activation=spec.activation,
     )
-    return qarray, finite
 
 
 _quantize_jit = jax.jit(_quantize_impl, static_argnums=(1,))
