@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from jaxcompress.prune.schedules import Schedule, cosine_drop_fraction
 from jaxcompress.prune.scores import magnitude
-from jaxcompress.prune.topk import top_k_mask
+from jaxcompress.prune.topk import top_k_masks
 
-__all__ = ["SET", "RigL", "drop_and_grow"]
+__all__ = ["SET", "RigL", "drop_and_grow", "drop_and_grow_many"]
 
 
 def drop_and_grow(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, fraction: Any) -> jax.Array:
@@ -36,12 +36,23 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, f
     >>> drop_and_grow(mask, w, grow_scores=jnp.array([0.0, 0.0, 5.0, 1.0]), fraction=0.5).tolist()
     [False, True, True, False]
     """
-    mask = mask.astype(bool)
-    active = jnp.sum(mask, dtype=jnp.int32)
-    k = jnp.floor(jnp.asarray(fraction, jnp.float32) * active.astype(jnp.float32)).astype(jnp.int32)
-    survivors = top_k_mask(jnp.where(mask, magnitude(weights), -jnp.inf), active - k)
-    grown = top_k_mask(jnp.where(survivors, -jnp.inf, jnp.asarray(grow_scores, jnp.float32)), k)
-    return survivors | grown
+    return drop_and_grow_many([mask], [weights], [grow_scores], fraction)[0]
+
+
+def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.Array]:
+    """`drop_and_grow` for many leaves at once (two batched top-k passes in all)."""
+    masks = [m.astype(bool) for m in masks]
+    fraction = jnp.asarray(fraction, jnp.float32)
+    active = [jnp.sum(m, dtype=jnp.int32) for m in masks]
+    drops = [jnp.floor(fraction * a.astype(jnp.float32)).astype(jnp.int32) for a in active]
+    survivors = top_k_masks(
+        [([jnp.where(m, magnitude(w), -jnp.inf)], a - k) for m, w, a, k in zip(masks, weights, active, drops)]
+    )
+    survivors = [group[0] for group in survivors]
+    grown = top_k_masks(
+        [([jnp.where(s, -jnp.inf, jnp.asarray(g, jnp.float32))], k) for s, g, k in zip(survivors, grow_scores, drops)]
+    )
+    return [s | group[0] for s, group in zip(survivors, grown)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,7 +79,12 @@ class _DynamicSparsity:
 
     def update(self, mask: jax.Array, weights: jax.Array, grads: jax.Array, key: jax.Array, step: Any) -> jax.Array:
         """The new mask of one leaf at ``step``."""
-        return drop_and_grow(mask, weights, self.grow_scores(weights, grads, key), self.fraction(step))
+        return self.update_many([mask], [weights], [grads], [key], step)[0]
+
+    def update_many(self, masks, weights, grads, keys, step: Any) -> list[jax.Array]:
+        """The new masks of many leaves at ``step`` (batched top-k)."""
+        scores = [self.grow_scores(w, g, k) for w, g, k in zip(weights, grads, keys)]
+        return drop_and_grow_many(masks, weights, scores, self.fraction(step))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,7 @@ __all__ = [
     "global_masks",
     "num_to_prune",
     "contracting_axis",
+    "units",
 ]
 
 
@@ -66,6 +67,44 @@ def contracting_axis(ndim: int, name: str = "array") -> int:
     return ndim - 2
 
 
+def units(
+    scores: jax.Array,
+    structure: str,
+    *,
+    block_size: int | Sequence[int] | None = None,
+    norm: str = "l1",
+    name: str = "array",
+):
+    """Split pruning by ``structure`` into ``(unit_scores, expand)``: one score per prunable unit
+    (element, filter, channel or block) and a function turning a bool keep-vector over the
+    units back into a mask of ``scores``' shape. `plan` batches the top-k of many leaves this way.
+
+    >>> unit_scores, expand = units(jnp.array([[1.0, 5.0], [2.0, 1.0]]), "filter")
+    >>> unit_scores.tolist(), expand(jnp.array([False, True])).tolist()
+    ([3.0, 6.0], [[False, True], [False, True]])
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    if structure == "unstructured":
+        return scores, lambda keep: keep
+    if structure in ("filter", "channel"):
+        axis = scores.ndim - 1 if structure == "filter" else contracting_axis(scores.ndim, name)
+        if scores.ndim < 1:
+            raise ValueError(f"{name}: structured pruning needs an array with ndim >= 1")
+        shape = [1] * scores.ndim
+        shape[axis] = scores.shape[axis]
+        return scores_lib.unit_norms(scores, axis, norm), lambda keep: jnp.broadcast_to(keep.reshape(shape), scores.shape)
+    if structure == "block":
+        br, bc = _block(block_size)
+        if scores.ndim < 2:
+            raise ValueError(f"{name}: block pruning needs an array with ndim >= 2, got shape {scores.shape}")
+        rows, cols = scores.shape[-2:]
+        if br < 1 or bc < 1 or rows % br or cols % bc:
+            raise ValueError(f"{name}: block size {(br, bc)} does not divide the last two dims {(rows, cols)}")
+        tiles = scores_lib.block_norms(scores, (br, bc), norm)
+        return tiles, lambda keep: jnp.repeat(jnp.repeat(keep, br, axis=-2), bc, axis=-1)
+    raise ValueError(f"{name}: no unit decomposition for structure {structure!r}")
+
+
 def structured_mask(
     scores: jax.Array, sparsity: Any, *, axis: int = -1, norm: str = "l1", name: str = "array"
 ) -> jax.Array:
@@ -78,8 +117,8 @@ def structured_mask(
     """
     scores = jnp.asarray(scores, jnp.float32)
     axis = _axis(scores.ndim, axis, name)
-    units = scores_lib.unit_norms(scores, axis, norm)
-    keep = unstructured_mask(units, sparsity)
+    unit_scores = scores_lib.unit_norms(scores, axis, norm)
+    keep = unstructured_mask(unit_scores, sparsity)
     shape = [1] * scores.ndim
     shape[axis] = scores.shape[axis]
     return jnp.broadcast_to(keep.reshape(shape), scores.shape)
@@ -109,19 +148,8 @@ def block_mask(
     >>> m.astype(int).tolist()
     [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
     """
-    scores = jnp.asarray(scores, jnp.float32)
-    br, bc = _block(block_size)
-    if scores.ndim < 2:
-        raise ValueError(f"{name}: block pruning needs an array with ndim >= 2, got shape {scores.shape}")
-    rows, cols = scores.shape[-2:]
-    if br < 1 or bc < 1 or rows % br or cols % bc:
-        raise ValueError(
-            f"{name}: block size {(br, bc)} does not divide the last two dims {(rows, cols)}"
-        )
-    tiles = scores_lib.block_norms(scores, (br, bc), norm)
-    keep = unstructured_mask(tiles, sparsity)
-    keep = jnp.repeat(jnp.repeat(keep, br, axis=-2), bc, axis=-1)
-    return keep
+    unit_scores, expand = units(scores, "block", block_size=block_size, norm=norm, name=name)
+    return expand(unstructured_mask(unit_scores, sparsity))
 
 
 def check_n_m(n: int, m: int, dim: int | None = None, name: str = "array") -> None:

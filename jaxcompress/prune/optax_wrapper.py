@@ -151,13 +151,19 @@ def prune(
         )
 
     def regrow(params, grads, state, step, key):
-        leaf_keys = iter(range(10**9))
-        return _mask_tree_map(
-            lambda mask, p, g: dst.update(mask, p, g, jax.random.fold_in(key, next(leaf_keys)), step),
-            state.masks,
-            params,
-            grads,
+        flat_masks, treedef = jax.tree.flatten(state.masks, is_leaf=is_masked_node)
+        flat_params, flat_grads = treedef.flatten_up_to(params), treedef.flatten_up_to(grads)
+        where = [i for i, m in enumerate(flat_masks) if not is_masked_node(m)]
+        new = dst.update_many(
+            [flat_masks[i] for i in where],
+            [flat_params[i] for i in where],
+            [flat_grads[i] for i in where],
+            [jax.random.fold_in(key, i) for i in where],
+            step,
         )
+        for i, mask in zip(where, new):
+            flat_masks[i] = mask
+        return jax.tree.unflatten(treedef, flat_masks)
 
     def update_fn(updates, state, params=None):
         if params is None:

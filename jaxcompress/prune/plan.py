@@ -20,6 +20,7 @@ from jaxcompress.prune import masks as masks_lib
 from jaxcompress.prune import scores as scores_lib
 from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
 from jaxcompress.prune.rule import PruneRule
+from jaxcompress.prune.topk import top_k_masks
 from jaxcompress.rules import check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]
@@ -156,22 +157,39 @@ class PrunePlan:
         return out
 
     def masks(self, params: Any, grads: Any = None, *, step: Any = 0, key: jax.Array | None = None) -> Any:
-        """The mask tree for ``params`` at ``step`` (pure; jit-able with traced step and key)."""
+        """The mask tree for ``params`` at ``step`` (pure; jit-able with traced step and key).
+
+        All leaves' top-k selections share one bisection loop (`topk.top_k_masks`).
+        """
         leaves = self.leaves_of(params)
         grad_leaves = None if grads is None else self.leaves_of(grads)
         out: list[Any] = [MaskedNode()] * len(leaves)
         sparsities = self.target_sparsities(step)
+        requests, finish = [], []
         for rule_index, group in enumerate(self.groups):
             if not group:
                 continue
             rule = self.rules[rule_index]
             scores = [self._scores(rule, i, leaves, grad_leaves, key) for i in group]
-            if rule.scope == "global":
-                chosen = masks_lib.global_masks(scores, sparsities[group[0]], normalize=rule.normalize)
+            if rule.structure == "n:m":
+                for i, s in zip(group, scores):
+                    out[i] = masks_lib.n_m_mask(s, rule.n, rule.m, axis=rule.axis, name=self.names[i])
+            elif rule.scope == "global":
+                scores = [scores_lib.normalize(s, rule.normalize) for s in scores]
+                total = sum(int(s.size) for s in scores)
+                requests.append((scores, total - masks_lib.num_to_prune(sparsities[group[0]], total)))
+                finish.append([(i, lambda keep: keep) for i in group])
             else:
-                chosen = [self._layer_mask(rule, i, s, sparsities[i]) for i, s in zip(group, scores)]
-            for i, mask in zip(group, chosen):
-                out[i] = mask
+                for i, s in zip(group, scores):
+                    unit_scores, expand = masks_lib.units(
+                        s, rule.structure, block_size=rule.block_size, norm=rule.norm, name=self.names[i]
+                    )
+                    n = int(unit_scores.size)
+                    requests.append(([unit_scores], n - masks_lib.num_to_prune(sparsities[i], n)))
+                    finish.append([(i, expand)])
+        for kept, targets in zip(top_k_masks(requests), finish):
+            for keep, (i, expand) in zip(kept, targets):
+                out[i] = expand(keep)
         return self.unflatten(out)
 
     def _scores(self, rule, i, leaves, grad_leaves, key):
@@ -185,19 +203,6 @@ class PrunePlan:
         if key is None:
             raise ValueError(f"{self.names[i]}: score='random' needs a PRNG key (pass key=...)")
         return scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights))
-
-    def _layer_mask(self, rule, i, scores, sparsity):
-        name = self.names[i]
-        if rule.structure == "unstructured":
-            return masks_lib.unstructured_mask(scores, sparsity)
-        if rule.structure == "filter":
-            return masks_lib.structured_mask(scores, sparsity, axis=-1, norm=rule.norm, name=name)
-        if rule.structure == "channel":
-            axis = masks_lib.contracting_axis(scores.ndim, name)
-            return masks_lib.structured_mask(scores, sparsity, axis=axis, norm=rule.norm, name=name)
-        if rule.structure == "block":
-            return masks_lib.block_mask(scores, sparsity, block_size=rule.block_size, norm=rule.norm, name=name)
-        return masks_lib.n_m_mask(scores, rule.n, rule.m, axis=rule.axis, name=name)
 
 
 def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePlan:
