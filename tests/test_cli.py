@@ -1,0 +1,82 @@
+"""The `jaxcompress` command line: help, usage errors, and the quick demo end to end."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxcompress import cli
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxcompress", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_exits_0_and_lists_demo():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "demo" in proc.stdout and "usage: jaxcompress" in proc.stdout
+
+
+def test_bad_subcommand_exits_2():
+    proc = run_cli("no-such-command")
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["demo", "--help"], 0),
+        ([], 2),
+        (["no-such-command"], 2),
+        (["demo", "--no-such-flag"], 2),
+        (["demo", "--steps", "zero"], 2),
+        (["demo", "--steps", "0"], 2),
+    ],
+)
+def test_exit_codes_in_process(argv, code, capsys):
+    assert cli.main(argv) == code
+
+
+def test_failure_while_running_exits_1(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("disk on fire")
+
+    command = cli.COMMANDS[0]
+    monkeypatch.setattr(cli, "COMMANDS", (cli.Command(command.name, command.help, command.description, command.add_arguments, broken),))
+    assert cli.main(["demo"]) == 1
+    assert "disk on fire" in capsys.readouterr().err
+
+
+def test_import_is_cheap():
+    # Importing the CLI adds nothing heavy beyond what `import jaxcompress` already loads.
+    code = (
+        "import sys, jaxcompress; before = set(sys.modules); import jaxcompress.cli; "
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
+        "('flax', 'optax', 'tqdm', 'sklearn', 'numpy', 'jax')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_demo_quick_prints_the_table():
+    proc = run_cli("demo", "--quick", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "dataset: " in out and "trained 200 steps" in out
+    for variant in ("fp32", "int8 per-channel", "int4 per-channel MSE", "int4 g32 MSE"):
+        assert variant in out
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith(("fp32", "int8", "int4")):
+            name, rest = line[:22].strip(), line[22:].split()
+            rows[name] = {"accuracy": float(rest[0].rstrip("%")), "ratio": float(rest[2].rstrip("x"))}
+    assert len(rows) == 4, out
+    assert rows["fp32"]["accuracy"] > 50  # 200 steps are enough to learn something
+    assert abs(rows["int8 per-channel"]["accuracy"] - rows["fp32"]["accuracy"]) < 3
+    assert rows["int8 per-channel"]["ratio"] > 3.5 and rows["int4 per-channel MSE"]["ratio"] > 6.5
