@@ -7,7 +7,17 @@ pytree transforms apply them to a whole params tree; metrics report what it cost
 from jaxcompress.metrics import CompressionMetrics, LeafMetrics, quantization_metrics, sqnr_db
 from jaxcompress.params import LeafDecision, QuantizeReport, dequantize_params, quantize_params
 from jaxcompress.qarray import QArray
-from jaxcompress.qat import fake_quant, fake_quant_array, init_lsq_step, init_lsq_steps, lsq_fake_quant
+from jaxcompress.qat import (
+    QATState,
+    fake_quant,
+    fake_quant_array,
+    init_lsq_step,
+    init_lsq_steps,
+    lsq_fake_quant,
+    qat,
+    qat_ranges,
+    weight_ranges,
+)
 from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
@@ -18,6 +28,7 @@ __all__ = [
     "CompressionMetrics",
     "LeafDecision",
     "LeafMetrics",
+    "QATState",
     "QArray",
     "QuantRule",
     "QuantSpec",
@@ -30,6 +41,9 @@ __all__ = [
     "init_lsq_step",
     "init_lsq_steps",
     "lsq_fake_quant",
+    "qat",
+    "qat_ranges",
+    "weight_ranges",
     "match_rules",
     "path_to_str",
     "quantization_metrics",

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.qarray import QArray
-from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.codec import to_grouped
+from jaxcompress.quant.quantize import quantize, quantize_with_range
 from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["quantize_params", "dequantize_params", "QuantizeReport", "LeafDecision"]
@@ -92,6 +93,7 @@ def quantize_params(
     params: Any,
     rules: Sequence[QuantRule] | QuantRule,
     *,
+    ranges: dict[str, tuple[Any, Any]] | None = None,
     on_unused: str = "warn",
 ) -> tuple[Any, QuantizeReport]:
     """Quantize the leaves of ``params`` that ``rules`` select.
@@ -99,6 +101,9 @@ def quantize_params(
     Args:
       params: any pytree of arrays.
       rules: `QuantRule`s; for each leaf the first whose pattern fully matches its path wins.
+      ranges: optional clip ranges ``{path string: (lo, hi)}`` in the `QArray` scale layout, used
+        instead of calibrating: this is how QAT converts (``ranges=jc.qat_ranges(opt_state)``),
+        giving integers that dequantize exactly to what ``fake_quant(..., ranges=...)`` computed.
       on_unused: what to do about rules that matched no leaf: ``"warn"`` (default), ``"error"``
         or ``"ignore"``. They are always listed in the report.
 
@@ -121,6 +126,13 @@ def quantize_params(
             raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
     matched = match_rules(params, rules)
     check_unused_rules(rules, matched.unused_rules, on_unused)
+    if ranges is not None:
+        unknown = set(ranges) - {
+            p for p, i, leaf in zip(matched.path_strs, matched.rule_indices, matched.leaves)
+            if i is not None and not rules[i].skip and _skip_reason(leaf) is None
+        }
+        if unknown:
+            raise ValueError(f"clip ranges given for paths the rules do not quantize: {sorted(unknown)}")
     new_leaves = []
     decisions = []
     for path, path_str, leaf, index in zip(
@@ -139,10 +151,29 @@ def quantize_params(
             new_leaves.append(leaf)
             continue
         spec = rule.spec
-        new_leaves.append(quantize(leaf, spec, name=path_to_keystr(path)))
+        name = path_to_keystr(path)
+        if ranges is None:
+            new_leaves.append(quantize(leaf, spec, name=name))
+        else:
+            new_leaves.append(_quantize_in_range(leaf, spec, ranges, path_str, name))
         decisions.append(LeafDecision(path_str, shape, dtype, "quantized", index, spec=spec.describe()))
     report = QuantizeReport(tuple(decisions), matched.unused_rules, tuple(r.pattern for r in rules))
     return matched.unflatten(new_leaves), report
+
+
+def _quantize_in_range(leaf, spec, ranges, path_str: str, name: str) -> QArray:
+    if path_str not in ranges:
+        raise ValueError(f"{name}: no clip range given for this leaf")
+    resolved = spec.resolve(tuple(leaf.shape), name)
+    if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(leaf))):
+        raise ValueError(f"{name}: contains NaN or Inf; quantization needs finite values")
+    lo, hi = (to_grouped(jnp.asarray(a, jnp.float32), resolved) for a in ranges[path_str])
+    expected = resolved.grouped_shape(tuple(leaf.shape))
+    reduce_axes = resolved.reduce_axes(len(leaf.shape))
+    expected = tuple(1 if a in reduce_axes else d for a, d in enumerate(expected))
+    if tuple(lo.shape) != expected or tuple(hi.shape) != expected:
+        raise ValueError(f"{name}: clip range does not fit the rule's granularity (expected the QArray scale shape)")
+    return quantize_with_range(jnp.asarray(leaf), lo, hi, resolved)
 
 
 def dequantize_params(qparams: Any, dtype: Any = None) -> Any:

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 
 from jaxcompress.qarray import INT_QTYPE
 from jaxcompress.quant.calibrate import calibrate_range
-from jaxcompress.quant.codec import decode, encode, fp8_max, int_range, scale_from_range
+from jaxcompress.quant.codec import decode, encode, fp8_max, from_grouped, int_range, scale_from_range, to_grouped
 from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
 from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
-__all__ = ["fake_quant_array", "lsq_fake_quant", "init_lsq_step", "fake_quant", "init_lsq_steps"]
+__all__ = ["fake_quant_array", "lsq_fake_quant", "init_lsq_step", "fake_quant", "init_lsq_steps", "weight_ranges", "weight_range"]
 
 
 def _resolve(x: jax.Array, spec: QuantSpec | ResolvedSpec, name: str) -> ResolvedSpec:
@@ -46,10 +46,16 @@ def _grouped(x: jax.Array, spec: ResolvedSpec) -> jax.Array:
     return x.astype(jnp.float32).reshape(spec.grouped_shape(tuple(x.shape)))
 
 
-def _ste_forward(x: jax.Array, spec: ResolvedSpec):
-    grouped = _grouped(x, spec)
+def weight_range(x: jax.Array, spec: ResolvedSpec) -> tuple[jax.Array, jax.Array]:
+    """The calibrated clip range ``(lo, hi)`` of ``x`` in the QArray scale layout (no gradient)."""
+    grouped = jax.lax.stop_gradient(_grouped(x, spec))
     lo, hi = calibrate_range(grouped, spec, spec.reduce_axes(x.ndim))
-    scale, zero_point = scale_from_range(jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi), spec)
+    return from_grouped(lo, spec), from_grouped(hi, spec)
+
+
+def _ste_forward(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec):
+    grouped = _grouped(x, spec)
+    scale, zero_point = scale_from_range(to_grouped(lo, spec), to_grouped(hi, spec), spec)
     out = decode(encode(grouped, scale, zero_point, spec), scale, zero_point)
     codes = grouped / scale
     if spec.qtype == INT_QTYPE:
@@ -62,25 +68,37 @@ def _ste_forward(x: jax.Array, spec: ResolvedSpec):
     return out.reshape(x.shape).astype(x.dtype), inside.reshape(x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _ste(x: jax.Array, spec: ResolvedSpec) -> jax.Array:
-    return _ste_forward(x, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ste(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    return _ste_forward(x, lo, hi, spec)[0]
 
 
-def _ste_fwd(x, spec):
-    out, inside = _ste_forward(x, spec)
-    return out, inside
+def _ste_fwd(x, lo, hi, spec):
+    out, inside = _ste_forward(x, lo, hi, spec)
+    return out, (inside, lo, hi)
 
 
-def _ste_bwd(spec, inside, g):
-    return (jnp.where(inside, g, jnp.zeros_like(g)),)
+def _ste_bwd(spec, residuals, g):
+    inside, lo, hi = residuals
+    # The range is a statistic of the weights, not a learned quantity: no gradient flows into it.
+    return jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(lo), jnp.zeros_like(hi)
 
 
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def fake_quant_array(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
+def fake_quant_array(
+    x: jax.Array,
+    spec: QuantSpec | None = None,
+    *,
+    clip_range: tuple[jax.Array, jax.Array] | None = None,
+    name: str = "array",
+    **options,
+) -> jax.Array:
     """``dequantize(quantize(x))`` with a clipped straight-through gradient.
+
+    ``clip_range``: a ``(lo, hi)`` pair in the QArray scale layout (e.g. tracked by `qat`) used
+    instead of calibrating on ``x``.
 
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.array([0.1, -0.6, 1.0, 0.33])
@@ -88,12 +106,34 @@ def fake_quant_array(x: jax.Array, spec: QuantSpec | None = None, *, name: str =
     [0.143, -0.571, 1.0, 0.286]
     >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4).sum())(x).tolist()
     [1.0, 1.0, 1.0, 1.0]
+    >>> clipped = (jnp.array([-0.5]), jnp.array([0.5]))  # a range that clips 1.0 and -0.6
+    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4, clip_range=clipped).sum())(x).tolist()
+    [1.0, 0.0, 0.0, 1.0]
     """
     if spec is None:
         spec = QuantSpec(**options)
     elif options:
         raise TypeError(f"pass either a QuantSpec or keyword options, not both (got {sorted(options)})")
-    return _ste(x, _resolve(x, spec, name))
+    resolved = _resolve(x, spec, name)
+    if clip_range is None:
+        lo, hi = weight_range(x, resolved)
+    else:
+        lo, hi = (jnp.asarray(a, jnp.float32) for a in clip_range)
+        expected = _scale_shape(resolved, tuple(x.shape))
+        if tuple(lo.shape) != expected or tuple(hi.shape) != expected:
+            raise ValueError(
+                f"{name}: clip range has shapes {tuple(lo.shape)} / {tuple(hi.shape)}, expected {expected} for this spec"
+            )
+    return _ste(x, lo, hi, resolved)
+
+
+def _scale_shape(spec: ResolvedSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The QArray ``scale`` shape for ``shape`` under ``spec``."""
+    reduce_axes = spec.reduce_axes(len(shape))
+    grouped = tuple(1 if a in reduce_axes else d for a, d in enumerate(spec.grouped_shape(shape)))
+    if spec.group_axis is None:
+        return grouped
+    return grouped[: spec.group_axis + 1] + grouped[spec.group_axis + 2 :]
 
 
 # ---- LSQ -------------------------------------------------------------------------------------
@@ -109,17 +149,10 @@ def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> int:
     return int(math.prod(grouped_shape[a] for a in spec.reduce_axes(len(shape))))
 
 
-def _step_grouped(step: jax.Array, spec: ResolvedSpec) -> jax.Array:
-    # Steps use the QArray scale layout (group axis = number of groups); re-insert the
-    # within-group axis so they broadcast against the grouped view.
-    step = step.astype(jnp.float32)
-    return step if spec.group_axis is None else jnp.expand_dims(step, spec.group_axis + 1)
-
-
 def _lsq_parts(x, step, spec):
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     grouped = _grouped(x, spec)
-    s = _step_grouped(step, spec)
+    s = to_grouped(step.astype(jnp.float32), spec)
     v = grouped / s
     rounded = jnp.clip(jnp.round(v), qmin, qmax)
     return grouped, s, v, rounded, qmin, qmax
@@ -145,9 +178,7 @@ def _lsq_bwd(spec, residuals, g):
     d_step = jnp.where(below, float(qmin), jnp.where(above, float(qmax), rounded - v))
     reduce_axes = spec.reduce_axes(x.ndim)
     grad_scale = 1.0 / math.sqrt(_group_count(spec, tuple(x.shape)) * qmax)
-    grad_step = jnp.sum(g * d_step, axis=reduce_axes, keepdims=True) * grad_scale
-    if spec.group_axis is not None:
-        grad_step = jnp.squeeze(grad_step, spec.group_axis + 1)
+    grad_step = from_grouped(jnp.sum(g * d_step, axis=reduce_axes, keepdims=True) * grad_scale, spec)
     return grad_x, grad_step.reshape(step.shape).astype(step.dtype)
 
 
@@ -167,10 +198,7 @@ def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "a
     _, qmax = int_range(spec.bits, spec.symmetric)
     grouped = _grouped(x, spec)
     mean_abs = jnp.mean(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
-    step = jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0)
-    if spec.group_axis is not None:
-        step = jnp.squeeze(step, spec.group_axis + 1)
-    return step
+    return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), spec)
 
 
 def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
@@ -187,13 +215,7 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None,
     """
     spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
     _check_lsq(spec, name)
-    grouped_scale_shape = tuple(
-        1 if a in spec.reduce_axes(x.ndim) else d
-        for a, d in enumerate(spec.grouped_shape(tuple(x.shape)))
-    )
-    expected = grouped_scale_shape
-    if spec.group_axis is not None:
-        expected = grouped_scale_shape[: spec.group_axis + 1] + grouped_scale_shape[spec.group_axis + 2 :]
+    expected = _scale_shape(spec, tuple(x.shape))
     if tuple(step.shape) != tuple(expected):
         raise ValueError(f"{name}: LSQ step has shape {tuple(step.shape)}, expected {tuple(expected)} for this spec")
     return _lsq(x, step, spec)
@@ -238,18 +260,46 @@ def init_lsq_steps(params: Any, rules: Sequence[QuantRule] | QuantRule, *, on_un
     }
 
 
+def weight_ranges(
+    params: Any, rules: Sequence[QuantRule] | QuantRule, *, on_unused: str = "warn"
+) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The calibrated clip range ``(lo, hi)`` of every leaf the rules quantize, by path string,
+    in the QArray scale layout. `qat` tracks these; `fake_quant` and `quantize_params` accept them.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> ranges = jc.weight_ranges({"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}, [jc.QuantRule(pattern="w", channel_axes=(-1,))])
+    >>> ranges["w"][1].tolist()
+    [[2.0, 3.0]]
+    """
+    rules = _quant_rules(rules)
+    return {
+        path_str: weight_range(leaf, spec.resolve(tuple(leaf.shape), path_to_keystr(path)))
+        for path, path_str, leaf, spec in _selected(params, rules, on_unused)[1]
+        if spec is not None
+    }
+
+
+def _check_keys(given: dict, quantized: set, what: str) -> None:
+    unknown = set(given) - quantized
+    if unknown:
+        raise ValueError(f"{what} given for paths the rules do not quantize: {sorted(unknown)}")
+
+
 def fake_quant(
     params: Any,
     rules: Sequence[QuantRule] | QuantRule,
     steps: dict[str, jax.Array] | None = None,
     *,
+    ranges: dict[str, tuple[jax.Array, jax.Array]] | None = None,
     on_unused: str = "warn",
 ) -> Any:
     """Fake-quantize the leaves of ``params`` that ``rules`` select (same tree, same dtypes).
 
-    Without ``steps``: scales from the weights (as in `quantize_params`) and a clipped
-    straight-through gradient. With ``steps`` (from `init_lsq_steps`, trained alongside the
-    params): LSQ, differentiable in both.
+    * default: scales calibrated on the current weights (as in `quantize_params`), clipped
+      straight-through gradient;
+    * ``ranges`` (from `weight_ranges` or `qat_ranges` of a `qat` optimizer state): those clip
+      ranges instead (tracked / frozen during QAT), clipped straight-through gradient;
+    * ``steps`` (from `init_lsq_steps`, trained alongside the params): LSQ, differentiable in both.
 
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> params = {"dense": {"kernel": jnp.linspace(-1, 1, 8).reshape(4, 2), "bias": jnp.ones(2)}}
@@ -261,23 +311,29 @@ def fake_quant(
     >>> g["dense"]["kernel"].tolist()[0]
     [1.0, 1.0]
     """
+    if steps is not None and ranges is not None:
+        raise TypeError("pass LSQ steps or clip ranges, not both")
     rules = _quant_rules(rules)
     matched, selected = _selected(params, rules, on_unused)
+    quantized_paths = {path_str for _, path_str, _, spec in selected if spec is not None}
     if steps is not None:
-        quantized_paths = {path_str for _, path_str, _, spec in selected if spec is not None}
-        unknown = set(steps) - quantized_paths
-        if unknown:
-            raise ValueError(f"LSQ steps given for paths the rules do not quantize: {sorted(unknown)}")
+        _check_keys(steps, quantized_paths, "LSQ steps")
+    if ranges is not None:
+        _check_keys(ranges, quantized_paths, "clip ranges")
     leaves = []
     for path, path_str, leaf, spec in selected:
         if spec is None:
             leaves.append(leaf)
             continue
         name = path_to_keystr(path)
-        if steps is None:
-            leaves.append(fake_quant_array(leaf, spec, name=name))
-        elif path_str not in steps:
-            raise ValueError(f"{name}: no LSQ step for this leaf (see init_lsq_steps)")
-        else:
+        if steps is not None:
+            if path_str not in steps:
+                raise ValueError(f"{name}: no LSQ step for this leaf (see init_lsq_steps)")
             leaves.append(lsq_fake_quant(leaf, steps[path_str], spec, name=name))
+        elif ranges is not None:
+            if path_str not in ranges:
+                raise ValueError(f"{name}: no clip range for this leaf (see weight_ranges)")
+            leaves.append(fake_quant_array(leaf, spec, clip_range=ranges[path_str], name=name))
+        else:
+            leaves.append(fake_quant_array(leaf, spec, name=name))
     return matched.unflatten(leaves)

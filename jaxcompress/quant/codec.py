@@ -15,7 +15,7 @@ import ml_dtypes
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, storage_dtype
 from jaxcompress.quant.spec import ResolvedSpec
 
-__all__ = ["int_range", "scale_from_range", "encode", "decode", "round_trip"]
+__all__ = ["int_range", "scale_from_range", "encode", "decode", "round_trip", "to_grouped", "from_grouped"]
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -84,3 +84,13 @@ def round_trip(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -
     """``decode(encode(x))`` with the scale implied by the clip range ``[lo, hi]``."""
     scale, zero_point = scale_from_range(lo, hi, spec)
     return decode(encode(x, scale, zero_point, spec), scale, zero_point)
+
+
+def to_grouped(array: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    """Scale layout (group axis = number of groups) -> grouped layout (within-group axis of 1)."""
+    return array if spec.group_axis is None else jnp.expand_dims(array, spec.group_axis + 1)
+
+
+def from_grouped(array: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    """Grouped layout -> scale layout (the shape of `QArray.scale`)."""
+    return array if spec.group_axis is None else jnp.squeeze(array, spec.group_axis + 1)
