@@ -9,6 +9,7 @@ from jaxcompress.params import LeafDecision, QuantizeReport, dequantize_params, 
 from jaxcompress.qarray import QArray
 from jaxcompress.qat import (
     QATState,
+    distillation_loss,
     fake_quant,
     fake_quant_array,
     init_lsq_step,
@@ -36,6 +37,7 @@ __all__ = [
     "Rule",
     "dequantize",
     "dequantize_params",
+    "distillation_loss",
     "fake_quant",
     "fake_quant_array",
     "init_lsq_step",

@@ -1,5 +1,6 @@
 """Quantization-aware training: fake quantization (clipped STE, LSQ) and the `qat` optax wrapper."""
 
+from jaxcompress.qat.distill import distillation_loss
 from jaxcompress.qat.fake_quantize import (
     fake_quant,
     fake_quant_array,
@@ -13,6 +14,7 @@ from jaxcompress.qat.optax_wrapper import QATState, qat, qat_ranges
 
 __all__ = [
     "QATState",
+    "distillation_loss",
     "fake_quant",
     "fake_quant_array",
     "init_lsq_step",
