@@ -214,6 +214,9 @@ class SafetensorsWriter:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(final_tmp, 0o666 & ~umask)  # mkstemp makes 0600; give a normal file's mode
             os.replace(final_tmp, self.path)
         except BaseException:
             _remove(final_tmp)

@@ -41,6 +41,18 @@ __all__ = [
 _SUB_BYTE = {np.dtype(ml_dtypes.int4): 4, np.dtype(ml_dtypes.int2): 2, np.dtype(ml_dtypes.uint4): 4, np.dtype(ml_dtypes.uint2): 2}
 
 
+_CHUNK = 1 << 20  # elements per slice: packing works slice by slice to bound temporaries
+
+
+def _pack_chunk(codes: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    padded = np.zeros(math.ceil(codes.size / per_byte) * per_byte, np.uint8)
+    padded[: codes.size] = codes
+    padded = padded.reshape(-1, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(padded << shifts, axis=1).astype(np.uint8)
+
+
 def pack_bits(codes: Any, bits: int) -> np.ndarray:
     """Pack unsigned ``bits``-bit codes (1, 2, 4 or 8) into a flat ``uint8`` array.
 
@@ -52,15 +64,14 @@ def pack_bits(codes: Any, bits: int) -> np.ndarray:
     codes = np.asarray(codes).reshape(-1)
     if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {1 << bits}) to pack into {bits} bits")
-    codes = codes.astype(np.uint8)
     if bits == 8:
-        return codes.copy()
-    per_byte = 8 // bits
-    padded = np.zeros(math.ceil(codes.size / per_byte) * per_byte, np.uint8)
-    padded[: codes.size] = codes
-    padded = padded.reshape(-1, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(padded << shifts, axis=1).astype(np.uint8)
+        return codes.astype(np.uint8)
+    out = np.empty(math.ceil(codes.size * bits / 8), np.uint8)
+    step = _CHUNK  # a multiple of every per_byte, so slices start on byte boundaries
+    for begin in range(0, codes.size, step):
+        chunk = codes[begin : begin + step].astype(np.uint8)
+        out[begin * bits // 8 : begin * bits // 8 + math.ceil(chunk.size * bits / 8)] = _pack_chunk(chunk, bits)
+    return out
 
 
 def unpack_bits(packed: Any, bits: int, count: int) -> np.ndarray:
@@ -79,8 +90,13 @@ def unpack_bits(packed: Any, bits: int, count: int) -> np.ndarray:
         return packed.copy()
     per_byte = 8 // bits
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    codes = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
-    return codes.reshape(-1)[:count]
+    out = np.empty(count, np.uint8)
+    step = _CHUNK // per_byte  # bytes per slice
+    for begin in range(0, packed.size, step):
+        codes = ((packed[begin : begin + step, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)
+        first = begin * per_byte
+        out[first : first + codes.size] = codes[: count - first]
+    return out
 
 
 def container_bits(dtype: Any) -> int:
@@ -105,8 +121,12 @@ def pack_values(values: Any) -> np.ndarray:
     bits = _SUB_BYTE.get(values.dtype)
     if bits is None:
         return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-    codes = values.reshape(-1).astype(np.int8).view(np.uint8) & np.uint8((1 << bits) - 1)
-    return pack_bits(codes, bits)
+    flat = values.reshape(-1)
+    out = np.empty(math.ceil(flat.size * bits / 8), np.uint8)
+    for begin in range(0, flat.size, _CHUNK):
+        codes = flat[begin : begin + _CHUNK].astype(np.int8).view(np.uint8) & np.uint8((1 << bits) - 1)
+        out[begin * bits // 8 : begin * bits // 8 + math.ceil(codes.size * bits / 8)] = _pack_chunk(codes, bits)
+    return out
 
 
 def unpack_values(packed: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -124,10 +144,12 @@ def unpack_values(packed: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray
         if packed.size != count * dtype.itemsize:
             raise ValueError(f"{count} elements of {dtype} need {count * dtype.itemsize} bytes, got {packed.size}")
         return packed.view(dtype).reshape(shape).copy()
-    codes = unpack_bits(packed, bits, count).astype(np.int16)
-    signed = dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.int2))
-    if signed:
-        codes = np.where(codes >= (1 << (bits - 1)), codes - (1 << bits), codes)
+    codes = unpack_bits(packed, bits, count)
+    if dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.int2)):  # sign-extend in place
+        codes <<= np.uint8(8 - bits)
+        signed = codes.view(np.int8)
+        signed >>= np.int8(8 - bits)
+        return signed.astype(dtype).reshape(shape)
     return codes.astype(dtype).reshape(shape)
 
 

@@ -98,3 +98,14 @@ def test_n_m_roundtrip(data, nm):
 def test_n_m_rejects_wrong_pattern():
     with pytest.raises(ValueError, match="exactly 2 of every 4"):
         sparse.encode_n_m(np.ones((1, 4), np.int8), np.ones((1, 4), bool), 2, 4, 1)
+
+
+def test_packing_across_slices(monkeypatch):
+    monkeypatch.setattr(sparse, "_CHUNK", 8)  # force many slices on a small array
+    rng = np.random.default_rng(1)
+    for bits, dtype in ((4, ml_dtypes.int4), (2, ml_dtypes.int2)):
+        values = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=101).astype(dtype)
+        out = sparse.unpack_values(sparse.pack_values(values), dtype, values.shape)
+        np.testing.assert_array_equal(out.astype(int), values.astype(int))
+    mask = rng.random(77) < 0.3
+    np.testing.assert_array_equal(sparse.unpack_bits(sparse.pack_bits(mask, 1), 1, 77).astype(bool), mask)

@@ -1,0 +1,287 @@
+"""`compress_checkpoint`: checkpoint on disk in, smaller checkpoint on disk out, leaf by leaf.
+
+The source (a ``.safetensors`` file or an Orbax directory, see `open_source`) is validated in
+full before anything is written. Then, for one leaf at a time: read it, prune it with the
+recipe's first matching ``[[prune]]`` rule (`jaxcompress.prune.prune_params` on a one-leaf
+tree, so patterns see the same path as on the whole tree), quantize it with the first matching
+``[[quantize]]`` rule (`jaxcompress.quantize_params`), encode it (`encode_leaf`: packed int4,
+sparse bitmap or N:M where smaller) and append its bytes to a scratch file. Only then is the
+safetensors header written and the data copied over in chunks (`SafetensorsWriter`), and the
+result renamed onto ``dst``. Peak memory is therefore about one leaf and its transforms, not the
+model; an exception or Ctrl-C removes the scratch files and leaves no ``dst``; a hard kill can
+leave hidden ``.tmp-*`` scratch files next to ``dst`` but never a ``dst``.
+
+Because leaves are processed independently, prune rules must be leaf-local: ``scope="layer"``,
+``distribution="uniform"``, ``score`` ``"magnitude"`` or ``"random"`` (a fixed key), and a
+constant sparsity. Anything else is a `RecipeError` naming the rule, raised before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxcompress.checkpoint import treemeta
+from jaxcompress.checkpoint.recipes import Recipe, RecipeError, load_recipe
+from jaxcompress.checkpoint.report import CompressionTable, LeafRow
+from jaxcompress.checkpoint.safetensors_format import SafetensorsWriter
+from jaxcompress.checkpoint.safetensors_io import encode_leaf, file_metadata
+from jaxcompress.checkpoint.sources import open_source
+from jaxcompress.qarray import QArray, describe_granularity
+from jaxcompress.rules import match_rules
+
+__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local"]
+
+Progress = Callable[[int, int, str], None]
+
+
+def check_leaf_local(recipe: Recipe) -> None:
+    """Raise a `RecipeError` naming the rule if a prune rule needs the whole tree at once."""
+    for i, rule in enumerate(recipe.prune):
+        where = f"{recipe.source}: prune[{i}]"
+        if rule.skip:
+            continue
+        if rule.scope != "layer":
+            raise RecipeError(f"{where}.scope: {rule.scope!r} needs every leaf at once; compress_checkpoint works leaf by leaf (use 'layer')")
+        if rule.distribution != "uniform":
+            raise RecipeError(f"{where}.distribution: {rule.distribution!r} needs every leaf at once; use 'uniform'")
+        if rule.score not in ("magnitude", "random"):
+            raise RecipeError(f"{where}.score: {rule.score!r} needs gradients; checkpoints have none (use 'magnitude')")
+        if callable(rule.sparsity):
+            raise RecipeError(f"{where}.sparsity: a schedule has no meaning for one-shot compression; give a number")
+
+
+def _matched(tree: Any, rules: tuple) -> int | None:
+    if not rules:
+        return None
+    return match_rules(tree, rules).rule_indices[0]
+
+
+CHUNK_BYTES = 4 << 20
+
+
+def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None = None, chunk_bytes: int | None = None) -> tuple[Any, Any]:
+    """``(leaf, mask)`` for one source array under ``recipe``: the leaf is the input, a pruned
+    array, or a `QArray`; ``mask`` a bool array or ``None``. ``used`` collects the
+    ``("prune"|"quantize", index)`` of the rules that matched. Leaves over ``chunk_bytes`` are
+    quantized in slices along a channel / group axis (same result, less transient memory).
+
+    >>> import numpy as np
+    >>> leaf, mask = compress_leaf([["key", "w"], ["key", "kernel"]], np.arange(1.0, 9.0, dtype=np.float32).reshape(4, 2), load_recipe("sparse90-int8"))
+    >>> type(leaf).__name__, int(mask.sum())
+    ('QArray', 1)
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    tokens = [list(t) for t in tokens]
+    tree = treemeta.tree_from_records([(tokens, array)])
+    used = set() if used is None else used
+    mask = None
+    index = _matched(tree, recipe.prune)
+    floating = np.issubdtype(np.asarray(array).dtype, np.floating) or str(np.asarray(array).dtype) == "bfloat16"
+    if index is not None:
+        used.add(("prune", index))
+        if not recipe.prune[index].skip and floating and np.ndim(array) > 0:
+            import jax
+            from jaxcompress.prune import prune_params
+
+            pruned, masks = prune_params(tree, recipe.prune, key=jax.random.PRNGKey(0), on_unused="ignore")
+            (_, array), = treemeta.flatten_leaves(pruned)
+            (_, mask), = treemeta.flatten_leaves(masks)
+            mask = None if treemeta.is_masked_node(mask) else mask
+            tree = treemeta.tree_from_records([(tokens, array)])
+            del pruned, masks
+    index = _matched(tree, recipe.quantize)
+    if index is not None:
+        used.add(("quantize", index))
+        if not recipe.quantize[index].skip:
+            if np.asarray(array).nbytes > chunk_bytes:
+                array = _quantize_in_chunks(tokens, array, recipe.quantize[index].spec, chunk_bytes)
+            else:
+                from jaxcompress.params import quantize_params
+
+                qtree, _ = quantize_params(tree, recipe.quantize, on_unused="ignore")
+                (_, array), = treemeta.flatten_leaves(qtree)
+                del qtree
+    return array, mask
+
+
+def _split_axis(spec: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(axis, step)``: an axis the scales do not reduce over, and the chunk granularity on it."""
+    candidates = [(shape[axis], axis, 1) for axis in spec.channel_axes]
+    if spec.group_axis is not None:
+        candidates.append((shape[spec.group_axis], spec.group_axis, spec.group_size))
+    candidates = [c for c in candidates if c[0] > c[2]]
+    if not candidates:
+        return None
+    _, axis, step = max(candidates)
+    return axis, step
+
+
+def _quantize_in_chunks(tokens: list, array: Any, spec: Any, chunk_bytes: int) -> Any:
+    """Quantize a large leaf in slices along a channel (or group) axis. Every scale is computed
+    from elements of one slice only, so the result equals quantizing the whole leaf; the
+    transient memory of the jitted quantizer is one slice instead of the leaf."""
+    import dataclasses
+
+    import jax
+    from jaxcompress.quant.quantize import quantize
+    from jaxcompress.rules import path_to_keystr
+
+    array = np.asarray(array)
+    name = path_to_keystr([jax.tree_util.DictKey(t[1]) for t in tokens])
+    if not np.issubdtype(array.dtype, np.floating) and str(array.dtype) != "bfloat16":
+        return array
+    resolved = spec.resolve(tuple(array.shape), name)
+    split = _split_axis(resolved, array.shape)
+    if split is None:
+        return quantize(array, spec, name=name)
+    axis, step = split
+    length = array.shape[axis]
+    slice_bytes = array.nbytes // length * step
+    per_chunk = min(max(1, chunk_bytes // max(slice_bytes, 1)) * step, length)
+    parts, first = [], None
+    for begin in range(0, length, per_chunk):
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(begin, begin + per_chunk)
+        chunk = array[tuple(index)]
+        if chunk.shape[axis] < per_chunk:  # pad the last slice so every slice has one shape (one compile)
+            pad = [(0, 0)] * array.ndim
+            pad[axis] = (0, per_chunk - chunk.shape[axis])
+            chunk = np.pad(chunk, pad)
+        q = quantize(chunk, spec, name=name)
+        first = q if first is None else first
+        parts.append({k: np.asarray(v) for k, v in treemeta.qarray_array_fields(q).items()})
+        del q, chunk
+    fields = {}
+    for field, piece in parts[0].items():
+        if piece.ndim != array.ndim:
+            fields[field] = piece
+            continue
+        joined = np.concatenate([part[field] for part in parts], axis=axis)
+        keep = length * piece.shape[axis] // per_chunk  # values / channel scales: length; group scales: length // step
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(0, keep)
+        fields[field] = np.ascontiguousarray(joined[tuple(index)])
+    return dataclasses.replace(first, **fields)
+
+
+def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
+    count = int(np.prod(shape, dtype=np.int64))
+    if mask is not None:
+        sparsity = 1.0 - float(np.count_nonzero(np.asarray(mask))) / max(count, 1)
+    else:
+        values = leaf.values if isinstance(leaf, QArray) else leaf
+        sparsity = 1.0 - float(np.count_nonzero(np.asarray(values))) / max(count, 1) if count else 0.0
+    if isinstance(leaf, QArray):
+        fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
+        return LeafRow(path, shape, dtype, fmt, leaf.bits, describe_granularity(leaf), sparsity, record["encoding"], nbytes, before)
+    return LeafRow(path, shape, dtype, dtype, None, "", sparsity, record.get("encoding", "dense"), nbytes, before)
+
+
+def _progress_callback(progress: bool | Progress, total_bytes: int) -> tuple[Progress | None, Callable[[], None]]:
+    if callable(progress):
+        return progress, lambda: None
+    if not progress:
+        return None, lambda: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None, lambda: None
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="compress", leave=False)
+    sizes: dict[str, int] = {}
+
+    def update(done: int, total: int, path: str) -> None:
+        bar.set_postfix_str(path[-40:], refresh=False)
+        bar.update(sizes.get(path, 0))
+
+    update.sizes = sizes  # type: ignore[attr-defined]
+    return update, bar.close
+
+
+def compress_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    recipe: str | os.PathLike | Recipe,
+    *,
+    encoding: str = "auto",
+    overwrite: bool = False,
+    progress: bool | Progress = False,
+    on_unused: str | None = None,
+) -> CompressionTable:
+    """Compress the checkpoint ``src`` into the safetensors file ``dst`` with ``recipe``.
+
+    Args:
+      src: a ``.safetensors`` file or an Orbax checkpoint directory of float weights.
+      dst: the compressed ``.safetensors`` file to create (see `export_safetensors` for its
+        tensor names); read it back with `import_safetensors`.
+      recipe: a preset name (``"w8a8"``, ``"w4-g128"``, ``"2:4+int8"``, ``"90%-sparse+int8"``),
+        a TOML path, or a `Recipe`.
+      encoding: per-leaf storage, as in `export_safetensors`.
+      overwrite: replace an existing ``dst`` (atomically); otherwise it is an error.
+      progress: ``True`` for a tqdm bar (if tqdm is installed), or a callable
+        ``(leaves_done, leaves_total, path)``.
+      on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for recipe rules that matched no leaf;
+        default ``"ignore"`` for presets (they carry rules for several layouts), else ``"warn"``.
+
+    Returns:
+      The per-leaf `CompressionTable` (bytes on disk, ratio against the source file).
+
+    >>> import os, tempfile, numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file({"dense.weight": np.ones((8, 256), np.float32), "dense.bias": np.zeros(8, np.float32)},
+    ...           os.path.join(folder, "model.safetensors"))
+    >>> table = compress_checkpoint(os.path.join(folder, "model.safetensors"), os.path.join(folder, "w4.safetensors"), "w4-g128")
+    >>> [(row.path, row.format) for row in table.rows]
+    [('dense/bias', 'float32'), ('dense/weight', 'int4')]
+    """
+    recipe = load_recipe(recipe)
+    check_leaf_local(recipe)
+    if on_unused is None:
+        on_unused = "ignore" if recipe.source.startswith("preset:") else "warn"
+    if on_unused not in ("warn", "error", "ignore"):
+        raise ValueError(f"on_unused must be 'warn', 'error' or 'ignore', got {on_unused!r}")
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.isdir(dst):
+        raise IsADirectoryError(f"{dst}: is a directory; the compressed checkpoint is one .safetensors file")
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if not os.path.isdir(os.path.dirname(dst)):
+        raise FileNotFoundError(f"{dst}: the destination directory does not exist")
+    source = open_source(src)
+    if os.path.abspath(source.path) == dst:
+        raise ValueError(f"{dst}: source and destination are the same file")
+    callback, finish = _progress_callback(progress, sum(leaf.nbytes for leaf in source.leaves))
+    if hasattr(callback, "sizes"):
+        callback.sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
+    used: set = set()
+    rows, records = [], []
+    start = time.perf_counter()
+    try:
+        with SafetensorsWriter(dst) as writer:
+            for done, (leaf_info, array) in enumerate(source.iter_arrays(), start=1):
+                leaf, mask = compress_leaf(leaf_info.tokens, array, recipe, used=used)
+                del array
+                where = f"{source.path}: leaf {leaf_info.path!r}"
+                record, tensors = encode_leaf([list(t) for t in leaf_info.tokens], leaf, mask, encoding=encoding, where=where)
+                nbytes = sum(writer.add(name, tensor) for name, tensor in tensors)
+                del tensors
+                records.append(record)
+                rows.append(_row(leaf_info.path, leaf_info.shape, leaf_info.dtype, leaf, mask, record, nbytes, leaf_info.nbytes))
+                del leaf, mask
+                if callback is not None:
+                    callback(done, len(source.leaves), leaf_info.path)
+            unused = [f"{kind}[{i}] (pattern {rules[i].pattern!r})" for kind, rules in (("prune", recipe.prune), ("quantize", recipe.quantize)) for i in range(len(rules)) if (kind, i) not in used]
+            if unused and on_unused == "error":
+                raise RecipeError(f"{recipe.source}: {len(unused)} rule(s) matched no leaf of {source.path}: {', '.join(unused)}")
+            writer.metadata = file_metadata(records, {"jaxcompress.recipe": recipe.name, "jaxcompress.source": os.path.basename(source.path)})
+    finally:
+        finish()
+    if unused and on_unused == "warn":
+        warnings.warn(f"{recipe.source}: {len(unused)} rule(s) matched no leaf: {', '.join(unused)}", UserWarning, stacklevel=2)
+    title = f"{os.path.basename(source.path)} -> {os.path.basename(dst)} ({recipe.name}, {time.perf_counter() - start:.1f} s)"
+    return CompressionTable(tuple(rows), title, os.path.getsize(dst), source.total_bytes)

@@ -1,0 +1,169 @@
+"""Read an uncompressed checkpoint leaf by leaf: a safetensors file or an Orbax directory.
+
+`open_source` validates the whole checkpoint's layout (safetensors header, Orbax metadata)
+before anything is read or written and lists its leaves; `Source.iter_arrays` then yields
+one NumPy array at a time (Orbax: small groups of leaves via partial restores), so a caller
+holding one compressed leaf at a time stays near the size of the largest leaf.
+
+safetensors names are split on ``.`` into pytree keys, so ``encoder.layer.0.output.dense.weight``
+is matched by rules as ``encoder/layer/0/output/dense/weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxcompress.checkpoint import orbax_io, treemeta
+from jaxcompress.checkpoint.safetensors_format import HeaderError, SafetensorsReader
+from jaxcompress.checkpoint.safetensors_io import read_records
+
+__all__ = ["SourceLeaf", "Source", "open_source", "directory_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLeaf:
+    """One leaf of a source checkpoint: encoded path tokens, shape, dtype name, bytes."""
+
+    tokens: tuple
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @property
+    def path(self) -> str:
+        return treemeta.path_name(self.tokens, "/")
+
+
+def directory_bytes(path: str) -> int:
+    """Total size of the files under ``path`` (or of the file ``path``)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+@dataclasses.dataclass
+class Source:
+    """An opened, validated source checkpoint (see `open_source`)."""
+
+    path: str
+    format: str  # "safetensors" or "orbax"
+    leaves: list[SourceLeaf]
+    total_bytes: int
+    _reader: Any = None
+    _names: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def largest_leaf_bytes(self) -> int:
+        return max((leaf.nbytes for leaf in self.leaves), default=0)
+
+    def iter_arrays(self) -> Iterator[tuple[SourceLeaf, np.ndarray]]:
+        """Yield ``(leaf, array)`` in order, one array alive at a time (for safetensors)."""
+        if self.format == "safetensors":
+            for leaf in self.leaves:
+                yield leaf, self._reader.read(self._names[leaf.tokens])
+            return
+        by_tokens = {leaf.tokens: leaf for leaf in self.leaves}
+        budget = max(self.largest_leaf_bytes // 4, 1 << 20)
+        for tokens, array in orbax_io.iter_orbax_leaves(self.path, budget_bytes=budget):
+            yield by_tokens[_freeze(tokens)], array
+
+    def read(self, path: str) -> np.ndarray:
+        """One leaf by its ``/``-joined path (safetensors: direct read; Orbax: partial restore)."""
+        for leaf in self.leaves:
+            if leaf.path == path:
+                if self.format == "safetensors":
+                    return self._reader.read(self._names[leaf.tokens])
+                import orbax.checkpoint as ocp
+
+                tokens = [list(t) for t in leaf.tokens]
+                item = treemeta.tree_from_records([(tokens, 0)])
+                args = treemeta.tree_from_records([(tokens, ocp.RestoreArgs(restore_type=np.ndarray))])
+                raw = ocp.PyTreeCheckpointer().restore(
+                    self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+                )
+                return np.asarray(orbax_io._lookup(raw, tokens, f"{self.path}/{path}"))
+        raise KeyError(f"{self.path}: no leaf {path!r}")
+
+
+def _freeze(tokens: Any) -> tuple:
+    return tuple(tuple(t) for t in tokens)
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Open a float checkpoint for `compress_checkpoint`: a ``.safetensors`` file or an Orbax
+    checkpoint directory. Raises a ``ValueError`` naming the path (and what was expected) for a
+    missing, truncated, corrupt or foreign checkpoint, or one that is already compressed.
+
+    >>> import os, tempfile, numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> save_file({"dense.weight": np.ones((2, 3), np.float32)}, path)
+    >>> source = open_source(path)
+    >>> source.format, [(leaf.path, leaf.shape) for leaf in source.leaves]
+    ('safetensors', [('dense/weight', (2, 3))])
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected a .safetensors file or an Orbax directory)")
+    if os.path.isdir(path):
+        return _open_orbax(path)
+    reader = SafetensorsReader(path)
+    if read_records(reader) is not None:
+        raise ValueError(f"{path}: already a jaxcompress-compressed file; compress the original float checkpoint")
+    leaves, names = [], {}
+    for name in sorted(reader.tensors, key=lambda n: reader.tensors[n][2]):
+        dtype, shape, begin, end = reader.tensors[name]
+        tokens = tuple(("key", part) for part in name.split("."))
+        if tokens in names:
+            raise HeaderError(f"{path}: tensor names {name!r} and {names[tokens]!r} map to the same path")
+        names[tokens] = name
+        leaves.append(SourceLeaf(tokens, shape, dtype.name, end - begin))
+    _check_prefixes(path, [leaf.tokens for leaf in leaves])
+    return Source(path, "safetensors", leaves, os.path.getsize(path), reader, names)
+
+
+def _check_prefixes(path: str, all_tokens: list[tuple]) -> None:
+    keys = set(all_tokens)
+    for tokens in all_tokens:
+        for cut in range(1, len(tokens)):
+            if tokens[:cut] in keys:
+                raise HeaderError(
+                    f"{path}: tensor {treemeta.path_name(tokens[:cut], '.')!r} is also the prefix of "
+                    f"{treemeta.path_name(tokens, '.')!r}; such names cannot form a tree"
+                )
+
+
+def _open_orbax(path: str) -> Source:
+    if not orbax_io.is_orbax_checkpoint(path):
+        raise ValueError(
+            f"{path}: a directory but not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA); "
+            f"expected an Orbax checkpoint directory or a .safetensors file"
+        )
+    import jax
+    import orbax.checkpoint as ocp
+
+    try:
+        step_metadata = ocp.StandardCheckpointer().metadata(path)
+    except Exception as err:  # orbax raises many types for unreadable metadata
+        raise ValueError(f"{path}: cannot read the Orbax checkpoint metadata ({type(err).__name__}: {err})") from None
+    if (step_metadata.custom_metadata or {}).get(orbax_io.METADATA_KEY) is not None:
+        raise ValueError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
+    tree = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
+    if tree is None:
+        raise ValueError(f"{path}: the Orbax checkpoint has no item metadata (not a StandardCheckpointer save?)")
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
+    leaves = []
+    for key_path, meta in flat:
+        if meta is None or not hasattr(meta, "shape"):
+            continue
+        dtype = np.dtype(meta.dtype)
+        shape = tuple(int(d) for d in meta.shape)
+        leaves.append(SourceLeaf(_freeze(treemeta.encode_path(key_path)), shape, dtype.name, math.prod(shape) * dtype.itemsize))
+    if not leaves:
+        raise ValueError(f"{path}: the Orbax checkpoint holds no arrays")
+    return Source(path, "orbax", leaves, directory_bytes(path))

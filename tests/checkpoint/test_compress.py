@@ -1,0 +1,188 @@
+"""compress_checkpoint: same result as the in-memory transforms, atomic, clear errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors.numpy import save_file
+
+import jaxcompress as jc
+from jaxcompress.checkpoint import compress, recipes, safetensors_io
+from jaxcompress.checkpoint.compress import compress_checkpoint
+from jaxcompress.checkpoint.safetensors_format import HeaderError
+from jaxcompress.prune import prune_params
+from jaxcompress.qarray import QArray
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "embeddings.word_embeddings.weight": rng.standard_normal((40, 256), dtype=np.float32),
+        "encoder.layer.0.dense.weight": rng.standard_normal((16, 256), dtype=np.float32),
+        "encoder.layer.0.dense.bias": rng.standard_normal(16, dtype=np.float32),
+        "encoder.layer.0.LayerNorm.weight": np.ones(16, np.float32),
+        "embeddings.position_ids": np.arange(8, dtype=np.int64)[None],
+    }
+
+
+def _nested(flat):
+    tree = {}
+    for name, value in flat.items():
+        node = tree
+        parts = name.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_weights(), str(path))
+    return path
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+
+
+def _assert_same(a, b):
+    fa, fb = _leaves(a), _leaves(b)
+    assert [jax.tree_util.keystr(p) for p, _ in fa] == [jax.tree_util.keystr(p) for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        assert type(x) is type(y) or not isinstance(x, QArray), path
+        if isinstance(x, QArray):
+            assert jax.tree_util.tree_structure(x) == jax.tree_util.tree_structure(y), path
+        for u, v in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)):
+            assert np.asarray(u).dtype == np.asarray(v).dtype, path
+            np.testing.assert_array_equal(np.asarray(u).astype(np.float32), np.asarray(v).astype(np.float32), err_msg=str(path))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4-g128", "2of4-int8", "sparse90-int8"])
+def test_matches_in_memory_transforms(model, tmp_path, preset, monkeypatch):
+    monkeypatch.setattr(compress, "CHUNK_BYTES", 4096)  # force the sliced quantization path
+    recipe = recipes.load_recipe(preset)
+    dst = tmp_path / "out.safetensors"
+    table = compress_checkpoint(model, dst, recipe)
+    restored, masks = safetensors_io.import_safetensors(dst)
+    params = jax.tree_util.tree_map(jnp.asarray, _nested(_weights()))
+    expected_masks = None
+    if recipe.prune:
+        params, expected_masks = prune_params(params, recipe.prune, key=jax.random.PRNGKey(0), on_unused="ignore")
+    expected, _ = jc.quantize_params(params, recipe.quantize, on_unused="ignore")
+    _assert_same(expected, restored)
+    if expected_masks is not None:
+        got = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(masks)}
+        for path, mask in jax.tree_util.tree_leaves_with_path(expected_masks):
+            np.testing.assert_array_equal(np.asarray(got[jax.tree_util.keystr(path)]), np.asarray(mask))
+    assert table.file_bytes == os.path.getsize(dst)
+    assert table.ratio > 1.5
+
+
+def test_sliced_quantization_equals_whole(tmp_path):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((50, 256), dtype=np.float32)
+    for rule in recipes.load_recipe("w4-g128").quantize[1:2] + recipes.load_recipe("w8a8").quantize[1:2]:
+        recipe = recipes.Recipe("t", "", (rule,), (), "t")
+        sliced, _ = compress.compress_leaf([["key", "weight"]], w, recipe, chunk_bytes=3000)
+        whole, _ = compress.compress_leaf([["key", "weight"]], w, recipe, chunk_bytes=1 << 30)
+        _assert_same({"w": whole}, {"w": sliced})
+
+
+def test_orbax_source(tmp_path):
+    tree = _nested({k: v for k, v in _weights().items() if v.dtype == np.float32})
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "orbax", tree)
+    checkpointer.wait_until_finished()
+    compress_checkpoint(tmp_path / "orbax", tmp_path / "out.safetensors", "w8a8")
+    restored, _ = safetensors_io.import_safetensors(tmp_path / "out.safetensors")
+    assert restored["encoder"]["layer"]["0"]["dense"]["weight"].values.dtype == jnp.int8
+    assert restored["encoder"]["layer"]["0"]["LayerNorm"]["weight"].dtype == jnp.float32
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_bad_sources_write_nothing(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "c.safetensors"
+    data = model.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[:-10])
+    with pytest.raises(HeaderError, match="truncated"):
+        compress_checkpoint(tmp_path / "truncated.safetensors", dst, "w8a8")
+    (tmp_path / "foreign.bin").write_bytes(b"PK\x03\x04 not a checkpoint at all")
+    with pytest.raises(HeaderError, match="foreign.bin"):
+        compress_checkpoint(tmp_path / "foreign.bin", dst, "w8a8")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ValueError, match="not an Orbax checkpoint"):
+        compress_checkpoint(tmp_path / "dir", dst, "w8a8")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        compress_checkpoint(tmp_path / "missing", dst, "w8a8")
+    assert _listing(out) == []
+    compress_checkpoint(model, dst, "w8a8")
+    with pytest.raises(ValueError, match="already a jaxcompress-compressed file"):
+        compress_checkpoint(dst, out / "again.safetensors", "w8a8")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        compress_checkpoint(model, dst, "w8a8")
+    compress_checkpoint(model, dst, "w4-g128", overwrite=True)
+    assert _listing(out) == ["c.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's 0600
+
+
+def test_recipe_errors_name_the_key(model, tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[prune]]\npattern = ".*weight"\nsparsity = 0.5\nscope = "global"\n')
+    with pytest.raises(recipes.RecipeError, match=r"r.toml: prune\[0\].scope"):
+        compress_checkpoint(model, tmp_path / "o.safetensors", path)
+    path.write_text('[[quantize]]\npattern = ".*nothing"\nbits = 8\n')
+    with pytest.raises(recipes.RecipeError, match=r"quantize\[0\] \(pattern '.\*nothing'\)"):
+        compress_checkpoint(model, tmp_path / "o.safetensors", path, on_unused="error")
+    with pytest.warns(UserWarning, match="matched no leaf"):
+        compress_checkpoint(model, tmp_path / "o.safetensors", path)
+    path.write_text('[[quantize]]\npattern = ".*weight"\nbits = 4\ngroup_size = 100\ngroup_axis = -1\n')
+    with pytest.raises(ValueError, match="weight.*group size 100 does not divide"):
+        compress_checkpoint(model, tmp_path / "o2.safetensors", path)
+    assert not (tmp_path / "o2.safetensors").exists()
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from jaxcompress.checkpoint.compress import compress_checkpoint
+    def progress(done, total, path):
+        if done == 2:
+            print("MIDWAY", flush=True)
+            time.sleep(60)
+    compress_checkpoint(sys.argv[1], sys.argv[2], "w8a8", progress=progress)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_midway_leaves_no_destination(model, tmp_path, sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "c.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(model), str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "MIDWAY"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert not dst.exists()
+    if sig == signal.SIGINT:  # an interrupt cleans its scratch files up too
+        assert _listing(out) == []
