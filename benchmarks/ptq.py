@@ -123,7 +123,7 @@ def run(args) -> dict:
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     print(f"loaded {files.model} ({n_params:,} params) in {time.perf_counter() - t0:.1f} s")
 
-    sentences, source = load_sentences(args.sentences, offset=0)
+    sentences, source = load_sentences(args.sentences, offset=0, strict=False)  # builtin list: 32
     model = BertModel(config)
     embed_fn = jax.jit(lambda p, b: embed(model.apply, p, b))
     batches = sentence_batches(tokenizer, sentences)

@@ -449,14 +449,14 @@ def _lee_corpus_path() -> Path | None:
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[A-Z\"'])")
 
 
-def load_sentences(n: int, offset: int = 0, min_words: int = 5) -> tuple[list[str], str]:
+def load_sentences(n: int, offset: int = 0, min_words: int = 5, strict: bool = True) -> tuple[list[str], str]:
     """``n`` real English sentences, starting at ``offset``, and where they came from.
 
     Source: the Lee background corpus (news articles) shipped inside the PyPI ``gensim`` wheel
     (``pip install --no-deps gensim``; gensim is not imported), split into sentences of at least
     ``min_words`` words; without gensim, a small built-in list. Returns ``(sentences, source)``
-    with ``source`` ``"gensim:lee_background.cor"`` or ``"builtin"``. Raises ``ValueError`` if
-    the source has fewer than ``offset + n`` sentences.
+    with ``source`` ``"gensim:lee_background.cor"`` or ``"builtin"``. If the source has fewer
+    than ``offset + n`` sentences: ``ValueError`` when ``strict``, else as many as there are.
     """
     path = _lee_corpus_path()
     if path is not None:
@@ -470,7 +470,9 @@ def load_sentences(n: int, offset: int = 0, min_words: int = 5) -> tuple[list[st
     else:
         sentences = [s for s in _BUILTIN_SENTENCES if len(s.split()) >= min_words]
         source = "builtin"
-    if offset < 0 or n < 0 or offset + n > len(sentences):
+    if offset < 0 or n < 0:
+        raise ValueError(f"n and offset must be non-negative, got n={n}, offset={offset}")
+    if strict and offset + n > len(sentences):
         raise ValueError(
             f"asked for sentences [{offset}, {offset + n}) but the {source} source has {len(sentences)}"
         )
