@@ -121,7 +121,7 @@ def custom_inner():
 
 @pytest.mark.parametrize("make_inner", [custom_inner, lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)], ids=["custom", "multisteps"])
 def test_moments_found_in_any_inner_state(make_inner):
-    params, state, _, _, _ = run_dst(jp.SET(end_step=100), make_inner(), steps=81)
+    params, state, _, _, _ = run_dst(jp.SET(end_step=100), make_inner(), steps=42)
     trees = param_trees(state.inner_state, params)
     assert trees, "no param-shaped state found"
     for tree in trees:
