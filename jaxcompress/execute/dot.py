@@ -17,6 +17,11 @@ dimension of the integer dot; each group's int32 partial sum gets its own scale 
 are summed in float32. This is measured against dequantizing the weight and running a float dot
 in ``benchmarks/int8_matmul.py``; see `GROUPED_INTEGER` for the choice this module makes.
 
+Matrix-vector products (batch 1 decoding): XLA's CPU backend runs an s8 dot with a single row as
+an s32 dot, far slower than float32, so integer dots with fewer than `MIN_ROWS` rows are padded
+to `MIN_ROWS` rows; with an ``(out, in)`` weight layout the weight is made the left operand,
+which XLA's integer matmul runs at several times float32's speed (see the benchmark).
+
 Weight-only path (``activation="weight_only"``): float activation, float dot with the weight
 converted from its integer codes. When the scale is constant along the contracted axes the scale
 is applied to the (smaller) output instead of the weight.
@@ -45,6 +50,9 @@ __all__ = [
 # in the module docs, False dequantizes the weight and runs a float dot on the dequantized
 # activation. Chosen from benchmarks/int8_matmul.py's "grouped" rows (see that file's notes).
 GROUPED_INTEGER = True
+
+# Integer dots with fewer activation rows than this are zero-padded to it (see _few_rows_dot).
+MIN_ROWS = 8
 
 
 class UnsupportedQuantizedOp(NotImplementedError):
@@ -99,6 +107,9 @@ def integer_dot(
     """``dot_general(x, w)`` from int8 activation codes (``x ~= x_codes * x_scale``; the scale is
     a scalar or has size 1 on the contracted axes) and a quantized weight on the right."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    small = _few_rows_dot(x_codes, x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
+    if small is not None:
+        return small
     x_scale_out = _to_output(
         x_scale, lhs_contract, lhs_batch, "lhs", view.ndim - len(rhs_contract) - len(rhs_batch)
     )
@@ -138,6 +149,41 @@ def integer_dot(
         out = jnp.sum(out, axis=0)
     out = out * x_scale_out
     return out.astype(out_dtype)
+
+
+def _few_rows_dot(x_codes, x_scale, view: WeightView, lhs_contract, rhs_contract, lhs_batch, out_dtype):
+    """Matrix-vector shaped integer dots (fewer than `MIN_ROWS` activation rows, a 2-D weight
+    with one contracted axis, per-channel or per-tensor scale): XLA's CPU backend rewrites an s8
+    dot with one row into an s32 dot (~10x slower than float32), so the rows are zero-padded to
+    `MIN_ROWS`. When the weight's contracted axis is its minor one (an ``(out, in)`` layout), the
+    weight becomes the dot's left operand, the layout XLA's integer matmul runs fastest for
+    skinny products. Returns ``None`` when the case does not apply."""
+    if lhs_batch or view.ndim != 2 or len(rhs_contract) != 1 or view.scale.shape[rhs_contract[0]] != 1:
+        return None
+    x_axis = lhs_contract[0]
+    rows = x_codes.size // x_codes.shape[x_axis]
+    if rows >= MIN_ROWS:
+        return None
+    free_shape = tuple(d for a, d in enumerate(x_codes.shape) if a != x_axis)
+    k = x_codes.shape[x_axis]
+    matrix = jnp.moveaxis(x_codes, x_axis, -1).reshape(rows, k)
+    padded = jnp.pad(matrix, ((0, MIN_ROWS - rows), (0, 0)))
+    codes = view.int8_values()
+    w_axis = rhs_contract[0]
+    if w_axis == 1:  # (out, in): weight on the left, (out, rows)
+        accumulator = jax.lax.dot_general(codes, padded, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        accumulator = accumulator[:, :rows].T
+    else:  # (in, out)
+        accumulator = jax.lax.dot_general(padded, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        accumulator = accumulator[:rows]
+    scale, zero_point = view.full_scale([1 - w_axis])
+    scale = scale.reshape(1, -1)
+    if zero_point is not None:
+        row_sums = jnp.sum(matrix, axis=1, keepdims=True, dtype=jnp.int32)
+        accumulator = accumulator - row_sums * zero_point.reshape(1, -1).astype(jnp.int32)
+    out = accumulator.astype(jnp.float32) * scale
+    out = out * (x_scale.reshape(rows, 1) if x_scale.ndim else x_scale)
+    return out.reshape(free_shape + (out.shape[-1],)).astype(out_dtype)
 
 
 def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision=None, preferred_element_type=None):

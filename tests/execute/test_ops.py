@@ -42,11 +42,28 @@ def _normal(seed, shape, scale=1.0):
     ],
     ids=["int8", "int8-asym", "int4-g8", "int4-g8-asym", "per-tensor"],
 )
-def test_dense_w8a8_matches_integer_reference(spec):
-    x = _normal(0, (5, 32))
+@pytest.mark.parametrize("rows", [1, 12])     # 1: the padded matrix-vector path
+def test_dense_w8a8_matches_integer_reference(spec, rows):
+    x = _normal(0, (rows, 32))
     q = jc.quantize(_normal(1, (32, 12)), **spec)
     out = quantized_dot_general(x, q, DENSE_DIMS, activation="dynamic")
     np.testing.assert_allclose(np.asarray(out, np.float64), dense_w8a8(x, q), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_out_in_layout_matches_reference_and_stays_integer(rows, symmetric):
+    """An (out, in) kernel used as x @ w.T (torch layout): the matrix-vector case puts the
+    weight on the left of an s8 dot; the result is the same integer arithmetic."""
+    x = _normal(0, (rows, 32))
+    q = jc.quantize(_normal(1, (12, 32)), channel_axes=(0,), symmetric=symmetric)
+    dims = (((1,), (1,)), ((), ()))
+    out = quantized_dot_general(x, q, dims, activation="dynamic")
+    q_in_out = jc.QArray(**{**q.__dict__, "values": q.values.T, "scale": q.scale.T,
+                            "zero_point": None if symmetric else q.zero_point.T, "channel_axes": (1,)})
+    np.testing.assert_allclose(np.asarray(out), dense_w8a8(x, q_in_out), rtol=2e-5, atol=2e-5)
+    hlo = jax.jit(lambda x, q: _dot(x, q, dims, activation="dynamic")).lower(x, q).compile().as_text()
+    assert count_s8_contractions(hlo) == 1
 
 
 def test_static_activation_scale_saturates_like_reference():
