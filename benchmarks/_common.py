@@ -51,6 +51,8 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "argv": sys.argv,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # Other jobs on a shared CPU slow every timing down; record how busy the machine was.
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import jax

@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     for row in data["results"]:
         if row["goals"]:
             print(f"goals {row['variant']}: {row['goals']}")
+    print(f"load average (1/5/15 min) at the end: {data['environment'].get('load_average_1_5_15_min')}")
     print(f"wrote {path}")
     return 0
 
