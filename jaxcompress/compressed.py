@@ -18,11 +18,13 @@ Everywhere else a `QArray` is seen as its dequantized float value.
 
 What is seen through: nested ``jax.jit``, ``jax.checkpoint`` / ``remat``, ``custom_jvp`` and
 ``custom_vjp`` functions (``jax.nn.relu``, ``gelu``, flax's activations) are inlined when a
-quantized weight flows into them. Limits: a `QArray` that enters ``lax.scan``, ``lax.cond`` or
-``lax.while_loop`` (e.g. ``nn.scan``-stacked layers) is dequantized at the boundary -- correct,
-but those dots run in float; ``pmap`` / ``shard_map`` bodies likewise. The returned function
-composes with ``jax.jit`` and ``jax.vmap``; it is for inference (the custom derivative rules of
-inlined functions are dropped).
+quantized weight flows into them; ``lax.scan`` / ``lax.cond`` / ``lax.while_loop`` are rebuilt
+around a re-interpreted body, so weights they close over, and layers stacked along a scan's
+``xs`` (``nn.scan``), keep their integer dots. Limits (correct, but float there): a weight carried
+through a loop carry is dequantized, and so is a weight entering ``pmap`` / ``shard_map`` bodies or
+any op other than the layout ops, ``dot_general`` and ``conv_general_dilated`` (an embedding
+``gather`` sees the dequantized table). The returned function composes with ``jax.jit`` and
+``jax.vmap``; it is for inference (the custom derivative rules of inlined functions are dropped).
 """
 
 from __future__ import annotations

@@ -14,9 +14,13 @@ quantized weight) stays as it was traced. Where a `WeightView` is an input:
   ``custom_vjp_call`` are inlined: their body is interpreted with the `WeightView` inside (their
   custom derivative rules are dropped, which is fine for inference, and jax's own tracing of the
   caller -- jit, vmap -- applies to the inlined ops as usual);
-* anything else gets the dequantized weight. This includes ``scan``, ``cond`` and ``while``: a
-  quantized weight entering a control-flow primitive is dequantized at the boundary, so the
-  result is correct but the ops inside run in float (a documented limit).
+* ``scan``, ``cond`` and ``while`` are rebuilt with ``lax.scan`` / ``lax.switch`` /
+  ``lax.while_loop`` around a re-interpreted body (`jaxcompress.execute.control_flow`): weights
+  closed over by the body, and weights stacked along ``scan``'s ``xs``, stay quantized inside; a
+  weight passed through a loop *carry* or as a ``cond`` operand that is also returned is
+  dequantized (a carry is not a stored weight);
+* anything else gets the dequantized weight (correct, in float): e.g. ``gather`` (an embedding
+  lookup), elementwise arithmetic on the weight, ``pmap`` / ``shard_map`` bodies.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from typing import Any, Callable
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from jaxcompress.execute.control_flow import run_cond, run_scan, run_while
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
 from jaxcompress.execute.weight_view import WeightView
 
-__all__ = ["Interpreter", "CONTROL_FLOW_PRIMITIVES"]
+__all__ = ["Interpreter"]
 
-CONTROL_FLOW_PRIMITIVES = ("scan", "cond", "while")
+_CONTROL_FLOW = {"scan": run_scan, "cond": run_cond, "while": run_while}
 _INLINED = ("jit", "pjit", "closed_call", "core_call", "call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call")
 _IDENTITY = ("copy", "copy_p", "name")
 
@@ -112,6 +117,8 @@ class Interpreter:
             return self._dot(eqn, invals)
         if name == "conv_general_dilated":
             return self._conv(eqn, invals)
+        if name in _CONTROL_FLOW:
+            return _CONTROL_FLOW[name](self, eqn, invals, self._as_array)
         if name in _INLINED:
             body = params.get("jaxpr", params.get("call_jaxpr"))
             if isinstance(body, ClosedJaxpr):

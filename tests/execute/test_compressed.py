@@ -194,23 +194,52 @@ def test_sees_through_nested_jit_remat_and_custom_derivatives():
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_control_flow_is_correct_by_dequantizing():
-    stacked = _normal(1, (3, 8, 8), 0.3)
+def _looped(params, x):
+    def layer(h, w):
+        return jnp.tanh(h @ w), None
 
-    def fn(params, x):
-        def layer(h, w):
-            return jnp.tanh(h @ w), None
+    h, _ = jax.lax.scan(layer, x, params["layers"])
+    h = jax.lax.cond(h.sum() > 0, lambda h: h @ params["head"], lambda h: -(h @ params["head"]), h)
+    return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ params["sq"]), (0, h))[1]
 
-        h, _ = jax.lax.scan(layer, x, params["layers"])
-        h = jax.lax.cond(h.sum() > 0, lambda h: h @ params["head"], lambda h: -(h @ params["head"]), h)
-        return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ params["sq"]), (0, h))[1]
 
-    params = {"layers": stacked, "head": _normal(2, (8, 8)), "sq": _normal(3, (8, 8), 0.3)}
-    qparams, _ = jc.quantize_params(params, _rule(pattern=".*", activation="dynamic"))
+def _unrolled(params, x):
+    h = x
+    for i in range(params["layers"].shape[0]):
+        h = jnp.tanh(h @ params["layers"][i])
+    h = jnp.where(h.sum() > 0, h @ params["head"], -(h @ params["head"]))
+    for _ in range(2):
+        h = h @ params["sq"]
+    return h
+
+
+@pytest.mark.parametrize("layer_axes", [(-1,), (0, 2), ()], ids=["shared-over-layers", "per-layer", "per-tensor"])
+def test_scan_cond_while_keep_integer_dots(layer_axes):
+    params = {"layers": _normal(1, (3, 8, 8), 0.3), "head": _normal(2, (8, 8)), "sq": _normal(3, (8, 8), 0.3)}
+    rules = [
+        jc.QuantRule(pattern="layers", channel_axes=layer_axes, activation="dynamic"),
+        jc.QuantRule(pattern=".*", channel_axes=(-1,), activation="dynamic"),
+    ]
+    qparams, _ = jc.quantize_params(params, rules)
     x = _normal(4, (2, 8))
+    looped = compressed(_looped)
+    out = jax.jit(looped)(qparams, x)
+    # the same integer arithmetic with the loops unrolled by hand (scan slices, where for cond)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(compressed(_unrolled))(qparams, x)), rtol=1e-6, atol=1e-6)
+    # one s8 dot in the scan body, one per cond branch, one in the while body
+    assert count_s8_contractions(_hlo(looped, qparams, x), "dot") == 4
+
+
+def test_weight_in_a_loop_carry_is_dequantized_correctly():
+    def fn(params, x):
+        # the weight changes every iteration (a true carry; an unchanged one jax hoists to a const)
+        body = lambda c: (c[0] + 1, jnp.tanh(c[1] @ c[2]), c[2] * 1.01)
+        return jax.lax.while_loop(lambda c: c[0] < 2, body, (0, x, params["w"]))[1]
+
+    qparams, _ = jc.quantize_params({"w": _normal(1, (8, 8))}, _rule(pattern="w", activation="dynamic"))
+    x = _normal(2, (2, 8))
     out = jax.jit(compressed(fn))(qparams, x)
-    ref = jax.jit(fn)(jc.dequantize_params(qparams), x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(fn(jc.dequantize_params(qparams), x)), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_raises_naming_primitive_and_leaf_or_dequantizes():
