@@ -87,7 +87,7 @@ def _make_cnn(num_classes: int):
     return CNN(num_classes)
 
 
-def _demo_rules(params: Any) -> dict[str, list]:
+def _demo_rules(params: Any) -> tuple[dict[str, list], list[str]]:
     """The quantization variants. Groups of 32 run along a kernel's input axis; a kernel whose
     input axis is not a multiple of 32 (the first conv sees 1 channel) gets per-channel int4."""
     import re
@@ -102,12 +102,13 @@ def _demo_rules(params: Any) -> dict[str, list]:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         if path_to_str(path).endswith("kernel") and leaf.shape[-2] % 32
     ]
-    return {
+    variants = {
         "int8 per-channel": [QuantRule(pattern=r".*kernel", bits=8, channel_axes=(-1,))],
         "int4 per-channel MSE": [QuantRule(pattern=r".*kernel", **int4_mse)],
         "int4 g32 MSE": [QuantRule(pattern=re.escape(p), **int4_mse) for p in ungroupable]
         + [QuantRule(pattern=r".*kernel", group_size=32, **int4_mse)],
     }
+    return variants, ungroupable
 
 
 def _progress(steps: int, enabled: bool):
@@ -196,7 +197,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"trained {steps} steps ({epochs:.1f} epochs) in {time.perf_counter() - train_start:.1f} s", flush=True)
 
     rows = [{"variant": "fp32", "accuracy": accuracy(params), "bytes": None, "ratio": 1.0, "sqnr": None}]
-    for name, rules in _demo_rules(params).items():
+    variants, ungroupable = _demo_rules(params)
+    for name, rules in variants.items():
         qparams, _ = quantize_params(params, rules, on_unused="error")
         metrics = quantization_metrics(params, qparams)
         rows[0]["bytes"] = metrics.bytes_before
@@ -213,9 +215,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(_format_demo_table(rows))
     print(
         f"\n{data.name} test accuracy with dequantized weights ({len(test_x)} images); bytes = "
-        f"stored params incl. scales, biases in float32; SQNR = median over quantized kernels. "
-        f"Total {time.perf_counter() - start:.0f} s."
+        f"stored params incl. scales, biases in float32; SQNR = median over quantized kernels."
     )
+    if ungroupable:
+        print(f"int4 g32: input axis not a multiple of 32, so per-channel instead: {', '.join(ungroupable)}")
+    print(f"Total {time.perf_counter() - start:.0f} s.")
     return EXIT_OK
 
 

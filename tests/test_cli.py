@@ -1,5 +1,6 @@
 """The `jaxcompress` command line: help, usage errors, and the quick demo end to end."""
 
+import re
 import subprocess
 import sys
 
@@ -72,10 +73,11 @@ def test_demo_quick_prints_the_table():
     for variant in ("fp32", "int8 per-channel", "int4 per-channel MSE", "int4 g32 MSE"):
         assert variant in out
     rows = {}
+    row_pattern = re.compile(r"^(fp32|int\S.*?)\s+([\d.]+)%\s+([\d,]+)\s+([\d.]+)x\s+(\S+)$")
     for line in out.splitlines():
-        if line.startswith(("fp32", "int8", "int4")):
-            name, rest = line[:22].strip(), line[22:].split()
-            rows[name] = {"accuracy": float(rest[0].rstrip("%")), "ratio": float(rest[2].rstrip("x"))}
+        match = row_pattern.match(line)
+        if match:
+            rows[match[1]] = {"accuracy": float(match[2]), "ratio": float(match[4])}
     assert len(rows) == 4, out
     assert rows["fp32"]["accuracy"] > 50  # 200 steps are enough to learn something
     assert abs(rows["int8 per-channel"]["accuracy"] - rows["fp32"]["accuracy"]) < 3
