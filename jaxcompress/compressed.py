@@ -57,7 +57,7 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
     >>> model = nn.Dense(8)
-    >>> x = jax.random.normal(jax.random.key(0), (4, 16))
+    >>> x = jax.random.normal(jax.random.key(0), (16, 16))
     >>> params = model.init(jax.random.key(1), x)
     >>> rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
     >>> qparams, _ = jc.quantize_params(params, rules)
@@ -66,7 +66,7 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
     >>> bool(jnp.allclose(y, model.apply(params, x), atol=0.1))
     True
     >>> hlo = apply.lower(qparams, x).compile().as_text()
-    >>> any("s32[4,8]" in line and "s8[" in line for line in hlo.splitlines())
+    >>> any("s8[16,16]" in line and "-> s32[16,8]" in line for line in hlo.splitlines())
     True
     """
     interpreter = Interpreter(on_unsupported=on_unsupported)
