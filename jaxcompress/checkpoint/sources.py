@@ -89,7 +89,14 @@ class Source:
             return
         by_tokens = {leaf.tokens: leaf for leaf in self.leaves}
         budget = max(self.largest_leaf_bytes // 4, 1 << 20)
-        for tokens, array in orbax_io.iter_orbax_leaves(self.path, budget_bytes=budget):
+        leaves = orbax_io.iter_orbax_leaves(self.path, budget_bytes=budget)
+        while True:
+            try:
+                tokens, array = next(leaves)
+            except StopIteration:
+                return
+            except Exception as err:  # tensorstore / orbax errors for damaged data files
+                raise ValueError(f"{self.path}: cannot read the checkpoint's arrays (corrupt or truncated?): {type(err).__name__}: {err}") from err
             yield by_tokens[_freeze(tokens)], array
 
     def read(self, path: str) -> np.ndarray:
@@ -175,7 +182,7 @@ def _open_orbax(path: str) -> Source:
         raise ValueError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
     tree = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
     if tree is None:
-        raise ValueError(f"{path}: the Orbax checkpoint has no item metadata (not a StandardCheckpointer save?)")
+        raise ValueError(f"{path}: the Orbax checkpoint has no readable item metadata (corrupt or truncated, or not saved by a StandardCheckpointer)")
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
     leaves = []
     for key_path, meta in flat:

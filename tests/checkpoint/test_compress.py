@@ -186,3 +186,29 @@ def test_killed_midway_leaves_no_destination(model, tmp_path, sig):
     assert not dst.exists()
     if sig == signal.SIGINT:  # an interrupt cleans its scratch files up too
         assert _listing(out) == []
+
+
+def _orbax_model(path):
+    tree = _nested({k: v for k, v in _weights().items() if v.dtype == np.float32})
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+
+
+def test_corrupt_orbax_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _orbax_model(tmp_path / "meta")
+    (tmp_path / "meta" / "_METADATA").write_text("{ not json")
+    with pytest.raises(ValueError, match="meta"):
+        compress_checkpoint(tmp_path / "meta", out / "c.safetensors", "w8a8")
+    _orbax_model(tmp_path / "data")
+    for root, _, files in os.walk(tmp_path / "data"):  # truncate every data file of the kvstore
+        for name in files:
+            if os.path.basename(root) == "d":
+                file = os.path.join(root, name)
+                with open(file, "r+b") as f:
+                    f.truncate(max(os.path.getsize(file) // 2, 1))
+    with pytest.raises(ValueError, match=r"data: .*(corrupt|truncated)"):
+        compress_checkpoint(tmp_path / "data", out / "c.safetensors", "w8a8")
+    assert _listing(out) == []
