@@ -228,7 +228,41 @@ def read_records(reader: SafetensorsReader) -> list[dict] | None:
         raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is not valid ({err})") from None
     if version != treemeta.FORMAT_VERSION:
         raise HeaderError(f"{reader.path}: jaxcompress format {version!r}, this version reads {treemeta.FORMAT_VERSION}")
+    if not isinstance(records, list):
+        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'].leaves is not a list")
+    for i, record in enumerate(records):
+        _check_record(record, f"{reader.path}: __metadata__['{METADATA_KEY}'].leaves[{i}]")
     return records
+
+
+_RECORD_FIELDS = {"array": ("dtype", "shape"), "qarray": ("qarray",), "none": (), "masked_node": ()}
+
+
+def _check_record(record: Any, where: str) -> None:
+    """Shape of one leaf record (types only; sizes are checked against the tensors on read)."""
+    if not isinstance(record, dict):
+        raise HeaderError(f"{where}: expected an object, got {type(record).__name__}")
+    path, name, kind = record.get("path"), record.get("name"), record.get("kind")
+    if not isinstance(path, list) or not path or not all(isinstance(t, list) and len(t) == 2 and t[0] in ("key", "idx", "attr") for t in path):
+        raise HeaderError(f"{where}: 'path' must be a non-empty list of [kind, key] tokens, got {path!r}"[:300])
+    if not isinstance(name, str) or kind not in _RECORD_FIELDS:
+        raise HeaderError(f"{where}: needs a string 'name' and a 'kind' in {sorted(_RECORD_FIELDS)}")
+    missing = [f for f in _RECORD_FIELDS[kind] if f not in record]
+    if missing:
+        raise HeaderError(f"{where} ({name!r}): kind {kind!r} needs {missing}")
+    if record.get("encoding", "dense") not in ("dense", "bitmap", "n:m"):
+        raise HeaderError(f"{where} ({name!r}): unknown encoding {record.get('encoding')!r}")
+    for key in ("kept", "n", "m", "axis"):
+        if key in record and (type(record[key]) is not int or record[key] < (0 if key != "axis" else -64)):
+            raise HeaderError(f"{where} ({name!r}): {key!r} must be a non-negative integer")
+    if kind == "qarray":
+        info = record["qarray"]
+        arrays = info.get("arrays") if isinstance(info, dict) else None
+        if not isinstance(arrays, dict) or "values" not in arrays or not isinstance(info.get("static"), dict):
+            raise HeaderError(f"{where} ({name!r}): 'qarray' needs 'static' and 'arrays' (with 'values')")
+        for field, spec in arrays.items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or not isinstance(spec.get("shape"), list):
+                raise HeaderError(f"{where} ({name!r}): qarray array {field!r} needs a dtype string and a shape list")
 
 
 def file_metadata(records: list[dict], extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -176,3 +176,25 @@ def test_record_inconsistent_with_tensor_is_an_error(tmp_path):
         writer.metadata = safetensors_io.file_metadata([record])
     with pytest.raises(HeaderError, match=r"leaf 'w'.*'w.values'.*expected U8\[16\]"):
         safetensors_io.import_safetensors(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.pop("name"), "needs a string 'name'"),
+        (lambda r: r.update(kind="pickle"), "needs a string 'name' and a 'kind'"),
+        (lambda r: r.update(path="w"), "'path' must be a non-empty list"),
+        (lambda r: r.update(encoding="zip"), "unknown encoding 'zip'"),
+        (lambda r: r["qarray"].pop("static"), "'qarray' needs 'static'"),
+    ],
+)
+def test_malformed_records_are_header_errors(tmp_path, mutate, message):
+    path = tmp_path / "m.safetensors"
+    record, tensors = safetensors_io.encode_leaf([["key", "w"]], jc.quantize(jnp.ones((4, 4)), bits=8))
+    mutate(record)
+    with SafetensorsWriter(path) as writer:
+        for name, array in tensors:
+            writer.add(name, array)
+        writer.metadata = safetensors_io.file_metadata([record])
+    with pytest.raises(HeaderError, match=message):
+        safetensors_io.import_safetensors(path)
