@@ -141,9 +141,10 @@ def conv_with_weight(
         except UnsupportedQuantizedOp:
             if on_unsupported == "error":
                 raise
-    weight = view.dequantize(jnp.result_type(x.dtype, view.dtype))
+    compute_dtype = jnp.result_type(x.dtype, view.dtype)
+    weight = view.dequantize(compute_dtype)
     return jax.lax.conv_general_dilated(
-        x,
+        x.astype(compute_dtype),
         weight,
         window_strides=params["window_strides"],
         padding=params["padding"],

@@ -188,6 +188,7 @@ def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision
     constant along the contracted axes (no zero point, no groups)."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
     compute_dtype = jnp.result_type(x.dtype, view.dtype)
+    x = x.astype(compute_dtype)
     scale_on_output = view.zero_point is None and all(view.scale.shape[a] == 1 for a in rhs_contract)
     if not scale_on_output:
         weight = view.dequantize(compute_dtype)
