@@ -4,10 +4,19 @@ The data path (see the README): rules select leaves; array transforms quantize o
 pytree transforms apply them to a whole params tree; metrics report what it cost.
 """
 
+from jaxcompress.compressed import compressed
+from jaxcompress.execute import (
+    UnsupportedQuantizedOp,
+    attach_activation_scales,
+    calibrate_activations,
+    quantize_activation,
+    quantized_conv_general_dilated,
+    quantized_dot_general,
+)
 from jaxcompress.metrics import CompressionMetrics, LeafMetrics, quantization_metrics, sqnr_db
 from jaxcompress.params import LeafDecision, QuantizeReport, dequantize_params, quantize_params
 from jaxcompress.qarray import QArray
-from jaxcompress.qat import (
+from jaxcompress.training import (
     QATState,
     distillation_loss,
     fake_quant,
@@ -35,6 +44,13 @@ __all__ = [
     "QuantSpec",
     "QuantizeReport",
     "Rule",
+    "UnsupportedQuantizedOp",
+    "attach_activation_scales",
+    "calibrate_activations",
+    "compressed",
+    "quantize_activation",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
     "dequantize",
     "dequantize_params",
     "distillation_loss",

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxcompress.qat.fake_quantize import _quant_rules, weight_ranges
+from jaxcompress.training.fake_quantize import _quant_rules, weight_ranges
 from jaxcompress.rules import QuantRule
 
 __all__ = ["qat", "QATState", "qat_ranges"]

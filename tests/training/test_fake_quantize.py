@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.qat import fake_quant, fake_quant_array, init_lsq_step, init_lsq_steps, lsq_fake_quant
+from jaxcompress.training import fake_quant, fake_quant_array, init_lsq_step, init_lsq_steps, lsq_fake_quant
 
 
 @pytest.mark.parametrize("options", [
