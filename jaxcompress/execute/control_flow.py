@@ -27,6 +27,7 @@ __all__ = ["run_scan", "run_cond", "run_while"]
 
 def _stackable(view: WeightView) -> WeightView:
     """The view with scale / zero point of full size along axis 0 (so lax.scan can slice it)."""
+    view = view.materialize()
     length = view.shape[0]
     scale, zero_point = view.full_scale([0])
     if scale.shape[0] != length:

@@ -76,7 +76,7 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
             f"jaxcompress.calibrate_activations and jaxcompress.attach_activation_scales first"
         )
     out_axis, in_axis, kernel_axes = rhs_spec[0], rhs_spec[1], tuple(rhs_spec[2:])
-    if any(view.scale.shape[a] != 1 for a in kernel_axes):
+    if any(view.scale_shape[a] != 1 for a in kernel_axes):
         raise _unsupported("conv_general_dilated", view, "the scale varies over the kernel window")
     groups = int(params.get("feature_group_count", 1))
     kernel_sizes = [view.shape[a] for a in kernel_axes]

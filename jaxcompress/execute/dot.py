@@ -104,6 +104,17 @@ def integer_dot(
     """``dot_general(x, w)`` from int8 activation codes (``x ~= x_codes * x_scale``; the scale is
     a scalar or has size 1 on the contracted axes) and a quantized weight on the right."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    view, rhs_contract, rhs_batch, fixup = view.fold(rhs_contract, rhs_batch)
+    dims = ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+    out = _integer_dot_stored(x_codes, x_scale, view, dims, out_dtype, primitive)
+    if fixup is not None:
+        lead = out.ndim - len(fixup)
+        out = jnp.transpose(out, tuple(range(lead)) + tuple(lead + axis for axis in fixup))
+    return out
+
+
+def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, out_dtype, primitive):
+    lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
     small = _few_rows_dot(x_codes, x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
     if small is not None:
         return small
@@ -187,6 +198,7 @@ def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision
     """Float ``dot_general(x, dequantize(w))``; the scale goes on the output when it is
     constant along the contracted axes (no zero point, no groups)."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
+    view = view.materialize()  # float transposes fold into the dot fine
     compute_dtype = jnp.result_type(x.dtype, view.dtype)
     x = x.astype(compute_dtype)
     scale_on_output = view.zero_point is None and all(view.scale.shape[a] == 1 for a in rhs_contract)

@@ -12,6 +12,11 @@ Layout: block scaling. ``scale`` has the rank of ``values`` and ``scale.shape[d]
 axis has full size, a per-group axis has ``dim // group_size`` entries, which is exactly the
 `QArray` layout, so a `QArray` is a view with no ops applied. Every op below either keeps that
 form or returns ``None`` (the caller then dequantizes, which is always correct).
+
+Transposes are lazy: ``permutation`` records them (logical axis ``i`` is stored axis
+``permutation[i]``) and a dot folds them into its dimension numbers (`WeightView.fold`). XLA's
+CPU backend runs an s8 dot whose operand is a transposed s8 array as an s32 dot (it decides
+before folding the transpose), so materializing ``x @ w.T``'s transpose would lose the int8 path.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class WeightView:
     activation_scale: jax.Array | None = None
     name: str = "weight"
     leaf_index: int | None = None
+    permutation: tuple[int, ...] | None = None
 
     @classmethod
     def from_qarray(cls, q: QArray, name: str = "weight", leaf_index: int | None = None) -> "WeightView":
@@ -68,15 +74,56 @@ class WeightView:
     # ---- shape -------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        return self._logical(self.values.shape)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return self._logical(self.scale.shape)
 
     @property
     def ndim(self) -> int:
         return len(self.values.shape)
 
+    def _logical(self, stored_shape) -> tuple[int, ...]:
+        if self.permutation is None:
+            return tuple(stored_shape)
+        return tuple(stored_shape[axis] for axis in self.permutation)
+
     def block(self, axis: int) -> int:
         """How many consecutive elements along ``axis`` share one scale entry."""
-        return self.shape[axis] // self.scale.shape[axis]
+        return self.shape[axis] // self.scale_shape[axis]
+
+    def materialize(self) -> "WeightView":
+        """The same view with any pending transpose applied to the stored arrays."""
+        if self.permutation is None:
+            return self
+        permutation = self.permutation
+        scale, zero_point = self._map_scales(lambda a: jnp.transpose(a, permutation))
+        return dataclasses.replace(
+            self, values=jnp.transpose(self.values, permutation), scale=scale, zero_point=zero_point, permutation=None
+        )
+
+    def fold(self, contract, batch):
+        """Fold the pending transpose into a dot's dimension numbers for this operand.
+
+        Returns ``(view, contract, batch, fixup)``: the view in stored layout, the stored axes
+        to contract / batch, and ``fixup``, ``None`` or the permutation of the dot output's
+        trailing free axes that restores the logical order (the dot emits free axes in stored
+        order)."""
+        if self.permutation is None:
+            return self, tuple(contract), tuple(batch), None
+        permutation = self.permutation
+        free = [a for a in range(self.ndim) if a not in contract and a not in batch]
+        stored_free = [permutation[a] for a in free]
+        emitted = sorted(stored_free)
+        fixup = [emitted.index(axis) for axis in stored_free]
+        view = dataclasses.replace(self, permutation=None)
+        return (
+            view,
+            tuple(permutation[a] for a in contract),
+            tuple(permutation[a] for a in batch),
+            None if fixup == sorted(fixup) else tuple(fixup),
+        )
 
     def _with(self, values, scale, zero_point, dtype=None) -> "WeightView":
         return dataclasses.replace(
@@ -89,7 +136,7 @@ class WeightView:
     # ---- values ------------------------------------------------------------------------
     def int8_values(self) -> jax.Array:
         """The codes as int8 (int4 / int2 containers widened; XLA's integer dots want s8)."""
-        return self.values.astype(jnp.int8)
+        return self.materialize().values.astype(jnp.int8)
 
     def full_scale(self, axes) -> tuple[jax.Array, jax.Array | None]:
         """Scale and zero point with the block-scaled ``axes`` repeated to one entry per element
@@ -107,6 +154,7 @@ class WeightView:
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this view stands for."""
         out_dtype = jnp.dtype(self.dtype if dtype is None else dtype)
+        self = self.materialize()
         scale, zero_point = self.full_scale(range(self.ndim))
         values = self.values.astype(jnp.float32)
         if zero_point is not None:
@@ -120,16 +168,19 @@ class WeightView:
         return self._with(self.values, self.scale, self.zero_point, jnp.dtype(dtype))
 
     def transpose(self, permutation) -> "WeightView":
-        permutation = tuple(permutation)
-        scale, zero_point = self._map_scales(lambda a: jnp.transpose(a, permutation))
-        return self._with(jnp.transpose(self.values, permutation), scale, zero_point)
+        current = self.permutation or tuple(range(self.ndim))
+        composed = tuple(current[axis] for axis in permutation)
+        identity = composed == tuple(range(self.ndim))
+        return dataclasses.replace(self, permutation=None if identity else composed)
 
     def squeeze(self, dimensions) -> "WeightView":
+        self = self.materialize()
         dimensions = tuple(dimensions)
         scale, zero_point = self._map_scales(lambda a: jnp.squeeze(a, dimensions))
         return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point)
 
     def broadcast_in_dim(self, shape, broadcast_dimensions) -> "WeightView":
+        self = self.materialize()
         shape, broadcast_dimensions = tuple(shape), tuple(broadcast_dimensions)
         scale_shape = [1] * len(shape)
         for in_axis, out_axis in enumerate(broadcast_dimensions):
@@ -142,6 +193,7 @@ class WeightView:
         return self._with(values, scale, zero_point)
 
     def reshape(self, new_sizes) -> "WeightView | None":
+        self = self.materialize()
         new_sizes = tuple(int(d) for d in new_sizes)
         scale_shape = reshaped_scale_shape(self.shape, tuple(self.scale.shape), new_sizes)
         if scale_shape is None:
@@ -150,6 +202,7 @@ class WeightView:
         return self._with(self.values.reshape(new_sizes), scale, zero_point)
 
     def slice(self, start_indices, limit_indices, strides=None) -> "WeightView | None":
+        self = self.materialize()
         strides = (1,) * self.ndim if strides is None else tuple(strides)
         scale_start, scale_limit = [], []
         for axis, (start, limit, stride) in enumerate(zip(start_indices, limit_indices, strides)):

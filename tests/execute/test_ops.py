@@ -66,6 +66,39 @@ def test_out_in_layout_matches_reference_and_stays_integer(rows, symmetric):
     assert count_s8_contractions(hlo) == 1
 
 
+@pytest.mark.parametrize("rows", [1, 12])
+def test_transposed_weight_stays_int8(rows):
+    """``x @ w.T`` through compressed: the transpose is folded into the dot (XLA would run an
+    s8 dot of a transposed s8 operand as s32); same integer arithmetic, s8 x s8 in the HLO."""
+    from jaxcompress.compressed import compressed
+
+    x = _normal(0, (rows, 32))
+    q = jc.quantize(_normal(1, (12, 32)), channel_axes=(0,), activation="dynamic")
+    fn = compressed(lambda w, x: x @ w.T)
+    out = jax.jit(fn)(q, x)
+    q_in_out = jc.QArray(**{**q.__dict__, "values": q.values.T, "scale": q.scale.T, "channel_axes": (1,)})
+    np.testing.assert_allclose(np.asarray(out), dense_w8a8(x, q_in_out), rtol=2e-5, atol=2e-5)
+    assert count_s8_contractions(jax.jit(fn).lower(q, x).compile().as_text()) == 1
+
+
+def test_folded_transpose_restores_free_axis_order():
+    """A 3-D weight transposed so that its free axes come out of the dot in stored order."""
+    from jaxcompress.compressed import compressed
+
+    x = _normal(0, (10, 8))
+    q = jc.quantize(_normal(1, (8, 3, 4)), channel_axes=(1, 2), activation="dynamic")
+    dims = (((1,), (1,)), ((), ()))
+    fn = compressed(lambda w, x: jax.lax.dot_general(x, jnp.transpose(w, (2, 0, 1)), dims))
+    out = jax.jit(fn)(q, x)
+    permuted = jc.QArray(**{**q.__dict__, "values": jnp.transpose(q.values, (2, 0, 1)),
+                            "scale": jnp.transpose(q.scale, (2, 0, 1)), "channel_axes": (0, 2)})
+    expected = quantized_dot_general(x, permuted, dims, activation="dynamic")
+    assert out.shape == (10, 4, 3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    ref = jax.lax.dot_general(x, jnp.transpose(q.dequantize(), (2, 0, 1)), dims)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0.05, atol=0.05)
+
+
 def test_static_activation_scale_saturates_like_reference():
     x = _normal(0, (5, 32), 3.0)
     q = jc.quantize(_normal(1, (32, 12)), channel_axes=(-1,))

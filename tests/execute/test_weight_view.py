@@ -35,6 +35,7 @@ def _view(shape, channel_axes=(), group_size=None, group_axis=None, symmetric=Tr
 
 def _dequantized(view):
     """NumPy block dequantization of a view (independent of WeightView.dequantize)."""
+    view = view.materialize()
     values = np.asarray(view.values.astype(jnp.int32), np.float64)
     scale = np.asarray(view.scale, np.float64)
     zero = None if view.zero_point is None else np.asarray(view.zero_point.astype(jnp.int32), np.float64)
