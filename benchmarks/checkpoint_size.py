@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized: int8 / int4 presets only, no SQNR")
     parser.add_argument("--out", default=str(RESULTS_DIR / "checkpoint_size.json"), help="JSON output path")
     parser.add_argument("--presets", nargs="*", help="presets to run (default: all, or the quick set)")
+    parser.add_argument("--plot", metavar="PNG", help="also write a size vs median-SQNR Pareto plot (needs matplotlib and a full run)")
     args = parser.parse_args(argv)
 
     from examples.bert import find_minilm_files
@@ -157,6 +158,14 @@ def main(argv=None) -> int:
         ("over_imports_in_leaves", "over imports (leaves)", ".2f"), ("over_warm_in_leaves", "over warm (leaves)", ".2f"),
     ]))
     print(f"largest leaf: {largest.path} {largest.nbytes / 2**20:.1f} MB; JSON: {out}")
+    if args.plot:
+        from jaxcompress.checkpoint.analysis import ParetoPoint, pareto_plot
+
+        points = [ParetoPoint(r["preset"], r["file_bytes"], r["median_sqnr_db"]) for r in results if r["median_sqnr_db"] is not None]
+        try:
+            print(f"plot: {pareto_plot(points, args.plot, title='MiniLM checkpoint: size vs SQNR', accuracy_label='median leaf SQNR (dB)')}")
+        except ImportError as err:
+            print(f"no plot: {err}", file=sys.stderr)
     return 0
 
 

@@ -55,6 +55,12 @@ def check_leaf_local(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.sparsity: a schedule has no meaning for one-shot compression; give a number")
 
 
+def _bounded_magnitude(rule: Any) -> bool:
+    """Rules `magnitude_mask` computes exactly like ``prune_params``, in bounded memory."""
+    return (rule.structure == "unstructured" and rule.score == "magnitude" and rule.scope == "layer"
+            and rule.distribution == "uniform" and not callable(rule.sparsity))
+
+
 def _matched(tree: Any, rules: tuple) -> int | None:
     if not rules:
         return None
@@ -64,11 +70,14 @@ def _matched(tree: Any, rules: tuple) -> int | None:
 CHUNK_BYTES = 4 << 20
 
 
-def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None = None, chunk_bytes: int | None = None) -> tuple[Any, Any]:
+def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None = None, chunk_bytes: int | None = None, consume: bool = False) -> tuple[Any, Any]:
     """``(leaf, mask)`` for one source array under ``recipe``: the leaf is the input, a pruned
     array, or a `QArray`; ``mask`` a bool array or ``None``. ``used`` collects the
     ``("prune"|"quantize", index)`` of the rules that matched. Leaves over ``chunk_bytes`` are
-    quantized in slices along a channel / group axis (same result, less transient memory).
+    quantized in slices along a channel / group axis; layer-wise unstructured magnitude rules use
+    the bounded-memory `jaxcompress.checkpoint.magnitude.magnitude_mask`, other prune rules
+    `jaxcompress.prune.prune_params` (same results as the in-memory transforms either way). ``consume=True`` hands ``array`` over: pruned weights
+    may then be zeroed in it in place instead of in a copy.
 
     >>> import numpy as np
     >>> leaf, mask = compress_leaf([["key", "w"], ["key", "kernel"]], np.arange(1.0, 9.0, dtype=np.float32).reshape(4, 2), load_recipe("sparse90-int8"))
@@ -84,7 +93,19 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
     floating = np.issubdtype(np.asarray(array).dtype, np.floating) or str(np.asarray(array).dtype) == "bfloat16"
     if index is not None:
         used.add(("prune", index))
-        if not recipe.prune[index].skip and floating and np.ndim(array) > 0:
+        rule = recipe.prune[index]
+        if not rule.skip and floating and np.ndim(array) > 0 and _bounded_magnitude(rule):
+            from jaxcompress.checkpoint.magnitude import magnitude_mask
+
+            if not (consume and isinstance(array, np.ndarray) and array.flags.writeable and array.flags.c_contiguous):
+                array = np.array(array)  # never write into the caller's array
+            mask = magnitude_mask(array, float(rule.sparsity))
+            flat, flat_mask = array.reshape(-1), mask.reshape(-1)
+            for begin in range(0, flat.size, 1 << 20):
+                part = slice(begin, begin + (1 << 20))
+                flat[part][~flat_mask[part]] = 0
+            tree = treemeta.tree_from_records([(tokens, array)])
+        elif not rule.skip and floating and np.ndim(array) > 0:
             import jax
             from jaxcompress.prune import prune_params
 
@@ -210,7 +231,7 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
                 used.add(("prune", prune_index))
             leaf = _quantize_in_chunks(tokens, None, spec, chunk_bytes, shape=leaf_info.shape, dtype=np.dtype(leaf_info.dtype), rows=rows)
             return leaf, None
-    return compress_leaf(tokens, load(), recipe, used=used, chunk_bytes=chunk_bytes)
+    return compress_leaf(tokens, load(), recipe, used=used, chunk_bytes=chunk_bytes, consume=True)
 
 
 def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:

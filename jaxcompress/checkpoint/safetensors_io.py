@@ -62,13 +62,13 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
     dense_bytes = sparse.packed_nbytes(count, values.dtype) + (math.ceil(count / 8) if mask is not None else 0)
     if encoding == "dense" or values.ndim == 0 or (encoding == "auto" and mask is None):
         return "dense", None
-    support = mask if mask is not None else values.astype(np.float32) != 0
-    exact = mask is None or not np.any(values[~mask].astype(np.float32) != 0)
+    support = mask if mask is not None else sparse.nonzero(values)
+    exact = mask is None or sparse.zero_outside(values, mask)
     if not exact:
         if encoding in ("bitmap", "n:m"):
             raise ValueError(f"{name}: {encoding} encoding needs zeros where the mask is False (asymmetric quantization?)")
         return "dense", None
-    kept = int(support.sum())
+    kept = int(np.count_nonzero(support))
     options = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
     for axis in sorted({max(values.ndim - 2, 0), values.ndim - 1}):
         pattern = sparse.n_m_pattern(support, axis)
@@ -102,7 +102,7 @@ def _encode_values(base: str, dense_name: str, values: np.ndarray, mask: np.ndar
         tensors.append((base + ".values", _stored(kept)[0]))
     else:
         n, m, axis = extra
-        support = mask if mask is not None else values.astype(np.float32) != 0
+        support = mask if mask is not None else sparse.nonzero(values)
         kept, indices = sparse.encode_n_m(values, support, n, m, axis, name=where)
         record.update(n=n, m=m, axis=axis, kept=int(kept.size))
         tensors.append((base + ".values", _stored(kept.reshape(-1))[0]))

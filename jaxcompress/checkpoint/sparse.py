@@ -33,6 +33,8 @@ __all__ = [
     "encode_bitmap",
     "decode_bitmap",
     "n_m_pattern",
+    "nonzero",
+    "zero_outside",
     "index_bits",
     "encode_n_m",
     "decode_n_m",
@@ -153,9 +155,37 @@ def unpack_values(packed: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray
     return codes.astype(dtype).reshape(shape)
 
 
+def nonzero(array: Any) -> np.ndarray:
+    """``array != 0`` as bool, for any dtype here (int4 / fp8 compared via float32, slice by
+    slice, so no leaf-sized float copy is made).
+
+    >>> nonzero(np.array([0, 3, -0.0])).tolist()
+    [False, True, False]
+    """
+    array = np.asarray(array)
+    if array.dtype.kind in "biuf" and array.dtype in (np.dtype(np.bool_), np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16),
+                                                      np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float16),
+                                                      np.dtype(np.float32), np.dtype(np.float64)):
+        return array != 0
+    flat = array.reshape(-1)
+    out = np.empty(flat.size, bool)
+    for begin in range(0, flat.size, _CHUNK):
+        out[begin : begin + _CHUNK] = flat[begin : begin + _CHUNK].astype(np.float32) != 0
+    return out.reshape(array.shape)
+
+
+def zero_outside(array: Any, mask: Any) -> bool:
+    """Whether ``array`` is zero wherever ``mask`` is False (checked slice by slice)."""
+    flat, flat_mask = np.asarray(array).reshape(-1), np.asarray(mask, bool).reshape(-1)
+    for begin in range(0, flat.size, _CHUNK):
+        part = slice(begin, begin + _CHUNK)
+        if np.any(nonzero(flat[part]) & ~flat_mask[part]):
+            return False
+    return True
+
+
 def _check_zero_outside(array: np.ndarray, mask: np.ndarray, what: str) -> None:
-    outside = array[~mask]
-    if outside.size and np.any(outside.astype(np.float32) != 0):
+    if not zero_outside(array, mask):
         raise ValueError(f"{what}: the array is not zero where the mask is False; the encoding would not be exact")
 
 
@@ -167,7 +197,7 @@ def encode_bitmap(array: Any, mask: Any = None, *, name: str = "array") -> tuple
     ([2, 2], [5, -3])
     """
     array = np.asarray(array)
-    mask = array.astype(np.float32) != 0 if mask is None else np.asarray(mask, bool)
+    mask = nonzero(array) if mask is None else np.asarray(mask, bool)
     if mask.shape != array.shape:
         raise ValueError(f"{name}: mask shape {mask.shape} differs from the array's {array.shape}")
     _check_zero_outside(array, mask, name)
@@ -209,7 +239,11 @@ def n_m_pattern(mask: Any, axis: int, candidates=((2, 4), (1, 4), (4, 8), (2, 8)
     axis = axis % mask.ndim
     for n, m in candidates:
         if mask.shape[axis] % m == 0 and mask.shape[axis] > 0:
-            if np.all(_grouped(mask, m, axis).sum(-1) == n):
+            corner = mask[tuple(slice(None) if i == axis else slice(0, 4) for i in range(mask.ndim))]
+            if not np.all(_grouped(corner, m, axis).sum(-1, dtype=np.int16) == n):  # cheap early reject
+                continue
+            grouped = _grouped(mask, m, axis).reshape(-1, m)
+            if all(np.all(grouped[i : i + _CHUNK].sum(-1, dtype=np.int16) == n) for i in range(0, grouped.shape[0], _CHUNK)):
                 return n, m
     return None
 

@@ -54,3 +54,10 @@ def test_help_reads_well_in_a_subprocess():
     result = subprocess.run([sys.executable, "-m", "jaxcompress.checkpoint.cli", "compress", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "--recipe" in result.stdout and "exit codes" in result.stdout and "w4-g128" in result.stdout
+
+
+def test_inspect_plain_file(model, capsys):
+    assert cli.main(["inspect", str(model), "--no-progress", "--sort", "path"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("dense/bias") and "float32" in lines[3]
+    assert "2 leaves" in lines[-1]

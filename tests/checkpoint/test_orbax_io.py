@@ -118,3 +118,13 @@ def test_iter_orbax_leaves_streams_all(tmp_path):
     assert set(leaves) == {("a", "w"), ("b",)}
     np.testing.assert_array_equal(leaves[("a", "w")], tree["a"]["w"])
     assert leaves[("b",)].dtype == np.float16
+
+
+def test_restore_into_sharded_abstract_target(tmp_path):
+    tree = _tree()
+    orbax_io.save_checkpoint(tmp_path / "ckpt", tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    params, _ = orbax_io.load_checkpoint(tmp_path / "ckpt", abstract)
+    _assert_same(tree, params)
+    assert params["dense"]["kernel"].values.sharding == sharding
