@@ -10,6 +10,15 @@ per-leaf table and its renderers), `analysis` (XLA cost analysis, latency, Paret
 `cli` (argparse subcommands).
 """
 
+from jaxcompress.checkpoint.analysis import (
+    Cost,
+    Latency,
+    ParetoPoint,
+    cost_analysis,
+    latency,
+    pareto_front,
+    pareto_plot,
+)
 from jaxcompress.checkpoint.compress import compress_checkpoint
 from jaxcompress.checkpoint.inspection import inspect_checkpoint
 from jaxcompress.checkpoint.orbax_io import (
@@ -31,6 +40,13 @@ from jaxcompress.checkpoint.safetensors_io import export_safetensors, import_saf
 
 __all__ = [
     "CompressionTable",
+    "Cost",
+    "Latency",
+    "ParetoPoint",
+    "cost_analysis",
+    "latency",
+    "pareto_front",
+    "pareto_plot",
     "HeaderError",
     "LeafRow",
     "Recipe",
