@@ -43,6 +43,9 @@ def check_measured(row, steps):
     assert 0.0 <= row["test_accuracy"] <= 1.0
     assert row["steps_trained"] == steps and row["timed_steps"] >= 1
     assert row["mode"]
+    assert len(row["step_s"]) == steps
+    lo, hi = row["paired_ratio_vs_float_p25_p75"]
+    assert 0 < lo <= row["paired_ratio_vs_float_median"] <= hi and math.isfinite(hi)
 
 
 def check_common(data):
