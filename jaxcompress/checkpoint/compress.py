@@ -67,7 +67,9 @@ def _matched(tree: Any, rules: tuple) -> int | None:
     return match_rules(tree, rules).rule_indices[0]
 
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 4 << 20  # most bytes of float input one quantizer call sees
+SLICE_ROWS = 256  # rows (channels / group rows) per slice
+SLICE_MIN_BYTES = 1 << 16  # leaves from this size up are quantized slice by slice
 
 
 def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None = None, chunk_bytes: int | None = None, consume: bool = False) -> tuple[Any, Any]:
@@ -119,7 +121,7 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
     if index is not None:
         used.add(("quantize", index))
         if not recipe.quantize[index].skip:
-            if np.asarray(array).nbytes > chunk_bytes:
+            if np.asarray(array).nbytes > SLICE_MIN_BYTES:
                 array = _quantize_in_chunks(tokens, array, recipe.quantize[index].spec, chunk_bytes)
             else:
                 from jaxcompress.params import quantize_params
@@ -171,7 +173,9 @@ def _quantize_in_chunks(tokens: list, array: Any, spec: Any, chunk_bytes: int, *
     axis, step = split
     length = shape[axis]
     slice_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // length * step
-    per_chunk = min(max(1, chunk_bytes // max(slice_bytes, 1)) * step, length)
+    # A fixed number of rows per slice (padded at the end) gives leaves of one width one compiled
+    # shape, so fewer XLA compilations (each keeps some memory); fewer rows if slices get large.
+    per_chunk = max(1, min(SLICE_ROWS // step, chunk_bytes // max(slice_bytes, 1))) * step
     first, outputs = None, {}
     for begin in range(0, length, per_chunk):
         if array is None:
@@ -222,7 +226,7 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     quant_index = _matched(stub, recipe.quantize)
     prunes = prune_index is not None and not recipe.prune[prune_index].skip and _is_float(leaf_info.dtype) and leaf_info.shape
     if (rows is not None and not prunes and quant_index is not None and not recipe.quantize[quant_index].skip
-            and leaf_info.nbytes > chunk_bytes and _is_float(leaf_info.dtype)):
+            and leaf_info.nbytes > SLICE_MIN_BYTES and _is_float(leaf_info.dtype)):
         spec = recipe.quantize[quant_index].spec
         split = _split_axis(spec.resolve(tuple(leaf_info.shape), leaf_info.path), leaf_info.shape)
         if split is not None and split[0] == 0:

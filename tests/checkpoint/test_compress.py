@@ -69,6 +69,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("preset", ["w8a8", "w4-g128", "2of4-int8", "sparse90-int8"])
 def test_matches_in_memory_transforms(model, tmp_path, preset, monkeypatch):
     monkeypatch.setattr(compress, "CHUNK_BYTES", 4096)  # force the sliced quantization path
+    monkeypatch.setattr(compress, "SLICE_MIN_BYTES", 1024)
     recipe = recipes.load_recipe(preset)
     dst = tmp_path / "out.safetensors"
     table = compress_checkpoint(model, dst, recipe)
@@ -87,13 +88,30 @@ def test_matches_in_memory_transforms(model, tmp_path, preset, monkeypatch):
     assert table.ratio > 1.5
 
 
-def test_sliced_quantization_equals_whole(tmp_path):
+@pytest.mark.parametrize("shape", [(50, 256), (256, 50)])
+def test_sliced_quantization_equals_whole(tmp_path, monkeypatch, shape):
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((50, 256), dtype=np.float32)
-    for rule in recipes.load_recipe("w4-g128").quantize[1:2] + recipes.load_recipe("w8a8").quantize[1:2]:
+    w = rng.standard_normal(shape, dtype=np.float32)
+    rules = [
+        jc.QuantRule(pattern=".*", bits=4, channel_axes=(0,), group_size=128, group_axis=-1) if shape[1] == 256 else
+        jc.QuantRule(pattern=".*", bits=4, channel_axes=(-1,), group_size=128, group_axis=-2),
+        jc.QuantRule(pattern=".*", bits=8, channel_axes=(0,)),
+        jc.QuantRule(pattern=".*", bits=8, channel_axes=(-1,), symmetric=False),
+        jc.QuantRule(pattern=".*", qtype="float8_e4m3fn", channel_axes=(1,)),
+    ]
+    quantize_module = sys.modules["jaxcompress.quant.quantize"]
+
+    calls = []
+    original = quantize_module.quantize
+    monkeypatch.setattr(quantize_module, "quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for rule in rules:
         recipe = recipes.Recipe("t", "", (rule,), (), "t")
+        monkeypatch.setattr(compress, "SLICE_MIN_BYTES", 0)
+        calls.clear()
         sliced, _ = compress.compress_leaf([["key", "weight"]], w, recipe, chunk_bytes=3000)
-        whole, _ = compress.compress_leaf([["key", "weight"]], w, recipe, chunk_bytes=1 << 30)
+        assert len(calls) > 1  # really sliced
+        monkeypatch.setattr(compress, "SLICE_MIN_BYTES", 1 << 40)
+        whole, _ = compress.compress_leaf([["key", "weight"]], w, recipe)
         _assert_same({"w": whole}, {"w": sliced})
 
 
