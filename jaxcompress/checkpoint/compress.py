@@ -40,7 +40,10 @@ Progress = Callable[[int, int, str], None]
 
 
 def check_leaf_local(recipe: Recipe) -> None:
-    """Raise a `RecipeError` naming the rule if a prune rule needs the whole tree at once."""
+    """Raise a `RecipeError` naming the rule if a prune rule needs the whole tree at once.
+
+    >>> check_leaf_local(load_recipe("sparse90-int8"))  # layer-wise magnitude: fine
+    """
     for i, rule in enumerate(recipe.prune):
         where = f"{recipe.source}: prune[{i}]"
         if rule.skip:

@@ -80,7 +80,12 @@ def compression_metadata(params: Any, masks: Any = None) -> dict[str, Any]:
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory holding a finished Orbax checkpoint."""
+    """Whether ``path`` is a directory holding a finished Orbax checkpoint.
+
+    >>> import tempfile
+    >>> is_orbax_checkpoint(tempfile.mkdtemp())
+    False
+    """
     path = os.fspath(path)
     return os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, name)) for name in ("_CHECKPOINT_METADATA", "_METADATA")

@@ -152,7 +152,12 @@ def _totals_line(table: CompressionTable) -> str:
 
 
 def render_text(table: CompressionTable, max_path: int = 60) -> str:
-    """A fixed-width table for terminals (long paths are shortened from the left)."""
+    """A fixed-width table for terminals (long paths are shortened from the left).
+
+    >>> row = LeafRow("w", (2, 2), "float32", "int8", 8, "per-tensor", 0.0, "dense", 8, 16)
+    >>> print(render_text(CompressionTable((row,))).splitlines()[-1])
+    1 leaves, leaf bytes 8 B, before 16 B, ratio 2.00x
+    """
     rows = [_cells(row) for row in table.rows]
     for cells in rows:
         if len(cells[0]) > max_path:
@@ -188,5 +193,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def render_json(table: CompressionTable, indent: int | None = 2) -> str:
-    """Strict JSON (infinite SQNR is written as the string ``"inf"``)."""
+    """Strict JSON (infinite SQNR is written as the string ``"inf"``).
+
+    >>> row = LeafRow("w", (2,), "float32", "float32", None, "", 0.0, "dense", 8, 8, float("inf"))
+    >>> import json; json.loads(render_json(CompressionTable((row,))))["leaves"][0]["sqnr_db"]
+    'inf'
+    """
     return json.dumps(_json_safe(table.to_dict()), indent=indent, allow_nan=False)

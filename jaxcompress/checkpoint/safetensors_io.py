@@ -174,7 +174,15 @@ def _read_values(read: Callable, tensor: str, dtype: np.dtype, shape: tuple, whe
 
 def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = "") -> tuple[Any, Any]:
     """``(leaf, mask)`` from a record and a ``read(tensor name) -> ndarray`` function; ``mask`` is
-    a bool array, or ``optax.MaskedNode()`` when the leaf had none. Inverse of `encode_leaf`."""
+    a bool array, or ``optax.MaskedNode()`` when the leaf had none. Inverse of `encode_leaf`.
+
+    >>> import numpy as np
+    >>> w = np.array([0.0, 2.0, 0.0, 0.0], np.float32)
+    >>> record, tensors = encode_leaf([["key", "w"]], w, mask=w != 0)
+    >>> leaf, mask = decode_leaf(record, dict(tensors).__getitem__)
+    >>> leaf.tolist(), mask.tolist()
+    ([0.0, 2.0, 0.0, 0.0], [False, True, False, False])
+    """
     name = record["name"]
     where = f"{where}: leaf {name!r}" if where else name
     kind = record["kind"]
@@ -217,7 +225,14 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
 
 
 def read_records(reader: SafetensorsReader) -> list[dict] | None:
-    """The jaxcompress leaf records of a file, or ``None`` for a foreign safetensors file."""
+    """The jaxcompress leaf records of a file (validated), or ``None`` for a foreign file.
+
+    >>> import os, tempfile, numpy as np
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> _ = export_safetensors(path, {"b": np.zeros(2, np.float32)})
+    >>> [(r["name"], r["kind"], r["encoding"]) for r in read_records(SafetensorsReader(path))]
+    [('b', 'array', 'dense')]
+    """
     raw = reader.metadata.get(METADATA_KEY)
     if raw is None:
         return None

@@ -40,7 +40,12 @@ class SourceLeaf:
 
 
 def directory_bytes(path: str) -> int:
-    """Total size of the files under ``path`` (or of the file ``path``)."""
+    """Total size of the files under ``path`` (or of the file ``path``).
+
+    >>> import tempfile
+    >>> directory_bytes(tempfile.mkdtemp())
+    0
+    """
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)

@@ -102,13 +102,21 @@ def unpack_bits(packed: Any, bits: int, count: int) -> np.ndarray:
 
 
 def container_bits(dtype: Any) -> int:
-    """Bits one element of ``dtype`` occupies packed on disk (int4 -> 4, int2 -> 2)."""
+    """Bits one element of ``dtype`` occupies packed on disk (int4 -> 4, int2 -> 2).
+
+    >>> container_bits(ml_dtypes.int4), container_bits(np.float32)
+    (4, 32)
+    """
     dtype = np.dtype(dtype)
     return _SUB_BYTE.get(dtype, dtype.itemsize * 8)
 
 
 def packed_nbytes(count: int, dtype: Any) -> int:
-    """Bytes `pack_values` writes for ``count`` elements of ``dtype``."""
+    """Bytes `pack_values` writes for ``count`` elements of ``dtype``.
+
+    >>> packed_nbytes(5, ml_dtypes.int4)
+    3
+    """
     return math.ceil(count * container_bits(dtype) / 8)
 
 
@@ -249,7 +257,11 @@ def n_m_pattern(mask: Any, axis: int, candidates=((2, 4), (1, 4), (4, 8), (2, 8)
 
 
 def index_bits(m: int) -> int:
-    """Bits stored per kept position of an N:M group of ``m`` (1, 2, 4 or 8)."""
+    """Bits stored per kept position of an N:M group of ``m`` (1, 2, 4 or 8).
+
+    >>> index_bits(4), index_bits(8), index_bits(16)
+    (2, 4, 4)
+    """
     need = max(1, math.ceil(math.log2(m)))
     for bits in (1, 2, 4, 8):
         if need <= bits:

@@ -44,7 +44,12 @@ FORMAT_VERSION = 1
 
 
 def is_masked_node(x: Any) -> bool:
-    """True for ``optax.MaskedNode()`` (the sentinel unpruned leaves carry in a masks tree)."""
+    """True for ``optax.MaskedNode()`` (the sentinel unpruned leaves carry in a masks tree).
+
+    >>> import optax
+    >>> is_masked_node(optax.MaskedNode()), is_masked_node(())
+    (True, False)
+    """
     return type(x).__name__ == "MaskedNode" and isinstance(x, tuple) and len(x) == 0
 
 
@@ -168,7 +173,11 @@ def qarray_from_parts(static: dict[str, Any], arrays: dict[str, Any], where: str
 
 def flatten_leaves(tree: Any) -> list[tuple[list, Any]]:
     """``(encoded path, leaf)`` pairs with `QArray` and ``MaskedNode`` kept as leaves; ``None``
-    leaves are kept too (as ``None``)."""
+    leaves are kept too (as ``None``).
+
+    >>> flatten_leaves({"a": None, "b": [1]})
+    [([['key', 'a']], None), ([['key', 'b'], ['idx', 0]], 1)]
+    """
     flat, _ = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: x is None or isinstance(x, QArray) or is_masked_node(x)
     )
