@@ -230,3 +230,12 @@ def test_corrupt_orbax_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"data: .*(corrupt|truncated)"):
         compress_checkpoint(tmp_path / "data", out / "c.safetensors", "w8a8")
     assert _listing(out) == []
+
+
+def test_progress_bar_and_callback(model, tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    compress_checkpoint(model, tmp_path / "a.safetensors", "w8a8", progress=True)
+    assert "compress" in capsys.readouterr().err  # tqdm's bar, on stderr
+    seen = []
+    compress_checkpoint(model, tmp_path / "b.safetensors", "w8a8", progress=lambda done, total, path: seen.append((done, total, path)))
+    assert [s[0] for s in seen] == list(range(1, 6)) and seen[-1][1] == 5
