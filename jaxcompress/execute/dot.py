@@ -16,9 +16,9 @@ split that axis into ``(groups, group_size)`` on both operands and make ``groups
 dimension of the integer dot; each group's int32 partial sum gets its own scale and the groups
 are summed in float32. ``benchmarks/int8_matmul.py`` measures this against the alternative of
 dequantizing the weight and running a float dot ("group_int" vs "group_dequant" rows): on the
-2-core CPU this was written on, groups-as-batch ran at 1.3x float32 at (M, K, N) = (32, 1024,
-1024) with groups of 128 while dequantize-then-float ran at 0.65x, so grouped weights take the
-integer path.
+shared 2-core CPU this was written on, with groups of 128, groups-as-batch ran at 1.3x float32 at
+(M, K, N) = (32, 1024, 1024) and 1.05x at (32, 4096, 4096), dequantize-then-float at 0.65x and
+0.57x, so grouped weights take the integer path.
 
 Matrix-vector products (batch 1 decoding): XLA's CPU backend runs an s8 dot with a single row as
 an s32 dot, far slower than float32, so integer dots with fewer than `MIN_ROWS` rows are padded
