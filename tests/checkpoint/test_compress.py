@@ -239,3 +239,24 @@ def test_progress_bar_and_callback(model, tmp_path, capsys):
     seen = []
     compress_checkpoint(model, tmp_path / "b.safetensors", "w8a8", progress=lambda done, total, path: seen.append((done, total, path)))
     assert [s[0] for s in seen] == list(range(1, 6)) and seen[-1][1] == 5
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_half_precision_sources(tmp_path, dtype, monkeypatch):
+    import ml_dtypes
+
+    from jaxcompress.checkpoint.safetensors_format import SafetensorsWriter
+
+    monkeypatch.setattr(compress, "SLICE_MIN_BYTES", 1024)
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(dtype)
+    with SafetensorsWriter(tmp_path / "m.safetensors") as writer:
+        writer.add("dense.weight", w)
+    for preset in ("w4-g128", "sparse90-int8"):
+        compress_checkpoint(tmp_path / "m.safetensors", tmp_path / f"{preset}.safetensors", preset)
+        params, masks = safetensors_io.import_safetensors(tmp_path / f"{preset}.safetensors")
+        q = params["dense"]["weight"]
+        assert q.dtype == dtype and q.dequantize().dtype == dtype
+        expected = jc.quantize(jnp.asarray(w) if masks is None else jnp.where(masks["dense"]["weight"], jnp.asarray(w), 0),
+                               recipes.load_recipe(preset).quantize[1].spec)
+        _assert_same({"w": expected}, {"w": q})
