@@ -228,6 +228,18 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     prune_index = _matched(stub, recipe.prune)
     quant_index = _matched(stub, recipe.quantize)
     prunes = prune_index is not None and not recipe.prune[prune_index].skip and _is_float(leaf_info.dtype) and leaf_info.shape
+    if (rows is not None and prunes and _bounded_magnitude(recipe.prune[prune_index]) and quant_index is not None
+            and not recipe.quantize[quant_index].skip and leaf_info.nbytes > SLICE_MIN_BYTES):
+        spec = recipe.quantize[quant_index].spec
+        split = _split_axis(spec.resolve(tuple(leaf_info.shape), leaf_info.path), leaf_info.shape)
+        if split is not None and split[0] == 0:  # prune and quantize row slices: the leaf is never whole
+            from jaxcompress.checkpoint.magnitude import magnitude_mask_from_rows
+
+            used.update({("prune", prune_index), ("quantize", quant_index)})
+            mask = magnitude_mask_from_rows(rows, leaf_info.shape, float(recipe.prune[prune_index].sparsity))
+            masked_rows = lambda begin, end: np.where(mask[begin:end], rows(begin, end), 0).astype(np.dtype(leaf_info.dtype))
+            leaf = _quantize_in_chunks(tokens, None, spec, chunk_bytes, shape=leaf_info.shape, dtype=np.dtype(leaf_info.dtype), rows=masked_rows)
+            return leaf, mask
     if (rows is not None and not prunes and quant_index is not None and not recipe.quantize[quant_index].skip
             and leaf_info.nbytes > SLICE_MIN_BYTES and _is_float(leaf_info.dtype)):
         spec = recipe.quantize[quant_index].spec

@@ -14,11 +14,11 @@ flushed to zero (as XLA does on CPU) so they tie with 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-__all__ = ["magnitude_mask", "num_to_keep"]
+__all__ = ["magnitude_mask", "magnitude_mask_from_rows", "num_to_keep"]
 
 _TINY = np.finfo(np.float32).tiny
 
@@ -61,31 +61,59 @@ def magnitude_mask(weights: Any, sparsity: float, *, chunk: int = 1 << 20) -> np
     """
     weights = np.asarray(weights)
     flat = weights.reshape(-1)
-    size = flat.size
+
+    def pieces():
+        for begin in range(0, flat.size, chunk):
+            yield flat[begin : begin + chunk]
+
+    return _mask_from_pieces(pieces, flat.size, sparsity).reshape(weights.shape)
+
+
+def magnitude_mask_from_rows(read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, ...], sparsity: float, *, rows: int = 256) -> np.ndarray:
+    """`magnitude_mask` of an array that is only read in row slices: ``read_rows(begin, end)``
+    returns rows ``begin:end`` (along axis 0). Reads every row three times; holds one slice.
+
+    >>> w = np.array([[1.0, -5.0], [0.5, 2.0]])
+    >>> magnitude_mask_from_rows(lambda b, e: w[b:e], w.shape, 0.5, rows=1).tolist()
+    [[False, True], [False, True]]
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+
+    def pieces():
+        for begin in range(0, shape[0], rows):
+            yield np.asarray(read_rows(begin, begin + rows)).reshape(-1)
+
+    return _mask_from_pieces(pieces, size, sparsity).reshape(shape)
+
+
+def _mask_from_pieces(pieces: Callable[[], Iterator[np.ndarray]], size: int, sparsity: float) -> np.ndarray:
+    """Radix select over the flat array that ``pieces()`` yields in C order (once per pass)."""
     k = num_to_keep(sparsity, size)
     mask = np.zeros(size, bool)
     if k == 0:
-        return mask.reshape(weights.shape)
+        return mask
     if k == size:
         mask[:] = True
-        return mask.reshape(weights.shape)
-    slices = [slice(begin, begin + chunk) for begin in range(0, size, chunk)]
+        return mask
     high = np.zeros(1 << 16, np.int64)
-    for part in slices:
-        high += np.bincount(_keys(flat[part]) >> np.uint32(16), minlength=1 << 16)
+    for piece in pieces():
+        high += np.bincount(_keys(piece) >> np.uint32(16), minlength=1 << 16)
     high_bin, above_high = _select_bin(high, k)
     low = np.zeros(1 << 16, np.int64)
-    for part in slices:
-        keys = _keys(flat[part])
+    for piece in pieces():
+        keys = _keys(piece)
         low += np.bincount(keys[(keys >> np.uint32(16)) == high_bin] & np.uint32(0xFFFF), minlength=1 << 16)
     low_bin, above_low = _select_bin(low, k - above_high)
     threshold = np.uint32((high_bin << 16) | low_bin)
     ties_left = k - above_high - above_low  # elements equal to the threshold that are kept
-    for part in slices:
-        keys = _keys(flat[part])
-        mask[part] = keys > threshold
+    offset = 0
+    for piece in pieces():
+        keys = _keys(piece)
+        part = mask[offset : offset + keys.size]
+        part[:] = keys > threshold
         if ties_left > 0:
             tied = np.flatnonzero(keys == threshold)[:ties_left]
-            mask[part][tied] = True
+            part[tied] = True
             ties_left -= tied.size
-    return mask.reshape(weights.shape)
+        offset += keys.size
+    return mask

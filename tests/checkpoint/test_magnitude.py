@@ -45,3 +45,14 @@ def test_counts_match_float32_rounding(sparsity):
 def test_nan_ranks_lowest():
     w = np.array([1.0, np.nan, -3.0, 0.5], np.float32)
     np.testing.assert_array_equal(magnitude_mask(w, 0.5), _reference(w, 0.5))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_row_slices_equal_whole(rows):
+    from jaxcompress.checkpoint.magnitude import magnitude_mask_from_rows
+
+    w = np.round(np.random.default_rng(5).standard_normal((37, 11)).astype(np.float32) * 3) / 3
+    for sparsity in (0.0, 0.5, 0.93):
+        np.testing.assert_array_equal(
+            magnitude_mask_from_rows(lambda b, e: w[b:e], w.shape, sparsity, rows=rows), magnitude_mask(w, sparsity)
+        )
