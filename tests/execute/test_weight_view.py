@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import jaxcompress as jc
 from jaxcompress.execute.weight_view import WeightView, reshaped_scale_shape
 
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _view(shape, channel_axes=(), group_size=None, group_axis=None, symmetric=True, seed=0):
