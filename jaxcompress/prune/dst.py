@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxcompress.prune.schedules import Schedule, cosine_drop_fraction
 from jaxcompress.prune.scores import magnitude
-from jaxcompress.prune.topk import top_k_masks
+from jaxcompress.prune.topk import select_top_k
 
 __all__ = ["SET", "RigL", "drop_and_grow", "drop_and_grow_many"]
 
@@ -45,12 +45,15 @@ def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.A
     fraction = jnp.asarray(fraction, jnp.float32)
     active = [jnp.sum(m, dtype=jnp.int32) for m in masks]
     drops = [jnp.floor(fraction * a.astype(jnp.float32)).astype(jnp.int32) for a in active]
-    survivors = top_k_masks(
-        [([jnp.where(m, magnitude(w), -jnp.inf)], a - k) for m, w, a, k in zip(masks, weights, active, drops)]
+    # Lazy scores: recomputed (fused) inside the counting passes, never materialised.
+    survivors = select_top_k(
+        [[lambda m=m, w=w: jnp.where(m, magnitude(w), -jnp.inf)] for m, w in zip(masks, weights)],
+        [a - k for a, k in zip(active, drops)],
     )
     survivors = [group[0] for group in survivors]
-    grown = top_k_masks(
-        [([jnp.where(s, -jnp.inf, jnp.asarray(g, jnp.float32))], k) for s, g, k in zip(survivors, grow_scores, drops)]
+    grown = select_top_k(
+        [[lambda s=s, g=g: jnp.where(s, -jnp.inf, jnp.asarray(g, jnp.float32))] for s, g in zip(survivors, grow_scores)],
+        drops,
     )
     return [s | group[0] for s, group in zip(survivors, grown)]
 

@@ -181,22 +181,21 @@ def prune(
                 branch = due.astype(jnp.int32)
 
             def keep(_):
-                return state.masks, state.inner_state
+                return state.masks
 
             def by_rules(_):
-                new = recompute(params, updates, state, step, key)
-                return new, _reset(state.masks, new)
+                return recompute(params, updates, state, step, key)
 
             def by_dst(_):
-                new = regrow(params, updates, state, step, key)
-                return new, _reset(state.masks, new)
-
-            def _reset(old, new):
-                both = _mask_tree_map(lambda o, n: o & n, old, new)
-                return zero_outside(state.inner_state, both, params)
+                return regrow(params, updates, state, step, key)
 
             branches = [keep, by_rules] + ([by_dst] if dst is not None else [])
-            new_masks, inner_state = lax.switch(branch, branches, None)
+            # Only the masks go through the switch: passing the (large) inner state through it
+            # too costs copies on every step. The reset below is elementwise and fuses into the
+            # inner optimizer's own update of its moments.
+            new_masks = lax.switch(branch, branches, None)
+            survivors = _mask_tree_map(lambda old, new: old & new, state.masks, new_masks)
+            inner_state = zero_outside(state.inner_state, survivors, params)
         else:
             new_masks, inner_state = state.masks, state.inner_state
 

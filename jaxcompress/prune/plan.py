@@ -20,7 +20,7 @@ from jaxcompress.prune import masks as masks_lib
 from jaxcompress.prune import scores as scores_lib
 from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
 from jaxcompress.prune.rule import PruneRule
-from jaxcompress.prune.topk import top_k_masks
+from jaxcompress.prune.topk import select_top_k
 from jaxcompress.rules import check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]
@@ -165,44 +165,61 @@ class PrunePlan:
         grad_leaves = None if grads is None else self.leaves_of(grads)
         out: list[Any] = [MaskedNode()] * len(leaves)
         sparsities = self.target_sparsities(step)
-        requests, finish = [], []
+        groups, ks, finish = [], [], []
         for rule_index, group in enumerate(self.groups):
             if not group:
                 continue
             rule = self.rules[rule_index]
+            # Lazy scores (zero-argument functions): `select_top_k` recomputes them inside its
+            # counting passes, fused, instead of materialising a param-sized array.
             scores = [self._scores(rule, i, leaves, grad_leaves, key) for i in group]
             if rule.structure == "n:m":
-                for i, s in zip(group, scores):
-                    out[i] = masks_lib.n_m_mask(s, rule.n, rule.m, axis=rule.axis, name=self.names[i])
+                for i, score in zip(group, scores):
+                    out[i] = masks_lib.n_m_mask(score(), rule.n, rule.m, axis=rule.axis, name=self.names[i])
             elif rule.scope == "global":
-                scores = [scores_lib.normalize(s, rule.normalize) for s in scores]
-                total = sum(int(s.size) for s in scores)
-                requests.append((scores, total - masks_lib.num_to_prune(sparsities[group[0]], total)))
+                if rule.normalize is not None:
+                    # multiply by a reciprocal: a product rounds the same in every fusion that
+                    # recomputes it (a division may not), which exact counting relies on
+                    inverses = [1.0 / scores_lib.normalize_scale(score(), rule.normalize) for score in scores]
+                    scores = [lambda score=score, inv=inv: score() * inv for score, inv in zip(scores, inverses)]
+                total = sum(int(leaves[i].size) for i in group)
+                groups.append(scores)
+                ks.append(total - masks_lib.num_to_prune(sparsities[group[0]], total))
                 finish.append([(i, lambda keep: keep) for i in group])
             else:
-                for i, s in zip(group, scores):
-                    unit_scores, expand = masks_lib.units(
-                        s, rule.structure, block_size=rule.block_size, norm=rule.norm, name=self.names[i]
-                    )
-                    n = int(unit_scores.size)
-                    requests.append(([unit_scores], n - masks_lib.num_to_prune(sparsities[i], n)))
+                for i, score in zip(group, scores):
+                    if rule.structure == "unstructured":
+                        unit_score, expand, n = score, (lambda keep: keep), int(leaves[i].size)
+                    else:
+                        unit_scores, expand = masks_lib.units(
+                            score(), rule.structure, block_size=rule.block_size, norm=rule.norm, name=self.names[i]
+                        )
+                        unit_score, n = (lambda u=unit_scores: u), int(unit_scores.size)
+                    groups.append([unit_score])
+                    ks.append(n - masks_lib.num_to_prune(sparsities[i], n))
                     finish.append([(i, expand)])
-        for kept, targets in zip(top_k_masks(requests), finish):
-            for keep, (i, expand) in zip(kept, targets):
-                out[i] = expand(keep)
+        if groups:
+            for kept, targets in zip(select_top_k(groups, ks), finish):
+                for keep, (i, expand) in zip(kept, targets):
+                    out[i] = expand(keep)
         return self.unflatten(out)
 
     def _scores(self, rule, i, leaves, grad_leaves, key):
+        """A zero-argument function computing leaf ``i``'s scores."""
         weights = leaves[i]
         if rule.score == "magnitude":
-            return scores_lib.magnitude(weights)
+            return lambda: scores_lib.magnitude(weights)
         if rule.score == "saliency":
             if grad_leaves is None:
                 raise ValueError(f"{self.names[i]}: score='saliency' needs gradients (pass grads=...)")
-            return scores_lib.saliency(weights, grad_leaves[i])
+            grads = grad_leaves[i]
+            if jnp.shape(grads) != jnp.shape(weights):
+                raise ValueError(f"{self.names[i]}: grads of shape {jnp.shape(grads)} do not match the param's {jnp.shape(weights)}")
+            return lambda: scores_lib.saliency(weights, grads)
         if key is None:
             raise ValueError(f"{self.names[i]}: score='random' needs a PRNG key (pass key=...)")
-        return scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights))
+        random = scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights))
+        return lambda: random
 
 
 def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePlan:

@@ -95,6 +95,11 @@ def normalize(scores: jax.Array, how: str | None) -> jax.Array:
     """
     if how is None:
         return scores
+    return scores * (1.0 / normalize_scale(scores, how))
+
+
+def normalize_scale(scores: jax.Array, how: str) -> jax.Array:
+    """The positive scalar `normalize` divides by (1 where the scores are all zero)."""
     if how == "l1":
         denominator = jnp.sum(jnp.abs(scores))
     elif how == "l2":
@@ -105,4 +110,4 @@ def normalize(scores: jax.Array, how: str | None) -> jax.Array:
         denominator = jnp.mean(jnp.abs(scores))
     else:
         raise ValueError(f"normalize must be None or one of {NORMALIZATIONS}, got {how!r}")
-    return scores / jnp.where(denominator > 0, denominator, 1.0)
+    return jnp.where(denominator > 0, denominator, 1.0)

@@ -16,13 +16,14 @@ CPU flushes float32 denormals to zero, so they tie with 0.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["top_k_mask", "top_k_masks", "global_top_k_masks", "sortable_keys"]
+__all__ = ["top_k_mask", "top_k_masks", "global_top_k_masks", "select_top_k", "sortable_keys"]
 
 _KEY_BITS = 32
 
@@ -47,61 +48,94 @@ def _count(pred: jax.Array) -> jax.Array:
     return jnp.sum(pred, dtype=jnp.int32)
 
 
-def _kth_largest_keys(groups: Sequence[Sequence[jax.Array]], ks: jax.Array) -> jax.Array:
-    """Per group g, the largest key T with count(keys >= T) >= ks[g], i.e. the k-th largest key
-    (0xFFFFFFFF when k == 0: the caller keeps nothing then). All groups share one loop."""
+def _keys(score: Callable[[], jax.Array]) -> jax.Array:
+    return sortable_keys(score())
 
-    def body(_, bounds):
-        lo, hi = bounds
+
+def _kth_largest_keys(groups: Sequence[Sequence[Callable]], ks: jax.Array, totals: Sequence[int]):
+    """Per group g, the largest key T with count(keys >= T) >= ks[g] (the k-th largest key;
+    0xFFFFFFFF when k == 0: the caller keeps nothing then), with count(keys >= T) and
+    count(keys > T) tracked on the way, so no further pass is needed. One loop for all groups."""
+
+    def body(_, carry):
+        lo, hi, count_lo, count_above_hi = carry
         span = hi - lo
         mid = lo + (span >> 1) + (span & 1)  # upper middle, no uint32 overflow
-        counts = jnp.stack([sum(_count(key >= mid[g]) for key in keys) for g, keys in enumerate(groups)])
+        counts = jnp.stack([sum(_count(_keys(score) >= mid[g]) for score in scores) for g, scores in enumerate(groups)])
         enough = counts >= ks
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+        return (
+            jnp.where(enough, mid, lo),
+            jnp.where(enough, hi, mid - 1),
+            jnp.where(enough, counts, count_lo),  # count(keys >= lo)
+            jnp.where(enough, count_above_hi, counts),  # count(keys >= hi + 1)
+        )
 
     n = len(groups)
-    start = (jnp.zeros(n, jnp.uint32), jnp.full(n, 0xFFFFFFFF, jnp.uint32))
-    lo, _ = lax.fori_loop(0, _KEY_BITS, body, start)
-    return lo
+    start = (
+        jnp.zeros(n, jnp.uint32),
+        jnp.full(n, 0xFFFFFFFF, jnp.uint32),
+        jnp.asarray(totals, jnp.int32),
+        jnp.zeros(n, jnp.int32),
+    )
+    threshold, _, count_ge, count_gt = lax.fori_loop(0, _KEY_BITS, body, start)
+    return threshold, count_ge, count_gt
 
 
-def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
-    index = jnp.zeros(shape, jnp.int32) + jnp.int32(offset)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + lax.broadcasted_iota(jnp.int32, shape, axis) * jnp.int32(stride)
-        stride *= shape[axis]
-    return index
+def _index_below(shape: tuple[int, ...], offset: int, cut: jax.Array) -> jax.Array:
+    """``flat_index + offset < cut`` without materialising the flat index: the row-major index
+    is compared digit by digit (per-axis iotas against the digits of ``cut - offset``)."""
+    limit = jnp.clip(cut - offset, 0, math.prod(shape))
+    below = jnp.zeros(shape, bool)
+    equal_so_far = jnp.ones(shape, bool)
+    stride = math.prod(shape)
+    for axis, dim in enumerate(shape):
+        stride //= dim
+        digit = limit // stride if stride else limit
+        limit = limit - digit * stride if stride else limit
+        iota = lax.broadcasted_iota(jnp.int32, shape, axis)
+        below = below | (equal_so_far & (iota < digit))
+        equal_so_far = equal_so_far & (iota == digit)
+    return below
 
 
-def _select(groups: Sequence[Sequence[jax.Array]], ks: Sequence[jax.Array]) -> list[list[jax.Array]]:
-    """For every group of key arrays, masks keeping exactly its k largest keys (ties to the
-    lowest index, earlier arrays first). One bisection loop serves all groups."""
-    sizes = [[int(key.size) for key in keys] for keys in groups]
+def select_top_k(groups: Sequence[Sequence[Callable[[], jax.Array]]], ks: Sequence[Any]) -> list[list[jax.Array]]:
+    """The engine of `top_k_masks`, on LAZY scores: each score is a zero-argument function that
+    computes the array (e.g. ``lambda: jnp.abs(w)``); it must give bit-identical values each
+    time it is evaluated (elementwise abs / where / products are fine; avoid divisions, which
+    XLA may round differently in different fusions). It is re-evaluated inside every counting
+    pass, where XLA fuses it with the comparison and the sum, so no score or key array of the
+    param's size is ever materialised: the only full-size buffers are the output masks. (A
+    materialised float32 copy per pass-through would add the model's size in temporaries to
+    every training step, which costs page faults on each step even when no mask is updated.)
+    """
+    shapes = [[jax.eval_shape(score).shape for score in scores] for scores in groups]
+    sizes = [[math.prod(shape) for shape in group] for group in shapes]
     totals = [sum(s) for s in sizes]
     if max(totals) >= 2**31 - 1:
         raise ValueError(f"top-k over {max(totals)} elements: more than 2**31 - 2 elements is not supported")
     ks = jnp.stack([jnp.clip(jnp.asarray(k, jnp.int32), 0, t) for k, t in zip(ks, totals)])
-    thresholds = _kth_largest_keys(groups, ks)
-    above = [[key > thresholds[g] for key in keys] for g, keys in enumerate(groups)]
-    ties = [[(key == thresholds[g]) & (ks[g] > 0) for key in keys] for g, keys in enumerate(groups)]
-    wanted = ks - jnp.stack([sum(_count(a) for a in group) for group in above])  # 0 <= wanted <= #ties
-    n_ties = jnp.stack([sum(_count(t) for t in group) for group in ties])
+    thresholds, n_ge, n_above = _kth_largest_keys(groups, ks, totals)
+    n_ties = n_ge - n_above
+    wanted = jnp.where(ks > 0, ks - n_above, 0)  # ties to keep, 0 <= wanted <= n_ties
 
     def all_ties(_):
-        return [[a | t for a, t in zip(ga, gt)] for ga, gt in zip(above, ties)]
+        return [[(_keys(s) >= thresholds[g]) & (ks[g] > 0) for s in scores] for g, scores in enumerate(groups)]
 
     def first_ties(_):
-        indices = [
-            [_flat_index(key.shape, sum(size[:i])) for i, key in enumerate(keys)] for keys, size in zip(groups, sizes)
-        ]
+        offsets = [[sum(size[:i]) for i in range(len(size))] for size in sizes]
+
+        def ties(g, i):
+            return _keys(groups[g][i]) == thresholds[g]
+
+        def below(g, i, cut):
+            return _index_below(shapes[g][i], offsets[g][i], cut)
 
         # Per group, the smallest J with count(ties & index < J) >= wanted: bisection on [0, total].
         def body(_, bounds):
             lo, hi = bounds
             mid = lo + (hi - lo) // 2
             counts = jnp.stack(
-                [sum(_count(t & (i < mid[g])) for t, i in zip(ties[g], indices[g])) for g in range(len(groups))]
+                [sum(_count(ties(g, i) & below(g, i, mid[g])) for i in range(len(groups[g]))) for g in range(len(groups))]
             )
             enough = counts >= wanted
             return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
@@ -110,7 +144,11 @@ def _select(groups: Sequence[Sequence[jax.Array]], ks: Sequence[jax.Array]) -> l
         start = (jnp.zeros(len(groups), jnp.int32), jnp.asarray(totals, jnp.int32))
         cut, _ = lax.fori_loop(0, steps, body, start)
         return [
-            [a | (t & (i < cut[g])) for a, t, i in zip(above[g], ties[g], indices[g])] for g in range(len(groups))
+            [
+                ((_keys(groups[g][i]) > thresholds[g]) | (ties(g, i) & below(g, i, cut[g]))) & (ks[g] > 0)
+                for i in range(len(groups[g]))
+            ]
+            for g in range(len(groups))
         ]
 
     return lax.cond(jnp.all(n_ties == wanted), all_ties, first_ties, None)
@@ -161,4 +199,8 @@ def global_top_k_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[
 
 # Jitted once per shape (also when called eagerly: the loop bodies are closures, so an eager
 # call would otherwise retrace and recompile every time). Inside a user's jit they inline.
-_top_k_jit = jax.jit(lambda groups, ks: _select([[sortable_keys(s) for s in g] for g in groups], ks))
+_top_k_jit = jax.jit(lambda groups, ks: select_top_k([[_const(s) for s in g] for g in groups], ks))
+
+
+def _const(array: jax.Array) -> Callable[[], jax.Array]:
+    return lambda: array
