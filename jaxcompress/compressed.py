@@ -50,7 +50,10 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
         naming the primitive and the leaf; ``"dequantize"`` runs that op weight-only instead.
 
     Returns:
-      A function with ``fn``'s signature and outputs.
+      A function with ``fn``'s signature and outputs. `QArray`\ s must reach ``fn`` through
+      its arguments (anywhere in their pytrees, ``kwargs`` included); one ``fn`` closes over is
+      not seen. Non-array leaves (``deterministic=True``, strings) are passed through as Python
+      values, and the traced program is cached per argument signature.
 
     A linen Dense with int8 weights and dynamic int8 activations; the compiled program contains
     an ``s8 x s8 -> s32`` dot:
