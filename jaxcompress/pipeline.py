@@ -243,6 +243,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
     ]
     rows = []
     for name, tree, tree_masks, apply in variants:
+        if config.sparsity == 0.0:
+            tree_masks = None  # nothing pruned: a bitmap would only add bytes
         filename = os.path.join(out_dir, name.replace(" ", "_").replace("%", "pct").replace("+", "and") + ".safetensors")
         size = export_safetensors(filename, tree, tree_masks)
         rows.append({

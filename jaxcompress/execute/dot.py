@@ -32,6 +32,8 @@ is applied to the (smaller) output instead of the weight.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -169,7 +171,10 @@ def _few_rows_dot(x_codes, x_scale, view: WeightView, lhs_contract, rhs_contract
     if lhs_batch or view.ndim != 2 or len(rhs_contract) != 1 or view.scale.shape[rhs_contract[0]] != 1:
         return None
     x_axis = lhs_contract[0]
-    rows = x_codes.size // x_codes.shape[x_axis]
+    free_dims = [d for a, d in enumerate(x_codes.shape) if a != x_axis]
+    if not all(isinstance(d, int) for d in free_dims):
+        return None  # a symbolic (jax.export) batch size: the row count is unknown here
+    rows = math.prod(free_dims)
     if rows >= MIN_ROWS:
         return None
     free_shape = tuple(d for a, d in enumerate(x_codes.shape) if a != x_axis)
@@ -190,7 +195,12 @@ def _few_rows_dot(x_codes, x_scale, view: WeightView, lhs_contract, rhs_contract
         row_sums = jnp.sum(matrix, axis=1, keepdims=True, dtype=jnp.int32)
         accumulator = accumulator - row_sums * zero_point.reshape(1, -1).astype(jnp.int32)
     out = accumulator.astype(jnp.float32) * scale
-    out = out * (x_scale.reshape(rows, 1) if x_scale.ndim else x_scale)
+    if x_scale.ndim:
+        # One scale per row, or fewer (e.g. one per image of an unfolded conv): broadcast first.
+        row_scale = jnp.broadcast_to(x_scale, x_codes.shape[:x_axis] + (1,) + x_codes.shape[x_axis + 1 :])
+        out = out * jnp.moveaxis(row_scale, x_axis, -1).reshape(rows, 1)
+    else:
+        out = out * x_scale
     return out.reshape(free_shape + (out.shape[-1],)).astype(out_dtype)
 
 

@@ -152,6 +152,29 @@ def test_conv_w8a8_matches_integer_reference(strides, padding, dilation, groups,
     np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv_with_few_output_positions_matches_integer_reference(batch):
+    # 1 image x 2x2 output positions = 4 rows < MIN_ROWS: the padded few-rows dot, where the
+    # activation has one scale per image that must be broadcast over that image's rows.
+    x = _normal(3, (batch, 4, 4, 3)) * jnp.arange(1.0, batch + 1.0).reshape(batch, 1, 1, 1)
+    q = jc.quantize(_normal(4, (3, 3, 3, 5)), channel_axes=(-1,))
+    out = quantized_conv_general_dilated(
+        x, q, (2, 2), ((1, 0), (1, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"), activation="dynamic",
+    )
+    expected = conv_w8a8(x, q, (2, 2), ((1, 0), (1, 0)), (1, 1), 1)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_symbolic_batch_exports():
+    q = jc.quantize(_normal(5, (16, 8)), channel_axes=(-1,))
+    f = jax.jit(lambda x: _dot(x, q, dimension_numbers=DENSE_DIMS, activation="dynamic"))
+    (batch,) = jax.export.symbolic_shape("batch")
+    exported = jax.export.export(f)(jax.ShapeDtypeStruct((batch, 16), jnp.float32))
+    for rows in (1, 12):
+        x = _normal(rows, (rows, 16))
+        np.testing.assert_allclose(exported.call(x), f(x), rtol=1e-6, atol=1e-6)
+
+
 def test_conv_other_layouts_and_string_padding():
     x = _normal(0, (2, 4, 7, 6))                     # NCHW
     w = _normal(1, (5, 4, 3, 3))                     # OIHW
