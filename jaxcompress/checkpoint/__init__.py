@@ -4,7 +4,8 @@ recipes, reports and the ``jaxcompress`` CLI subcommands ``compress`` / ``inspec
 Modules, one idea each: `treemeta` (a compressed tree's structure as JSON records), `orbax_io`
 (Orbax save / restore), `sparse` (bit packing, bitmap and N:M encodings), `safetensors_format`
 (validating reader, streaming atomic writer), `safetensors_io` (compressed trees <-> tensor
-names), `sources` (read a float checkpoint leaf by leaf), `recipes` (TOML -> rules, presets),
+names), `sources` (read a float checkpoint leaf by leaf), `sliced` (quantize a leaf slice by slice),
+`magnitude` (bounded-memory magnitude masks), `recipes` (TOML -> rules, presets),
 `compress` (`compress_checkpoint`), `inspection` (`inspect_checkpoint`), `report` (the
 per-leaf table and its renderers), `analysis` (XLA cost analysis, latency, Pareto plot) and
 `cli` (argparse subcommands).

@@ -30,6 +30,9 @@ from jaxcompress.checkpoint.recipes import Recipe, RecipeError, load_recipe
 from jaxcompress.checkpoint.report import CompressionTable, LeafRow
 from jaxcompress.checkpoint.safetensors_format import SafetensorsWriter
 from jaxcompress.checkpoint.safetensors_io import encode_leaf, file_metadata
+from jaxcompress.checkpoint.sliced import is_float as _is_float
+from jaxcompress.checkpoint.sliced import quantize_sliced as _quantize_in_chunks
+from jaxcompress.checkpoint.sliced import split_axis as _split_axis
 from jaxcompress.checkpoint.sources import open_source
 from jaxcompress.qarray import QArray, describe_granularity
 from jaxcompress.rules import match_rules
@@ -71,7 +74,6 @@ def _matched(tree: Any, rules: tuple) -> int | None:
 
 
 CHUNK_BYTES = 4 << 20  # most bytes of float input one quantizer call sees
-SLICE_ROWS = 256  # rows (channels / group rows) per slice
 SLICE_MIN_BYTES = 1 << 16  # leaves from this size up are quantized slice by slice
 
 
@@ -133,88 +135,6 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
                 (_, array), = treemeta.flatten_leaves(qtree)
                 del qtree
     return array, mask
-
-
-def _split_axis(spec: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """``(axis, step)``: an axis the scales do not reduce over, and the chunk granularity on it."""
-    candidates = [(shape[axis], axis, 1) for axis in spec.channel_axes]
-    if spec.group_axis is not None:
-        candidates.append((shape[spec.group_axis], spec.group_axis, spec.group_size))
-    candidates = [c for c in candidates if c[0] > c[2]]
-    if not candidates:
-        return None
-    _, axis, step = max(candidates)
-    return axis, step
-
-
-def _is_float(dtype: Any) -> bool:
-    return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"
-
-
-def _quantize_in_chunks(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, shape: tuple | None = None, dtype: Any = None, rows: Callable | None = None) -> Any:
-    """Quantize a large leaf in slices along a channel (or group) axis. Every scale is computed
-    from elements of one slice only, so the result equals quantizing the whole leaf; the
-    transient memory of the jitted quantizer is one slice instead of the leaf. With ``rows``
-    (``read(begin, end)``, axis-0 slices from the file) the float leaf is never whole in memory;
-    the outputs are written into preallocated arrays."""
-    import dataclasses
-
-    import jax
-    from jaxcompress.quant.quantize import quantize
-    from jaxcompress.rules import path_to_keystr
-
-    if array is not None:
-        array = np.asarray(array)
-        shape, dtype = tuple(array.shape), array.dtype
-    name = path_to_keystr([jax.tree_util.DictKey(t[1]) for t in tokens])
-    if not _is_float(dtype):
-        return array if array is not None else rows(0, shape[0])
-    resolved = spec.resolve(tuple(shape), name)
-    split = _split_axis(resolved, shape)
-    if split is None or (array is None and split[0] != 0):
-        return quantize(array if array is not None else rows(0, shape[0]), spec, name=name)
-    axis, step = split
-    length = shape[axis]
-    slice_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // length * step
-    # A fixed number of rows per slice (padded at the end) gives leaves of one width one compiled
-    # shape, so fewer XLA compilations (each keeps some memory); fewer rows if slices get large.
-    per_chunk = max(1, min(SLICE_ROWS // step, chunk_bytes // max(slice_bytes, 1))) * step
-    first, outputs = None, {}
-    for begin in range(0, length, per_chunk):
-        if array is None:
-            chunk = rows(begin, begin + per_chunk)
-        else:
-            index = [slice(None)] * len(shape)
-            index[axis] = slice(begin, begin + per_chunk)
-            chunk = array[tuple(index)]
-        if chunk.shape[axis] < per_chunk:  # pad the last slice so every slice has one shape (one compile)
-            pad = [(0, 0)] * len(shape)
-            pad[axis] = (0, per_chunk - chunk.shape[axis])
-            chunk = np.pad(chunk, pad)
-        q = quantize(chunk, spec, name=name)
-        del chunk
-        if first is None:
-            first = q
-        for field, value in treemeta.qarray_array_fields(q).items():
-            value = np.asarray(value)
-            if value.ndim != len(shape):  # not laid out along the axes (e.g. a scalar): keep the first
-                outputs.setdefault(field, value)
-                continue
-            size = value.shape[axis]  # per slice: per_chunk (values, channel scales) or per_chunk // step
-            total = length * size // per_chunk
-            if field not in outputs:
-                full_shape = list(value.shape)
-                full_shape[axis] = total
-                outputs[field] = np.empty(full_shape, value.dtype)
-            offset = begin * size // per_chunk
-            valid = min(size, total - offset)
-            target = [slice(None)] * len(shape)
-            target[axis] = slice(offset, offset + valid)
-            source = [slice(None)] * len(shape)
-            source[axis] = slice(0, valid)
-            outputs[field][tuple(target)] = value[tuple(source)]
-        del q
-    return dataclasses.replace(first, **outputs)
 
 
 def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, recipe: Recipe, used: set, chunk_bytes: int) -> tuple[Any, Any]:
