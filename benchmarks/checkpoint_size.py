@@ -131,16 +131,16 @@ def main(argv=None) -> int:
                 "ratio": run["source_file_bytes"] / run["file_bytes"],
                 "goal_ratio": GOALS.get(preset),
                 "seconds": run["seconds"],
-                "peak_rss_mb": run["peak_rss_kb"] / 1024,
-                "imports_baseline_mb": imports["peak_rss_kb"] / 1024,
-                "warm_baseline_mb": warm["peak_rss_kb"] / 1024,
-                "largest_leaf_mb": largest.nbytes / 2**20,
+                "peak_rss_mib": run["peak_rss_kb"] / 1024,
+                "imports_baseline_mib": imports["peak_rss_kb"] / 1024,
+                "warm_baseline_mib": warm["peak_rss_kb"] / 1024,
+                "largest_leaf_mib": largest.nbytes / 2**20,
             }
-            row["over_imports_in_leaves"] = (row["peak_rss_mb"] - row["imports_baseline_mb"]) / row["largest_leaf_mb"]
-            row["over_warm_in_leaves"] = (row["peak_rss_mb"] - row["warm_baseline_mb"]) / row["largest_leaf_mb"]
+            row["over_imports_in_leaves"] = (row["peak_rss_mib"] - row["imports_baseline_mib"]) / row["largest_leaf_mib"]
+            row["over_warm_in_leaves"] = (row["peak_rss_mib"] - row["warm_baseline_mib"]) / row["largest_leaf_mib"]
             row["median_sqnr_db"] = None if args.quick else _median_sqnr(dst, src)
             results.append(row)
-            print(f"{preset}: {row['ratio']:.2f}x, peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            print(f"{preset}: {row['ratio']:.2f}x, peak RSS {row['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     data = {
         "benchmark": "checkpoint_size",
         "quick": args.quick,
@@ -153,11 +153,11 @@ def main(argv=None) -> int:
     out = write_json(args.out, data)
     print(format_table(results, [
         ("preset", "preset", "s"), ("file_bytes", "bytes", "d"), ("ratio", "ratio", ".2f"), ("goal_ratio", "goal", ".1f"),
-        ("median_sqnr_db", "SQNR dB", ".1f"), ("seconds", "time s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-        ("imports_baseline_mb", "imports MB", ".0f"), ("warm_baseline_mb", "warm MB", ".0f"),
+        ("median_sqnr_db", "SQNR dB", ".1f"), ("seconds", "time s", ".1f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+        ("imports_baseline_mib", "imports MiB", ".0f"), ("warm_baseline_mib", "warm MiB", ".0f"),
         ("over_imports_in_leaves", "over imports (leaves)", ".2f"), ("over_warm_in_leaves", "over warm (leaves)", ".2f"),
     ]))
-    print(f"largest leaf: {largest.path} {largest.nbytes / 2**20:.1f} MB; JSON: {out}")
+    print(f"largest leaf: {largest.path} {largest.nbytes / 2**20:.1f} MiB; JSON: {out}")
     if args.plot:
         from jaxcompress.checkpoint.analysis import ParetoPoint, pareto_plot
 

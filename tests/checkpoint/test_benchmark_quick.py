@@ -25,7 +25,7 @@ def test_quick_benchmark(tmp_path):
                            "--presets", "w8a8", "w4-g128-emb-row"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "peak RSS MB" in proc.stdout
+    assert "peak RSS MiB" in proc.stdout
     data = json.loads(out.read_text())
     rows = {row["preset"]: row for row in data["results"]}
     assert data["source"]["largest_leaf"]["shape"] == [30522, 384]
@@ -33,5 +33,5 @@ def test_quick_benchmark(tmp_path):
     assert rows["w8a8"]["ratio"] >= 3.9
     assert rows["w4-g128-emb-row"]["ratio"] >= 7.5
     for row in rows.values():
-        assert row["peak_rss_mb"] > row["imports_baseline_mb"] > 0
+        assert row["peak_rss_mib"] > row["imports_baseline_mib"] > 0
         assert row["over_warm_in_leaves"] < 2.0  # memory near one leaf, not the model (~2 leaves)
