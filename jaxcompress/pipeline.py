@@ -284,7 +284,7 @@ def format_table(result: dict[str, Any]) -> str:
     ...        "latency_ms_b1": 0.5, "latency_ms_b256": 9.0, "sparsity": None}
     >>> print(format_table({"rows": [row]}))
     variant                          accuracy   file bytes    ratio  b1 ms  b256 ms  sparsity
-    ---------------------------------------------------------------------------------------
+    -----------------------------------------------------------------------------------------
     fp32                               90.00%        4,000    1.00x   0.50     9.00         -
     """
     header = f"{'variant':<30} {'accuracy':>10} {'file bytes':>12} {'ratio':>8} {'b1 ms':>6} {'b256 ms':>8} {'sparsity':>9}"
