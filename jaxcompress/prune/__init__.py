@@ -26,7 +26,7 @@ from jaxcompress.prune.plan import PruneDecision, PrunePlan, plan_pruning
 from jaxcompress.prune.rule import PruneRule
 from jaxcompress.prune.schedules import constant, cosine_drop_fraction, one_shot, polynomial
 from jaxcompress.prune.scores import magnitude, random_scores, saliency
-from jaxcompress.prune.topk import global_top_k_masks, top_k_mask
+from jaxcompress.prune.topk import global_top_k_masks, top_k_mask, top_k_masks
 
 __all__ = [
     "PruneDecision",
@@ -57,6 +57,7 @@ __all__ = [
     "saliency",
     "structured_mask",
     "top_k_mask",
+    "top_k_masks",
     "uniform_sparsities",
     "unstructured_mask",
 ]
