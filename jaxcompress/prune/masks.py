@@ -32,7 +32,11 @@ __all__ = [
 
 
 def num_to_prune(sparsity: Any, units: int) -> jax.Array:
-    """``round(sparsity * units)`` as int32 (traced ``sparsity`` is fine)."""
+    """``round(sparsity * units)`` as int32 (traced ``sparsity`` is fine).
+
+    >>> int(num_to_prune(0.9, 1000)), int(num_to_prune(0.5, 3))
+    (900, 2)
+    """
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * units).astype(jnp.int32)
 
 
@@ -61,7 +65,11 @@ def _axis(ndim: int, axis: int, name: str) -> int:
 
 
 def contracting_axis(ndim: int, name: str = "array") -> int:
-    """The contracting (input) axis of a Flax kernel: 0 for Dense (in, out), 2 for Conv HWIO."""
+    """The contracting (input) axis of a Flax kernel: 0 for Dense (in, out), 2 for Conv HWIO.
+
+    >>> contracting_axis(2), contracting_axis(4)
+    (0, 2)
+    """
     if ndim < 2:
         raise ValueError(f"{name}: a {ndim}-d array has no contracting axis (need a kernel with ndim >= 2)")
     return ndim - 2
@@ -153,7 +161,14 @@ def block_mask(
 
 
 def check_n_m(n: int, m: int, dim: int | None = None, name: str = "array") -> None:
-    """Raise a ValueError naming ``name`` unless ``1 <= n <= m`` and ``m`` divides ``dim``."""
+    """Raise a ValueError naming ``name`` unless ``1 <= n <= m`` and ``m`` divides ``dim``.
+
+    >>> check_n_m(2, 4, 96)
+    >>> check_n_m(2, 4, 6, name="params['dense']['kernel']")
+    Traceback (most recent call last):
+    ...
+    ValueError: params['dense']['kernel']: M=4 does not divide the contracting dim 6
+    """
     if not (isinstance(n, int) and isinstance(m, int)) or m < 1 or n < 1:
         raise ValueError(f"{name}: N:M needs integers 1 <= N <= M, got N={n!r}, M={m!r}")
     if n > m:

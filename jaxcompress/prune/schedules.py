@@ -19,7 +19,15 @@ SparsityLike = Union[float, Schedule]
 
 
 def check_sparsity(value: float, what: str = "sparsity") -> float:
-    """Raise a ValueError unless ``0 <= value < 1`` (a fully pruned leaf is never what you want)."""
+    """Raise a ValueError unless ``0 <= value < 1`` (a fully pruned leaf is never what you want).
+
+    >>> check_sparsity(0.5)
+    0.5
+    >>> check_sparsity(1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: sparsity must be in [0, 1), got 1.0
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:

@@ -99,7 +99,11 @@ def normalize(scores: jax.Array, how: str | None) -> jax.Array:
 
 
 def normalize_scale(scores: jax.Array, how: str) -> jax.Array:
-    """The positive scalar `normalize` divides by (1 where the scores are all zero)."""
+    """The positive scalar `normalize` divides by (1 where the scores are all zero).
+
+    >>> float(normalize_scale(jnp.array([3.0, 4.0]), "l2"))
+    5.0
+    """
     if how == "l1":
         denominator = jnp.sum(jnp.abs(scores))
     elif how == "l2":

@@ -107,6 +107,11 @@ def select_top_k(groups: Sequence[Sequence[Callable[[], jax.Array]]], ks: Sequen
     param's size is ever materialised: the only full-size buffers are the output masks. (A
     materialised float32 copy per pass-through would add the model's size in temporaries to
     every training step, which costs page faults on each step even when no mask is updated.)
+
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([0.5, -3.0, 2.0])
+    >>> select_top_k([[lambda: jnp.abs(w)]], [2])[0][0].tolist()
+    [False, True, True]
     """
     shapes = [[jax.eval_shape(score).shape for score in scores] for scores in groups]
     sizes = [[math.prod(shape) for shape in group] for group in shapes]
