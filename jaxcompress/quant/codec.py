@@ -41,16 +41,28 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: ResolvedSpec):
     if spec.qtype != INT_QTYPE:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = absmax / fp8_max(spec.qtype)
-        return _safe_scale(scale), None
+        return _stored_scale(scale, spec), None
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     if spec.symmetric:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return _safe_scale(absmax / qmax), None
+        return _stored_scale(absmax / qmax, spec), None
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
-    scale = _safe_scale((hi - lo) / (qmax - qmin))
+    scale = _stored_scale((hi - lo) / (qmax - qmin), spec)
     zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point
+
+
+def _stored_scale(scale: jax.Array, spec: ResolvedSpec) -> jax.Array:
+    """A safe scale, representable in ``spec.scale_dtype`` (as float32). A narrower dtype rounds
+    UP: ``scale * (1 + eps)`` rounded to nearest is never below ``scale``, so the clip range still
+    fits the codes."""
+    scale = _safe_scale(scale)
+    if spec.scale_dtype == "float32":
+        return scale
+    dtype = jnp.dtype(spec.scale_dtype)
+    widened = (scale * (1.0 + float(jnp.finfo(dtype).eps))).astype(dtype).astype(jnp.float32)
+    return _safe_scale(widened)
 
 
 def _safe_scale(scale: jax.Array) -> jax.Array:

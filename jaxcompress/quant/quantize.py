@@ -116,7 +116,7 @@ def _from_range(x: jax.Array, grouped: jax.Array, lo: jax.Array, hi: jax.Array, 
         zero_point = zero_point.astype(values.dtype)
     return QArray(
         values=values,
-        scale=scale.astype(jnp.float32),
+        scale=scale.astype(spec.scale_dtype),
         zero_point=zero_point,
         bits=spec.bits,
         qtype=spec.qtype,

@@ -17,6 +17,7 @@ __all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "A
 CALIBRATION_METHODS = ("absmax", "percentile", "mse")
 # How `jaxcompress.compressed` treats the activation a quantized weight meets in a dot / conv.
 ACTIVATION_MODES = ("weight_only", "dynamic", "static")
+SCALE_DTYPES = ("float32", "bfloat16")  # bfloat16 keeps float32's exponent range: no overflow
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,10 @@ class QuantSpec:
       group_axis: the axis the groups run along; defaults to -2, the input-feature
         (contracting) axis of Flax ``Dense`` and ``Conv`` kernels.
       calibration: a method name (``"absmax"``, ``"percentile"``, ``"mse"``) or a `Calibration`.
+      scale_dtype: how the scale is stored: ``"float32"`` (default) or ``"bfloat16"``. A
+        bfloat16 scale is rounded UP to a representable value before encoding (so the clip range
+        still fits the codes) and halves the scale overhead, as 16-bit-scale GPTQ/AWQ checkpoints
+        do: int4 with groups of 128 goes from 0.531 to 0.516 B/element.
       allow_nonfinite: by default a NaN or Inf in the array is an error. If True, non-finite
         elements are excluded from calibration, +-Inf saturate to the largest code and NaN is
         stored as 0.
@@ -100,6 +105,7 @@ class QuantSpec:
     calibration: str | Calibration = "absmax"
     allow_nonfinite: bool = False
     activation: str = "weight_only"
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
@@ -122,6 +128,8 @@ class QuantSpec:
             isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1
         ):
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype {self.scale_dtype!r} is not one of {SCALE_DTYPES}")
         if self.activation not in ACTIVATION_MODES:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATION_MODES}")
         if self.activation != "weight_only" and self.qtype != INT_QTYPE:
@@ -174,6 +182,7 @@ class QuantSpec:
             calibration=self.calibration,
             allow_nonfinite=self.allow_nonfinite,
             activation=self.activation,
+            scale_dtype=self.scale_dtype,
         )
 
     def describe(self) -> str:
@@ -183,7 +192,8 @@ class QuantSpec:
             gran += f" g{self.group_size}"
         sym = "sym" if self.symmetric else "asym"
         activation = "" if self.activation == "weight_only" else f" a8-{self.activation}"
-        return f"{fmt} {gran} {sym} {self.calibration.method}{activation}"
+        scale = "" if self.scale_dtype == "float32" else f" scale={self.scale_dtype}"
+        return f"{fmt} {gran} {sym} {self.calibration.method}{activation}{scale}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +209,7 @@ class ResolvedSpec:
     calibration: Calibration
     allow_nonfinite: bool
     activation: str = "weight_only"
+    scale_dtype: str = "float32"
 
     def grouped_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """``shape`` with the group axis split into ``(dim // group_size, group_size)``."""

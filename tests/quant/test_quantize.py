@@ -221,3 +221,20 @@ def test_quantize_accepts_a_spec_but_not_both():
     assert q.bits == 4 and q.channel_axes == (1,)
     with pytest.raises(TypeError, match="either a QuantSpec or keyword"):
         jc.quantize(jnp.ones((4, 4)), spec, bits=8)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bfloat16_scales_round_up_and_keep_the_error_bound(symmetric):
+    x = _sample((256, 16), 11)
+    wide = jc.quantize(x, bits=4, channel_axes=(-1,), group_size=128, symmetric=symmetric)
+    narrow = jc.quantize(x, bits=4, channel_axes=(-1,), group_size=128, symmetric=symmetric, scale_dtype="bfloat16")
+    assert narrow.scale.dtype == jnp.bfloat16
+    scale = np.asarray(narrow.scale, np.float64)
+    if symmetric:  # rounded up, never down, and by less than two bfloat16 steps
+        assert np.all(scale >= np.asarray(wide.scale)) and np.all(scale <= np.asarray(wide.scale) * (1 + 2**-6))
+    zp_bytes = 0 if symmetric else 2 * 16 // 2
+    assert narrow.nbytes == 256 * 16 // 2 + 2 * 16 * 2 + zp_bytes  # 2-byte scales
+    step = np.repeat(scale, 128, axis=0)
+    assert np.all(np.abs(np.asarray(jc.dequantize(narrow), np.float64) - x) <= step / 2 * (1 + 1e-5))
+    with pytest.raises(ValueError, match="scale_dtype"):
+        jc.QuantSpec(scale_dtype="float16")
