@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import jaxcompress.prune as jp  # noqa: E402
+import jaxcompress.pruning as jp  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 
 SIZES = (784, 2048, 1792, 10)

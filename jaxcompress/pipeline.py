@@ -29,7 +29,7 @@ from jaxcompress.checkpoint.safetensors_io import export_safetensors
 from jaxcompress.compressed import compressed
 from jaxcompress.data import Dataset, load_image_dataset
 from jaxcompress.params import quantize_params
-from jaxcompress.prune import PruneRule, polynomial, prune
+from jaxcompress.pruning import PruneRule, polynomial, prune
 from jaxcompress.training import fake_quant, qat, qat_ranges
 from jaxcompress.rules import QuantRule, path_to_str
 

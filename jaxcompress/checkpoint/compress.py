@@ -2,7 +2,7 @@
 
 The source (a ``.safetensors`` file or an Orbax directory, see `open_source`) is validated in
 full before anything is written. Then, for one leaf at a time: read it, prune it with the
-recipe's first matching ``[[prune]]`` rule (`jaxcompress.prune.prune_params` on a one-leaf
+recipe's first matching ``[[prune]]`` rule (`jaxcompress.pruning.prune_params` on a one-leaf
 tree, so patterns see the same path as on the whole tree), quantize it with the first matching
 ``[[quantize]]`` rule (`jaxcompress.quantize_params`), encode it (`encode_leaf`: packed int4,
 sparse bitmap or N:M where smaller) and append its bytes to a scratch file. Only then is the
@@ -83,7 +83,7 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
     ``("prune"|"quantize", index)`` of the rules that matched. Leaves over ``chunk_bytes`` are
     quantized in slices along a channel / group axis; layer-wise unstructured magnitude rules use
     the bounded-memory `jaxcompress.checkpoint.magnitude.magnitude_mask`, other prune rules
-    `jaxcompress.prune.prune_params` (same results as the in-memory transforms either way). ``consume=True`` hands ``array`` over: pruned weights
+    `jaxcompress.pruning.prune_params` (same results as the in-memory transforms either way). ``consume=True`` hands ``array`` over: pruned weights
     may then be zeroed in it in place instead of in a copy.
 
     >>> import numpy as np
@@ -114,7 +114,7 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
             tree = treemeta.tree_from_records([(tokens, array)])
         elif not rule.skip and floating and np.ndim(array) > 0:
             import jax
-            from jaxcompress.prune import prune_params
+            from jaxcompress.pruning import prune_params
 
             pruned, masks = prune_params(tree, recipe.prune, key=jax.random.PRNGKey(0), on_unused="ignore")
             (_, array), = treemeta.flatten_leaves(pruned)

@@ -1,6 +1,6 @@
 """Layer-wise magnitude pruning of one large leaf in bounded memory (NumPy, slice by slice).
 
-`jaxcompress.prune.prune_params` finds the k-th largest ``|w|`` with a jitted bisection that
+`jaxcompress.pruning.prune_params` finds the k-th largest ``|w|`` with a jitted bisection that
 holds several leaf-sized temporaries; on a 47 MB embedding table that is ~6 leaves of memory.
 `magnitude_mask` computes the SAME mask (tested equal to ``prune_params``: same count
 ``round(float32(sparsity) * size)`` pruned, same order of scores, ties at the threshold kept
@@ -8,7 +8,7 @@ from the lowest flat index) with a radix select over the scores' 32-bit sortable
 counting passes (high 16 bits, then low 16 bits) and one pass writing the mask, each over
 slices of ``chunk`` elements. Extra memory: the bool mask plus one slice.
 
-Scores follow `jaxcompress.prune.topk`: float32 ``|w|``, NaN lowest, and float32 denormals
+Scores follow `jaxcompress.pruning.topk`: float32 ``|w|``, NaN lowest, and float32 denormals
 flushed to zero (as XLA does on CPU) so they tie with 0.
 """
 
@@ -25,7 +25,7 @@ _TINY = np.finfo(np.float32).tiny
 
 def num_to_keep(sparsity: float, size: int) -> int:
     """``size - round(sparsity * size)``, with the product rounded in float32 as
-    `jaxcompress.prune.masks.num_to_prune` does.
+    `jaxcompress.pruning.masks.num_to_prune` does.
 
     >>> num_to_keep(0.9, 11_720_448)
     1172045

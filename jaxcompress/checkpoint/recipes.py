@@ -1,7 +1,7 @@
 """Recipes: TOML files whose tables map one-to-one to rules.
 
 A recipe has an optional ``name`` and ``description``, then ``[[prune]]`` tables (each one a
-`jaxcompress.prune.PruneRule`) and ``[[quantize]]`` tables (each one a `jaxcompress.QuantRule`),
+`jaxcompress.pruning.PruneRule`) and ``[[quantize]]`` tables (each one a `jaxcompress.QuantRule`),
 in order: for every leaf the first rule of each kind whose ``pattern`` fully matches its path
 wins. Keys are exactly the rule's fields (TOML arrays become tuples; ``calibration`` may be a
 method name or a table of `jaxcompress.QuantSpec` calibration fields)::
@@ -139,7 +139,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     quantize = tuple(_build(QuantRule, table, f"{source}: quantize[{i}]") for i, table in enumerate(sections["quantize"]))
     prune = ()
     if sections["prune"]:
-        from jaxcompress.prune import PruneRule
+        from jaxcompress.pruning import PruneRule
 
         prune = tuple(_build(PruneRule, table, f"{source}: prune[{i}]") for i, table in enumerate(sections["prune"]))
     if not quantize and not prune:

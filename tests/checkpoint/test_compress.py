@@ -17,7 +17,7 @@ import jaxcompress as jc
 from jaxcompress.checkpoint import compress, recipes, safetensors_io
 from jaxcompress.checkpoint.compress import compress_checkpoint
 from jaxcompress.checkpoint.safetensors_format import HeaderError
-from jaxcompress.prune import prune_params
+from jaxcompress.pruning import prune_params
 from jaxcompress.qarray import QArray
 
 

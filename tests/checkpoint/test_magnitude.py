@@ -1,4 +1,4 @@
-"""The bounded-memory magnitude mask equals `jaxcompress.prune.prune_params`' mask exactly."""
+"""The bounded-memory magnitude mask equals `jaxcompress.pruning.prune_params`' mask exactly."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxcompress.checkpoint.magnitude import magnitude_mask, num_to_keep
-from jaxcompress.prune import PruneRule, prune_params
+from jaxcompress.pruning import PruneRule, prune_params
 
 
 def _reference(w, sparsity):

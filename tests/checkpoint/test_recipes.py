@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from jaxcompress.checkpoint import recipes
-from jaxcompress.prune import PruneRule
+from jaxcompress.pruning import PruneRule
 from jaxcompress.rules import QuantRule
 
 

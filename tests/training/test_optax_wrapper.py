@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxcompress as jc
-import jaxcompress.prune as jp
+import jaxcompress.pruning as jp
 
 RULES = [jc.QuantRule(pattern=r".*kernel", bits=4, channel_axes=(-1,))]
 

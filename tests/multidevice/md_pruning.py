@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jaxcompress.prune as jp
+import jaxcompress.pruning as jp
 
 SPECS = {
     "dense": {"kernel": P("data", "model"), "bias": P("model")},

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxcompress.prune.dst import _DynamicSparsity
-from jaxcompress.prune.inner_state import zero_outside
-from jaxcompress.prune.masktree import check_masks, is_masked_node
-from jaxcompress.prune.plan import as_rules, plan_pruning
+from jaxcompress.pruning.dst import _DynamicSparsity
+from jaxcompress.pruning.inner_state import zero_outside
+from jaxcompress.pruning.masktree import check_masks, is_masked_node
+from jaxcompress.pruning.plan import as_rules, plan_pruning
 
 __all__ = ["prune", "PruneState"]
 
@@ -80,7 +80,7 @@ def prune(
       seed: seeds random scores and SET regrowth.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
 
-    >>> import jax, jax.numpy as jnp, optax, jaxcompress.prune as jp
+    >>> import jax, jax.numpy as jnp, optax, jaxcompress.pruning as jp
     >>> params = {"w": jnp.arange(1.0, 9.0), "b": jnp.zeros(2)}
     >>> opt = jp.prune(optax.adam(1e-2), [jp.PruneRule(pattern="w", sparsity=0.5)])
     >>> state = opt.init(params)

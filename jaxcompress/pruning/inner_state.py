@@ -15,7 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.prune.masktree import is_masked_node
+from jaxcompress.pruning.masktree import is_masked_node
 
 __all__ = ["map_param_trees", "zero_outside"]
 

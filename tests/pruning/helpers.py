@@ -44,7 +44,7 @@ def make_step(opt: optax.GradientTransformation):
 
 def param_trees(state, params):
     """All param-shaped subtrees of an optimizer state (moments, traces, accumulators)."""
-    from jaxcompress.prune.inner_state import map_param_trees
+    from jaxcompress.pruning.inner_state import map_param_trees
 
     found = []
     map_param_trees(lambda t: found.append(t) or t, state, params)

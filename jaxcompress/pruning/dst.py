@@ -18,9 +18,9 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.prune.schedules import Schedule, cosine_drop_fraction
-from jaxcompress.prune.scores import magnitude
-from jaxcompress.prune.topk import select_top_k
+from jaxcompress.pruning.schedules import Schedule, cosine_drop_fraction
+from jaxcompress.pruning.scores import magnitude
+from jaxcompress.pruning.topk import select_top_k
 
 __all__ = ["SET", "RigL", "drop_and_grow", "drop_and_grow_many"]
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcompress.prune import scores
+from jaxcompress.pruning import scores
 
 
 def test_magnitude_saliency_random():

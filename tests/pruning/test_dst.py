@@ -5,9 +5,9 @@ import optax
 import pytest
 from hypothesis import given, strategies as st
 
-import jaxcompress.prune as jp
-from jaxcompress.prune.dst import drop_and_grow_many
-from tests.prune.helpers import data, loss, make_step, mlp_params, param_trees
+import jaxcompress.pruning as jp
+from jaxcompress.pruning.dst import drop_and_grow_many
+from tests.pruning.helpers import data, loss, make_step, mlp_params, param_trees
 
 KERNELS = [("l1", "kernel"), ("l2", "kernel")]
 drop_grow = jax.jit(drop_and_grow_many)

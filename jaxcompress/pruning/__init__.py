@@ -1,6 +1,8 @@
 """Pruning: scores, exact masks, sparsity distributions and schedules, `prune_params` for
 one-shot pruning and `prune(inner, rules)` (an `optax.GradientTransformation`) for training,
-including dynamic sparse training (`SET`, `RigL`).
+including dynamic sparse training (`SET`, `RigL`). Everything here is also exported from
+`jaxcompress` itself (``jaxcompress.prune`` is the optax transform; the package is named
+``pruning`` so that the two never shadow each other).
 
 Modules, one idea each: `topk` (exact top-k by bisection, no sort), `scores`, `masks`
 (unstructured / filter / channel / block / N:M), `distributions` (uniform, ERK), `schedules`,
@@ -9,9 +11,9 @@ mask trees), `params` (`prune_params`), `inner_state` (param-shaped optimizer st
 `optax_wrapper` (`prune`), `dst` (SET / RigL).
 """
 
-from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
-from jaxcompress.prune.dst import SET, RigL, drop_and_grow
-from jaxcompress.prune.masks import (
+from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
+from jaxcompress.pruning.dst import SET, RigL, drop_and_grow
+from jaxcompress.pruning.masks import (
     block_mask,
     global_masks,
     magnitude_mask,
@@ -19,14 +21,14 @@ from jaxcompress.prune.masks import (
     structured_mask,
     unstructured_mask,
 )
-from jaxcompress.prune.masktree import apply_masks, check_masks, mask_sparsity
-from jaxcompress.prune.optax_wrapper import PruneState, prune
-from jaxcompress.prune.params import prune_params
-from jaxcompress.prune.plan import PruneDecision, PrunePlan, plan_pruning
-from jaxcompress.prune.rule import PruneRule
-from jaxcompress.prune.schedules import constant, cosine_drop_fraction, one_shot, polynomial
-from jaxcompress.prune.scores import magnitude, random_scores, saliency
-from jaxcompress.prune.topk import global_top_k_masks, top_k_mask, top_k_masks
+from jaxcompress.pruning.masktree import apply_masks, check_masks, mask_sparsity
+from jaxcompress.pruning.optax_wrapper import PruneState, prune
+from jaxcompress.pruning.params import prune_params
+from jaxcompress.pruning.plan import PruneDecision, PrunePlan, plan_pruning
+from jaxcompress.pruning.rule import PruneRule
+from jaxcompress.pruning.schedules import constant, cosine_drop_fraction, one_shot, polynomial
+from jaxcompress.pruning.scores import magnitude, random_scores, saliency
+from jaxcompress.pruning.topk import global_top_k_masks, top_k_mask, top_k_masks
 
 __all__ = [
     "PruneDecision",

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from jaxcompress.prune.topk import global_top_k_masks, sortable_keys, top_k_mask
-from tests.prune import reference
+from jaxcompress.pruning.topk import global_top_k_masks, sortable_keys, top_k_mask
+from tests.pruning import reference
 
 jit_top_k = jax.jit(top_k_mask)  # one compilation per shape; k is traced
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import jax
 
-from jaxcompress.prune.masktree import apply_masks
-from jaxcompress.prune.plan import plan_pruning
+from jaxcompress.pruning.masktree import apply_masks
+from jaxcompress.pruning.plan import plan_pruning
 
 __all__ = ["prune_params"]
 
@@ -36,7 +36,7 @@ def prune_params(
     elsewhere. Per-leaf decisions (what was pruned, skipped and why) come from `plan_pruning`.
     Fine-tune afterwards with ``prune(optimizer, masks=masks)`` to keep the zeros.
 
-    >>> import jax.numpy as jnp, jaxcompress.prune as jp
+    >>> import jax.numpy as jnp, jaxcompress.pruning as jp
     >>> params = {"dense": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2), "bias": jnp.ones(2)}}
     >>> pruned, masks = jp.prune_params(params, {r".*kernel": 0.75})
     >>> pruned["dense"]["kernel"].tolist()

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from optax import MaskedNode
 
-from jaxcompress.prune import masks as masks_lib
-from jaxcompress.prune import scores as scores_lib
-from jaxcompress.prune.distributions import erk_sparsities, uniform_sparsities
-from jaxcompress.prune.rule import PruneRule
-from jaxcompress.prune.topk import select_top_k
+from jaxcompress.pruning import masks as masks_lib
+from jaxcompress.pruning import scores as scores_lib
+from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
+from jaxcompress.pruning.rule import PruneRule
+from jaxcompress.pruning.topk import select_top_k
 from jaxcompress.rules import check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]

@@ -4,8 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-import jaxcompress.prune as jp
-from tests.prune import reference
+import jaxcompress.pruning as jp
+from tests.pruning import reference
 
 
 def make_params():

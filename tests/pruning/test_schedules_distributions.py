@@ -4,8 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress.prune import distributions, schedules
-from tests.prune import reference
+from jaxcompress.pruning import distributions, schedules
+from tests.pruning import reference
 
 
 def test_polynomial_matches_zhu_gupta_formula():

@@ -4,9 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-import jaxcompress.prune as jp
-from tests.prune import reference
-from tests.prune.helpers import data, make_step, mlp_params, param_trees
+import jaxcompress.pruning as jp
+from tests.pruning import reference
+from tests.pruning.helpers import data, make_step, mlp_params, param_trees
 
 KERNELS = [("l1", "kernel"), ("l2", "kernel")]
 
@@ -136,7 +136,7 @@ def test_saliency_scores_use_the_gradients():
     opt = jp.prune(optax.sgd(0.0), rule)
     params, (x, y) = mlp_params(), data()
     state = opt.init(params)
-    grads = jax.grad(__import__("tests.prune.helpers", fromlist=["loss"]).loss)(params, x, y)
+    grads = jax.grad(__import__("tests.pruning.helpers", fromlist=["loss"]).loss)(params, x, y)
     _, state = jax.jit(opt.update)(grads, state, params)
     _, expected = jp.prune_params(params, rule, grads=grads)
     for a, b in KERNELS:

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from optax import MaskedNode
 
-from jaxcompress.prune import scores as scores_lib
-from jaxcompress.prune.topk import global_top_k_masks, top_k_mask
+from jaxcompress.pruning import scores as scores_lib
+from jaxcompress.pruning.topk import global_top_k_masks, top_k_mask
 
 __all__ = [
     "unstructured_mask",

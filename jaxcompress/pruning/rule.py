@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence, Union
 
-from jaxcompress.prune.distributions import DISTRIBUTIONS
-from jaxcompress.prune.masks import check_n_m
-from jaxcompress.prune.schedules import Schedule, check_sparsity
-from jaxcompress.prune.scores import NORMALIZATIONS, NORMS
+from jaxcompress.pruning.distributions import DISTRIBUTIONS
+from jaxcompress.pruning.masks import check_n_m
+from jaxcompress.pruning.schedules import Schedule, check_sparsity
+from jaxcompress.pruning.scores import NORMALIZATIONS, NORMS
 from jaxcompress.rules import Rule
 
 __all__ = ["PruneRule", "SCORES", "STRUCTURES", "SCOPES"]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from jaxcompress.prune import masks
-from tests.prune import reference
+from jaxcompress.pruning import masks
+from tests.pruning import reference
 
 unstructured = jax.jit(masks.unstructured_mask)
 n_m = jax.jit(masks.n_m_mask, static_argnums=(1, 2))
