@@ -43,7 +43,7 @@ def test_ptq_quick_writes_json(tmp_path):
     assert data["params"] == 22_713_216
     assert data["sentences"]["count"] > 0 and data["sentences"]["source"] in ("gensim:lee_background.cor", "builtin")
     rows = {row["variant"]: row for row in data["results"]}
-    assert set(rows) == {"int8", "int8+emb", "int4-g128", "int4-g128+emb", "int4-g128+emb-row"}
+    assert set(rows) == {"int8", "int8+emb", "int4-g128", "int4-g128+emb", "int4-g128+emb-row", "int4-g128+emb-bf16scale"}
     for row in rows.values():
         for key in ("quantize_median_s", "bytes_before", "bytes_after", "ratio", "median_sqnr_db", "cosine_mean"):
             assert row[key] is not None, (row["variant"], key)
@@ -57,6 +57,9 @@ def test_ptq_quick_writes_json(tmp_path):
     # int4 ~8x minus scales; leaving the 11.7M-entry word table in float caps both near 1.6x.
     assert rows["int8+emb"]["ratio"] >= 3.9
     assert rows["int4-g128+emb-row"]["ratio"] >= 7.5
+    # 2-byte scales: the same int4 g128 layout everywhere is smaller than with float32 scales.
+    assert rows["int4-g128+emb-bf16scale"]["bytes_after"] < rows["int4-g128+emb"]["bytes_after"]
+    assert rows["int4-g128+emb-bf16scale"]["ratio"] >= 7.5
     assert rows["int8"]["ratio"] < 2.0 and rows["int4-g128"]["ratio"] < 2.0
     # Quality sanity (loose): int8 per-channel is near-lossless, int4 clearly worse but usable.
     assert rows["int8+emb"]["median_sqnr_db"] > 35 and rows["int8+emb"]["cosine_mean"] > 0.99
