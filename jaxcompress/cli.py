@@ -132,6 +132,12 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+# `compress` and `inspect` live with the checkpoint code (jaxcompress.checkpoint.cli).
+from jaxcompress.checkpoint.cli import COMMANDS as _CHECKPOINT_COMMANDS  # noqa: E402
+
+COMMANDS = COMMANDS + _CHECKPOINT_COMMANDS
+
+
 # ---- entry point -------------------------------------------------------------------------------
 
 

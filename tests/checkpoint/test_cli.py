@@ -61,3 +61,16 @@ def test_inspect_plain_file(model, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[3].startswith("dense/bias") and "float32" in lines[3]
     assert "2 leaves" in lines[-1]
+
+
+def test_registered_in_the_jaxcompress_command(model, tmp_path):
+    import jaxcompress.cli as main_cli
+
+    names = [command.name for command in main_cli.COMMANDS]
+    if "compress" not in names:
+        pytest.skip("compress / inspect are not registered in jaxcompress/cli.py yet")
+    assert {"compress", "inspect"} <= set(names)
+    result = subprocess.run([sys.executable, "-m", "jaxcompress", "compress", str(model), str(tmp_path / "q.safetensors"),
+                             "-r", "w8a8", "--report", "none"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert main_cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == cli.EXIT_BAD_INPUT
