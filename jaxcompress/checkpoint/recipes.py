@@ -79,7 +79,7 @@ def list_presets() -> list[str]:
     """Names of the shipped presets.
 
     >>> list_presets()
-    ['2of4-int8', 'sparse90-int8', 'w4-g128', 'w4-g128-emb-row', 'w8a8']
+    ['2of4-int8', 'sparse90-int8', 'w4-g128', 'w4-g128-bf16', 'w4-g128-emb-row', 'w8a8']
     """
     return sorted(entry.name[: -len(".toml")] for entry in _presets_dir().iterdir() if entry.name.endswith(".toml"))
 

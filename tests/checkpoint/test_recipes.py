@@ -10,7 +10,7 @@ from jaxcompress.rules import QuantRule
 
 
 def test_presets_load_and_aliases():
-    assert recipes.list_presets() == ["2of4-int8", "sparse90-int8", "w4-g128", "w4-g128-emb-row", "w8a8"]
+    assert recipes.list_presets() == ["2of4-int8", "sparse90-int8", "w4-g128", "w4-g128-bf16", "w4-g128-emb-row", "w8a8"]
     for alias, name in recipes.PRESET_ALIASES.items():
         assert recipes.load_recipe(alias).name == name
     w8a8 = recipes.load_recipe("w8a8")
