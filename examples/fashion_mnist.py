@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from jaxcompress.pipeline import PipelineConfig, format_table, run_pipeline
+from jaxcompress.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,9 +56,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        train_subset=3000 if args.quick else None,
-        test_subset=1000 if args.quick else None,
-        latency_repeats=5 if args.quick else 30,
+        **(QUICK_SUBSET if args.quick else {}),
         out_dir=args.artifacts,
         progress=not args.no_progress,
     )

@@ -86,7 +86,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise _UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
     from jaxcompress.data import load_image_dataset
-    from jaxcompress.pipeline import PipelineConfig, format_table, run_pipeline
+    from jaxcompress.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
 
     data = load_image_dataset()
     if data.name != "fashion-mnist":
@@ -99,9 +99,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        train_subset=3000 if args.quick else None,
-        test_subset=1000 if args.quick else None,
-        latency_repeats=5 if args.quick else 30,
+        **(QUICK_SUBSET if args.quick else {}),
         out_dir=args.out,
         progress=not args.no_progress,
     )

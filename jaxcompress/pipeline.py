@@ -33,7 +33,10 @@ from jaxcompress.pruning import PruneRule, polynomial, prune
 from jaxcompress.training import fake_quant, qat, qat_ranges
 from jaxcompress.rules import QuantRule, path_to_str
 
-__all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table"]
+__all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table", "QUICK_SUBSET"]
+
+# What a --quick smoke run trains and evaluates on (the demo and the example share it).
+QUICK_SUBSET = dict(train_subset=3000, test_subset=1000, latency_repeats=5)
 
 
 class CNN(nn.Module):
