@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.execute.activation import quantize_activation
-from jaxcompress.execute.dot import UnsupportedQuantizedOp, _unsupported, integer_dot
+from jaxcompress.execute.dot import UnsupportedQuantizedOp, _unsupported, check_integer_operands, integer_dot
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -64,17 +64,9 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
     """The integer path (see the module docs); raises `UnsupportedQuantizedOp` when the kernel's
     scale layout or the conv's options do not allow it."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    if view.qtype != "int":
-        raise _unsupported("conv_general_dilated", view, f"{view.qtype} weights have no int8 codes")
+    check_integer_operands("conv_general_dilated", x, view, mode)
     if params.get("batch_group_count", 1) != 1:
         raise _unsupported("conv_general_dilated", view, "batch_group_count > 1")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise _unsupported("conv_general_dilated", view, f"the activation has non-float dtype {x.dtype}")
-    if mode == "static" and view.activation_scale is None:
-        raise ValueError(
-            f"{view.name}: activation='static' needs a calibrated activation scale; run "
-            f"jaxcompress.calibrate_activations and jaxcompress.attach_activation_scales first"
-        )
     out_axis, in_axis, kernel_axes = rhs_spec[0], rhs_spec[1], tuple(rhs_spec[2:])
     if any(view.scale_shape[a] != 1 for a in kernel_axes):
         raise _unsupported("conv_general_dilated", view, "the scale varies over the kernel window")

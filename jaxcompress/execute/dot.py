@@ -270,16 +270,22 @@ def dot_with_weight(
     return out
 
 
-def _integer_dot_general(x, view: WeightView, dimension_numbers, out_dtype, mode):
+def check_integer_operands(primitive: str, x, view: WeightView, mode: str) -> None:
+    """What every integer op needs: int8 codes, a float activation, and a calibrated activation
+    scale in static mode (shared by the dot and the convolution)."""
     if view.qtype != "int":
-        raise _unsupported("dot_general", view, f"{view.qtype} weights have no int8 codes")
+        raise _unsupported(primitive, view, f"{view.qtype} weights have no int8 codes")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise _unsupported("dot_general", view, f"the activation has non-float dtype {x.dtype}")
+        raise _unsupported(primitive, view, f"the activation has non-float dtype {x.dtype}")
     if mode == "static" and view.activation_scale is None:
         raise ValueError(
             f"{view.name}: activation='static' needs a calibrated activation scale; run "
             f"jaxcompress.calibrate_activations and jaxcompress.attach_activation_scales first"
         )
+
+
+def _integer_dot_general(x, view: WeightView, dimension_numbers, out_dtype, mode):
+    check_integer_operands("dot_general", x, view, mode)
     lhs_contract = _dims(dimension_numbers)[0]
     x_codes, x_scale = quantize_activation(x, lhs_contract, mode, view.activation_scale)
     return integer_dot(x_codes, x_scale, view, dimension_numbers, out_dtype)
