@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.codec import to_grouped
 from jaxcompress.quant.quantize import quantize, quantize_with_range
-from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
+from jaxcompress.rules import LeafDecisions, QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["quantize_params", "dequantize_params", "QuantizeReport", "LeafDecision"]
 
@@ -51,7 +51,7 @@ class LeafDecision:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeReport:
+class QuantizeReport(LeafDecisions):
     """Per-leaf decisions and the rules that matched nothing (static data, jit-safe)."""
 
     leaves: tuple[LeafDecision, ...]
@@ -60,15 +60,7 @@ class QuantizeReport:
 
     @property
     def quantized(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "quantized")
-
-    @property
-    def skipped(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "skipped")
-
-    @property
-    def unmatched(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "unmatched")
+        return self.paths_with("quantized")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ __all__ = [
     "Rule",
     "QuantRule",
     "RuleMatch",
+    "LeafDecisions",
     "path_to_str",
     "path_to_keystr",
     "match_rules",
@@ -124,6 +125,23 @@ class QuantRule(Rule, QuantSpec):
         """The plain `QuantSpec` part of this rule."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(QuantSpec)}
         return QuantSpec(**fields)
+
+
+class LeafDecisions:
+    """Mixin for reports whose ``leaves`` carry ``.path`` and ``.action`` (what a transform did
+    with each leaf): the paths of each kind of decision."""
+
+    def paths_with(self, action: str) -> tuple[str, ...]:
+        """The paths of the leaves whose decision is ``action``, in flattening order."""
+        return tuple(d.path for d in self.leaves if d.action == action)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return self.paths_with("skipped")
+
+    @property
+    def unmatched(self) -> tuple[str, ...]:
+        return self.paths_with("unmatched")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from jaxcompress.pruning import scores as scores_lib
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
 from jaxcompress.pruning.rule import PruneRule
 from jaxcompress.pruning.topk import select_top_k
-from jaxcompress.rules import check_unused_rules, match_rules, normalize_rules, path_to_keystr
+from jaxcompress.rules import LeafDecisions, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]
 
@@ -78,7 +78,7 @@ def _check_leaf(rule: PruneRule, shape: tuple[int, ...], name: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrunePlan:
+class PrunePlan(LeafDecisions):
     """The static outcome of matching rules: per-leaf decisions and how to compute masks.
 
     Attributes:
@@ -97,15 +97,7 @@ class PrunePlan:
 
     @property
     def pruned(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "pruned")
-
-    @property
-    def skipped(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "skipped")
-
-    @property
-    def unmatched(self) -> tuple[str, ...]:
-        return tuple(d.path for d in self.leaves if d.action == "unmatched")
+        return self.paths_with("pruned")
 
     @property
     def pruned_indices(self) -> tuple[int, ...]:
