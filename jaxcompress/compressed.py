@@ -50,7 +50,7 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
         naming the primitive and the leaf; ``"dequantize"`` runs that op weight-only instead.
 
     Returns:
-      A function with ``fn``'s signature and outputs. `QArray`\ s must reach ``fn`` through
+      A function with ``fn``'s signature and outputs. `QArray`\\ s must reach ``fn`` through
       its arguments (anywhere in their pytrees, ``kwargs`` included); one ``fn`` closes over is
       not seen. Non-array leaves (``deterministic=True``, strings) are passed through as Python
       values, and the traced program is cached per argument signature.

@@ -14,7 +14,7 @@ Jaxprs are cached per call signature (tree structure, shapes, dtypes, static lea
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -23,7 +23,7 @@ from jaxcompress.execute.interpret import Interpreter
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
-__all__ = ["call_with_qarrays", "TraceCache", "is_qarray"]
+__all__ = ["call_with_qarrays", "trace_call", "TracedCall", "TraceCache", "is_qarray"]
 
 
 def is_qarray(x: Any) -> bool:
@@ -72,14 +72,20 @@ def _signature(treedef, stand_ins, statics):
         return None
 
 
-def call_with_qarrays(
-    fn: Callable,
-    args: tuple,
-    kwargs: dict,
-    interpreter: Interpreter,
-    cache: TraceCache | None = None,
-) -> Any:
-    """Run ``fn(*args, **kwargs)`` with the `QArray` leaves executed by ``interpreter``."""
+class TracedCall(NamedTuple):
+    """A traced call: the jaxpr, the output tree, and where each jaxpr input came from."""
+
+    closed: Any
+    out_tree: Any
+    paths: list  # key paths of all flattened leaves of ``(args, kwargs)``
+    leaves: list  # the leaves themselves
+    dynamic_positions: list  # positions (in ``leaves``) of the jaxpr's inputs, in order
+
+
+def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None = None) -> TracedCall:
+    """Trace ``fn(*args, **kwargs)`` to a jaxpr whose inputs are the array leaves of the call
+    (a `QArray` counts as one leaf and is traced as a float array of its shape and dtype); other
+    leaves stay Python values. Cached per call signature on ``cache``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs)), is_leaf=is_qarray)
     paths = [p for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
@@ -111,12 +117,23 @@ def call_with_qarrays(
         if cache is not None:
             cache.put(key, traced)
     closed, out_tree = traced
+    return TracedCall(closed, out_tree, paths, leaves, dynamic_positions)
 
+
+def call_with_qarrays(
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    interpreter: Interpreter,
+    cache: TraceCache | None = None,
+) -> Any:
+    """Run ``fn(*args, **kwargs)`` with the `QArray` leaves executed by ``interpreter``."""
+    traced = trace_call(fn, args, kwargs, cache)
     inputs = []
-    for position in dynamic_positions:
-        leaf = leaves[position]
+    for position in traced.dynamic_positions:
+        leaf = traced.leaves[position]
         if isinstance(leaf, QArray):
-            leaf = WeightView.from_qarray(leaf, name=_leaf_name(paths[position]), leaf_index=position)
+            leaf = WeightView.from_qarray(leaf, name=_leaf_name(traced.paths[position]), leaf_index=position)
         inputs.append(leaf)
-    out_flat = interpreter.run(closed.jaxpr, closed.consts, inputs)
-    return jax.tree_util.tree_unflatten(out_tree, out_flat)
+    out_flat = interpreter.run(traced.closed.jaxpr, traced.closed.consts, inputs)
+    return jax.tree_util.tree_unflatten(traced.out_tree, out_flat)
