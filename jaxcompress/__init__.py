@@ -78,7 +78,12 @@ from jaxcompress.pruning import (
 from jaxcompress.qarray import QArray
 from jaxcompress.training import (
     QATState,
+    activation_fake_quant,
+    convert_qat,
     distillation_loss,
+    fake_quant_activations,
+    init_activation_steps,
+    qat_activation_ranges,
     fake_quant,
     fake_quant_array,
     init_lsq_step,
@@ -94,6 +99,11 @@ from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 __version__ = "0.1.0"
 
 __all__ = [
+    "activation_fake_quant",
+    "convert_qat",
+    "fake_quant_activations",
+    "init_activation_steps",
+    "qat_activation_ranges",
     "apply_masks",
     "attach_activation_scales",
     "block_mask",

@@ -32,6 +32,27 @@ same ranges, so the integer model computes what the fake-quantized forward pass 
 LSQ's learned steps are trainable parameters, not optimizer statistics: train them alongside the
 params (e.g. ``{"params": params, "steps": jc.init_lsq_steps(params, rules)}``) and pass them to
 `fake_quant` as ``steps``.
+
+W8A8 QAT: rules with ``activation="static"`` (or ``"dynamic"``) also fake-quantize the activations
+their weights meet (`fake_quant_activations`). The wrapper keeps each static leaf's activation
+range (``max|x|``, tracked by an exponential moving average with ``activation_ema_decay`` and
+frozen with the weight ranges at ``freeze_step``) from the ``observed`` statistics the wrapped
+forward returns, passed to the update as an extra argument:
+
+    apply = jc.fake_quant_activations(model.apply, rules)
+
+    def loss_fn(params, ranges, activation_ranges, batch):
+        logits, observed = apply(jc.fake_quant(params, rules, ranges=ranges), batch["x"],
+                                 ranges=activation_ranges)
+        return loss(logits, batch["y"]), observed
+
+    (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, jc.qat_ranges(state), jc.qat_activation_ranges(state), batch)
+    updates, state = opt.update(grads, state, params, activation_stats=observed)
+
+`convert_qat(params, rules, state)` then gives the integer params (weights quantized with the
+tracked ranges, static activation scales attached) whose `compressed` forward computes what the
+fake-quantized forward computed.
 """
 
 from __future__ import annotations
@@ -43,19 +64,22 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxcompress.training.activations import activation_modes, static_scale
 from jaxcompress.training.fake_quantize import _quant_rules, weight_ranges
-from jaxcompress.rules import QuantRule
+from jaxcompress.rules import QuantRule, path_to_str
 
-__all__ = ["qat", "QATState", "qat_ranges"]
+__all__ = ["qat", "QATState", "qat_ranges", "qat_activation_ranges", "convert_qat"]
 
 
 class QATState(NamedTuple):
-    """State of `qat`: step ``count``, the tracked clip ``ranges`` ({path: (lo, hi)}) and the
-    ``inner_state``."""
+    """State of `qat`: step ``count``, the tracked weight clip ``ranges`` ({path: (lo, hi)}),
+    the tracked ``activation_ranges`` ({path: max|x|}, 0 until first observed) of the leaves with
+    static activation quantization, and the ``inner_state``."""
 
     count: jax.Array
     ranges: dict[str, tuple[jax.Array, jax.Array]]
     inner_state: Any
+    activation_ranges: dict[str, jax.Array] = {}
 
 
 def qat(
@@ -64,8 +88,9 @@ def qat(
     *,
     freeze_step: int | None = None,
     ema_decay: float = 0.0,
+    activation_ema_decay: float = 0.9,
     on_unused: str = "warn",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so its state tracks (then freezes) the weights' quantization ranges.
 
     Args:
@@ -73,6 +98,9 @@ def qat(
       rules: the `QuantRule`s the forward pass uses with `fake_quant`.
       freeze_step: from this update step on, the ranges no longer change (``None``: never).
       ema_decay: ``ranges = decay * old + (1 - decay) * new`` (0: follow the weights exactly).
+      activation_ema_decay: the same for the activation ranges of static-activation leaves,
+        updated from the ``activation_stats={path: max|x|}`` extra argument of ``update`` (the
+        ``observed`` output of `fake_quant_activations`); the first observation is taken as is.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
 
     >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
@@ -88,40 +116,58 @@ def qat(
     rules = _quant_rules(rules)
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if not 0.0 <= activation_ema_decay < 1.0:
+        raise ValueError(f"activation_ema_decay must be in [0, 1), got {activation_ema_decay}")
     if freeze_step is not None and (not isinstance(freeze_step, int) or freeze_step < 0):
         raise ValueError(f"freeze_step must be a non-negative int or None, got {freeze_step!r}")
 
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
         ranges = weight_ranges(params, rules, on_unused=on_unused)
-        return QATState(jnp.zeros((), jnp.int32), ranges, inner.init(params))
+        static = [path for path, mode in activation_modes(params, rules, on_unused="ignore").items() if mode == "static"]
+        activation_ranges = {path: jnp.zeros((), jnp.float32) for path in static}
+        return QATState(jnp.zeros((), jnp.int32), ranges, inner.init(params), activation_ranges)
 
-    def update_fn(updates, state, params=None):
+    def track_activations(state, activation_stats):
+        if activation_stats is None:
+            return state.activation_ranges
+        # Statistics of dynamic-activation leaves (observed for monitoring) are not tracked.
+        new = dict(state.activation_ranges)
+        for path, value in activation_stats.items():
+            if path not in new:
+                continue
+            old = state.activation_ranges[path]
+            value = jnp.asarray(value, jnp.float32).reshape(())
+            averaged = activation_ema_decay * old + (1.0 - activation_ema_decay) * value
+            new[path] = jnp.where(old > 0, averaged, value)
+        return new
+
+    def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
         if params is None:
             raise ValueError("qat needs params: call update(updates, state, params)")
-        new_updates, inner_state = inner.update(updates, state.inner_state, params)
+        new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
 
         def track(_):
             fresh = weight_ranges(optax.apply_updates(params, new_updates), rules, on_unused="ignore")
-            if ema_decay == 0.0:
-                return fresh
-            return jax.tree.map(lambda old, new: ema_decay * old + (1.0 - ema_decay) * new, state.ranges, fresh)
+            if ema_decay != 0.0:
+                fresh = jax.tree.map(lambda old, new: ema_decay * old + (1.0 - ema_decay) * new, state.ranges, fresh)
+            return fresh, track_activations(state, activation_stats)
 
         def keep(_):
-            return state.ranges
+            return state.ranges, state.activation_ranges
 
         if freeze_step is None:
-            ranges = track(None)
+            ranges, activation_ranges = track(None)
         else:
-            ranges = lax.cond(state.count < freeze_step, track, keep, None)
+            ranges, activation_ranges = lax.cond(state.count < freeze_step, track, keep, None)
         count = optax.safe_increment(state.count)
-        return new_updates, QATState(count, ranges, inner_state)
+        return new_updates, QATState(count, ranges, inner_state, activation_ranges)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def qat_ranges(state: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """The clip ranges of the (single) `QATState` inside an optimizer state, however nested
-    (``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` ...)."""
+def _qat_state(state: Any) -> QATState:
     found = [
         node
         for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, QATState))
@@ -129,4 +175,70 @@ def qat_ranges(state: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
     ]
     if len(found) != 1:
         raise ValueError(f"expected exactly one QATState in the optimizer state, found {len(found)}")
-    return found[0].ranges
+    return found[0]
+
+
+def qat_ranges(state: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """The clip ranges of the (single) `QATState` inside an optimizer state, however nested
+    (``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` ...)."""
+    return _qat_state(state).ranges
+
+
+def qat_activation_ranges(state: Any) -> dict[str, jax.Array]:
+    """The tracked activation ranges ``{path: max|x|}`` of the (single) `QATState` inside an
+    optimizer state (pass them to the `fake_quant_activations` forward as ``ranges``)."""
+    return _qat_state(state).activation_ranges
+
+
+def convert_qat(
+    params: Any,
+    rules: Sequence[QuantRule] | QuantRule,
+    state: Any = None,
+    *,
+    activation_ranges: dict[str, jax.Array] | None = None,
+    activation_steps: dict[str, jax.Array] | None = None,
+) -> Any:
+    """The integer params of a QAT-trained model: what `compressed` runs.
+
+    Weights are quantized with the `qat` state's tracked ranges (calibrated on the weights if
+    ``state`` is None); each static-activation leaf gets the activation scale its fake-quantized
+    forward used: ``range / 127`` of the tracked ``activation_ranges`` (default: the state's), or
+    the learned LSQ ``activation_steps``.
+
+    >>> import jax, jax.numpy as jnp, optax, jaxcompress as jc
+    >>> rules = [jc.QuantRule(pattern="w", channel_axes=(-1,), activation="static")]
+    >>> params = {"w": jnp.array([[0.5, -1.0], [1.5, 0.25]])}
+    >>> opt = jc.qat(optax.sgd(0.1), rules)
+    >>> state = opt.init(params)
+    >>> _, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, params,
+    ...                       activation_stats={"w": jnp.float32(2.54)})
+    >>> qparams = jc.convert_qat(params, rules, state)
+    >>> qparams["w"].activation, round(float(qparams["w"].activation_scale), 4)
+    ('static', 0.02)
+    """
+    from jaxcompress.execute.calibration import attach_activation_scales
+    from jaxcompress.params import quantize_params
+    from jaxcompress.qarray import QArray
+
+    if activation_ranges is not None and activation_steps is not None:
+        raise TypeError("pass activation ranges or LSQ activation steps, not both")
+    qat_state = _qat_state(state) if state is not None else None
+    if activation_ranges is None and activation_steps is None and qat_state is not None:
+        activation_ranges = qat_state.activation_ranges
+    ranges = qat_state.ranges if qat_state is not None else None
+    qparams, _ = quantize_params(params, rules, ranges=ranges, on_unused="ignore")
+    if activation_ranges is None and activation_steps is None:
+        return qparams
+    if activation_steps is not None:
+        scales_by_path = {path: jnp.asarray(step, jnp.float32) for path, step in activation_steps.items()}
+    else:
+        scales_by_path = {path: static_scale(value) for path, value in activation_ranges.items()}
+
+    if activation_ranges is not None:
+        missing = sorted(path for path, value in activation_ranges.items() if not float(value) > 0)
+        if missing:
+            raise ValueError(f"no activation range observed yet for {missing}: pass activation_stats to the qat update")
+    scales = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: scales_by_path.get(path_to_str(path)), qparams, is_leaf=lambda x: isinstance(x, QArray)
+    )
+    return attach_activation_scales(qparams, scales)
