@@ -211,7 +211,7 @@ def _sparsegpt_from_statistics(matrix, stats, *, sparsity, n, m, name, damp, blo
 
     from jaxcompress.oneshot.wanda import check_statistics
 
-    check_statistics(stats, name, "SparseGPT")
+    check_statistics(stats, name, "SparseGPT", uses_hessian=True)
     hessian = np.asarray(stats.hessian, np.float32)
     attempt = damp
     for _ in range(6):

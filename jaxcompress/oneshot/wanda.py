@@ -192,8 +192,9 @@ def leaf_patterns(plan: Any, step: int | None, method: str) -> dict[str, tuple[i
     return out
 
 
-def check_statistics(stats: Any, name: str, method: str) -> bool:
-    """Warn about degenerate calibration statistics; returns whether all inputs were zero."""
+def check_statistics(stats: Any, name: str, method: str, *, uses_hessian: bool = False) -> bool:
+    """Warn about degenerate calibration statistics (all-zero inputs; with ``uses_hessian``, fewer
+    rows than inputs); returns whether all inputs were zero."""
     import warnings
 
     d_in = stats.view.d_in
@@ -205,7 +206,7 @@ def check_statistics(stats: Any, name: str, method: str) -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-    elif stats.count < d_in:
+    elif uses_hessian and stats.count < d_in:
         warnings.warn(
             f"{name}: only {stats.count} calibration rows for {d_in} inputs; the input statistics are "
             f"rank-deficient and {method} relies on damping (add calibration data for better results)",
@@ -213,6 +214,26 @@ def check_statistics(stats: Any, name: str, method: str) -> bool:
             stacklevel=3,
         )
     return all_zero
+
+
+def _channels_last_order(stats: Any) -> np.ndarray | None:
+    """For a conv, the column order with the input channel fastest (the capture's im2col order has
+    it slowest), so that N:M groups run along input channels as `PruneRule` defines; else None."""
+    view = stats.view
+    if view.kind != "conv":
+        return None
+    channels = view.operand_shape[tuple(stats.site.params["dimension_numbers"].rhs_spec)[1]]
+    return np.arange(view.d_in).reshape(channels, view.d_in // channels).T.ravel()
+
+
+def _permute_statistics(stats: Any, order: np.ndarray) -> Any:
+    hessian = None if stats.hessian is None else np.asarray(stats.hessian)[np.ix_(order, order)]
+    return stats._replace(
+        hessian=hessian,
+        sq_norms=np.asarray(stats.sq_norms)[order],
+        abs_sums=np.asarray(stats.abs_sums)[order],
+        absmax=np.asarray(stats.absmax)[order],
+    )
 
 
 def prune_with_statistics(
@@ -268,8 +289,15 @@ def prune_with_statistics(
             index, sparsity, n, m = patterns[path]
             name = plan.names[index]
             leaf = leaves[index]
-            matrix = to_matrix(jnp.asarray(leaf), stats[path])
-            pruned, keep = prune_matrix(matrix, stats[path], sparsity=sparsity, n=n, m=m, name=name)
+            leaf_stats = stats[path]
+            matrix = to_matrix(jnp.asarray(leaf), leaf_stats)
+            order = _channels_last_order(leaf_stats) if n is not None else None
+            if order is not None:  # N:M runs along input channels: make them the fastest column index
+                matrix, leaf_stats = matrix[:, order], _permute_statistics(leaf_stats, order)
+            pruned, keep = prune_matrix(matrix, leaf_stats, sparsity=sparsity, n=n, m=m, name=name)
+            if order is not None:
+                inverse = np.argsort(order)
+                pruned, keep = pruned[:, inverse], keep[:, inverse]
             leaves[index] = from_matrix(pruned, jnp.asarray(leaf), stats[path])
             mask_like = jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.bool_)
             masks[index] = from_matrix(keep.astype(jnp.float32), mask_like, stats[path])
