@@ -11,7 +11,12 @@ Layout conventions (the same for every granularity, so consumers need no special
   size 1; a per-channel axis keeps its full size; the group axis has size ``dim // group_size``.
   Per-tensor quantization therefore has a scale of shape ``(1, ..., 1)``.
 * dequantization is ``(values - zero_point) * scale`` after splitting the group axis into
-  ``(dim // group_size, group_size)``.
+  ``(dim // group_size, group_size)``, divided by ``input_scale`` when present.
+* ``input_scale`` (optional, ``None`` by default) is a per-input-channel smoothing factor ``s``
+  (SmoothQuant / AWQ): the codes quantize ``W * s`` along the weight's input (contracting)
+  axis or axes, and the `QArray` stands for ``W = dequant(codes) / s``. It has the original rank,
+  full size on the smoothed axes and size 1 elsewhere. `jaxcompress.compressed` divides the
+  ACTIVATION by ``s`` instead (``x W = (x / s)(s W)``) and runs the integer dot on the codes.
 
 Storage dtypes: 8-bit (and 5..7-bit) integers use ``int8``; 3- and 4-bit use ``jnp.int4``
 (a 3-bit value occupies a 4-bit container); 2-bit uses ``jnp.int2``. fp8 uses
@@ -101,7 +106,11 @@ class QArray:
         ``"weight_only"``, ``"dynamic"`` or ``"static"`` (see `QuantSpec`).
       activation_scale: for ``activation="static"``, the calibrated float32 scalar scale of the
         int8 activation this weight meets (``None`` until attached with
-        `jaxcompress.attach_activation_scales`).
+        `jaxcompress.attach_activation_scales`); with an ``input_scale`` it is the scale of the
+        smoothed activation ``x / input_scale``.
+      input_scale: ``None``, or the float32 per-input-channel smoothing factor ``s`` (original
+        rank; full size on the input axes, 1 elsewhere): the array is ``dequant(codes) / s``.
+        Set by `jaxcompress.oneshot.smoothquant.smoothquant` and `jaxcompress.oneshot.awq.awq`.
     """
 
     values: jax.Array
@@ -115,6 +124,7 @@ class QArray:
     dtype: Any = dataclasses.field(default=jnp.dtype(jnp.float32), metadata=dict(static=True))
     activation: str = dataclasses.field(default="weight_only", metadata=dict(static=True))
     activation_scale: jax.Array | None = None
+    input_scale: jax.Array | None = None
 
     # ---- array-like surface -------------------------------------------------------------
     @property
@@ -139,23 +149,34 @@ class QArray:
         )
 
     @property
+    def input_scale_axes(self) -> tuple[int, ...]:
+        """Axes along which ``input_scale`` varies (``()`` when there is none)."""
+        if self.input_scale is None:
+            return ()
+        return tuple(axis for axis, size in enumerate(self.input_scale.shape) if size != 1)
+
+    @property
     def symmetric(self) -> bool:
         return self.zero_point is None
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed values plus scale (plus zero point and static
-        activation scale, when present)."""
+        """True storage in bytes: packed values plus scale (plus zero point, static
+        activation scale and input scale, when present)."""
         return (
             _array_nbytes(self.values)
             + _array_nbytes(self.scale)
             + _array_nbytes(self.zero_point)
             + _array_nbytes(self.activation_scale)
+            + _array_nbytes(self.input_scale)
         )
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this `QArray` stands for, in ``dtype`` (default: the original dtype)."""
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(self.dtype)
+        if self.input_scale is not None:
+            smoothed = dataclasses.replace(self, input_scale=None).dequantize(jnp.float32)
+            return (smoothed / self.input_scale.astype(jnp.float32)).astype(out_dtype)
         values = self.values.astype(jnp.float32)
         if self.zero_point is not None:
             zero_point = self.zero_point.astype(jnp.float32)
@@ -179,7 +200,8 @@ class QArray:
         granularity = describe_granularity(self)
         return (
             f"QArray(shape={self.shape}, {self.qtype}{self.bits if self.qtype == INT_QTYPE else ''}, "
-            f"{granularity}, {'symmetric' if self.symmetric else 'asymmetric'}, dtype={jnp.dtype(self.dtype).name})"
+            f"{granularity}, {'symmetric' if self.symmetric else 'asymmetric'}, "
+            f"{'input-scaled, ' if self.input_scale is not None else ''}dtype={jnp.dtype(self.dtype).name})"
         )
 
 

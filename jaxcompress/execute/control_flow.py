@@ -34,7 +34,10 @@ def _stackable(view: WeightView) -> WeightView:
         scale = jnp.broadcast_to(scale, (length,) + scale.shape[1:])
         if zero_point is not None:
             zero_point = jnp.broadcast_to(zero_point, (length,) + zero_point.shape[1:])
-    return dataclasses.replace(view, scale=scale, zero_point=zero_point)
+    input_scale = view.input_scale
+    if input_scale is not None and input_scale.shape[0] != length:
+        input_scale = jnp.broadcast_to(input_scale, (length,) + input_scale.shape[1:])
+    return dataclasses.replace(view, scale=scale, zero_point=zero_point, input_scale=input_scale)
 
 
 def run_scan(interpreter, eqn, invals, as_array):
@@ -47,7 +50,7 @@ def run_scan(interpreter, eqn, invals, as_array):
     for value in xs:
         if isinstance(value, WeightView):
             view = _stackable(value)
-            packed_xs.append((view.values, view.scale, view.zero_point))
+            packed_xs.append((view.values, view.scale, view.zero_point, view.input_scale))
             templates.append(view)
         else:
             packed_xs.append(value)
@@ -59,8 +62,10 @@ def run_scan(interpreter, eqn, invals, as_array):
             if template is None:
                 x_values.append(value)
             else:
-                values, scale, zero_point = value
-                x_values.append(dataclasses.replace(template, values=values, scale=scale, zero_point=zero_point))
+                values, scale, zero_point, input_scale = value
+                x_values.append(
+                    dataclasses.replace(template, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale)
+                )
         outs = interpreter.run(body.jaxpr, body.consts, consts + list(carry) + x_values)
         return outs[:num_carry], outs[num_carry:]
 

@@ -13,6 +13,11 @@ input in memory (a quarter of a float32 im2col).
 Patch features are ordered ``(input channel, window position)`` so that a per-group kernel scale
 along the input-channel axis stays contiguous after flattening.
 
+Smoothed kernels (`QArray.input_scale` along the kernel's input-feature axis, no feature groups):
+the activation is divided by the input scale along its feature axis, then the conv runs on the
+codes as above. Any other input-scale layout falls back to the float conv with the dequantized
+kernel.
+
 Weight-only path: a float convolution with the dequantized kernel.
 """
 
@@ -26,7 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.execute.activation import quantize_activation
-from jaxcompress.execute.dot import UnsupportedQuantizedOp, _unsupported, check_integer_operands, integer_dot
+from jaxcompress.execute.dot import (
+    UnsupportedQuantizedOp,
+    _unsupported,
+    check_integer_operands,
+    integer_dot,
+    smooth_activation,
+)
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -125,6 +136,20 @@ def conv_with_weight(
     `ConvDimensionNumbers`) and a quantized kernel (internal; see
     `quantized_conv_general_dilated`)."""
     mode = view.activation if mode is None else mode
+    if view.input_scale is not None:
+        lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+        divisor = None
+        if params.get("feature_group_count", 1) == 1 and params.get("batch_group_count", 1) == 1:
+            divisor = view.activation_divisor(x.ndim, (rhs_spec[1],), (lhs_spec[1],))
+        if divisor is None:
+            if mode != "weight_only" and on_unsupported == "error":
+                raise _unsupported(
+                    "conv_general_dilated", view, "its input scale is not along the kernel's input features of an ungrouped conv"
+                )
+            mode = "weight_only"
+        else:
+            x = smooth_activation(x, divisor)
+            view = view.without_input_scale()
     if on_activation is not None:
         on_activation(view, x, tuple(a for a in range(x.ndim) if a != params["dimension_numbers"][0][0]))
     if mode != "weight_only":

@@ -25,6 +25,11 @@ an s32 dot, far slower than float32, so integer dots with fewer than `MIN_ROWS` 
 to `MIN_ROWS` rows; with an ``(out, in)`` weight layout the weight is made the left operand,
 which XLA's integer matmul runs at several times float32's speed (see the benchmark).
 
+Smoothed weights (`QArray.input_scale` ``s``, from SmoothQuant / AWQ): ``x W = (x / s)(W s)``, so
+the activation is divided by ``s`` along the matching contracted axes first and the dot then runs
+on the codes of ``W s`` exactly as above (integer or weight-only). If ``s`` varies along an axis
+the dot does not contract, the weight is dequantized (``W`` itself) for a float dot instead.
+
 Weight-only path (``activation="weight_only"``): float activation, float dot with the weight
 converted from its integer codes. When the scale is constant along the contracted axes the scale
 is applied to the (smaller) output instead of the weight.
@@ -211,7 +216,9 @@ def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision
     view = view.materialize()  # float transposes fold into the dot fine
     compute_dtype = jnp.result_type(x.dtype, view.dtype)
     x = x.astype(compute_dtype)
-    scale_on_output = view.zero_point is None and all(view.scale.shape[a] == 1 for a in rhs_contract)
+    scale_on_output = (
+        view.zero_point is None and view.input_scale is None and all(view.scale.shape[a] == 1 for a in rhs_contract)
+    )
     if not scale_on_output:
         weight = view.dequantize(compute_dtype)
         return jax.lax.dot_general(
@@ -248,6 +255,15 @@ def dot_with_weight(
     if out_dtype is None:
         out_dtype = preferred_element_type or jnp.result_type(x.dtype, view.dtype)
     mode = view.activation if mode is None else mode
+    if view.input_scale is not None:
+        divisor = view.activation_divisor(x.ndim, rhs_contract, lhs_contract)
+        if divisor is None:
+            if mode != "weight_only" and on_unsupported == "error":
+                raise _unsupported("dot_general", view, "its input scale varies along an axis the dot does not contract")
+            mode = "weight_only"  # the dequantized weight (input scale included), a float dot
+        else:
+            x = smooth_activation(x, divisor)
+            view = view.without_input_scale()
     if on_activation is not None:
         on_activation(view, x, lhs_contract)
     out = None
@@ -268,6 +284,12 @@ def dot_with_weight(
         w_free = tuple(range(n_batch + n_x_free, n_batch + n_x_free + n_w_free))
         out = jnp.transpose(out, batch + w_free + x_free)
     return out
+
+
+def smooth_activation(x: jax.Array, divisor: jax.Array) -> jax.Array:
+    """``x / divisor`` (computed in float32, returned in ``x``'s dtype): the activation a
+    smoothed weight's codes expect."""
+    return (x.astype(jnp.float32) / divisor).astype(x.dtype)
 
 
 def check_integer_operands(primitive: str, x, view: WeightView, mode: str) -> None:

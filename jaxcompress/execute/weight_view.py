@@ -13,6 +13,13 @@ axis has full size, a per-group axis has ``dim // group_size`` entries, which is
 `QArray` layout, so a `QArray` is a view with no ops applied. Every op below either keeps that
 form or returns ``None`` (the caller then dequantizes, which is always correct).
 
+Input scale (SmoothQuant / AWQ smoothing, `QArray.input_scale`): an optional array of the
+values' rank, full size on the input axes and 1 elsewhere; the view stands for
+``dequant(codes) / input_scale``. The layout ops carry it when it stays elementwise along whole
+axes (transpose, squeeze, broadcast, converting, slicing, a reshape that keeps each smoothed axis
+whole or merges only smoothed axes); otherwise they return ``None``. The dot / conv divide the
+activation by it (`WeightView.activation_divisor`) and then treat the view without it.
+
 Transposes are lazy: ``permutation`` records them (logical axis ``i`` is stored axis
 ``permutation[i]``) and a dot folds them into its dimension numbers (`WeightView.fold`). XLA's
 CPU backend runs an s8 dot whose operand is a transposed s8 array as an s32 dot (it decides
@@ -56,6 +63,7 @@ class WeightView:
     name: str = "weight"
     leaf_index: int | None = None
     permutation: tuple[int, ...] | None = None
+    input_scale: jax.Array | None = None
 
     @classmethod
     def from_qarray(cls, q: QArray, name: str = "weight", leaf_index: int | None = None) -> "WeightView":
@@ -69,6 +77,7 @@ class WeightView:
             activation_scale=q.activation_scale,
             name=name,
             leaf_index=leaf_index,
+            input_scale=q.input_scale,
         )
 
     # ---- shape -------------------------------------------------------------------------
@@ -99,8 +108,14 @@ class WeightView:
             return self
         permutation = self.permutation
         scale, zero_point = self._map_scales(lambda a: jnp.transpose(a, permutation))
+        input_scale = None if self.input_scale is None else jnp.transpose(self.input_scale, permutation)
         return dataclasses.replace(
-            self, values=jnp.transpose(self.values, permutation), scale=scale, zero_point=zero_point, permutation=None
+            self,
+            values=jnp.transpose(self.values, permutation),
+            scale=scale,
+            zero_point=zero_point,
+            permutation=None,
+            input_scale=input_scale,
         )
 
     def fold(self, contract, batch):
@@ -125,10 +140,46 @@ class WeightView:
             None if fixup == sorted(fixup) else tuple(fixup),
         )
 
-    def _with(self, values, scale, zero_point, dtype=None) -> "WeightView":
+    def _with(self, values, scale, zero_point, dtype=None, input_scale=None) -> "WeightView":
         return dataclasses.replace(
-            self, values=values, scale=scale, zero_point=zero_point, dtype=self.dtype if dtype is None else dtype
+            self,
+            values=values,
+            scale=scale,
+            zero_point=zero_point,
+            dtype=self.dtype if dtype is None else dtype,
+            input_scale=input_scale,
         )
+
+    # ---- input scale -------------------------------------------------------------------
+    @property
+    def input_scale_axes(self) -> tuple[int, ...]:
+        """Logical axes along which the input scale varies (``()`` without one)."""
+        if self.input_scale is None:
+            return ()
+        return tuple(a for a, size in enumerate(self._logical(self.input_scale.shape)) if size != 1)
+
+    def without_input_scale(self) -> "WeightView":
+        """The view of ``dequant(codes)`` alone (the smoothed weight ``W * s``)."""
+        return dataclasses.replace(self, input_scale=None)
+
+    def activation_divisor(self, x_ndim: int, weight_axes, x_axes) -> jax.Array | None:
+        """The input scale laid out for an activation of rank ``x_ndim`` whose axes ``x_axes``
+        are contracted with this view's logical ``weight_axes``: ``x / divisor`` is the smoothed
+        activation. ``None`` if the input scale varies along an axis that is not contracted."""
+        axes = self.input_scale_axes
+        if any(a not in weight_axes for a in axes):
+            return None
+        logical = self.input_scale
+        if self.permutation is not None:
+            logical = jnp.transpose(logical, self.permutation)
+        kept = logical.reshape(tuple(logical.shape[a] for a in axes))  # weight-axis order
+        targets = [x_axes[list(weight_axes).index(a)] for a in axes]
+        order = sorted(range(len(axes)), key=lambda i: targets[i])
+        kept = jnp.transpose(kept, order)  # now in the activation's axis order
+        shape = [1] * x_ndim
+        for position, i in enumerate(order):
+            shape[targets[i]] = kept.shape[position]
+        return kept.reshape(tuple(shape)).astype(jnp.float32)
 
     def _map_scales(self, fn):
         return fn(self.scale), None if self.zero_point is None else fn(self.zero_point)
@@ -159,13 +210,16 @@ class WeightView:
         values = self.values.astype(jnp.float32)
         if zero_point is not None:
             values = values - zero_point.astype(jnp.float32)
-        return (values * scale.astype(jnp.float32)).astype(out_dtype)
+        out = values * scale.astype(jnp.float32)
+        if self.input_scale is not None:
+            out = out / self.input_scale.astype(jnp.float32)
+        return out.astype(out_dtype)
 
     # ---- layout ops (each mirrors the lax primitive of the same name) ------------------
     def astype(self, dtype: Any) -> "WeightView | None":
         if not jnp.issubdtype(dtype, jnp.floating):
             return None
-        return self._with(self.values, self.scale, self.zero_point, jnp.dtype(dtype))
+        return self._with(self.values, self.scale, self.zero_point, jnp.dtype(dtype), self.input_scale)
 
     def transpose(self, permutation) -> "WeightView":
         current = self.permutation or tuple(range(self.ndim))
@@ -177,7 +231,8 @@ class WeightView:
         self = self.materialize()
         dimensions = tuple(dimensions)
         scale, zero_point = self._map_scales(lambda a: jnp.squeeze(a, dimensions))
-        return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point)
+        input_scale = None if self.input_scale is None else jnp.squeeze(self.input_scale, dimensions)
+        return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point, input_scale=input_scale)
 
     def broadcast_in_dim(self, shape, broadcast_dimensions) -> "WeightView":
         self = self.materialize()
@@ -189,8 +244,14 @@ class WeightView:
         scale, zero_point = self._map_scales(
             lambda a: jax.lax.broadcast_in_dim(a, tuple(scale_shape), broadcast_dimensions)
         )
+        input_scale = None
+        if self.input_scale is not None:
+            input_shape = [1] * len(shape)
+            for in_axis, out_axis in enumerate(broadcast_dimensions):
+                input_shape[out_axis] = self.input_scale.shape[in_axis]
+            input_scale = jax.lax.broadcast_in_dim(self.input_scale, tuple(input_shape), broadcast_dimensions)
         values = jax.lax.broadcast_in_dim(self.values, shape, broadcast_dimensions)
-        return self._with(values, scale, zero_point)
+        return self._with(values, scale, zero_point, input_scale=input_scale)
 
     def reshape(self, new_sizes) -> "WeightView | None":
         self = self.materialize()
@@ -198,8 +259,14 @@ class WeightView:
         scale_shape = reshaped_scale_shape(self.shape, tuple(self.scale.shape), new_sizes)
         if scale_shape is None:
             return None
+        input_scale = None
+        if self.input_scale is not None:
+            input_shape = reshaped_scale_shape(self.shape, tuple(self.input_scale.shape), new_sizes)
+            if input_shape is None or any(s not in (1, d) for s, d in zip(input_shape, new_sizes)):
+                return None  # the smoothing factor would not stay whole along axes
+            input_scale = self.input_scale.reshape(input_shape)
         scale, zero_point = self._map_scales(lambda a: a.reshape(scale_shape))
-        return self._with(self.values.reshape(new_sizes), scale, zero_point)
+        return self._with(self.values.reshape(new_sizes), scale, zero_point, input_scale=input_scale)
 
     def slice(self, start_indices, limit_indices, strides=None) -> "WeightView | None":
         self = self.materialize()
@@ -219,8 +286,17 @@ class WeightView:
         scale, zero_point = self._map_scales(
             lambda a: jax.lax.slice(a, tuple(scale_start), tuple(scale_limit), scale_strides)
         )
+        input_scale = None
+        if self.input_scale is not None:
+            whole = [size != 1 for size in self.input_scale.shape]
+            input_scale = jax.lax.slice(
+                self.input_scale,
+                tuple(s if w else 0 for s, w in zip(start_indices, whole)),
+                tuple(l if w else 1 for l, w in zip(limit_indices, whole)),
+                tuple(st if w else 1 for st, w in zip(strides, whole)),
+            )
         values = jax.lax.slice(self.values, tuple(start_indices), tuple(limit_indices), strides)
-        return self._with(values, scale, zero_point)
+        return self._with(values, scale, zero_point, input_scale=input_scale)
 
 
 def reshaped_scale_shape(shape, scale_shape, new_shape) -> tuple[int, ...] | None:
