@@ -11,7 +11,13 @@ which mask leaves are ``optax.MaskedNode()`` sentinels (Orbax itself stores thos
 * without a target: the structure comes from the metadata (dict keys and list indices as
   saved; other containers come back as dicts), `QArray`s and ``MaskedNode``s are rebuilt;
 * into a target (concrete or abstract, e.g. ``jax.eval_shape`` output, possibly sharded): Orbax
-  restores into it and the recorded `QArray` metadata is checked against the target's.
+  restores into it and the recorded `QArray` metadata is checked against the target's;
+* onto a (new) mesh with ``shardings=``: `abstract_checkpoint` builds the abstract target from the
+  checkpoint's own metadata, each array carrying the sharding you ask for per param path; `QArray`
+  scales and zero points follow their param's sharding on the axes where they keep a full or
+  grouped dim (`follow_sharding`), masks shard like their param. Each process reads only its own
+  shards, so a checkpoint saved on one mesh restores bitwise onto any other (8 devices as 2x4 ->
+  4x2 -> 2 devices in tests/multidevice/md_scale_checkpoint.py).
 
 `save_to_manager` / `restore_from_manager` do the same through an ``ocp.CheckpointManager``.
 A directory written by plain Orbax (no jaxcompress metadata) loads as the plain tree Orbax
@@ -20,6 +26,7 @@ returns; a directory that is not an Orbax checkpoint raises a ``ValueError`` nam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -36,6 +43,8 @@ __all__ = [
     "restore_from_manager",
     "compression_metadata",
     "is_orbax_checkpoint",
+    "abstract_checkpoint",
+    "follow_sharding",
 ]
 
 METADATA_KEY = "jaxcompress"
@@ -234,13 +243,122 @@ def _restore_target(meta: dict | None, item_metadata: Any, target: Any, masks_ta
     return item
 
 
-def load_checkpoint(path: str | os.PathLike, target: Any = None, *, masks_target: Any = None) -> tuple[Any, Any]:
+def follow_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+    """``sharding`` (a param's) adapted to an array of ``shape`` with the param's rank, e.g. its
+    `QArray` scale: a `NamedSharding` keeps a mesh axis on each dim the axis divides and
+    replicates the others (a per-channel scale ``(1, out)`` of a ``P('data', 'model')`` kernel
+    becomes ``P(None, 'model')``). Other shardings are returned unchanged.
+
+    >>> import jax, numpy as np
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    >>> follow_sharding(NamedSharding(mesh, P("data", "model")), (1, 8)).spec
+    P(None, 'model')
+    """
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    kept = []
+    for dim, names in zip(shape, spec[: len(shape)]):
+        if names is None:
+            kept.append(None)
+            continue
+        axes = names if isinstance(names, tuple) else (names,)
+        size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+        kept.append(names if dim > 1 and dim % size == 0 else None)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
+
+
+def _sharding_for(shardings: Any, name: str, shape: tuple[int, ...]) -> Any:
+    if shardings is None:
+        return None
+    if isinstance(shardings, jax.sharding.Sharding):
+        return follow_sharding(shardings, shape)
+    if callable(shardings):
+        sharding = shardings(name, shape)
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(f"{name}: shardings(path, shape) returned {sharding!r}, expected a jax.sharding.Sharding")
+        return sharding
+    raise TypeError(f"shardings must be a jax.sharding.Sharding or a callable (path, shape) -> Sharding, got {shardings!r}")
+
+
+def _with_sharding(abstract: Any, sharding: Any) -> Any:
+    if sharding is None:
+        return abstract
+    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=follow_sharding(sharding, abstract.shape))
+
+
+def _shard_abstract(tree: Any, shardings: Any, root: str) -> Any:
+    def place(path, leaf):
+        name = treemeta.path_name(treemeta.encode_path(path))
+        if treemeta.is_masked_node(leaf) or leaf is None:
+            return leaf
+        if isinstance(leaf, QArray):
+            sharding = _sharding_for(shardings, name, leaf.shape)
+            fields = {k: _with_sharding(v, sharding) for k, v in treemeta.qarray_array_fields(leaf).items()}
+            return dataclasses.replace(leaf, **fields)
+        return _with_sharding(leaf, _sharding_for(shardings, name, tuple(leaf.shape)))
+
+    return jax.tree_util.tree_map_with_path(
+        place, tree, is_leaf=lambda x: x is None or isinstance(x, QArray) or treemeta.is_masked_node(x)
+    )
+
+
+def abstract_checkpoint(path: str | os.PathLike, shardings: Any = None) -> tuple[Any, Any]:
+    """``(params, masks)`` of a jaxcompress Orbax checkpoint as ABSTRACT trees built from its
+    metadata (no array is read): ``jax.ShapeDtypeStruct`` leaves, `QArray` nodes holding them,
+    ``MaskedNode()`` where the masks have none (``masks`` is None if none were saved).
+
+    ``shardings`` places every array for a restore onto a (new) mesh: one
+    ``jax.sharding.Sharding`` for all leaves, or a callable ``(path, shape) -> Sharding`` called
+    with each param's path string (``"dense/kernel"``) and shape. A `QArray`'s values take its
+    param's sharding, its scale / zero point `follow_sharding`; a mask takes the sharding of the
+    param at the same path. Pass the result to `load_checkpoint` as ``target`` /
+    ``masks_target`` (``load_checkpoint(path, shardings=...)`` does exactly that).
+
+    >>> import tempfile, os, jax, jax.numpy as jnp, jaxcompress as jc
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> save_checkpoint(path, {"w": jc.quantize(jnp.ones((4, 2)), bits=4, channel_axes=(1,))})
+    >>> params, masks = abstract_checkpoint(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    >>> params["w"].values.shape, params["w"].values.dtype, params["w"].scale.shape, masks
+    ((4, 2), dtype(int4), (1, 2), None)
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not is_orbax_checkpoint(path):
+        raise ValueError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
+    step_metadata = _ocp().StandardCheckpointer().metadata(path)
+    meta = _read_meta(step_metadata.custom_metadata, path)
+    if meta is None:
+        raise ValueError(f"{path}: not a jaxcompress checkpoint (no compression metadata); use orbax directly")
+    item_metadata = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
+    params = _rebuild(_abstract_from_metadata(item_metadata["params"]), meta["params"], path)
+    masks = None
+    if meta.get("masks") is not None:
+        masks = _rebuild(_abstract_from_metadata(item_metadata["masks"]), meta["masks"], path + "[masks]")
+    if shardings is not None:
+        params = _shard_abstract(params, shardings, path)
+        if masks is not None:
+            masks = _shard_abstract(masks, shardings, path + "[masks]")
+    return params, masks
+
+
+def load_checkpoint(
+    path: str | os.PathLike, target: Any = None, *, masks_target: Any = None, shardings: Any = None
+) -> tuple[Any, Any]:
     """Restore ``(params, masks)`` from an Orbax checkpoint (``masks`` is None if none were saved).
 
     ``target`` (optional) is a params tree, concrete or abstract (``jax.ShapeDtypeStruct`` leaves,
     `QArray` nodes holding them), whose structure, dtypes and shardings the result takes; its
     `QArray` metadata must equal the recorded one. See `save_checkpoint` for an example.
+
+    ``shardings`` (instead of targets): restore onto a mesh, e.g.
+    ``load_checkpoint(path, shardings=lambda path, shape: NamedSharding(mesh, spec_of(path)))``;
+    see `abstract_checkpoint` for how `QArray` scales and masks are placed.
     """
+    if shardings is not None:
+        if target is not None or masks_target is not None:
+            raise TypeError("pass either shardings or target / masks_target, not both")
+        target, masks_target = abstract_checkpoint(path, shardings)
     path = os.path.abspath(os.fspath(path))
     if not is_orbax_checkpoint(path):
         raise ValueError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
