@@ -294,3 +294,45 @@ def test_dense_stack_any_masks(first, second):
     keep = {"params/Dense_0/kernel": first, "params/Dense_1/kernel": second}
     _check(model, lambda f: models.DenseStack(features=(f.get("params/Dense_0", 12), f.get("params/Dense_1", 9))),
            variables, x, keep)
+
+
+def test_nested_calls_are_walked():
+    """jit (pjit), custom_jvp (relu), custom_vjp and remat bodies carry the coupling through."""
+
+    @jax.custom_vjp
+    def scale(x):
+        return 2.0 * x
+
+    scale.defvjp(lambda x: (scale(x), None), lambda _, g: (2.0 * g,))
+
+    @jax.jit
+    def block(h, bias):
+        return jax.nn.relu(h + bias)
+
+    def fn(params, x):
+        h = block(x @ params["a"]["kernel"], params["a"]["bias"])
+        h = jax.checkpoint(lambda h: scale(h) * params["s"])(h)
+        return h @ params["b"]["kernel"]
+
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((3, 6)), jnp.float32), "bias": jnp.ones(6)},
+              "s": jnp.arange(6.0), "b": {"kernel": jnp.asarray(rng.standard_normal((6, 2)), jnp.float32)}}
+    x = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+    keep = np.array([True, True, False, True, False, True])
+    result = shrink(fn, params, {"a/kernel": keep}, x)
+    assert {p: s[1] for p, s in result.shapes.items()} == {
+        "a/kernel": (3, 4), "a/bias": (4,), "s": (4,), "b/kernel": (4, 2)}
+    reference = dict(params, b={"kernel": params["b"]["kernel"] * keep[:, None]})
+    chex.assert_trees_all_close(fn(result.params, x), fn(reference, x), atol=1e-5)
+
+
+def test_coupled_members_listed():
+    model = models.ResNet()
+    variables, x = _setup(model, IMAGE)
+    coupling = analyze_channels(model.apply, variables, x)
+    members = coupling.members(coupling.out_classes("params/Conv_0/kernel")[:1])
+    for expected in ("params/Conv_0/kernel[axis 3]", "params/Conv_2/kernel[axis 3]", "params/Conv_4/kernel[axis 3]",
+                     "params/Conv_1/kernel[axis 2]", "params/Conv_3/kernel[axis 2]", "params/Dense_0/kernel[axis 0]",
+                     "batch_stats/BatchNorm_4/var[axis 0]", "params/BatchNorm_2/scale[axis 0]"):
+        assert expected in members, (expected, members)
+    assert not any(m.startswith("params/Conv_1/kernel[axis 3]") for m in members)
