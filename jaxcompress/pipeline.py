@@ -30,7 +30,7 @@ from jaxcompress.compressed import compressed
 from jaxcompress.data import Dataset, load_image_dataset
 from jaxcompress.params import quantize_params
 from jaxcompress.pruning import PruneRule, polynomial, prune
-from jaxcompress.training import fake_quant, qat, qat_ranges
+from jaxcompress.training import convert_qat, fake_quant, fake_quant_activations, qat, qat_activation_ranges, qat_ranges
 from jaxcompress.rules import QuantRule, path_to_str
 
 __all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table", "QUICK_SUBSET"]
@@ -108,24 +108,35 @@ def _quant_rules(params: Any, config: PipelineConfig) -> list[QuantRule]:
 
 
 class _Trainer:
-    """Minibatch training with a jitted step; ``forward(params, opt_state)`` gives the params
-    the loss sees (identity for float training, fake quantization for QAT)."""
+    """Minibatch training with a jitted step. Float training by default; with ``qat_rules``
+    (the optimizer then contains a `qat` state) the loss sees fake-quantized weights (the
+    state's tracked ranges) and fake-quantized activations (`fake_quant_activations`, the
+    activations `compressed` will quantize), and the observed activation ranges go to the
+    update."""
 
     def __init__(self, model: nn.Module, data: Dataset, config: PipelineConfig):
         self.model, self.data, self.config = model, data, config
         self.rng = np.random.default_rng(config.seed)
 
-    def run(self, params, optimizer, steps: int, desc: str, forward: Callable = lambda p, s: p):
+    def run(self, params, optimizer, steps: int, desc: str, qat_rules: list[QuantRule] | None = None):
         model = self.model
+        activation_apply = fake_quant_activations(model.apply, qat_rules, on_unused="ignore") if qat_rules else None
 
         @jax.jit
         def step(params, opt_state, images, labels):
             def loss_fn(p):
-                logits = model.apply(forward(p, opt_state), images)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                if activation_apply is None:
+                    logits, observed = model.apply(p, images), None
+                else:
+                    weights = fake_quant(p, qat_rules, ranges=qat_ranges(opt_state), on_unused="ignore")
+                    logits, observed = activation_apply(weights, images, ranges=qat_activation_ranges(opt_state))
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), observed
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            if activation_apply is None:
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+            else:
+                updates, opt_state = optimizer.update(grads, opt_state, params, activation_stats=observed)
             return optax.apply_updates(params, updates), opt_state, loss
 
         images, labels = self.data.train_images, self.data.train_labels
@@ -223,7 +234,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
     pruned, prune_state = trainer.run(fp32, pruner, config.prune_steps, "gradual pruning")
     masks = prune_state.masks
 
-    # 4. QAT of the pruned model: masks frozen, ranges tracked then frozen for the last 20%.
+    # 4. QAT of the pruned model: masks frozen, weight and activation ranges tracked, then frozen
+    #    for the last 20%; the activations compressed() quantizes are fake-quantized too.
     qat_opt = qat(
         prune(optax.adam(config.learning_rate / 4), masks=masks),
         quant_rules,
@@ -232,9 +244,9 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
     )
     qat_params, qat_state = trainer.run(
         pruned, qat_opt, config.qat_steps, "int8 QAT" if config.bits == 8 else f"int{config.bits} QAT",
-        forward=lambda p, s: fake_quant(p, quant_rules, ranges=qat_ranges(s), on_unused="ignore"),
+        qat_rules=quant_rules,
     )
-    converted, _ = quantize_params(qat_params, quant_rules, ranges=qat_ranges(qat_state), on_unused="ignore")
+    converted = convert_qat(qat_params, quant_rules, qat_state)
 
     # 5. files, accuracy, latency.
     label = f"int{config.bits}" + (f" g{config.group_size}" if config.group_size else "")
