@@ -71,8 +71,12 @@ def row_errors(delta: Any, hessian: Any) -> jax.Array:
     >>> row_errors(jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.diag(jnp.array([2.0, 3.0]))).tolist()
     [2.0, 3.0]
     """
-    delta = jnp.asarray(delta, jnp.float32)
-    return jnp.sum(jnp.matmul(delta, jnp.asarray(hessian, jnp.float32), precision="highest") * delta, axis=1)
+    return _row_errors(jnp.asarray(delta, jnp.float32), jnp.asarray(hessian, jnp.float32))
+
+
+@jax.jit
+def _row_errors(delta, hessian):
+    return jnp.sum(jnp.matmul(delta, hessian, precision="highest") * delta, axis=1)
 
 
 def fake_quant_rows(weight: Any, bits: int, group_size: int | None = None) -> jax.Array:

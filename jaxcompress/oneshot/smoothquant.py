@@ -87,8 +87,11 @@ def output_error(delta: Any, hessian: Any) -> jax.Array:
     >>> float(output_error(jnp.array([[1.0, 0.0]]), jnp.array([[2.0, 0.0], [0.0, 3.0]])))
     2.0
     """
-    delta = jnp.asarray(delta, jnp.float32)
-    hessian = jnp.asarray(hessian, jnp.float32)
+    return _output_error(jnp.asarray(delta, jnp.float32), jnp.asarray(hessian, jnp.float32))
+
+
+@jax.jit
+def _output_error(delta, hessian):
     return jnp.sum(jnp.matmul(delta, hessian, precision="highest") * delta)
 
 
