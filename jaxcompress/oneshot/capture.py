@@ -316,10 +316,28 @@ def _row_statistics(rows: jax.Array, with_hessian: bool):
     return hessian, jnp.sum(rows * rows, axis=0), jnp.sum(magnitude, axis=0), jnp.max(magnitude, axis=0, initial=0.0)
 
 
+def _masked_rows(site: DotSite, x: jax.Array, rows: jax.Array, mask: jax.Array):
+    """Zero the rows ``mask`` drops; ``mask``'s shape is a prefix of the activation's row axes."""
+    if site.primitive == "dot_general":
+        contract = tuple(site.activation_contracting_axes)
+        row_shape = tuple(d for a, d in enumerate(x.shape) if a not in contract)
+    else:
+        spec = site.params["dimension_numbers"].lhs_spec
+        row_shape = (x.shape[spec[0]],)  # a conv: one mask entry per example
+    if tuple(mask.shape) != row_shape[: mask.ndim]:
+        raise ValueError(
+            f"{site.path}: row_mask of shape {tuple(mask.shape)} does not fit this site, whose rows are "
+            f"{row_shape} (the activation without its contracted axes; a conv takes a per-example mask)"
+        )
+    keep = (mask != 0).reshape(mask.shape + (1,) * (len(row_shape) - mask.ndim))
+    keep = jnp.broadcast_to(keep, row_shape).reshape(-1) if site.primitive == "dot_general" else jnp.repeat(keep.reshape(-1), rows.shape[0] // row_shape[0])
+    return jnp.where(keep[:, None], rows, 0.0), jnp.sum(keep, dtype=jnp.int32)
+
+
 class _Capture:
     """The jitted per-batch reduction for one selection (kept to reuse its compilation)."""
 
-    def __init__(self, fn, params, select, params_argnum, with_hessian):
+    def __init__(self, fn, params, select, params_argnum, with_hessian, row_mask=None):
         self.shapes = _float_paths(params)
         self.select = lambda path: path in self.shapes and select(path)
         self.params_argnum = params_argnum
@@ -327,11 +345,17 @@ class _Capture:
         self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
         self.cache = TraceCache()
         self.fn = fn
+        self.row_mask = row_mask
         self.batch_fn = jax.jit(self._batch)
 
-    def _batch(self, params, batch):
+    def __call__(self, params, batch):
+        mask = None if self.row_mask is None else jnp.asarray(self.row_mask(batch))
+        return self.batch_fn(params, batch, mask)
+
+    def _batch(self, params, batch, mask):
         recorded: dict[str, list] = {}
         sites: dict[str, list] = {}
+        computed: list = []  # (activation, site signature, statistics): q / k / v share one
 
         def hook(site, x, weight):
             view = matrix_view(site, self.shapes[site.path])
@@ -343,8 +367,18 @@ class _Capture:
                     f"weights must share their input dimension to pool statistics"
                 )
             known.append((site, view))
-            rows = activation_rows(site, x, view)
-            recorded.setdefault(site.path, []).append(_row_statistics(rows, self.with_hessian) + (rows.shape[0],))
+            signature = (site.primitive, site.activation_contracting_axes, repr(site.params) if view.kind == "conv" else "")
+            for activation, known_signature, statistics in computed:
+                if activation is x and known_signature == signature:
+                    break
+            else:
+                rows = activation_rows(site, x, view)
+                count = rows.shape[0]
+                if mask is not None:
+                    rows, count = _masked_rows(site, x, rows, mask)
+                statistics = _row_statistics(rows, self.with_hessian) + (count,)
+                computed.append((x, signature, statistics))
+            recorded.setdefault(site.path, []).append(statistics)
             return x
 
         args = _call(self.fn, params, batch, self.params_argnum)
@@ -371,6 +405,7 @@ def capture_statistics(
     *,
     params_argnum: int = 0,
     hessian: bool = True,
+    row_mask: Callable[[Any], Any] | None = None,
 ) -> dict[str, LayerStatistics]:
     """Input statistics of the selected weights over sample batches (see the module docs).
 
@@ -384,6 +419,10 @@ def capture_statistics(
       params_argnum: where params go among ``fn``'s positional arguments.
       hessian: also accumulate the ``d_in x d_in`` Gram matrix (skip it for Wanda-style methods
         on wide layers).
+      row_mask: optional ``row_mask(batch) -> array``: rows where it is 0 are left out of every
+        statistic (e.g. padding tokens: ``lambda batch: batch[1]`` for an attention mask). Its
+        shape must be a prefix of each site's row axes (the activation without its contracted
+        axes, e.g. ``(batch, tokens)``); a conv takes a per-example mask.
 
     Returns:
       ``{path: LayerStatistics}`` for the selected leaves that feed a dot / conv, in program order.
@@ -397,12 +436,12 @@ def capture_statistics(
     >>> stats["w"].hessian.tolist()[1]
     [2.0, 5.0, -3.0]
     """
-    capture = _Capture(fn, params, make_selector(select), params_argnum, hessian)
+    capture = _Capture(fn, params, make_selector(select), params_argnum, hessian, row_mask)
     totals: dict[str, list] = {}
     seen = 0
     for batch in batches:
         seen += 1
-        result = jax.device_get(capture.batch_fn(params, batch))
+        result = jax.device_get(capture(params, batch))
         for path, (gram, sq, abs_sum, absmax, rows) in result.items():
             rows = int(rows)
             entry = totals.get(path)

@@ -160,3 +160,14 @@ def test_sequential_groups_follow_program_order_and_shared_inputs():
         ("params/out/kernel",),
         ("params/mlp/kernel",),
     ]
+
+
+def test_row_mask_drops_padding_rows():
+    params = {"w": jnp.ones((3, 2))}
+    fn = lambda p, x, mask: (x @ p["w"]) * mask[..., None]
+    x = jax.random.normal(jax.random.key(0), (2, 4, 3))
+    mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    stats = capture_statistics(fn, params, [(x, mask)], "w", row_mask=lambda batch: batch[1])
+    _check(stats["w"], np.asarray(x)[np.asarray(mask) > 0])
+    with pytest.raises(ValueError, match="w: row_mask of shape"):
+        capture_statistics(fn, params, [(x, mask)], "w", row_mask=lambda batch: batch[1].T)

@@ -1,0 +1,574 @@
+"""GPTQ (Frantar et al. 2022): one-shot weight quantization with second-order error feedback.
+
+For a layer ``y = x W^T`` with ``W`` of shape ``(d_out, d_in)`` (the canonical matrix view of
+`jaxcompress.oneshot.capture`) and calibration inputs ``X`` (rows ``x``), GPTQ quantizes the
+columns of ``W`` one at a time and spreads each column's rounding error over the columns not yet
+quantized so as to minimise ``||(W_q - W) X^T||^2``. With ``H = 2 X^T X``:
+
+1. inputs never active in calibration (``H_ii = 0``, "dead") get ``H_ii = 1`` and, as in the
+   paper's reference code, ``W[:, i] = 0`` (``zero_dead=False`` keeps them, rounded);
+2. damping: ``H += damp * mean(diag H) * I`` (a non-finite Cholesky retries with 10x damping,
+   with a warning);
+3. ``U`` = the upper Cholesky factor of ``H^-1``;
+4. columns in blocks of ``block_size``: column ``j`` is rounded to ``q``, the error
+   ``(w - q) / U_jj`` updates the rest of its block at once (``W1 -= err U[j, block]``), and each
+   finished block updates all later columns with one matrix product (the "lazy batch" update).
+
+Options: ``act_order`` processes columns by decreasing ``H_ii``. Groups are ALWAYS contiguous in
+the ORIGINAL column order (the `QArray` layout, so ``compressed``, checkpoints and
+``dequantize`` work unchanged): with ``static_groups=False`` (default) a group's scale is chosen
+when the first of its columns is processed, from the group's current (error-updated) weights --
+without ``act_order`` this is the reference implementation's rule; with ``act_order`` it is the
+same rule applied in the permuted order (the reference's ``static_groups=False`` instead regroups
+the permuted columns, which a per-group scale layout cannot store). ``static_groups=True``
+computes every group's scale from the original weights before any update (the reference's
+``static_groups=True``). Without groups the scale (per output channel or per tensor) is computed
+from the whole matrix before the first update, as in the reference.
+
+The scale / zero-point rule is the layer's `QuantRule` (bits 2..8, symmetric or asymmetric,
+``calibration`` absmax / percentile / mse on the group's current values, ``scale_dtype``), using
+the same codec as `jaxcompress.quantize`, so the `QArray` built from GPTQ's codes dequantizes
+to exactly GPTQ's weights.
+
+The per-matrix algorithm (`gptq_matrix`) is one jitted function (``fori_loop`` over blocks and
+over the columns of a block, vectorised rank-1 and block updates). `gptq` applies it over a
+params tree, sequentially by default: each group of layers that read the same activation gets
+its statistics from a forward pass in which every earlier quantized layer already uses its GPTQ
+weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.oneshot.capture import capture_statistics, from_matrix, sequential_groups, to_matrix
+from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
+from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
+from jaxcompress.quant.calibrate import calibrate_range
+from jaxcompress.quant.codec import int_range, scale_from_range
+from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
+from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
+
+__all__ = ["GPTQResult", "GPTQReport", "LayerResult", "gptq_matrix", "gptq"]
+
+
+class GPTQResult(NamedTuple):
+    """What `gptq_matrix` returns (float32 jnp arrays).
+
+    Attributes:
+      weights: ``(d_out, d_in)`` the quantized weights, dequantized: ``(codes - zero) * scale``.
+      codes: ``(d_out, d_in)`` the integer codes (float32 holding integers).
+      scale: ``(n_groups, d_out)`` the scale of each (column group, row); rows share one value
+        for per-tensor scales.
+      zero_point: ``(n_groups, d_out)`` zero points (zeros when symmetric).
+      damp: the damping actually used (after retries).
+    """
+
+    weights: jax.Array
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+    damp: float
+
+
+def _matrix_spec(bits: int, symmetric: bool, calibration: Any, scale_dtype: str) -> ResolvedSpec:
+    spec = QuantSpec(bits=bits, symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
+    return ResolvedSpec(
+        bits=spec.bits, qtype=INT_QTYPE, symmetric=spec.symmetric, channel_axes=(0,), group_axis=None,
+        group_size=None, calibration=spec.calibration, allow_nonfinite=False, scale_dtype=spec.scale_dtype,
+    )
+
+
+def _group_scale(values: jax.Array, spec: ResolvedSpec, per_channel: bool):
+    """Scale and zero point, each ``(d_out,)``, of one column group's ``(d_out, n)`` values."""
+    reduce_axes = (1,) if per_channel else (0, 1)
+    lo, hi = calibrate_range(values, spec, reduce_axes)
+    scale, zero = scale_from_range(lo, hi, spec)
+    zero = jnp.zeros_like(scale) if zero is None else zero
+    d_out = values.shape[0]
+    return jnp.broadcast_to(scale.reshape(-1), (d_out,)), jnp.broadcast_to(zero.reshape(-1), (d_out,))
+
+
+def _round(w, scale, zero, qmin, qmax):
+    codes = jnp.clip(jnp.round(w / scale) + zero, qmin, qmax)
+    return codes, (codes - zero) * scale
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for b in range(min(n, limit), 0, -1):
+        if n % b == 0:
+            return b
+    return 1
+
+
+def _core(W, U, perm, group_of, group_positions, first_in_group, scales, zeros, *, spec, per_channel, block, static_groups):
+    d_out, d_in = W.shape
+    qmin, qmax = int_range(spec.bits, spec.symmetric)
+    n_blocks = d_in // block
+
+    def block_body(b, carry):
+        W, codes, scales, zeros = carry
+        start = b * block
+        W1 = jax.lax.dynamic_slice(W, (0, start), (d_out, block))
+        U_rows = jax.lax.dynamic_slice(U, (start, 0), (block, d_in))  # (block, d_in)
+        U_block = jax.lax.dynamic_slice(U_rows, (0, start), (block, block))
+        Err1 = jnp.zeros((d_out, block), W.dtype)
+        C1 = jnp.zeros((d_out, block), W.dtype)
+
+        def column_body(i, inner):
+            W1, Err1, C1, scales, zeros = inner
+            j = start + i
+            g = group_of[j]
+            if not static_groups:
+
+                def new_scale(operands):
+                    scales, zeros = operands
+                    positions = group_positions[g]  # permuted positions of the group's columns, all >= j
+                    in_block = positions < start + block
+                    from_block = jnp.take(W1, jnp.clip(positions - start, 0, block - 1), axis=1)
+                    later = jnp.take(W, positions, axis=1) - Err1 @ jnp.take(U_rows, positions, axis=1)
+                    current = jnp.where(in_block[None, :], from_block, later)
+                    scale, zero = _group_scale(current, spec, per_channel)
+                    return scales.at[g].set(scale), zeros.at[g].set(zero)
+
+                scales, zeros = jax.lax.cond(first_in_group[j], new_scale, lambda o: o, (scales, zeros))
+            w = W1[:, i]
+            c, q = _round(w, scales[g], zeros[g], qmin, qmax)
+            err = (w - q) / U_block[i, i]
+            W1 = W1 - err[:, None] * U_block[i][None, :]
+            return W1, Err1.at[:, i].set(err), C1.at[:, i].set(c), scales, zeros
+
+        W1, Err1, C1, scales, zeros = jax.lax.fori_loop(0, block, column_body, (W1, Err1, C1, scales, zeros))
+        codes = jax.lax.dynamic_update_slice(codes, C1, (0, start))
+        W = W - Err1 @ U_rows  # lazy update of every later column (earlier ones: U is upper triangular)
+        return W, codes, scales, zeros
+
+    codes = jnp.zeros_like(W)
+    _, codes, scales, zeros = jax.lax.fori_loop(0, n_blocks, block_body, (W, codes, scales, zeros))
+    inverse = jnp.argsort(perm)
+    codes = codes[:, inverse]
+    return codes, scales, zeros
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "per_channel", "block", "act_order", "static_groups", "zero_dead", "n_groups")
+)
+def _gptq_all(W, H, col_group, damp, *, spec, per_channel, block, act_order, static_groups, zero_dead, n_groups):
+    d_out, d_in = W.shape
+    W = W.astype(jnp.float32)
+    H = H.astype(jnp.float32)
+    diag = jnp.diag(H)
+    dead = diag == 0
+    H = H + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(H.dtype))
+    if zero_dead:
+        W = jnp.where(dead[None, :], 0.0, W)
+    H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(d_in, dtype=H.dtype)
+    perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(d_in)
+    # Group bookkeeping in the processing order.
+    group_of = col_group[perm]
+    group_size = d_in // n_groups
+    positions = jnp.argsort(group_of, stable=True).reshape(n_groups, group_size)  # ascending within a group
+    first = jnp.zeros(d_in, bool).at[positions[:, 0]].set(True)
+    # Scales known before the loop: static groups, and the first group's start values.
+    scales = jnp.ones((n_groups, d_out), jnp.float32)
+    zeros = jnp.zeros((n_groups, d_out), jnp.float32)
+    if static_groups:
+        members = jnp.argsort(col_group, stable=True).reshape(n_groups, group_size)
+        scales, zeros = jax.vmap(lambda cols: _group_scale(jnp.take(W, cols, axis=1), spec, per_channel))(members)
+    Wp = W[:, perm]
+    Hp = H[perm][:, perm]
+    lower = jnp.linalg.cholesky(Hp)
+    H_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(d_in, dtype=Hp.dtype))
+    U = jnp.linalg.cholesky(H_inv).T
+    codes, scales, zeros = _core(
+        Wp, U, perm, group_of, positions, first, scales, zeros,
+        spec=spec, per_channel=per_channel, block=block, static_groups=static_groups,
+    )
+    scale_cols = scales[col_group].T  # (d_out, d_in)
+    zero_cols = zeros[col_group].T
+    weights = (codes - zero_cols) * scale_cols
+    return weights, codes, scales, zeros, jnp.all(jnp.isfinite(U))
+
+
+def gptq_matrix(
+    W: Any,
+    H: Any,
+    bits: int = 4,
+    group_size: int | None = None,
+    *,
+    symmetric: bool = True,
+    per_channel: bool = True,
+    column_groups: Any = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    zero_dead: bool = True,
+    calibration: str | Calibration = "absmax",
+    scale_dtype: str = "float32",
+    name: str = "matrix",
+) -> GPTQResult:
+    """GPTQ of one ``(d_out, d_in)`` matrix given ``H`` (``2 X^T X`` or any positive multiple).
+
+    Args:
+      W: ``(d_out, d_in)`` weights (rows = outputs, columns = inputs).
+      H: ``(d_in, d_in)`` input Gram matrix.
+      bits: 2..8.
+      group_size: consecutive input columns sharing one scale (``None``: all of them).
+      symmetric: symmetric codes (no zero point) or asymmetric.
+      per_channel: one scale per output row (else one per column group, shared by all rows).
+      column_groups: ``(d_in,)`` int group index of every column, overriding ``group_size``
+        (equal-sized groups; used for matrix views whose groups are not contiguous columns).
+      damp: relative damping, ``damp * mean(diag H)`` is added to the diagonal.
+      block_size: columns per lazy-update block (the largest divisor of ``d_in`` not above it).
+      act_order: process columns by decreasing ``H_ii``.
+      static_groups: group scales from the original weights (see the module docs).
+      zero_dead: zero the weights of inputs never active in calibration (``H_ii = 0``).
+      calibration, scale_dtype: as in `jaxcompress.QuantSpec`.
+      name: what warnings and errors call the matrix.
+
+    Returns:
+      A `GPTQResult`.
+
+    >>> import numpy as np, jax.numpy as jnp
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(256, 16)) * np.linspace(0.1, 3, 16); W = rng.normal(size=(8, 16))
+    >>> result = gptq_matrix(W, 2 * X.T @ X, bits=3, group_size=8)
+    >>> rtn = gptq_matrix(W, np.eye(16), bits=3, group_size=8).weights   # H = I: round to nearest
+    >>> err = lambda Wq: float(np.sum(((np.asarray(Wq) - W) @ X.T) ** 2))
+    >>> err(result.weights) < err(rtn), result.scale.shape
+    (True, (2, 8))
+    """
+    W = jnp.asarray(W, jnp.float32)
+    H = jnp.asarray(H, jnp.float32)
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"{name}: expected W (d_out, d_in) and H (d_in, d_in), got {W.shape} and {H.shape}")
+    d_out, d_in = W.shape
+    if column_groups is None:
+        if group_size is None:
+            group_size = d_in
+        if d_in % group_size:
+            raise ValueError(f"{name}: group size {group_size} does not divide the input dimension {d_in}")
+        column_groups = np.arange(d_in) // group_size
+    column_groups = np.asarray(column_groups)
+    n_groups = int(column_groups.max()) + 1
+    counts = np.bincount(column_groups, minlength=n_groups)
+    if column_groups.shape != (d_in,) or not np.all(counts == counts[0]):
+        raise ValueError(f"{name}: column groups must give every one of {d_in} columns a group, all of equal size")
+    spec = _matrix_spec(bits, symmetric, calibration, scale_dtype)
+    block = _largest_divisor(d_in, block_size)
+    diag = np.asarray(jnp.diag(H))
+    if not np.all(np.isfinite(np.asarray(H))):
+        raise ValueError(f"{name}: the Hessian contains NaN or Inf")
+    dead = int(np.sum(diag == 0))
+    if dead:
+        what = "set to 0" if zero_dead else "rounded to nearest"
+        warnings.warn(
+            f"{name}: {dead} of {d_in} inputs are zero on all calibration rows (H_ii = 0); their weights are "
+            f"{what}. Calibrate with more / more varied data if this is unexpected.",
+            UserWarning,
+            stacklevel=2,
+        )
+    used = float(damp)
+    for _ in range(6):
+        weights, codes, scales, zeros, finite = _gptq_all(
+            W, H, jnp.asarray(column_groups, jnp.int32), jnp.float32(used),
+            spec=spec, per_channel=per_channel, block=block, act_order=act_order,
+            static_groups=static_groups, zero_dead=zero_dead, n_groups=n_groups,
+        )
+        if bool(finite) and bool(jnp.all(jnp.isfinite(weights))):
+            break
+        next_damp = max(used * 10, 1e-4)
+        warnings.warn(
+            f"{name}: the damped Hessian is not positive definite in float32 (damp={used:g}); retrying "
+            f"with damp={next_damp:g}. Too few calibration samples for {d_in} inputs?",
+            UserWarning,
+            stacklevel=2,
+        )
+        used = next_damp
+    else:  # pragma: no cover - H = I after enough damping is always factorizable
+        raise FloatingPointError(f"{name}: GPTQ did not produce finite weights")
+    return GPTQResult(weights, codes, scales, zeros, used)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree level
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    """What `gptq` did with one leaf.
+
+    Attributes:
+      path: the leaf's path.
+      method: ``"gptq"``, or ``"rtn"`` (round to nearest: the leaf reaches no dot / conv).
+      rows: calibration rows its statistics came from.
+      dead_inputs: inputs that were zero on every row.
+      damp: the relative damping used.
+      error / rtn_error: the output error ``sum_rows ||(W_q - W) x||^2`` on the calibration
+        rows (the rows this layer saw, with quantized predecessors in sequential mode) of GPTQ
+        and of round-to-nearest with the same rule (``nan`` for ``"rtn"`` leaves).
+      seconds: wall time of the per-matrix algorithm.
+    """
+
+    path: str
+    method: str
+    rows: int = 0
+    dead_inputs: int = 0
+    damp: float = 0.0
+    error: float = math.nan
+    rtn_error: float = math.nan
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQReport(QuantizeReport):
+    """A `QuantizeReport` (per-leaf decisions, unused rules) plus a `LayerResult` per quantized leaf."""
+
+    layers: tuple[LayerResult, ...] = ()
+    capture_seconds: float = 0.0
+    gptq_seconds: float = 0.0
+
+    def layer(self, path: str) -> LayerResult:
+        return next(layer for layer in self.layers if layer.path == path)
+
+
+def _scale_shape(shape, spec: ResolvedSpec) -> tuple[int, ...]:
+    out = []
+    for axis, dim in enumerate(shape):
+        if axis in spec.channel_axes:
+            out.append(dim)
+        elif axis == spec.group_axis:
+            out.append(dim // spec.group_size)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def _scale_index_map(leaf_shape, spec: ResolvedSpec, view, name: str):
+    """For the matrix view: the flat scale index of every element, the column groups and whether
+    rows keep their own scale. Raises when the rule's scales do not fit GPTQ's column order."""
+    scale_shape = _scale_shape(leaf_shape, spec)
+    index = np.arange(math.prod(scale_shape), dtype=np.float32).reshape(scale_shape)
+    if spec.group_axis is not None:
+        index = np.repeat(index, spec.group_size, axis=spec.group_axis)
+    index = np.broadcast_to(index, leaf_shape)
+    matrix = np.asarray(to_matrix(jnp.asarray(index), view)).astype(np.int64)
+    _, column_groups = np.unique(matrix[0], return_inverse=True)
+    column_groups = column_groups.reshape(-1)
+    n_groups = int(column_groups.max()) + 1
+    if np.all(matrix == matrix[:1]):
+        per_channel = False
+    else:
+        per_channel = True
+        first_column = np.zeros(n_groups, np.int64)
+        first_column[column_groups[::-1]] = np.arange(len(column_groups))[::-1]
+        consistent = np.array_equal(matrix, matrix[:, first_column][:, column_groups])
+        if not consistent or len(np.unique(matrix)) != matrix.shape[0] * n_groups:
+            raise ValueError(
+                f"{name}: GPTQ needs each scale to cover whole output rows or all rows of a column group of the "
+                f"(d_out={view.d_out}, d_in={view.d_in}) matrix view; channel_axes={spec.channel_axes}, "
+                f"group_axis={spec.group_axis} do not (use the output axes as channel_axes, groups on an input axis)"
+            )
+    return matrix, column_groups, per_channel
+
+
+def _to_qarray(leaf, result: GPTQResult, index_map, column_groups, spec: ResolvedSpec, view) -> QArray:
+    d_out = view.d_out
+    scale_shape = _scale_shape(tuple(leaf.shape), spec)
+    rows = np.arange(d_out)[:, None]
+    scale_np = np.asarray(result.scale)[column_groups[None, :], rows]
+    flat_scale = np.zeros(math.prod(scale_shape), np.float32)
+    flat_scale[index_map] = scale_np
+    values = from_matrix(result.codes, jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.float32), view)
+    zero_point = None
+    if not spec.symmetric:
+        flat_zero = np.zeros(math.prod(scale_shape), np.float32)
+        flat_zero[index_map] = np.asarray(result.zero_point)[column_groups[None, :], rows]
+        zero_point = jnp.asarray(flat_zero.reshape(scale_shape)).astype(storage_dtype(spec.bits))
+    return QArray(
+        values=values.astype(storage_dtype(spec.bits)),
+        scale=jnp.asarray(flat_scale.reshape(scale_shape)).astype(spec.scale_dtype),
+        zero_point=zero_point,
+        bits=spec.bits,
+        qtype=spec.qtype,
+        channel_axes=spec.channel_axes,
+        group_axis=spec.group_axis,
+        group_size=spec.group_size,
+        dtype=jnp.dtype(leaf.dtype),
+        activation=spec.activation,
+    )
+
+
+def _output_error(delta: np.ndarray, hessian: np.ndarray) -> float:
+    """``sum_rows ||delta x||^2 = tr(delta H delta^T)`` with ``H = sum x x^T`` (float64)."""
+    delta = np.asarray(delta, np.float64)
+    return float(np.sum((delta @ hessian) * delta))
+
+
+def gptq(
+    fn: Callable,
+    params: Any,
+    batches: Iterable[Any],
+    rules: Sequence[QuantRule] | QuantRule,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    sequential: bool | Callable[[str], Any] = True,
+    zero_dead: bool = True,
+    row_mask: Callable[[Any], Any] | None = None,
+    params_argnum: int = 0,
+    on_unused: str = "warn",
+) -> tuple[Any, GPTQReport]:
+    """GPTQ-quantize the leaves of ``params`` that ``rules`` select, calibrated on ``batches``.
+
+    Args:
+      fn: the unmodified function, called as ``fn(params, *batch)`` (a tuple batch) or
+        ``fn(params, batch)`` (``params_argnum`` moves params).
+      params: float params.
+      batches: sample batches (iterated several times in sequential mode).
+      rules: `QuantRule`\\ s, as for `jaxcompress.quantize_params` (bits, symmetric,
+        channel_axes, group_size, calibration, scale_dtype, activation). Scales must cover whole
+        output rows of the layer's matrix view, possibly split into groups along an input axis:
+        per-output-channel (``channel_axes=(-1,)`` for Dense / Conv kernels), per-tensor, and
+        groups along the input axis (the default ``group_axis``).
+      damp, block_size, act_order, static_groups, zero_dead: see `gptq_matrix`.
+      sequential: ``True`` (default): each group of layers reading the same activation is
+        calibrated on inputs computed with every earlier layer already quantized (one capture
+        pass per group). A callable ``stage(path) -> key``: consecutive groups whose first
+        paths share a key are calibrated together from one pass (the reference implementation's
+        per-block mode, e.g. ``lambda path: path.split("/")[2]`` for ``layer_3``): fewer passes,
+        earlier blocks quantized, layers inside a block float. ``False``: all statistics from one
+        pass of the float model.
+      row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
+        padding tokens); see `jaxcompress.oneshot.capture.capture_statistics`.
+      params_argnum: where params go among ``fn``'s positional arguments.
+      on_unused: rules that matched nothing: ``"warn"``, ``"error"`` or ``"ignore"``.
+
+    Returns:
+      ``(qparams, report)``: the tree with `QArray`\\ s laid out exactly as `quantize_params`
+      gives (``dequantize_params``, `jaxcompress.compressed` and checkpoints work), and a
+      `GPTQReport`. Selected leaves that feed no dot / conv are rounded to nearest (reported).
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> params = {"w1": jax.random.normal(k1, (16, 32)), "w2": jax.random.normal(k2, (32, 8))}
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+    >>> batches = [jax.random.normal(k3, (64, 16))]
+    >>> rules = [jc.QuantRule(pattern="w.", bits=4, channel_axes=(-1,), group_size=8)]
+    >>> qparams, report = gptq(fn, params, batches, rules)
+    >>> type(qparams["w1"]).__name__, report.quantized
+    ('QArray', ('w1', 'w2'))
+    >>> all(layer.error <= layer.rtn_error for layer in report.layers)
+    True
+    """
+    rules = normalize_rules(rules)
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, QuantRule):
+            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("gptq needs at least one calibration batch")
+    matched = match_rules(params, rules)
+    check_unused_rules(rules, matched.unused_rules, on_unused)
+    leaves = list(matched.leaves)
+    position = {path: i for i, path in enumerate(matched.path_strs)}
+    targets: dict[str, tuple[QuantRule, ResolvedSpec, str]] = {}
+    decisions: dict[str, LeafDecision] = {}
+    for path, path_str, leaf, index in zip(matched.paths, matched.path_strs, matched.leaves, matched.rule_indices):
+        shape = tuple(leaf.shape) if hasattr(leaf, "shape") else None
+        dtype = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") and not isinstance(leaf, QArray) else None
+        if index is None:
+            decisions[path_str] = LeafDecision(path_str, shape, dtype, "unmatched")
+            continue
+        rule = rules[index]
+        reason = "rule says skip" if rule.skip else _skip_reason(leaf)
+        if reason is not None:
+            decisions[path_str] = LeafDecision(path_str, shape, dtype, "skipped", index, reason)
+            continue
+        name = path_to_keystr(path)
+        if rule.qtype != INT_QTYPE:
+            raise ValueError(f"{name}: GPTQ quantizes to integers; qtype={rule.qtype!r} is not supported")
+        resolved = rule.spec.resolve(shape, name)
+        targets[path_str] = (rule, resolved, name)
+        decisions[path_str] = LeafDecision(path_str, shape, dtype, "quantized", index, spec=rule.spec.describe() + " gptq")
+
+    select = lambda path: path in targets
+    groups = sequential_groups(fn, params, batches[0], select, params_argnum=params_argnum)
+    reached = [path for group in groups for path in group]
+    if sequential is False and groups:
+        groups = [tuple(reached)]
+    elif callable(sequential):
+        stages: list[tuple[Any, list[str]]] = []
+        for group in groups:
+            key = sequential(group[0])
+            if stages and stages[-1][0] == key:
+                stages[-1][1].extend(group)
+            else:
+                stages.append((key, list(group)))
+        groups = [tuple(paths) for _, paths in stages]
+    new_leaves = list(leaves)
+    current = list(leaves)
+    layers: dict[str, LayerResult] = {}
+    capture_seconds = gptq_seconds = 0.0
+    for group in groups:
+        start = time.perf_counter()
+        tree = matched.unflatten(current)
+        stats = capture_statistics(
+            fn, tree, batches, lambda p, group=group: p in group, params_argnum=params_argnum, row_mask=row_mask
+        )
+        capture_seconds += time.perf_counter() - start
+        for path in group:
+            rule, spec, name = targets[path]
+            leaf = leaves[position[path]]
+            s = stats[path]
+            start = time.perf_counter()
+            index_map, column_groups, per_channel = _scale_index_map(tuple(leaf.shape), spec, s.view, name)
+            W = to_matrix(leaf, s)
+            hessian = 2.0 * s.hessian / max(s.count, 1)
+            result = gptq_matrix(
+                W, hessian, spec.bits, symmetric=spec.symmetric, per_channel=per_channel,
+                column_groups=column_groups, damp=damp, block_size=block_size, act_order=act_order,
+                static_groups=static_groups, zero_dead=zero_dead, calibration=spec.calibration,
+                scale_dtype=spec.scale_dtype, name=name,
+            )
+            qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)
+            rtn = to_matrix(quantize(leaf, rule.spec, name=name).dequantize(jnp.float32), s)
+            W64 = np.asarray(W, np.float64)
+            gptq_seconds += time.perf_counter() - start
+            layers[path] = LayerResult(
+                path, "gptq", s.count, int(np.sum(np.diag(s.hessian) == 0)), result.damp,
+                _output_error(np.asarray(result.weights) - W64, s.hessian),
+                _output_error(np.asarray(rtn) - W64, s.hessian),
+                time.perf_counter() - start,
+            )
+            new_leaves[position[path]] = qarray
+            if sequential is not False:
+                current[position[path]] = qarray.dequantize()
+    for path, (rule, spec, name) in targets.items():
+        if path not in layers:  # selected, but it reaches no dot / conv: round to nearest
+            new_leaves[position[path]] = quantize(leaves[position[path]], rule.spec, name=name)
+            layers[path] = LayerResult(path, "rtn")
+            decisions[path] = dataclasses.replace(decisions[path], spec=rule.spec.describe() + " rtn (no dot/conv site)")
+    report = GPTQReport(
+        tuple(decisions[p] for p in matched.path_strs),
+        matched.unused_rules,
+        tuple(r.pattern for r in rules),
+        layers=tuple(layers[p] for p in matched.path_strs if p in layers),
+        capture_seconds=capture_seconds,
+        gptq_seconds=gptq_seconds,
+    )
+    return matched.unflatten(new_leaves), report
