@@ -24,7 +24,9 @@ uniform int4 g128; and Qwix 0.1.8 PTQ W8A8 / W4 g128 plus its contrib GPTQ / AWQ
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -149,10 +151,19 @@ def embed_all(apply: Callable, params: Any, batches: list[tuple], count: int) ->
 
 # ---- methods -------------------------------------------------------------------------------------
 def _import(module: str, name: str):
+    """``module.name``, with ``row_mask`` (padding tokens left out of the calibration statistics)
+    bound when the function accepts it."""
     try:
-        return getattr(__import__(module, fromlist=[name]), name)
+        function = getattr(__import__(module, fromlist=[name]), name)
     except (ImportError, AttributeError) as err:
         raise Skip(f"{module}.{name} is not available ({err})") from None
+    if "row_mask" in inspect.signature(function).parameters:
+        return functools.partial(function, row_mask=_attention_mask)
+    return function
+
+
+def _attention_mask(batch):
+    return batch[1]  # (input_ids, attention_mask, token_type_ids): 0 on padding tokens
 
 
 def _quant_rule(**spec):
@@ -338,8 +349,11 @@ def main(argv=None) -> int:
     params = jax.tree_util.tree_map(jnp.asarray, params)
     model = BertModel(config)
     apply = model.apply
-    calib_texts, source = load_sentences(args.calibration, offset=0)
-    eval_texts, _ = load_sentences(args.eval, offset=args.calibration)
+    calib_texts, source = load_sentences(args.calibration, offset=0, strict=False)
+    eval_texts, _ = load_sentences(args.eval, offset=len(calib_texts), strict=False)
+    if len(eval_texts) < 8:  # the small built-in fallback (no gensim wheel): split it in two
+        half = len(calib_texts) // 2
+        calib_texts, eval_texts = calib_texts[:half], calib_texts[half:]
     calibration = [b for _, b in bucketed_batches(tokenizer, calib_texts, args.batch_size, args.max_length)]
     eval_batches = bucketed_batches(tokenizer, eval_texts, args.batch_size * 2, args.max_length)
     word_sets = {name: load_word_pairs(file, args.pairs) for name, file in (("wordsim353", "wordsim353.tsv"), ("simlex999", "simlex999.txt"))}

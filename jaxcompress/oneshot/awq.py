@@ -189,6 +189,7 @@ def awq(
     grid: int = 20,
     clip_grid: Sequence[float] = (),
     params_argnum: int = 0,
+    row_mask: Callable | None = None,
 ) -> tuple[Any, Any]:
     """AWQ-then-quantize the leaves ``rules`` select (see the module docs).
 
@@ -202,6 +203,8 @@ def awq(
       clip_grid: optional clip ratios searched per output row after the scale (e.g.
         ``(0.95, 0.9, 0.85, 0.8)``); ``()`` (default) skips the clip search.
       params_argnum: where ``params`` sits in ``fn``'s positional arguments.
+      row_mask: optional ``row_mask(batch) -> array`` of rows to keep in the statistics (e.g.
+        ``lambda batch: batch[1]``, an attention mask, to leave padding tokens out).
 
     Returns:
       ``(qparams, report)``: `QArray`\\ s with ``input_scale`` (run them with
@@ -244,4 +247,6 @@ def awq(
         )
         return q, layer
 
-    return run_smoothing("awq", fn, params, batches, rules, per_layer, hessian=True, params_argnum=params_argnum)
+    return run_smoothing(
+        "awq", fn, params, batches, rules, per_layer, hessian=True, params_argnum=params_argnum, row_mask=row_mask
+    )

@@ -214,6 +214,7 @@ def run_smoothing(
     *,
     hessian: bool,
     params_argnum: int = 0,
+    row_mask: Callable | None = None,
 ) -> tuple[Any, SmoothingReport]:
     """Quantize ``params`` with ``rules``, then replace every quantized leaf that has calibration
     statistics by ``per_layer(leaf, stats, rule, name) -> (QArray, LayerSmoothing)``; static
@@ -227,8 +228,9 @@ def run_smoothing(
         raise ValueError(f"{method} needs at least one calibration batch")
     qparams, quantize_report = quantize_params(params, rules)
     quantized = set(quantize_report.quantized)
+    options = {} if row_mask is None else {"row_mask": row_mask}
     stats = capture_statistics(
-        fn, params, batches, lambda path: path in quantized, params_argnum=params_argnum, hessian=hessian
+        fn, params, batches, lambda path: path in quantized, params_argnum=params_argnum, hessian=hessian, **options
     )
     rule_of = {d.path: rules[d.rule_index] for d in quantize_report.leaves if d.action == "quantized"}
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
@@ -284,6 +286,7 @@ def smoothquant(
     *,
     alpha: float | Sequence[float] = 0.5,
     params_argnum: int = 0,
+    row_mask: Callable | None = None,
 ) -> tuple[Any, SmoothingReport]:
     """SmoothQuant-then-quantize the leaves ``rules`` select (see the module docs).
 
@@ -298,6 +301,9 @@ def smoothquant(
       alpha: migration strength, or a grid of them searched per layer (error proxy in the module
         docs; include 0.0 to allow "no smoothing").
       params_argnum: where ``params`` sits in ``fn``'s positional arguments.
+      row_mask: optional ``row_mask(batch) -> array`` of rows to keep in the statistics (e.g.
+        ``lambda batch: batch[1]``, an attention mask, to leave padding tokens out); see
+        `jaxcompress.oneshot.capture.capture_statistics`.
 
     Returns:
       ``(qparams, report)``: `QArray`s carrying ``input_scale`` where calibration statistics
@@ -346,4 +352,6 @@ def smoothquant(
         q = quantize_smoothed(leaf, scale, stats, rule, name)
         return q, LayerSmoothing(stats.view.path, a, 1.0, float(plain_error), float(error))
 
-    return run_smoothing("smoothquant", fn, params, batches, rules, per_layer, hessian=search, params_argnum=params_argnum)
+    return run_smoothing(
+        "smoothquant", fn, params, batches, rules, per_layer, hessian=search, params_argnum=params_argnum, row_mask=row_mask
+    )
