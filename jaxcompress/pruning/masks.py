@@ -100,7 +100,7 @@ def units(
             raise ValueError(f"{name}: structured pruning needs an array with ndim >= 1")
         shape = [1] * scores.ndim
         shape[axis] = scores.shape[axis]
-        return scores_lib.unit_norms(scores, axis, norm), lambda keep: jnp.broadcast_to(keep.reshape(shape), scores.shape)
+        return scores_lib.unit_norms(scores, axis, norm), lambda keep: _expand_like(keep.reshape(shape), scores)
     if structure == "block":
         br, bc = _block(block_size)
         if scores.ndim < 2:
@@ -129,7 +129,14 @@ def structured_mask(
     keep = unstructured_mask(unit_scores, sparsity)
     shape = [1] * scores.ndim
     shape[axis] = scores.shape[axis]
-    return jnp.broadcast_to(keep.reshape(shape), scores.shape)
+    return _expand_like(keep.reshape(shape), scores)
+
+
+def _expand_like(keep: jax.Array, scores: jax.Array) -> jax.Array:
+    """``keep`` broadcast to ``scores``' shape by an elementwise op WITH ``scores``, so that the
+    mask takes the scores' sharding (with explicit mesh axes a plain ``broadcast_to`` of the
+    replicated unit vector gives a replicated, full-size mask on every device)."""
+    return jnp.zeros_like(scores, dtype=bool) | keep
 
 
 def _block(block_size: int | Sequence[int]) -> tuple[int, int]:

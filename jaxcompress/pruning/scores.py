@@ -80,10 +80,14 @@ def block_norms(scores: jax.Array, block_size: tuple[int, int], norm: str = "l1"
     [[10.0, 18.0], [42.0, 50.0]]
     """
     scores = jnp.asarray(scores, jnp.float32)
-    rows, cols = scores.shape[-2:]
-    br, bc = block_size
-    tiled = scores.reshape(scores.shape[:-2] + (rows // br, br, cols // bc, bc))
-    return _norm(tiled, (-3, -1), norm)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    # A strided window sum rather than a reshape into tiles: with explicit mesh axes jax cannot
+    # infer the sharding of a reshape that splits a sharded axis, while a window sum keeps it.
+    window = (1,) * (scores.ndim - 2) + tuple(block_size)
+    values = jnp.abs(scores) if norm == "l1" else jnp.square(scores)
+    sums = jax.lax.reduce_window(values, 0.0, jax.lax.add, window, window, "VALID")
+    return sums if norm == "l1" else jnp.sqrt(sums)
 
 
 def normalize(scores: jax.Array, how: str | None) -> jax.Array:

@@ -408,3 +408,28 @@ def test_qat_of_prune_train_step_then_compressed_inference(mesh, params, batch):
     assert not gathers, "\n".join(gathers[:5])
     # the integer kernels enter the dots as their local shards: query's (64, 64) split 4-way on 'model'
     assert re.search(r"s8\[64,16\]", hlo), "column-parallel int8 kernel shard not in the program"
+
+
+# ---- explicit mesh axes (jax.make_mesh's default) ---------------------------------------------
+
+
+def test_explicit_axes_prune_and_quantize_keep_shardings():
+    """With AxisType.Explicit jax refuses ops whose output sharding it cannot infer; every method
+    must still give masks / QArrays sharded like the params (filter / channel masks used to come
+    out replicated, and block pruning's reshape into tiles was refused)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    params = shard(host_params(), mesh)
+    rules = [
+        jp.PruneRule(pattern=r"block/(query|up)/kernel", structure="filter", sparsity=0.5),
+        jp.PruneRule(pattern=r"block/(key|out)/kernel", structure="block", block_size=8, sparsity=0.5),
+        jp.PruneRule(pattern=r"block/(value|down)/kernel", structure="channel", sparsity=0.5),
+        jp.PruneRule(pattern=r"head/up/kernel", structure="n:m", n=2, m=4),
+        jp.PruneRule(pattern=r"head/down/kernel", sparsity=0.75, score="random"),
+    ]
+    opt = jp.prune(optax.sgd(0.1), rules, update_every=1)
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(params, state, params)  # the params stand in for gradients
+    for path, mask in _kernel_paths(state.masks).items():
+        assert mask.sharding.is_equivalent_to(_kernel_paths(params)[path].sharding, 2), (path, mask.sharding)
+    qparams = jax.jit(lambda p: jc.quantize_params(p, QUANT_RULES["int4-g16"])[0])(params)
+    _check_qarray_shardings(mesh, qparams, params)
