@@ -107,9 +107,6 @@ def test_tree_level_w4_g128_flax_dense_beats_rtn():
     # the float path equals compressed's weight-only run
     float_out = model.apply(jc.dequantize_params(qparams), x)
     assert jnp.allclose(compressed(model.apply)(qparams, x), float_out, atol=1e-4)
-    # W8 works too
-    q8, _ = awq(model.apply, params, [x], [jc.QuantRule(pattern=r".*kernel", bits=8, channel_axes=(-1,))], grid=2)
-    assert q8["params"]["Dense_0"]["kernel"].input_scale.shape == (256, 1)
 
 
 def test_degenerate_calibration_warns_never_nan():
