@@ -31,6 +31,17 @@ Variants (weights int8, one absmax scale per output channel, activations float):
     with the same fake-quantized forward pass (Qwix's absmax scale is ``absmax / 127.5``,
     jaxcompress's ``absmax / 127``).
 
+W8A8 variants (weights as above, activations int8 too):
+  * ``jaxcompress-w8a8``: rules with ``activation="static"``: the loss applies
+    ``jc.fake_quant_activations(model.apply, rules)`` to the fake-quantized weights, so every
+    activation entering a conv / dense is fake-quantized with a per-tensor range that ``jc.qat``
+    tracks (EMA of the observed ``max|x|``, passed to the update as ``activation_stats``).
+    Evaluated as deployed: ``jc.convert_qat`` -> ``jc.compressed(model.apply)`` (int8 x int8 ->
+    int32 dots and convs with the tracked static activation scales).
+  * ``qwix-w8a8``: ``QtRule(weight_qtype=int8, act_qtype=int8)`` (Qwix's activation fake-quant;
+    its default activation calibration is the batch's own absmax per tensor). Evaluated with the
+    same fake-quantized forward.
+
 aqtp and qwix are optional: each is imported lazily, and if it cannot be imported, built or run
 the JSON records ``"unavailable": "<reason>"`` for it and the rest still runs.
 
@@ -70,6 +81,7 @@ from jaxcompress.data import load_image_dataset  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 
 RULES = (jc.QuantRule(pattern=r".*/kernel", bits=8, channel_axes=(-1,), calibration="absmax"),)
+W8A8_RULES = (jc.QuantRule(pattern=r".*/kernel", bits=8, channel_axes=(-1,), calibration="absmax", activation="static"),)
 LEARNING_RATE = 1e-3
 GOAL_RATIO = 1.3  # issue 5: QAT step <= 1.3x the float step
 EVAL_CHUNK = 1000
@@ -153,6 +165,38 @@ def jaxcompress_variant():
     return {"opt": opt, "step": step, "predict": predict, "mode": mode}
 
 
+def jaxcompress_w8a8_variant():
+    model = CNN()
+    opt = jc.qat(optax.adam(LEARNING_RATE), W8A8_RULES, on_unused="error")
+    # qat keys its ranges by the paths of the tree it was initialised with (the inner params), so
+    # the wrapped forward takes that same tree.
+    apply = jc.fake_quant_activations(lambda p, x: model.apply({"params": p}, x), W8A8_RULES)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        ranges, activation_ranges = jc.qat_ranges(opt_state), jc.qat_activation_ranges(opt_state)
+
+        def loss_fn(p):
+            logits, observed = apply(jc.fake_quant(p, W8A8_RULES, ranges=ranges), x, ranges=activation_ranges)
+            return cross_entropy(logits, y), observed
+
+        (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params, activation_stats=observed)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    integer_apply = jc.compressed(model.apply)
+
+    def predict(params, opt_state, x):
+        # the deployable path: integer weights and static int8 activation scales, integer ops
+        return integer_apply({"params": jc.convert_qat(params, W8A8_RULES, opt_state)}, x)
+
+    mode = (
+        "W8A8 (weights int8 per output channel; activations int8 per tensor, ranges tracked by jc.qat "
+        "as an EMA of max|x|); evaluated as deployed: jc.convert_qat -> jc.compressed (int8 ops)"
+    )
+    return {"opt": opt, "step": step, "predict": predict, "mode": mode}
+
+
 def _aqt_classes(quantize_conv: bool):
     from aqt.jax.v2 import aqt_conv_general
     from aqt.jax.v2 import config as aqt_config
@@ -208,14 +252,29 @@ def qwix_variant():
     return variant
 
 
+def qwix_w8a8_variant():
+    import qwix
+
+    provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)])
+    model = qwix.quantize_model(CNN(), provider)
+    variant = _plain_variant(model.apply, "")
+    variant["mode"] = (
+        "W8A8 (qwix QtRule(weight_qtype=int8, act_qtype=int8): activations fake-quantized with Qwix's "
+        "default calibration); evaluated with the same fake-quantized forward"
+    )
+    return variant
+
+
 VARIANTS = {
     "float": (float_variant, None),
     "jaxcompress": (jaxcompress_variant, None),
+    "jaxcompress-w8a8": (jaxcompress_w8a8_variant, None),
+    "qwix-w8a8": (qwix_w8a8_variant, "qwix"),
     "aqt": (aqt_variant, "aqtp"),
     "aqt-all": (aqt_all_variant, "aqtp"),
     "qwix": (qwix_variant, "qwix"),
 }
-DEFAULT_VARIANTS = ("float", "jaxcompress", "aqt", "qwix")
+DEFAULT_VARIANTS = ("float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "qwix-w8a8")
 
 
 def _version(package):
@@ -292,8 +351,9 @@ def run(args) -> dict:
     rows, live = {}, {}
     for name in args.variants:
         build, package = VARIANTS[name]
-        row = {"variant": name, "library": package or ("jaxcompress" if name == "jaxcompress" else "jax/flax/optax")}
-        row["library_version"] = _version(package) if package else (jc.__version__ if name == "jaxcompress" else None)
+        ours = name.startswith("jaxcompress")
+        row = {"variant": name, "library": package or ("jaxcompress" if ours else "jax/flax/optax")}
+        row["library_version"] = _version(package) if package else (jc.__version__ if ours else None)
         rows[name] = row
         try:
             variant = build()
@@ -410,6 +470,12 @@ def run(args) -> dict:
                 # on the medians; see the paired ratios for how much of a difference is noise
                 goals[f"not_slower_than_{other}"] = jc_row["step_median_s"] <= rows[other]["step_median_s"]
                 goals[f"jaxcompress_over_{other}_median"] = jc_row["step_median_s"] / rows[other]["step_median_s"]
+    w8a8_row = rows.get("jaxcompress-w8a8", {})
+    if w8a8_row.get("ratio_vs_float") is not None:
+        goals["jaxcompress_w8a8_ratio_vs_float"] = w8a8_row["ratio_vs_float"]
+        goals["w8a8_ratio_goal_met"] = w8a8_row["ratio_vs_float"] <= GOAL_RATIO
+        if rows.get("qwix-w8a8", {}).get("step_median_s") is not None:
+            goals["jaxcompress_w8a8_over_qwix_w8a8_median"] = w8a8_row["step_median_s"] / rows["qwix-w8a8"]["step_median_s"]
 
     return {
         "benchmark": "qat_step",

@@ -237,7 +237,11 @@ def fake_quant_activations(
         if given is not None:
             unknown = set(given) - static
             if unknown:
-                raise ValueError(f"activation ranges/steps given for paths without static activation quantization: {sorted(unknown)}")
+                raise ValueError(
+                    f"activation ranges/steps given for paths without static activation quantization: {sorted(unknown)} "
+                    f"(paths are relative to the params argument of the wrapped function, static ones here: "
+                    f"{sorted(static)}; qat keys them by the tree given to opt.init, so pass the same tree)"
+                )
         observed: dict[str, jax.Array] = {}
 
         def hook(site: DotSite, x: jax.Array, weight: jax.Array) -> jax.Array:

@@ -52,9 +52,11 @@ def check_common(data):
     assert data["quick"] is True and data["benchmark"] == "qat_step"
     assert data["batch_size"] == 128 and data["steps"] > 0 and data["test_examples"] > 0
     rows = {row["variant"]: row for row in data["results"]}
-    assert set(rows) == {"float", "jaxcompress", "aqt", "qwix"}
+    assert set(rows) == {"float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "qwix-w8a8"}
     check_measured(rows["float"], data["steps"])
     check_measured(rows["jaxcompress"], data["steps"])
+    check_measured(rows["jaxcompress-w8a8"], data["steps"])
+    assert "W8A8" in rows["jaxcompress-w8a8"]["mode"] and math.isfinite(data["goals"]["jaxcompress_w8a8_ratio_vs_float"])
     assert rows["float"]["ratio_vs_float"] == 1.0
     assert math.isfinite(data["goals"]["jaxcompress_ratio_vs_float"])
     # Conversion with the tracked ranges is exact, and the kernels are stored as int8.
@@ -68,7 +70,7 @@ def check_common(data):
 def test_qat_step_quick_writes_json(tmp_path):
     data = run_quick(tmp_path)
     rows = check_common(data)
-    for name in ("aqt", "qwix"):
+    for name in ("aqt", "qwix", "qwix-w8a8"):
         row = rows[name]
         if "unavailable" in row:  # not installed, or broken: reported, not fatal
             assert isinstance(row["unavailable"], str) and row["unavailable"]
@@ -84,7 +86,7 @@ def test_qat_step_quick_without_comparators(tmp_path):
         (hide / package / "__init__.py").write_text(f"raise ImportError('{package} hidden by the test')\n")
     data = run_quick(tmp_path, "--steps", "3", "--test-examples", "500", pythonpath=hide)
     rows = check_common(data)
-    for name in ("aqt", "qwix"):
+    for name in ("aqt", "qwix", "qwix-w8a8"):
         assert "hidden by the test" in rows[name]["unavailable"]
         assert rows[name].get("step_median_s") is None
     assert "not_slower_than_aqt" not in data["goals"] and "aqt_conv_kernel_grad_abs_sum" not in data["checks"]
