@@ -9,7 +9,14 @@ For every selected weight and every candidate bit-width ``b`` the weight is quan
   inputs, the output error ``||E X^T||^2 / rows = tr(E H E^T) / rows`` (``sensitivity="output"``,
   the default), or the Hessian-trace proxy ``tr(H) / (d_in * rows) * ||E||_F^2``
   (``sensitivity="trace"``, HAWQ-style: mean curvature times perturbation size; ignores the
-  correlation between inputs).
+  correlation between inputs), or the layer's relative output error
+  ``tr(E H E^T) / tr(W H W^T)`` (``sensitivity="relative"``: a noise-to-signal ratio, comparable
+  between layers whose outputs live on different scales), or
+* ``sensitivity="model"``: the squared error of ``fn``'s OUTPUTS on the calibration batches when
+  only this weight is quantized (one forward pass per weight and candidate; the local measures
+  above cost none). In a transformer the local errors are in different units (a query error goes
+  through a softmax, an attention-output error straight into the residual stream); measuring at
+  the output puts every layer on the same scale.
 
 The choice minimises the SUM of the layers' errors subject to the sum of their sizes being at most
 the budget: a multiple-choice knapsack, solved by dynamic programming over the byte budget. Sizes
@@ -38,40 +45,55 @@ from jaxcompress.quant.quantize import quantize
 from jaxcompress.quant.spec import QuantSpec
 from jaxcompress.rules import QuantRule, path_to_keystr, path_to_str
 
-__all__ = ["LayerChoice", "MixedPrecisionReport", "choose_bits", "layer_sensitivity", "mixed_precision"]
+__all__ = ["candidate_label", "LayerChoice", "MixedPrecisionReport", "choose_bits", "layer_sensitivity", "mixed_precision"]
 
-SENSITIVITIES = ("output", "trace")
+SENSITIVITIES = ("output", "relative", "trace", "model")
+
+
+def candidate_label(bits: int, group_size: int | None) -> str:
+    """``"int4 g128"`` or ``"int8 per-channel"``."""
+    return f"int{bits} " + (f"g{group_size}" if group_size else "per-channel")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerChoice:
-    """One weight: its candidates' errors and sizes and the chosen bit-width.
+    """One weight: its candidates' errors and sizes and the chosen one.
 
     Attributes:
       path: the leaf's path.
       shape: the leaf's shape.
       size: number of elements.
-      bits: the candidate bit-widths (in the order of ``errors`` / ``nbytes``).
-      errors: the sensitivity of each candidate (see the module docs).
+      candidates: ``(bits, group_size)`` of each candidate (in the order of ``errors`` /
+        ``nbytes``).
+      errors: the sensitivity of each candidate (see the module docs; ``inf`` for a candidate
+        whose group size does not fit this leaf).
       nbytes: ``QArray.nbytes`` of each candidate.
-      chosen_bits: the chosen bit-width.
+      chosen: the index of the chosen candidate.
     """
 
     path: str
     shape: tuple[int, ...]
     size: int
-    bits: tuple[int, ...]
+    candidates: tuple[tuple[int, int | None], ...]
     errors: tuple[float, ...]
     nbytes: tuple[int, ...]
-    chosen_bits: int
+    chosen: int
+
+    @property
+    def chosen_bits(self) -> int:
+        return self.candidates[self.chosen][0]
+
+    @property
+    def chosen_group_size(self) -> int | None:
+        return self.candidates[self.chosen][1]
 
     @property
     def chosen_bytes(self) -> int:
-        return self.nbytes[self.bits.index(self.chosen_bits)]
+        return self.nbytes[self.chosen]
 
     @property
     def chosen_error(self) -> float:
-        return self.errors[self.bits.index(self.chosen_bits)]
+        return self.errors[self.chosen]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +105,10 @@ class MixedPrecisionReport:
       budget_bytes: the size budget of the selected weights.
       total_bytes: their total ``QArray.nbytes`` with the chosen bit-widths (<= ``budget_bytes``).
       total_error: the sum of the chosen candidates' errors.
-      uniform: per candidate bit-width, ``{"bytes", "error"}`` of using it for every layer.
+      uniform: per candidate (keyed ``"int4 g128"``, see `candidate_label`), ``{"bytes",
+        "error"}`` of using it for every layer (``inf`` error where it does not fit a layer).
       exact: whether the knapsack was solved exactly (see the module docs).
-      sensitivity: ``"output"`` or ``"trace"``.
+      sensitivity: which error measure (see the module docs).
     """
 
     layers: tuple[LayerChoice, ...]
@@ -108,19 +131,23 @@ class MixedPrecisionReport:
 
     def table(self) -> str:
         """A plain-text table: one line per layer, then the totals and the uniform references."""
-        lines = [f"{'path':<56} {'bits':>4} {'bytes':>9} {'error':>11}"]
+        lines = [f"{'path':<56} {'choice':>17} {'bytes':>9} {'error':>11}"]
         for layer in self.layers:
-            lines.append(f"{layer.path:<56} {layer.chosen_bits:>4} {layer.chosen_bytes:>9} {layer.chosen_error:>11.4g}")
-        lines.append(f"{'total (budget ' + str(self.budget_bytes) + ')':<56} {'':>4} {self.total_bytes:>9} {self.total_error:>11.4g}")
-        for bits, entry in self.uniform.items():
-            lines.append(f"{'uniform int' + str(bits):<56} {bits:>4} {entry['bytes']:>9} {entry['error']:>11.4g}")
+            label = candidate_label(layer.chosen_bits, layer.chosen_group_size)
+            lines.append(f"{layer.path:<56} {label:>17} {layer.chosen_bytes:>9} {layer.chosen_error:>11.4g}")
+        lines.append(f"{'total (budget ' + str(self.budget_bytes) + ')':<56} {'':>17} {self.total_bytes:>9} {self.total_error:>11.4g}")
+        for label, entry in self.uniform.items():
+            lines.append(f"{'uniform ' + label:<56} {'':>17} {entry['bytes']:>9} {entry['error']:>11.4g}")
         return "\n".join(lines)
 
 
-def layer_sensitivity(delta: jax.Array, hessian: np.ndarray, count: int, sensitivity: str = "output") -> float:
+def layer_sensitivity(
+    delta: jax.Array, hessian: np.ndarray, count: int, sensitivity: str = "output", weight: jax.Array | None = None
+) -> float:
     """The error of a matrix-view change ``delta`` ``(d_out, d_in)`` given ``hessian = X^T X`` over
-    ``count`` rows: ``tr(E H E^T) / count`` (``"output"``) or ``tr(H) / (d_in count) ||E||^2``
-    (``"trace"``). Float64.
+    ``count`` rows: ``tr(E H E^T) / count`` (``"output"``), ``tr(H) / (d_in count) ||E||^2``
+    (``"trace"``) or ``tr(E H E^T) / tr(W H W^T)`` (``"relative"``, needs the matrix-view
+    ``weight``). Float64.
 
     >>> h = np.array([[2.0, 0.0], [0.0, 4.0]])
     >>> layer_sensitivity(np.array([[1.0, 1.0]]), h, 2), layer_sensitivity(np.array([[1.0, 1.0]]), h, 2, "trace")
@@ -131,9 +158,30 @@ def layer_sensitivity(delta: jax.Array, hessian: np.ndarray, count: int, sensiti
     rows = max(int(count), 1)
     if sensitivity == "output":
         return float(np.sum((delta @ hessian) * delta) / rows)
+    if sensitivity == "relative":
+        weight = np.asarray(weight, np.float64)
+        signal = float(np.sum((weight @ hessian) * weight))
+        return float(np.sum((delta @ hessian) * delta) / max(signal, np.finfo(np.float64).tiny))
     if sensitivity == "trace":
         return float(np.trace(hessian) / (hessian.shape[0] * rows) * np.sum(delta * delta))
-    raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    raise ValueError(f"sensitivity must be one of {SENSITIVITIES[:3]}, got {sensitivity!r}")
+
+
+def _model_error(fn: Callable, params_argnum: int) -> Callable:
+    """``(params, reference outputs, batch) -> sum of squared output differences`` (jitted)."""
+    from jaxcompress.oneshot.capture import batch_args
+
+    def error(params, reference, batch):
+        rest = batch_args(batch)
+        outputs = fn(*(rest[:params_argnum] + (params,) + rest[params_argnum:]))
+        pairs = zip(jax.tree.leaves(outputs), jax.tree.leaves(reference))
+        return sum(jnp.sum(jnp.square(o.astype(jnp.float32) - r.astype(jnp.float32))) for o, r in pairs)
+
+    def reference(params, batch):
+        rest = batch_args(batch)
+        return fn(*(rest[:params_argnum] + (params,) + rest[params_argnum:]))
+
+    return jax.jit(error), jax.jit(reference)
 
 
 def choose_bits(
@@ -190,8 +238,14 @@ def choose_bits(
     return chosen, exact
 
 
-def _spec(bits: int, options: dict) -> QuantSpec:
-    return QuantSpec(bits=bits, **options)
+def _candidates(candidates: Sequence[Any], group_size: int | None) -> tuple[tuple[int, int | None], ...]:
+    out = []
+    for item in candidates:
+        bits, group = (item, group_size) if isinstance(item, (int, np.integer)) else tuple(item)
+        out.append((int(bits), None if group is None else int(group)))
+    if not out:
+        raise ValueError("candidates must name at least one bit-width")
+    return tuple(sorted(set(out), key=lambda c: (c[0], -(c[1] or 1 << 30))))
 
 
 def mixed_precision(
@@ -200,7 +254,7 @@ def mixed_precision(
     batches: Iterable[Any],
     select: Any,
     *,
-    candidates: Sequence[int] = (2, 3, 4, 8),
+    candidates: Sequence[int | tuple[int, int | None]] = (2, 3, 4, 8),
     group_size: int | None = 128,
     budget_bytes: int | None = None,
     budget_bits_per_weight: float | None = None,
@@ -221,15 +275,21 @@ def mixed_precision(
       batches: calibration batches.
       select: which weights (a callable on paths, a regex, or rules; see
         `jaxcompress.oneshot.capture.make_selector`). Each must meet a dot / conv in ``fn``.
-      candidates: the bit-widths to choose from.
+      candidates: what to choose from: bit-widths (with ``group_size``) or ``(bits, group_size)``
+        pairs (``None``: per channel only), e.g. ``((4, None), (4, 128), (4, 32), (8, 128))``:
+        the group size is part of the size / accuracy trade-off. NOTE: 3-bit values are stored
+        in int4 containers, so int3 costs what int4 costs and is never chosen over it.
       group_size, channel_axes, symmetric, calibration, scale_dtype: the rest of the
         `QuantSpec` every returned rule uses (defaults: int-b per output channel in groups of 128
-        along the input axis of a Flax kernel, absmax).
+        along the input axis of a Flax kernel, absmax). A candidate whose group size does not
+        divide a leaf's group axis is not offered for that leaf.
       budget_bytes: the total ``QArray.nbytes`` allowed for the selected weights; or
       budget_bits_per_weight: the same as average stored bits per weight, scales included
         (``budget_bytes = floor(bits * elements / 8)``); e.g. 4 + 32/128 = 4.25 is the size of
         uniform int4 g128 with float32 scales.
-      sensitivity: ``"output"`` (``tr(E H E^T)``) or ``"trace"`` (Hessian-trace proxy).
+      sensitivity: ``"output"`` (``tr(E H E^T)``), ``"relative"`` (divided by
+        ``tr(W H W^T)``), ``"trace"`` (Hessian-trace proxy) or ``"model"`` (error of ``fn``'s
+        outputs with only that weight quantized); see the module docs.
       params_argnum: where params go among ``fn``'s positional arguments.
       max_states: the knapsack's largest table (see the module docs).
 
@@ -254,18 +314,14 @@ def mixed_precision(
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if (budget_bytes is None) == (budget_bits_per_weight is None):
         raise ValueError("pass exactly one of budget_bytes or budget_bits_per_weight")
-    candidates = tuple(sorted(set(int(b) for b in candidates)))
-    if not candidates:
-        raise ValueError("candidates must name at least one bit-width")
-    options = dict(
-        channel_axes=tuple(channel_axes), group_size=group_size, symmetric=symmetric,
-        calibration=calibration, scale_dtype=scale_dtype,
-    )
-    specs = [_spec(b, options) for b in candidates]  # validates the options once
+    candidates = _candidates(candidates, group_size)
+    options = dict(channel_axes=tuple(channel_axes), symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
+    specs = [QuantSpec(bits=b, group_size=g, **options) for b, g in candidates]  # validates the options once
     batches = list(batches)
     if not batches:
         raise ValueError("mixed_precision needs at least one calibration batch")
-    stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, hessian=sensitivity == "output")
+    params = jax.device_put(params)  # NumPy leaves would be copied to the device at every call
+    stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, hessian=sensitivity in ("output", "relative"))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     predicate = make_selector(select)
     leaves, names = {}, {}
@@ -282,6 +338,12 @@ def mixed_precision(
     if not stats:
         raise ValueError("select picked no float weight that meets a dot / conv in fn")
 
+    if sensitivity == "model":
+        model_error, model_reference = _model_error(fn, params_argnum)
+        references = [model_reference(params, batch) for batch in batches]
+        flat_paths = [path_to_str(path) for path, _ in flat]
+        treedef = jax.tree_util.tree_structure(params)
+
     errors, sizes, paths = [], [], list(stats)
     for path in paths:
         leaf, leaf_stats, name = jnp.asarray(leaves[path]), stats[path], names[path]
@@ -289,12 +351,28 @@ def mixed_precision(
         hessian = leaf_stats.hessian
         if hessian is None:  # "trace" only needs the diagonal
             hessian = np.diag(np.asarray(leaf_stats.sq_norms))
-        row_errors, row_sizes = [], []
+        row_errors, row_sizes, failures = [], [], []
         for spec in specs:
-            q = quantize(leaf, spec, name=name)
+            try:
+                q = quantize(leaf, spec, name=name)
+            except ValueError as err:  # e.g. the group size does not divide this leaf
+                failures.append(err)
+                row_errors.append(np.inf)
+                row_sizes.append(-1)
+                continue
             delta = np.asarray(to_matrix(q.dequantize(jnp.float32), leaf_stats)) - np.asarray(matrix, np.float64)
-            row_errors.append(layer_sensitivity(delta, hessian, leaf_stats.count, sensitivity))
+            if sensitivity == "model":
+                position = flat_paths.index(path)
+                replaced = [q.dequantize() if i == position else leaf_i for i, (_, leaf_i) in enumerate(flat)]
+                trial = jax.tree_util.tree_unflatten(treedef, replaced)
+                row_errors.append(float(sum(model_error(trial, ref, b) for ref, b in zip(references, batches))))
+            else:
+                row_errors.append(layer_sensitivity(delta, hessian, leaf_stats.count, sensitivity, matrix))
             row_sizes.append(int(q.nbytes))
+        if len(failures) == len(specs):
+            raise failures[0]
+        largest = max(row_sizes)
+        row_sizes = [largest if size < 0 else size for size in row_sizes]  # never chosen: inf error
         errors.append(row_errors)
         sizes.append(row_sizes)
     errors_arr, sizes_arr = np.asarray(errors), np.asarray(sizes, np.int64)
@@ -305,15 +383,16 @@ def mixed_precision(
 
     layers, rules = [], []
     for row, path in enumerate(paths):
-        bits = candidates[int(chosen[row])]
+        choice = int(chosen[row])
+        bits, group = candidates[choice]
         layers.append(
             LayerChoice(path, tuple(leaves[path].shape), int(np.prod(leaves[path].shape)), candidates,
-                        tuple(float(e) for e in errors_arr[row]), tuple(int(s) for s in sizes_arr[row]), bits)
+                        tuple(float(e) for e in errors_arr[row]), tuple(int(s) for s in sizes_arr[row]), choice)
         )
-        rules.append(QuantRule(pattern=re.escape(path), bits=bits, **options))
+        rules.append(QuantRule(pattern=re.escape(path), bits=bits, group_size=group, **options))
     uniform = {
-        bits: {"bytes": int(sizes_arr[:, c].sum()), "error": float(errors_arr[:, c].sum())}
-        for c, bits in enumerate(candidates)
+        candidate_label(*candidate): {"bytes": int(sizes_arr[:, c].sum()), "error": float(errors_arr[:, c].sum())}
+        for c, candidate in enumerate(candidates)
     }
     rows = np.arange(len(paths))
     report = MixedPrecisionReport(

@@ -267,7 +267,7 @@ def prune_with_statistics(
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs at least one calibration batch")
-    leaves = list(plan.leaves_of(params))
+    leaves = list(plan.leaves_of(jax.device_put(params)))  # NumPy leaves: copied once, not per capture
     masks: list[Any] = [MaskedNode()] * len(leaves)
     if not patterns:
         return params, plan.unflatten(masks)

@@ -94,8 +94,8 @@ def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     assert sorted({r.bits for r in rules}) != [4]  # not simply uniform
     mixed, _ = jc.quantize_params(params, rules, on_unused="error")
     assert _nbytes(mixed) == report.total_bytes <= report.budget_bytes == budget
-    assert report.uniform[4]["bytes"] == budget and report.exact
-    assert report.total_error < report.uniform[4]["error"]
+    assert report.uniform["int4 g32"]["bytes"] == budget and report.exact
+    assert report.total_error < report.uniform["int4 g32"]["error"]
     # the same holds for the model's real output error on the calibration data
     x = jnp.concatenate(batches)
     dense = model.apply(params, x)
@@ -112,7 +112,7 @@ def test_trace_proxy_and_report_table():
     rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32,
                                     budget_bits_per_weight=5.0, sensitivity="trace", candidates=(2, 4, 8))
     assert report.total_bytes <= report.budget_bytes and len(rules) == 5
-    assert "uniform int4" in report.table() and report.to_dict()["bits_per_weight"] <= 5.0
+    assert "uniform int4 g32" in report.table() and report.to_dict()["bits_per_weight"] <= 5.0
 
 
 def test_errors():
@@ -127,3 +127,19 @@ def test_errors():
     fn = lambda p, ids: p["table"][ids] @ p["w"]
     with pytest.raises(ValueError, match=r"params\['table'\]: selected for mixed precision but it never meets"):
         mixed_precision(fn, table, [jnp.arange(6)], ".*", group_size=None, budget_bits_per_weight=8.0)
+
+
+def test_group_size_candidates_and_leaves_they_do_not_fit():
+    model, params, batches = _setup()
+    candidates = ((4, None), (4, 64), (4, 16), (8, 64), (8, 48))  # 48 does not divide 64: never offered
+    rules, report = mixed_precision(model.apply, params, batches, ".*kernel", candidates=candidates,
+                                    budget_bits_per_weight=5.0)
+    for layer in report.layers:
+        assert layer.candidates[layer.chosen] != (8, 48) and np.isinf(layer.errors[layer.candidates.index((8, 48))])
+    assert {(r.bits, r.group_size) for r in rules} <= set(candidates)
+    mixed, _ = jc.quantize_params(params, rules, on_unused="error")
+    assert _nbytes(mixed) == report.total_bytes <= report.budget_bytes
+    # finer groups cost scale bytes: the sizes are QArray.nbytes
+    first = report.layers[0]
+    assert first.nbytes[first.candidates.index((4, None))] == 64 * 64 // 2 + 64 * 4
+    assert first.nbytes[first.candidates.index((4, 16))] == 64 * 64 // 2 + 4 * 64 * 4

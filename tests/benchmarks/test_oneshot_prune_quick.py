@@ -1,0 +1,48 @@
+"""`benchmarks/oneshot_prune.py --quick` runs end to end on the real MiniLM and writes its JSON.
+
+Quality numbers are checked loosely (the quick run prunes two layers with 16 calibration
+sentences); sizes are exact: mixed precision never exceeds the uniform int4 g128 bytes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.minilm import needs_minilm
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@needs_minilm
+def test_oneshot_prune_quick_writes_json(tmp_path):
+    out = tmp_path / "oneshot_prune.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "oneshot_prune.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path,  # the script must not depend on the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cosine mean" in proc.stdout and "sparsegpt" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["sentences"]["calibration"] > 0
+    rows = {(row["method"], row["setting"]): row for row in data["results"]}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for setting in ("50% unstructured", "2:4"):
+            row = rows[(method, setting)]
+            assert abs(row["sparsity"] - 0.5) < 1e-9  # exact counts
+            assert 0.0 < row["cosine_mean"] <= 1.0 + 1e-6
+    for setting in ("50% unstructured", "2:4"):  # activation-aware beats magnitude (by a wide margin)
+        assert rows[("wanda", setting)]["cosine_mean"] > rows[("magnitude", setting)]["cosine_mean"]
+        assert rows[("sparsegpt", setting)]["cosine_mean"] > rows[("magnitude", setting)]["cosine_mean"]
+    uniform = rows[("uniform", "int4 g128 RTN")]
+    for sensitivity in ("model", "output"):
+        mixed = rows[("mixed", f"{sensitivity} @ int4 g128 size")]
+        assert mixed["bytes"] <= uniform["bytes"]
+        assert mixed["cosine_mean"] > 0.95
