@@ -31,7 +31,11 @@ from __future__ import annotations
 import os
 
 if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # before jax is imported
+    # before jax is imported: 8 virtual CPU devices; on a busy machine the devices' threads can
+    # reach a collective far apart, so allow more than XLA:CPU's default 40 s before aborting.
+    os.environ["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    )
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
