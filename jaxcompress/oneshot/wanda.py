@@ -236,6 +236,18 @@ def _permute_statistics(stats: Any, order: np.ndarray) -> Any:
     )
 
 
+def _check_reached(plan: Any, patterns: dict, reached: set, method: str) -> None:
+    """A pruned leaf needs input statistics: raise naming the first one that never meets a dot."""
+    missing = [plan.names[patterns[p][0]] for p in patterns if p not in reached]
+    if missing:
+        raise ValueError(
+            f"{missing[0]}: selected for {method} but it never meets a dot_general / conv_general_dilated "
+            f"in fn on the calibration batches, so it has no input statistics (exclude it, e.g. with "
+            f"PruneRule(pattern=..., skip=True), or prune it with prune_params)"
+            + (f"; also {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+
+
 def prune_with_statistics(
     fn: Callable,
     params: Any,
@@ -276,13 +288,14 @@ def prune_with_statistics(
         groups = sequential_groups(fn, params, batches[0], select, params_argnum=params_argnum)
     else:
         groups = [tuple(patterns)]
-    reached = {path for group in groups for path in group} if sequential else None
+    if sequential:
+        _check_reached(plan, patterns, {path for group in groups for path in group}, method)
     for group in groups:
         current = plan.unflatten(leaves)
         chosen = set(group)
         stats = capture_statistics(fn, current, batches, lambda path: path in chosen, params_argnum=params_argnum, hessian=hessian)
-        if reached is None:
-            reached = set(stats)
+        if not sequential:
+            _check_reached(plan, patterns, set(stats), method)
         for path in group:
             if path not in stats:
                 continue
@@ -301,14 +314,6 @@ def prune_with_statistics(
             leaves[index] = from_matrix(pruned, jnp.asarray(leaf), stats[path])
             mask_like = jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.bool_)
             masks[index] = from_matrix(keep.astype(jnp.float32), mask_like, stats[path])
-    missing = [plan.names[patterns[p][0]] for p in patterns if p not in reached]
-    if missing:
-        raise ValueError(
-            f"{missing[0]}: selected for {method} but it never meets a dot_general / conv_general_dilated "
-            f"in fn on the calibration batches, so it has no input statistics (exclude it, e.g. with "
-            f"PruneRule(pattern=..., skip=True), or prune it with prune_params)"
-            + (f"; also {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
     return plan.unflatten(leaves), plan.unflatten(masks)
 
 

@@ -176,3 +176,11 @@ def test_zero_activations_fall_back_to_magnitude_with_a_warning():
     expected = np.asarray(row_keep_mask(np.abs(np.asarray(params["w"])).T, 0.5)).T
     np.testing.assert_array_equal(np.asarray(masks["w"]), expected)
     assert np.all(np.isfinite(pruned["w"]))
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_leaf_without_a_dot_is_an_error(sequential):
+    params = {"table": jnp.ones((10, 4)), "w": jnp.ones((4, 4))}
+    fn = lambda p, ids: p["table"][ids] @ p["w"]
+    with pytest.raises(ValueError, match=r"params\['table'\]: selected for Wanda but it never meets"):
+        wanda(fn, params, [jnp.arange(6)], [jc.PruneRule(pattern=".*", sparsity=0.5)], sequential=sequential)
