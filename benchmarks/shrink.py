@@ -35,7 +35,7 @@ from jaxcompress.data import load_image_dataset  # noqa: E402
 
 FULL = {
     "cnn": dict(steps=1500, finetune_steps=500, latency_repeats=60),
-    "resnet": dict(steps=600, finetune_steps=200, latency_repeats=30),
+    "resnet": dict(steps=600, finetune_steps=400, latency_repeats=30),
 }
 QUICK = {"cnn": dict(steps=40, finetune_steps=20, latency_repeats=10)}
 
@@ -63,6 +63,27 @@ def control_accuracy(name: str, data, steps: int, learning_rate: float, seed: in
     variables = init_model.init(jax.random.key(seed), jnp.asarray(data.train_images[:1]))
     variables = example.train(model, variables, data, steps, learning_rate=learning_rate, seed=seed)
     return example.accuracy(model, variables, data.test_images, data.test_labels)
+
+
+def width_sweep(batch: int, pairs=((64, 32), (48, 24), (32, 16)), repeats: int = 20) -> list[dict]:
+    """Dense vs half-width ResNet latency with random weights: where halving pays off on XLA:CPU."""
+    import jax
+
+    x = jnp.ones((batch, 28, 28, 1), jnp.float32)
+    rows = []
+    for dense, shrunk in pairs:
+        calls = {}
+        for label, width in (("dense", dense), ("shrunk", shrunk)):
+            model = example.ResNet(stem=width, inner=(width, width))
+            variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+            fn = jax.jit(model.apply)
+            for _ in range(2):
+                jax.block_until_ready(fn(variables, x))
+            calls[label] = (lambda fn=fn, variables=variables: fn(variables, x))
+        medians = example.interleaved_latency(calls, repeats)
+        rows.append({"dense": dense, "shrunk": shrunk, "latency_ms_dense": 1e3 * medians["dense"],
+                     "latency_ms_shrunk": 1e3 * medians["shrunk"], "speedup": medians["dense"] / medians["shrunk"]})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -98,11 +119,18 @@ def main(argv=None) -> int:
         row["goal_accuracy_met"] = row["accuracy_drop_pt"] <= 1.0
         rows.append(row)
 
+    sweep = [] if args.quick else width_sweep(args.batch)
+
     print()
     print(f"{data.name}: {len(data.train_images)} train / {len(data.test_images)} test images; "
           f"{args.target:.0%} of every channel group removed in {args.rounds} rounds; CPU latency at batch {args.batch}")
     print(format_table(rows, COLUMNS))
     print("acc dense* = dense model trained for as many steps as dense + fine-tuning (control)")
+    if sweep:
+        print(f"\nResNet forward latency by width (random weights, batch {args.batch}, interleaved medians):")
+        print(format_table(sweep, [("dense", "dense width", ""), ("shrunk", "shrunk width", ""),
+                                   ("latency_ms_dense", "dense ms", ".2f"), ("latency_ms_shrunk", "shrunk ms", ".2f"),
+                                   ("speedup", "speedup", ".2f")]))
     result = {
         "benchmark": "shrink",
         "quick": args.quick,
@@ -111,6 +139,7 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "batch": args.batch,
         "results": rows,
+        "resnet_width_sweep": sweep,
         "seconds": time.perf_counter() - start,
         "environment": environment(),
     }
