@@ -199,6 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results JSON path")
     parser.add_argument("--checkpoint", default=None, help="where to save the int8 checkpoint (default: a temp dir)")
+    parser.add_argument("--corpus", default=None, help="a UTF-8 text file to train on (default: gensim's Lee corpus)")
     return parser.parse_args(argv)
 
 
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     # Auto axes: XLA's sharding propagation (GSPMD) places the intermediates.
     mesh = jax.make_mesh((data_size, model_size), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     try:
-        text = open(corpus_path(), encoding="utf-8", errors="replace").read()
+        text = open(args.corpus or corpus_path(), encoding="utf-8", errors="replace").read()
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 3

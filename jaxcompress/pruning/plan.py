@@ -194,6 +194,8 @@ class PrunePlan(LeafDecisions):
             for kept, targets in zip(select_top_k(groups, ks), finish):
                 for keep, (i, expand) in zip(kept, targets):
                     out[i] = expand(keep)
+        for i in self.pruned_indices:
+            out[i] = _sharded_like(out[i], leaves[i])
         return self.unflatten(out)
 
     def _scores(self, rule, i, leaves, grad_leaves, key):
@@ -255,3 +257,19 @@ def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePl
     return PrunePlan(
         tuple(decisions), matched.unused_rules, rules, tuple(tuple(g) for g in groups), tuple(names), matched.treedef
     )
+
+
+def _sharded_like(mask: Any, param: Any) -> Any:
+    """With EXPLICIT mesh axes, give ``mask`` its param's sharding: a structured mask is expanded
+    from a small per-unit vector, whose (replicated) sharding jax may carry into the mask, which
+    would then differ from the param's (and from the previous mask in `prune`'s ``lax.switch``).
+    With Auto axes (sharding propagation) this is a no-op."""
+    try:
+        sharding, current = jax.typeof(param).sharding, jax.typeof(mask).sharding
+    except (TypeError, AttributeError):
+        return mask
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if not any(t == jax.sharding.AxisType.Explicit for t in axis_types) or current == sharding:
+        return mask
+    return jax.sharding.reshard(mask, sharding)
+
