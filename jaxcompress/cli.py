@@ -46,7 +46,8 @@ The compression pipeline on a small CNN, end to end (jaxcompress.pipeline):
      scikit-learn's 8x8 digits -- the demo says which);
   2. post-training int8 (per-channel weights, dynamic per-row int8 activations);
   3. gradual magnitude pruning to 80% sparsity with jaxcompress.prune (one optax transform);
-  4. int8 quantization-aware training of the pruned model with jaxcompress.qat around prune
+  4. W8A8 quantization-aware training of the pruned model (weights and the activations the
+     integer model quantizes are fake-quantized) with jaxcompress.qat around prune
      (masks frozen, pruned weights stay exactly zero), converted with the ranges QAT used;
   5. every variant written as a compressed safetensors file, and the final integer model as a
      standalone jax.export artifact (reloaded and checked).
