@@ -217,7 +217,8 @@ CONFIGS = {
         jp.PruneRule(pattern=FSDP, structure="n:m", n=2, m=4),
     ]),
     "set": dict(rules=jp.PruneRule(pattern=KERNELS, sparsity=0.75), dst=jp.SET(end_step=100, drop_fraction=0.3)),
-    "rigl": dict(rules=jp.PruneRule(pattern=KERNELS, sparsity=0.75), dst=jp.RigL(end_step=100, drop_fraction=0.3)),
+    # RigL differs from SET only in its grow scores (|grad| instead of uniform noise, both
+    # elementwise); md_pruning.py runs it through a sharded train step with the same HLO check.
 }
 
 
