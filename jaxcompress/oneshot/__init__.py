@@ -1,7 +1,8 @@
-"""One-shot (post-training, calibration-based) compression: capture, GPTQ, ...
+"""One-shot (post-training, calibration-based) compression.
 
 `capture` collects per-weight input statistics from sample batches run through an unmodified
-function; the methods build on it.
+function; the methods build on it: `gptq` here; Wanda / SparseGPT / mixed precision / SmoothQuant
+/ AWQ in their modules (``jaxcompress.oneshot.wanda`` ...).
 """
 
 from jaxcompress.oneshot.capture import (
@@ -12,8 +13,14 @@ from jaxcompress.oneshot.capture import (
     sequential_groups,
     to_matrix,
 )
+from jaxcompress.oneshot.gptq import GPTQReport, GPTQResult, LayerResult, gptq, gptq_matrix
 
 __all__ = [
+    "GPTQReport",
+    "GPTQResult",
+    "LayerResult",
+    "gptq",
+    "gptq_matrix",
     "LayerStatistics",
     "MatrixView",
     "capture_statistics",

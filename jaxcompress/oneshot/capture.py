@@ -337,13 +337,13 @@ def _masked_rows(site: DotSite, x: jax.Array, rows: jax.Array, mask: jax.Array):
 class _Capture:
     """The jitted per-batch reduction for one selection (kept to reuse its compilation)."""
 
-    def __init__(self, fn, params, select, params_argnum, with_hessian, row_mask=None):
+    def __init__(self, fn, params, select, params_argnum, with_hessian, row_mask=None, cache=None):
         self.shapes = _float_paths(params)
         self.select = lambda path: path in self.shapes and select(path)
         self.params_argnum = params_argnum
         self.with_hessian = with_hessian
         self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
-        self.cache = TraceCache()
+        self.cache = TraceCache() if cache is None else cache
         self.fn = fn
         self.row_mask = row_mask
         self.batch_fn = jax.jit(self._batch)
@@ -406,6 +406,7 @@ def capture_statistics(
     params_argnum: int = 0,
     hessian: bool = True,
     row_mask: Callable[[Any], Any] | None = None,
+    trace_cache: TraceCache | None = None,
 ) -> dict[str, LayerStatistics]:
     """Input statistics of the selected weights over sample batches (see the module docs).
 
@@ -423,6 +424,8 @@ def capture_statistics(
         statistic (e.g. padding tokens: ``lambda batch: batch[1]`` for an attention mask). Its
         shape must be a prefix of each site's row axes (the activation without its contracted
         axes, e.g. ``(batch, tokens)``); a conv takes a per-example mask.
+      trace_cache: a `jaxcompress.execute.trace.TraceCache` shared by repeated captures of the
+        same function (sequential methods), so ``fn`` is traced once per batch shape.
 
     Returns:
       ``{path: LayerStatistics}`` for the selected leaves that feed a dot / conv, in program order.
@@ -436,7 +439,7 @@ def capture_statistics(
     >>> stats["w"].hessian.tolist()[1]
     [2.0, 5.0, -3.0]
     """
-    capture = _Capture(fn, params, make_selector(select), params_argnum, hessian, row_mask)
+    capture = _Capture(fn, params, make_selector(select), params_argnum, hessian, row_mask, trace_cache)
     totals: dict[str, list] = {}
     seen = 0
     for batch in batches:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.execute.trace import TraceCache
 from jaxcompress.oneshot.capture import capture_statistics, from_matrix, sequential_groups, to_matrix
 from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
@@ -531,11 +532,13 @@ def gptq(
     current = list(leaves)
     layers: dict[str, LayerResult] = {}
     capture_seconds = gptq_seconds = 0.0
+    trace_cache = TraceCache(size=64)
     for group in groups:
         start = time.perf_counter()
         tree = matched.unflatten(current)
         stats = capture_statistics(
-            fn, tree, batches, lambda p, group=group: p in group, params_argnum=params_argnum, row_mask=row_mask
+            fn, tree, batches, lambda p, group=group: p in group, params_argnum=params_argnum, row_mask=row_mask,
+            trace_cache=trace_cache,
         )
         capture_seconds += time.perf_counter() - start
         for path in group:
