@@ -5,6 +5,8 @@ pytree transforms apply them to a whole params tree; metrics report what it cost
 """
 
 from jaxcompress.checkpoint import (
+    abstract_checkpoint,
+    follow_sharding,
     compress_checkpoint,
     CompressionTable,
     Cost,
@@ -99,6 +101,8 @@ from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 __version__ = "0.1.0"
 
 __all__ = [
+    "abstract_checkpoint",
+    "follow_sharding",
     "activation_fake_quant",
     "convert_qat",
     "fake_quant_activations",

@@ -20,7 +20,9 @@ FILES = sorted(HERE.glob("md_*.py"))
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_multidevice(path):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                        # XLA:CPU aborts a collective that waits over 40 s; a loaded 2-core CI box can.
+                        " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
     env["JAX_PLATFORMS"] = "cpu"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(path)],

@@ -23,6 +23,8 @@ from jaxcompress.checkpoint.analysis import (
 from jaxcompress.checkpoint.compress import compress_checkpoint
 from jaxcompress.checkpoint.inspection import inspect_checkpoint
 from jaxcompress.checkpoint.orbax_io import (
+    abstract_checkpoint,
+    follow_sharding,
     load_checkpoint,
     restore_from_manager,
     save_checkpoint,
@@ -40,6 +42,8 @@ from jaxcompress.checkpoint.safetensors_format import HeaderError
 from jaxcompress.checkpoint.safetensors_io import export_safetensors, import_safetensors
 
 __all__ = [
+    "abstract_checkpoint",
+    "follow_sharding",
     "CompressionTable",
     "Cost",
     "Latency",
