@@ -25,7 +25,7 @@ def test_gptq_quick_writes_json(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "default GPTQ" in proc.stdout
+    assert "w4g128 sequential act-order: cosine" in proc.stdout
     data = json.loads(out.read_text())
     assert data["quick"] is True
     rows = {(row["method"], row["setting"]): row for row in data["results"]}
