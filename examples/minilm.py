@@ -28,7 +28,9 @@ import functools
 import importlib.util
 import inspect
 import json
+import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -258,6 +260,14 @@ def build_qwix(method: str, params, calibration):
         rule = contrib.AwqRule(module_path=QWIX_MODULES, weight_qtype=jnp.int4, tile_size=128)
         provider = contrib.AwqCalibrationProvider([rule])
         suffix = "awq"
+    with time_limit(CONTRIB_TIME_LIMIT[0], f"qwix.contrib.{suffix} (qwix 0.1.8 runs its per-column loop eagerly)"):
+        return _qwix_contrib(qwix, contrib, suffix, model, provider, rules, params, calibration, abstract, apply)
+
+
+CONTRIB_TIME_LIMIT = [600.0]
+
+
+def _qwix_contrib(qwix, contrib, suffix, model, provider, rules, params, calibration, abstract, apply):
     calib_model = qwix.quantize_model(model, provider)
     stats_vars = None
     for batch in calibration:
@@ -273,6 +283,25 @@ def build_qwix(method: str, params, calibration):
         inference = qwix.quantize_model(model, contrib.AwqInferenceProvider(rules))
         apply = jax.jit(lambda p, *args: inference.apply(p, *args))
     return {"params": qparams}, apply, {}
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Raise `Skip` if the block runs longer than ``seconds`` (SIGALRM; main thread, POSIX)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise Skip(f"{what} did not finish within {seconds:.0f} s on this machine")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # ---- sizes ---------------------------------------------------------------------------------------
@@ -330,6 +359,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=None, help="use only the first N word pairs of each set")
     parser.add_argument("--out", default="results/minilm.json", help="results JSON path")
+    parser.add_argument("--qwix-contrib-limit", type=float, default=600.0,
+                        help="seconds allowed to Qwix's contrib GPTQ / AWQ each before they are skipped")
     return parser.parse_args(argv)
 
 
@@ -342,6 +373,7 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}", file=sys.stderr)
         return 2
+    CONTRIB_TIME_LIMIT[0] = args.qwix_contrib_limit
     if "fp32" not in methods:
         methods.insert(0, "fp32")
 
@@ -403,26 +435,32 @@ def main(argv=None) -> int:
             row["sparsity"] = _sparsity(variant)
         row.update(info)
         rows.append(row)
+        _write(args.out, calib_texts, eval_texts, source, word_sets, args.quick, rows, skipped)
         print(f"  {method:<24} cosine {row['cosine']:.5f}  " + "  ".join(
             f"{k} {row[k]:.4f}" for k in word_sets if k in row) + f"  kernels {row['kernel_bytes'] / 2**20:.2f} MiB  ({build_s:.1f} s)")
 
     print()
     print(format_table(rows, list(word_sets)))
+    _write(args.out, calib_texts, eval_texts, source, word_sets, args.quick, rows, skipped)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(path, calib_texts, eval_texts, source, word_sets, quick, rows, skipped) -> None:
+    """Write the results so far (after every method: a long run keeps what it measured)."""
     result = {
         "model": "all-MiniLM-L6-v2",
         "calibration_sentences": len(calib_texts),
         "eval_sentences": len(eval_texts),
         "sentence_source": source,
         "word_pairs": {k: len(v) for k, v in word_sets.items()},
-        "quick": args.quick,
+        "quick": quick,
         "rows": rows,
         "skipped": skipped,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
-    return 0
 
 
 def format_table(rows: list[dict], word_sets: list[str]) -> str:
