@@ -72,6 +72,8 @@ def sentence_batches(tokenizer, sentences, batch_size=32, bucket=16, max_length=
     """Batches sorted by length and padded to a multiple of ``bucket`` (few shapes, little padding)."""
     from examples.bert import tokenize
 
+    tokenizer.no_padding()  # the shipped tokenizer.json pads every encoding to 128
+    tokenizer.no_truncation()
     lengths = [len(tokenizer.encode(s).ids) for s in sentences]
     order = np.argsort(lengths, kind="stable")
     batches = []
