@@ -25,6 +25,13 @@ are divided by their greatest common divisor first; if the budget still has more
 then near-optimal, and ``report.exact`` says so) and every uniform assignment that fits is checked
 too, so the result is never worse than the best uniform choice within the budget.
 
+Measured on all-MiniLM-L6-v2 (``benchmarks/oneshot_prune.py``: 36 encoder kernels, budget = the
+bytes of uniform int4 g128, candidates int4 per-channel / g128 / g64 / g32 and int8 per-channel,
+256 held-out sentences): mean cosine to the fp32 embeddings 0.9538 with ``"model"``, 0.9472 with
+``"output"``, 0.9451 for uniform int4 g128. With bit-width candidates alone (2/3/4/8 at g128) the
+knapsack cannot beat uniform int4 there: int3 costs int4's container and int2 ruins any layer, so
+let the group size be part of the choice.
+
 The result is a list of `jaxcompress.QuantRule` (one per weight, ``pattern=re.escape(path)``)
 to pass to `quantize_params` (or a one-shot quantizer such as GPTQ) and a `MixedPrecisionReport`.
 """
