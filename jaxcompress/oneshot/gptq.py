@@ -189,7 +189,8 @@ def _gptq_all(W, H, col_group, damp, *, spec, per_channel, block, act_order, sta
     group_size = d_in // n_groups
     positions = jnp.argsort(group_of, stable=True).reshape(n_groups, group_size)  # ascending within a group
     first = jnp.zeros(d_in, bool).at[positions[:, 0]].set(True)
-    # Scales known before the loop: static groups, and the first group's start values.
+    # Static groups: every scale from the original weights now; otherwise each group's scale is
+    # set in the loop when its first column (in processing order) is reached.
     scales = jnp.ones((n_groups, d_out), jnp.float32)
     zeros = jnp.zeros((n_groups, d_out), jnp.float32)
     if static_groups:
