@@ -77,7 +77,23 @@ from jaxcompress.pruning import (
     uniform_sparsities,
     unstructured_mask,
 )
+from jaxcompress.oneshot import LayerStatistics, MatrixView, capture_statistics, from_matrix, sequential_groups, to_matrix
+from jaxcompress.oneshot.awq import awq
+from jaxcompress.oneshot.gptq import GPTQReport, GPTQResult, gptq, gptq_matrix
+from jaxcompress.oneshot.mixed import LayerChoice, MixedPrecisionReport, choose_bits, mixed_precision
+from jaxcompress.oneshot.smoothquant import smoothquant
+from jaxcompress.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
+from jaxcompress.oneshot.wanda import wanda, wanda_matrix
 from jaxcompress.qarray import QArray
+from jaxcompress.structured import (
+    ChannelCoupling,
+    ShrinkResult,
+    analyze_channels,
+    channel_masks,
+    channel_masks_with,
+    shrink,
+    shrink_with,
+)
 from jaxcompress.training import (
     QATState,
     activation_fake_quant,
@@ -101,6 +117,33 @@ from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerStatistics",
+    "MatrixView",
+    "capture_statistics",
+    "from_matrix",
+    "sequential_groups",
+    "to_matrix",
+    "awq",
+    "GPTQReport",
+    "GPTQResult",
+    "gptq",
+    "gptq_matrix",
+    "LayerChoice",
+    "MixedPrecisionReport",
+    "choose_bits",
+    "mixed_precision",
+    "smoothquant",
+    "sparsegpt",
+    "sparsegpt_matrix",
+    "wanda",
+    "wanda_matrix",
+    "ChannelCoupling",
+    "ShrinkResult",
+    "analyze_channels",
+    "channel_masks",
+    "channel_masks_with",
+    "shrink",
+    "shrink_with",
     "abstract_checkpoint",
     "follow_sharding",
     "activation_fake_quant",

@@ -1,8 +1,8 @@
 """One-shot (post-training, calibration-based) compression.
 
 `capture` collects per-weight input statistics from sample batches run through an unmodified
-function; the methods build on it: `gptq` here; Wanda / SparseGPT / mixed precision / SmoothQuant
-/ AWQ in their modules (``jaxcompress.oneshot.wanda`` ...).
+function; the methods build on it, one module each: ``gptq``, ``wanda``, ``sparsegpt``, ``mixed``
+(mixed precision), ``smoothquant``, ``awq``.
 """
 
 from jaxcompress.oneshot.capture import (
@@ -13,14 +13,12 @@ from jaxcompress.oneshot.capture import (
     sequential_groups,
     to_matrix,
 )
-from jaxcompress.oneshot.gptq import GPTQReport, GPTQResult, LayerResult, gptq, gptq_matrix
+
+# The methods (``gptq``, ``wanda``, ``sparsegpt``, ``mixed_precision``, ``smoothquant``, ``awq``)
+# are exported from `jaxcompress` itself, not here: re-exporting a function named like its module
+# (``jaxcompress.oneshot.gptq``) would hide the module from ``import jaxcompress.oneshot.gptq``.
 
 __all__ = [
-    "GPTQReport",
-    "GPTQResult",
-    "LayerResult",
-    "gptq",
-    "gptq_matrix",
     "LayerStatistics",
     "MatrixView",
     "capture_statistics",
