@@ -206,7 +206,7 @@ def build(method: str, apply, params, calibration, quick: bool) -> tuple[Any, Ca
         }
     if method == "gptq_w4g128":
         gptq = _import("jaxcompress.oneshot.gptq", "gptq")
-        qparams, _ = gptq(apply, params, calibration, _quant_rule(**W4G128))
+        qparams, _ = gptq(apply, params, calibration, _quant_rule(**W4G128), act_order=True)
         return qparams, compressed_apply, {}
     if method == "magnitude_50":
         pruned, _ = jc.prune_params(params, _prune_rule())
@@ -221,12 +221,18 @@ def build(method: str, apply, params, calibration, quick: bool) -> tuple[Any, Ca
         mixed_precision = _import("jaxcompress.oneshot.mixed", "mixed_precision")
         rtn4, _ = jc.quantize_params(params, _quant_rule(**W4G128))
         budget = _kernel_bytes(rtn4)
+        # With (bits, group size) candidates: int2/int3 at g128 cost what int4 does (int3 is stored
+        # in an int4 container) and int2 ruins a layer, so the choice that pays on MiniLM is where
+        # to spend scale bytes (benchmarks/oneshot_prune.py). The per-layer error proxy tr(E H E^T)
+        # misjudged layers here (mixed below uniform); "model" measures the embedding error of each
+        # layer at each candidate (one forward pass over the calibration set per pair: slow).
         rules, report = mixed_precision(
-            apply, params, calibration, KERNELS, candidates=(2, 3, 4, 8), group_size=128, budget_bytes=budget
+            apply, params, calibration, KERNELS, candidates=((4, None), (4, 128), (4, 64), (4, 32), (8, None)),
+            budget_bytes=budget, sensitivity="model",
         )
         qparams, _ = jc.quantize_params(params, rules)
-        bits = [r.bits for r in rules]
-        return qparams, compressed_apply, {"bits_histogram": {str(b): bits.count(b) for b in sorted(set(bits))}}
+        chosen = [f"int{r.bits}" + (f" g{r.group_size}" if r.group_size else "") for r in rules]
+        return qparams, compressed_apply, {"choices": {c: chosen.count(c) for c in sorted(set(chosen))}}
     if method.startswith("qwix_"):
         return build_qwix(method, params, calibration)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
