@@ -177,7 +177,10 @@ def test_recipe_errors_name_the_key(model, tmp_path):
 
 _SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    # A child started from a background job inherits SIGINT ignored (then Python installs no
+    # KeyboardInterrupt handler); restore what an interactive Ctrl-C gives.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from jaxcompress.checkpoint.compress import compress_checkpoint
     def progress(done, total, path):
         if done == 2:
