@@ -81,6 +81,13 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
 
 
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": CNN,
+    "resnet": ResNet,  # 32 channels: halved, every conv has <= 16 channels (see README)
+    "resnet64": lambda: ResNet(stem=64, inner=(64, 64)),
+}
+
+
 def rebuild(model: nn.Module, features: dict[str, int]) -> nn.Module:
     """The same architecture with the feature counts `shrink` reported (others unchanged)."""
     if isinstance(model, CNN):
@@ -201,7 +208,7 @@ def run(name: str, data: Dataset, *, steps: int, finetune_steps: int, target: fl
         learning_rate: float, latency_repeats: int, latency_batch: int = 64, seed: int = 0, log=print) -> dict:
     """Train one network dense, prune+shrink it iteratively, compare accuracy and CPU latency."""
     start = time.perf_counter()
-    model = CNN() if name == "cnn" else ResNet()
+    model = MODELS[name]()
     init_model = PipelineCNN(data.num_classes) if name == "cnn" else model  # the pipeline's CNN, same names
     variables = init_model.init(jax.random.key(seed), jnp.asarray(data.train_images[:1]))
     variables = train(model, variables, data, steps, learning_rate=learning_rate, seed=seed)
@@ -254,7 +261,7 @@ def subset(data: Dataset, train_subset: int | None, test_subset: int | None) -> 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run on a subset with few steps")
-    parser.add_argument("--model", choices=("cnn", "resnet", "both"), default="both")
+    parser.add_argument("--model", choices=(*MODELS, "both"), default="both", help="both = cnn and resnet")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of each group's channels removed in total")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1500, help="dense training steps")
