@@ -126,8 +126,8 @@ def run(args) -> dict:
     for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
         for method, prune in (
             ("magnitude", lambda r: jc.prune_params(params, [r])),
-            ("wanda", lambda r: wanda(model.apply, params, calib_batches, [r])),
-            ("sparsegpt", lambda r: sparsegpt(model.apply, params, calib_batches, [r])),
+            ("wanda", lambda r: wanda(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
+            ("sparsegpt", lambda r: sparsegpt(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
         ):
             start = time.perf_counter()
             pruned, masks = prune(rule)

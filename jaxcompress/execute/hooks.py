@@ -22,15 +22,16 @@ op other than the layout ops and the two contractions (e.g. an embedding ``gathe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 from jaxcompress.execute.trace import TraceCache, trace_call
+from jaxcompress.qarray import QArray
 from jaxcompress.rules import path_to_str
 
-__all__ = ["DotSite", "call_with_dot_hook"]
+__all__ = ["DotSite", "call_with_dot_hook", "FlatProgram", "flatten_call", "run_steps", "untag", "retag"]
 
 _INLINED = ("jit", "pjit", "closed_call", "core_call", "call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call")
 _LAYOUT = ("transpose", "reshape", "broadcast_in_dim", "squeeze", "convert_element_type", "slice", "copy", "copy_p")
@@ -175,15 +176,151 @@ def call_with_dot_hook(
     if not 0 <= params_argnum < len(args):
         raise ValueError(f"params_argnum {params_argnum} is out of range for {len(args)} positional arguments")
     traced = trace_call(fn, tuple(args), dict(kwargs or {}), cache)
+    inputs = _tagged_inputs(traced.paths, traced.leaves, traced.dynamic_positions, select, params_argnum)
+    outs = _run(traced.closed.jaxpr, traced.closed.consts, inputs, hook)
+    return jax.tree_util.tree_unflatten(traced.out_tree, [_untag(v) for v in outs])
+
+
+def _tagged_inputs(paths, leaves, dynamic_positions, select, params_argnum) -> list:
+    """The jaxpr's inputs, the selected params leaves wrapped as `_Tagged`."""
     inputs = []
-    for position in traced.dynamic_positions:
-        leaf, path = traced.leaves[position], traced.paths[position]
+    for position in dynamic_positions:
+        leaf, path = leaves[position], paths[position]
         in_params = len(path) >= 2 and getattr(path[0], "idx", None) == 0 and getattr(path[1], "idx", None) == params_argnum
         if in_params:
             name = path_to_str(tuple(path[2:]))
             if select(name):
                 leaf = _Tagged(leaf, name)
         inputs.append(leaf)
-    outs = _run(traced.closed.jaxpr, traced.closed.consts, inputs, hook)
-    return jax.tree_util.tree_unflatten(traced.out_tree, [_untag(v) for v in outs])
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat programs: the traced call as one equation list, run in segments
+# ---------------------------------------------------------------------------------------------
+
+
+def _inlined_body(eqn):
+    """``(jaxpr, consts)`` of a call-like equation `_run` inlines, else None."""
+    if eqn.primitive.name not in _INLINED:
+        return None
+    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(body, ClosedJaxpr):
+        return body.jaxpr, body.consts
+    if isinstance(body, Jaxpr) and not body.constvars:
+        return body, []
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatProgram:
+    """A traced call as one list of equations, inlined bodies spliced in (`flatten_call`).
+
+    Values are named by integer keys. ``steps[i] = (eqn, in_refs, out_keys)``: an in-ref is a key
+    or a jaxpr ``Literal``. ``input_keys`` name the jaxpr's inputs (the call's array leaves, in
+    order), ``consts`` the closed-over constants. The equations are those `call_with_dot_hook`
+    would evaluate, in the same order, so `run_steps` over ``range(len(steps))`` is that call;
+    over a sub-range it is one segment of it (a caller carries the values live across the cut).
+    """
+
+    steps: tuple
+    input_keys: tuple
+    consts: dict
+    traced: Any  # the `TracedCall`
+
+    def inputs(self, args: tuple, kwargs: dict | None, *, select: Callable[[str], bool], params_argnum: int = 0) -> dict:
+        """``{input key: value}`` for a call with ``args`` / ``kwargs`` of the traced structure
+        (e.g. tracers inside a jitted segment), the selected params leaves tagged."""
+        flat, _ = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs or {})), is_leaf=lambda x: isinstance(x, QArray))
+        paths = [p for p, _ in flat]
+        leaves = [leaf for _, leaf in flat]
+        values = _tagged_inputs(paths, leaves, self.traced.dynamic_positions, select, params_argnum)
+        return dict(zip(self.input_keys, values))
+
+    def param_keys(self, params_argnum: int = 0) -> dict:
+        """``{input key: path}`` of the inputs that are leaves of the params argument."""
+        out = {}
+        for key, position in zip(self.input_keys, self.traced.dynamic_positions):
+            path = self.traced.paths[position]
+            if len(path) >= 2 and getattr(path[0], "idx", None) == 0 and getattr(path[1], "idx", None) == params_argnum:
+                out[key] = path_to_str(tuple(path[2:]))
+        return out
+
+    def last_uses(self, end: int) -> dict:
+        """``{key: index of the last step before end that reads it}``."""
+        last = {}
+        for index, (_, ins, _) in enumerate(self.steps[:end]):
+            for ref in ins:
+                if not isinstance(ref, Literal):
+                    last[ref] = index
+        return last
+
+    def carried(self, cut: int, end: int, last_uses: dict | None = None) -> tuple:
+        """Keys computed by the steps before ``cut`` and read by a step in ``[cut, end)``."""
+        last = self.last_uses(end) if last_uses is None else last_uses
+        out = []
+        for _, _, outs in self.steps[:cut]:
+            out.extend(k for k in outs if last.get(k, -1) >= cut)
+        return tuple(out)
+
+
+def flatten_call(fn: Callable, args: tuple, kwargs: dict | None = None, cache: TraceCache | None = None) -> FlatProgram:
+    """Trace ``fn(*args, **kwargs)`` (as `call_with_dot_hook` does) into a `FlatProgram`."""
+    traced = trace_call(fn, tuple(args), dict(kwargs or {}), cache)
+    counter = iter(range(1 << 62))
+    steps: list = []
+    consts: dict = {}
+
+    def flatten(jaxpr, const_values, in_refs):
+        scope: dict = {}
+        ref = lambda var: var if isinstance(var, Literal) else scope[var]
+        for var, value in zip(jaxpr.constvars, const_values):
+            key = next(counter)
+            consts[key] = value
+            scope[var] = key
+        for var, in_ref in zip(jaxpr.invars, in_refs):
+            scope[var] = in_ref
+        for eqn in jaxpr.eqns:
+            ins = [ref(v) for v in eqn.invars]
+            body = _inlined_body(eqn)
+            if body is not None:
+                for var, out_ref in zip(eqn.outvars, flatten(body[0], body[1], ins)):
+                    scope[var] = out_ref
+                continue
+            outs = [next(counter) for _ in eqn.outvars]
+            scope.update(zip(eqn.outvars, outs))
+            steps.append((eqn, ins, outs))
+        return [ref(v) for v in jaxpr.outvars]
+
+    input_keys = [next(counter) for _ in traced.closed.jaxpr.invars]
+    flatten(traced.closed.jaxpr, traced.closed.consts, input_keys)
+    return FlatProgram(tuple(steps), tuple(input_keys), consts, traced)
+
+
+def run_steps(program: FlatProgram, indices: Iterable[int], env: dict, hook: Callable) -> dict:
+    """Evaluate ``program.steps[i]`` for ``i`` in ``indices`` (in order) on ``env`` (``{key:
+    value}``, updated in place and returned); ``hook(index, site, activation, weight) ->
+    activation`` at each site, as in `call_with_dot_hook`. Values in ``env`` may be tagged
+    weights (`untag` / `retag`)."""
+    for index in indices:
+        eqn, ins, outs = program.steps[index]
+        invals = [ref.val if isinstance(ref, Literal) else env[ref] for ref in ins]
+        if any(isinstance(v, _Tagged) for v in invals):
+            result = _tagged_eqn(eqn, invals, lambda site, x, weight, index=index: hook(index, site, x, weight))
+        else:
+            result = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            result = [result]
+        env.update(zip(outs, result))
+    return env
+
+
+def untag(value: Any) -> tuple[Any, tuple | None]:
+    """``(array, tag)``: a tagged weight's array and its static tag (None for a plain value)."""
+    return (value.value, (value.path, value.layout)) if isinstance(value, _Tagged) else (value, None)
+
+
+def retag(value: Any, tag: tuple | None) -> Any:
+    """The inverse of `untag`."""
+    return value if tag is None else _Tagged(value, *tag)
 

@@ -46,15 +46,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import Literal
 
-from jaxcompress.execute.hooks import DotSite, call_with_dot_hook
+from jaxcompress.execute.hooks import DotSite, call_with_dot_hook, flatten_call, retag, run_steps, untag
 from jaxcompress.execute.trace import TraceCache
 from jaxcompress.rules import path_to_str
 
@@ -66,6 +69,10 @@ __all__ = [
     "from_matrix",
     "activation_rows",
     "capture_statistics",
+    "GroupCapture",
+    "SegmentedCapture",
+    "sequential_capture",
+    "like_leaf",
     "sequential_groups",
     "make_selector",
     "batch_args",
@@ -334,58 +341,45 @@ def _masked_rows(site: DotSite, x: jax.Array, rows: jax.Array, mask: jax.Array):
     return jnp.where(keep[:, None], rows, 0.0), jnp.sum(keep, dtype=jnp.int32)
 
 
-class _Capture:
-    """The jitted per-batch reduction for one selection (kept to reuse its compilation)."""
+class _Recorder:
+    """The statistics hook of one traced capture: reduces the activation at each site of a
+    selected leaf (sites reading the same activation share one reduction)."""
 
-    def __init__(self, fn, params, select, params_argnum, with_hessian, row_mask=None, cache=None):
-        self.shapes = _float_paths(params)
-        self.select = lambda path: path in self.shapes and select(path)
-        self.params_argnum = params_argnum
+    def __init__(self, shapes: dict, with_hessian: bool, mask):
+        self.shapes = shapes
         self.with_hessian = with_hessian
+        self.mask = mask
+        self.recorded: dict[str, list] = {}
         self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
-        self.cache = TraceCache() if cache is None else cache
-        self.fn = fn
-        self.row_mask = row_mask
-        self.batch_fn = jax.jit(self._batch)
+        self.computed: list = []  # (activation, site signature, statistics): q / k / v share one
 
-    def __call__(self, params, batch):
-        mask = None if self.row_mask is None else jnp.asarray(self.row_mask(batch))
-        return self.batch_fn(params, batch, mask)
+    def hook(self, site: DotSite, x: jax.Array, weight: jax.Array) -> jax.Array:
+        view = matrix_view(site, self.shapes[site.path])
+        known = self.sites.setdefault(site.path, [])
+        if known and (known[0][1].d_in, known[0][1].kind) != (view.d_in, view.kind):
+            raise ValueError(
+                f"{site.path}: the weight feeds contractions with different matrix views "
+                f"({known[0][1].kind} d_in={known[0][1].d_in} and {view.kind} d_in={view.d_in}); tied "
+                f"weights must share their input dimension to pool statistics"
+            )
+        known.append((site, view))
+        signature = (site.primitive, site.activation_contracting_axes, repr(site.params) if view.kind == "conv" else "")
+        for activation, known_signature, statistics in self.computed:
+            if activation is x and known_signature == signature:
+                break
+        else:
+            rows = activation_rows(site, x, view)
+            count = rows.shape[0]
+            if self.mask is not None:
+                rows, count = _masked_rows(site, x, rows, self.mask)
+            statistics = _row_statistics(rows, self.with_hessian) + (count,)
+            self.computed.append((x, signature, statistics))
+        self.recorded.setdefault(site.path, []).append(statistics)
+        return x
 
-    def _batch(self, params, batch, mask):
-        recorded: dict[str, list] = {}
-        sites: dict[str, list] = {}
-        computed: list = []  # (activation, site signature, statistics): q / k / v share one
-
-        def hook(site, x, weight):
-            view = matrix_view(site, self.shapes[site.path])
-            known = sites.setdefault(site.path, [])
-            if known and (known[0][1].d_in, known[0][1].kind) != (view.d_in, view.kind):
-                raise ValueError(
-                    f"{site.path}: the weight feeds contractions with different matrix views "
-                    f"({known[0][1].kind} d_in={known[0][1].d_in} and {view.kind} d_in={view.d_in}); tied "
-                    f"weights must share their input dimension to pool statistics"
-                )
-            known.append((site, view))
-            signature = (site.primitive, site.activation_contracting_axes, repr(site.params) if view.kind == "conv" else "")
-            for activation, known_signature, statistics in computed:
-                if activation is x and known_signature == signature:
-                    break
-            else:
-                rows = activation_rows(site, x, view)
-                count = rows.shape[0]
-                if mask is not None:
-                    rows, count = _masked_rows(site, x, rows, mask)
-                statistics = _row_statistics(rows, self.with_hessian) + (count,)
-                computed.append((x, signature, statistics))
-            recorded.setdefault(site.path, []).append(statistics)
-            return x
-
-        args = _call(self.fn, params, batch, self.params_argnum)
-        call_with_dot_hook(self.fn, args, None, hook, select=self.select, params_argnum=self.params_argnum, cache=self.cache)
-        self.sites = sites
+    def results(self) -> dict:
         out = {}
-        for path, uses in recorded.items():
+        for path, uses in self.recorded.items():
             hessian = None if not self.with_hessian else sum(u[0] for u in uses)
             out[path] = (
                 hessian,
@@ -395,6 +389,53 @@ class _Capture:
                 jnp.asarray(sum(u[4] for u in uses), jnp.int32),
             )
         return out
+
+
+def _accumulate(totals: dict, result: dict) -> None:
+    """Add one batch's (device-fetched) statistics to the float64 host totals."""
+    for path, (gram, sq, abs_sum, absmax, rows) in result.items():
+        rows = int(rows)
+        entry = totals.get(path)
+        if entry is None:
+            totals[path] = [None if gram is None else np.asarray(gram, np.float64), np.asarray(sq, np.float64),
+                            np.asarray(abs_sum, np.float64), np.asarray(absmax, np.float64), rows]
+        else:
+            if gram is not None:
+                entry[0] += gram
+            entry[1] += sq
+            entry[2] += abs_sum
+            entry[3] = np.maximum(entry[3], absmax)
+            entry[4] += rows
+
+
+def _statistics(totals: dict, sites: dict) -> dict[str, "LayerStatistics"]:
+    out = {}
+    for path in sites:  # program order (a jitted result's dict is key-sorted)
+        gram, sq, abs_sum, absmax, rows = totals[path]
+        site, view = sites[path][0]
+        out[path] = LayerStatistics(gram, sq, abs_sum, absmax, int(rows), site, view, len(sites[path]))
+    return out
+
+
+class _Capture:
+    """The jitted per-batch reduction for one selection (kept to reuse its compilation)."""
+
+    def __init__(self, fn, params, select, params_argnum, with_hessian, cache=None):
+        self.shapes = _float_paths(params)
+        self.select = lambda path: path in self.shapes and select(path)
+        self.params_argnum = params_argnum
+        self.with_hessian = with_hessian
+        self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
+        self.cache = TraceCache() if cache is None else cache
+        self.fn = fn
+        self.batch_fn = jax.jit(self._batch)
+
+    def _batch(self, params, batch, mask):
+        recorder = _Recorder(self.shapes, self.with_hessian, mask)
+        args = _call(self.fn, params, batch, self.params_argnum)
+        call_with_dot_hook(self.fn, args, None, recorder.hook, select=self.select, params_argnum=self.params_argnum, cache=self.cache)
+        self.sites = recorder.sites
+        return recorder.results()
 
 
 def capture_statistics(
@@ -439,33 +480,393 @@ def capture_statistics(
     >>> stats["w"].hessian.tolist()[1]
     [2.0, 5.0, -3.0]
     """
-    capture = _Capture(fn, params, make_selector(select), params_argnum, hessian, row_mask, trace_cache)
-    totals: dict[str, list] = {}
-    seen = 0
-    for batch in batches:
-        seen += 1
-        result = jax.device_get(capture(params, batch))
-        for path, (gram, sq, abs_sum, absmax, rows) in result.items():
-            rows = int(rows)
-            entry = totals.get(path)
-            if entry is None:
-                totals[path] = [None if gram is None else np.asarray(gram, np.float64), np.asarray(sq, np.float64),
-                                np.asarray(abs_sum, np.float64), np.asarray(absmax, np.float64), rows]
+    with GroupCapture(fn, params, [make_selector(select)], batches, params_argnum=params_argnum, hessian=hessian,
+                      row_mask=row_mask, trace_cache=trace_cache, compile_ahead=False) as capture:
+        return capture(0, params)
+
+
+def like_leaf(leaf: Any, value: Any) -> Any:
+    """``value`` in ``leaf``'s place: its dtype, and its sharding for a `jax.Array` leaf (NumPy
+    for a NumPy leaf), so a compressed leaf replacing its original keeps the call signature the
+    capture programs were compiled for (and a sharded leaf stays sharded)."""
+    if isinstance(leaf, np.ndarray):
+        return np.asarray(value, dtype=leaf.dtype)
+    value = jnp.asarray(value, dtype=leaf.dtype)
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+        value = jax.device_put(value, leaf.sharding)
+    return value
+
+
+def _compile_workers() -> int:
+    """Background compile threads: half the cores (compilation is mostly single-threaded; the
+    other half keeps running the capture programs), at least one. Two threads on two cores
+    measured slower than one on the MiniLM GPTQ benchmark."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _batch_signature(batch: Any, mask: Any):
+    leaves, treedef = jax.tree_util.tree_flatten((batch, mask))
+    return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
+class _Programs:
+    """Jitted capture programs, optionally compiled ahead by background threads.
+
+    `lower` traces and lowers a program for example arguments and (with ``compile_ahead``)
+    queues its compilation; `call` runs it with the compiled executable when one was prepared
+    for that key, else (or when the arguments' avals / shardings differ from the lowered ones,
+    so the executable refuses them) through ``jax.jit``, which compiles for the new arguments.
+    """
+
+    def __init__(self, compile_ahead: bool):
+        self._executor = ThreadPoolExecutor(_compile_workers(), thread_name_prefix="jaxcompress-compile") if compile_ahead else None
+        self._pending: dict = {}
+
+    def lower(self, key, jitted, *args):
+        lowered = jitted.lower(*args)
+        if self._executor is not None:
+            self._pending[key] = self._executor.submit(lowered.compile)
+        return lowered
+
+    def call(self, key, jitted, *args):
+        future = self._pending.get(key)
+        if future is not None:
+            compiled = future.result()
+            try:
+                return compiled(*args)
+            except (TypeError, ValueError):
+                # Other avals / shardings than lowered: jit compiles for these (or raises the real error).
+                self._pending.pop(key, None)
+        return jitted(*args)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._pending.clear()
+
+
+class GroupCapture:
+    """`capture_statistics` for a sequence of selections (the groups of a sequential method),
+    each captured with the params the caller passes at that point, its programs compiled ahead.
+
+    ``capture(i, params)`` returns the statistics of group ``i`` computed with ``params`` (e.g.
+    with groups ``0 .. i-1`` already compressed), each group's program running the function
+    from its start up to the group's sites (XLA drops the rest), so ``n`` groups cost about
+    ``n / 2`` passes of the function; `sequential_capture` prefers `SegmentedCapture`, which
+    runs it once. With ``compile_ahead``, every group's program is traced and lowered here, for
+    every distinct batch shape, and compiled by background threads while earlier groups run.
+    Lowering uses the ``params`` given here: later params must keep each leaf's shape, dtype
+    and sharding (`like_leaf`), else the program is compiled again for them. Use as a context
+    manager (or call `close`) to stop pending compilations.
+
+    Args:
+      fn, params, batches, params_argnum, hessian, row_mask, trace_cache: as for
+        `capture_statistics` (``batches`` is iterated once per group).
+      groups: one selection per group (see `make_selector`: a callable on path strings, a path,
+        or a sequence of paths / rules).
+      compile_ahead: compile every group's programs in background threads up front.
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        params: Any,
+        groups: Sequence[Any],
+        batches: Iterable[Any],
+        *,
+        params_argnum: int = 0,
+        hessian: bool = True,
+        row_mask: Callable[[Any], Any] | None = None,
+        trace_cache: TraceCache | None = None,
+        compile_ahead: bool = True,
+    ):
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("capture_statistics needs at least one batch")
+        self.masks = [None if row_mask is None else jnp.asarray(row_mask(batch)) for batch in self.batches]
+        self.signatures = [_batch_signature(b, m) for b, m in zip(self.batches, self.masks)]
+        cache = TraceCache(size=max(32, 4 * len(set(self.signatures)))) if trace_cache is None else trace_cache
+        self.captures = [_Capture(fn, params, make_selector(group), params_argnum, hessian, cache) for group in groups]
+        self._programs = _Programs(compile_ahead and len(self.captures) > 0)
+        if compile_ahead:
+            first = {}
+            for index, signature in enumerate(self.signatures):
+                first.setdefault(signature, index)
+            for group_index, capture in enumerate(self.captures):
+                for signature, index in first.items():
+                    self._programs.lower((group_index, signature), capture.batch_fn, params, self.batches[index], self.masks[index])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the compilations not started yet (running ones finish in the background)."""
+        self._programs.close()
+
+    def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
+        """The statistics of group ``index`` with ``params`` (see the class docs)."""
+        capture = self.captures[index]
+        totals: dict[str, list] = {}
+        for batch, mask, signature in zip(self.batches, self.masks, self.signatures):
+            result = self._programs.call((index, signature), capture.batch_fn, params, batch, mask)
+            _accumulate(totals, jax.device_get(result))
+        return _statistics(totals, capture.sites)
+
+
+class _NotSegmentable(Exception):
+    pass
+
+
+class _SegmentPlan:
+    """One batch signature's flat program, cut before each group's first site.
+
+    Keys computed from params and constants alone ("static": a weight's transpose, cast, ...)
+    are never carried across a cut: each segment replays the static steps it needs from the
+    params it is given, so a weight compressed after a cut is seen compressed. Every other
+    value is carried; it must not depend on a weight whose group starts after the step that
+    computes it (it would go stale when that group is compressed), else `_NotSegmentable`.
+    """
+
+    def __init__(self, program, cuts, lasts, group_of_path: Callable[[str], int | None], params_argnum: int):
+        self.program = program
+        self.cuts = cuts  # step index of each group's first site
+        self.lasts = lasts  # step index of each group's last site
+        end = lasts[-1] + 1
+        param_keys = program.param_keys(params_argnum)
+        static = set(program.consts) | set(param_keys)
+        groups_of: dict = {}  # key -> groups whose weights it depends on
+        for key, path in param_keys.items():
+            group = group_of_path(path)
+            if group is not None:
+                groups_of[key] = frozenset([group])
+        self.static_steps: list[int] = []
+        for index, (_, ins, outs) in enumerate(program.steps[:end]):
+            refs = [ref for ref in ins if not isinstance(ref, Literal)]
+            depends = frozenset().union(*(groups_of.get(ref, frozenset()) for ref in refs))
+            if all(ref in static for ref in refs):
+                static.update(outs)
+                self.static_steps.append(index)
             else:
-                if gram is not None:
-                    entry[0] += gram
-                entry[1] += sq
-                entry[2] += abs_sum
-                entry[3] = np.maximum(entry[3], absmax)
-                entry[4] += rows
-    if seen == 0:
-        raise ValueError("capture_statistics needs at least one batch")
-    out = {}
-    for path in capture.sites:  # program order (the jitted result's dict is key-sorted)
-        gram, sq, abs_sum, absmax, rows = totals[path]
-        site, view = capture.sites[path][0]
-        out[path] = LayerStatistics(gram, sq, abs_sum, absmax, int(rows), site, view, len(capture.sites[path]))
-    return out
+                late = [g for g in depends if cuts[g] > index]
+                if late:
+                    raise _NotSegmentable(f"step {index} uses a weight of group {late[0]} before that group's first site")
+            if depends:
+                groups_of.update((key, depends) for key in outs)
+        self.static = static
+        last_uses = program.last_uses(end)
+        self.carried = [tuple(k for k in program.carried(cut, end, last_uses) if k not in static) for cut in cuts]
+        self.tags: dict = {}  # carried key -> tag of a (transformed) weight crossing a cut
+
+    def replay(self, start: int, stop: int) -> list[int]:
+        """The static steps before ``start`` whose results the steps ``[start, stop)`` need."""
+        steps = self.program.steps
+        needed = {ref for _, ins, _ in steps[start:stop] for ref in ins if not isinstance(ref, Literal) and ref in self.static}
+        chosen = []
+        for index in reversed([i for i in self.static_steps if i < start]):
+            _, ins, outs = steps[index]
+            if needed.intersection(outs):
+                chosen.append(index)
+                needed.update(ref for ref in ins if not isinstance(ref, Literal))
+        return chosen[::-1]
+
+
+class SegmentedCapture:
+    """`GroupCapture` that runs the function ONCE per batch over all groups, layer by layer.
+
+    The traced function is flattened (`jaxcompress.execute.hooks.flatten_call`) and cut before
+    each group's first site. Group ``i``'s statistics come from a program that starts from the
+    values live at cut ``i`` (computed with the params of the previous call, i.e. with groups
+    ``< i`` compressed) and runs to the group's last site; a second program advances those values
+    to cut ``i + 1`` with the params of the NEXT call (group ``i`` compressed). The values live
+    across a cut (e.g. a transformer's hidden state) are kept on the device between calls. So
+    ``n`` groups cost one pass of the function instead of ``n / 2``, and each program is one
+    segment (cheap to compile; all compiled ahead in background threads). Same statistics as
+    `GroupCapture` up to float rounding.
+
+    Groups must be called in order, ``0, 1, 2, ...``, each once, with params that differ from
+    the previous call's only in already-captured groups. Raises `_NotSegmentable` (caught by
+    `sequential_capture`) when the groups do not follow one another in program order (a group
+    with a site after the next group's first site, e.g. a tied weight used again later).
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        params: Any,
+        groups: Sequence[Any],
+        batches: Iterable[Any],
+        *,
+        params_argnum: int = 0,
+        hessian: bool = True,
+        row_mask: Callable[[Any], Any] | None = None,
+        compile_ahead: bool = True,
+    ):
+        self.fn = fn
+        self.params_argnum = params_argnum
+        self.hessian = hessian
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("capture_statistics needs at least one batch")
+        self.masks = [None if row_mask is None else jnp.asarray(row_mask(batch)) for batch in self.batches]
+        self.signatures = [_batch_signature(b, m) for b, m in zip(self.batches, self.masks)]
+        self.shapes = _float_paths(params)
+        self.groups = [make_selector(group) for group in groups]
+        self.select = lambda path: path in self.shapes and any(group(path) for group in self.groups)
+        self.sites: list[dict] = [{} for _ in self.groups]
+        first: dict = {}
+        for index, signature in enumerate(self.signatures):
+            first.setdefault(signature, index)
+        self.plans = {signature: self._plan(params, self.batches[index]) for signature, index in first.items()}
+        self.jitted = {
+            signature: (
+                [jax.jit(self._segment(plan, k, stats=True)) for k in range(len(self.groups))],
+                [jax.jit(self._segment(plan, k, stats=False)) for k in range(len(self.groups))],
+            )
+            for signature, plan in self.plans.items()
+        }
+        self._programs = _Programs(compile_ahead)
+        self._carried: list = [None] * len(self.batches)
+        self._next = 0
+        if compile_ahead:
+            shapes = {signature: {} for signature in first}
+            for k in range(len(self.groups)):
+                for signature, index in first.items():
+                    stats_fns, advance_fns = self.jitted[signature]
+                    batch, mask = self.batches[index], self.masks[index]
+                    lowered = self._programs.lower(("advance", k, signature), advance_fns[k], params, batch, shapes[signature])
+                    shapes[signature] = lowered.out_info
+                    self._programs.lower(("stats", k, signature), stats_fns[k], params, batch, mask, shapes[signature])
+
+    def _plan(self, params, batch) -> _SegmentPlan:
+        program = flatten_call(self.fn, _call(self.fn, params, batch, self.params_argnum))
+        found: dict[str, list[int]] = {}
+
+        def dry(params, batch):
+            env = dict(program.consts)
+            env.update(program.inputs(_call(self.fn, params, batch, self.params_argnum), None, select=self.select,
+                                      params_argnum=self.params_argnum))
+
+            def hook(index, site, x, weight):
+                found.setdefault(site.path, []).append(index)
+                return x
+
+            run_steps(program, range(len(program.steps)), env, hook)
+
+        jax.eval_shape(dry, params, batch)
+        cuts, lasts = [], []
+        for group in self.groups:
+            steps = [index for path, indices in found.items() if group(path) for index in indices]
+            if not steps:
+                raise _NotSegmentable("a group reaches no dot / conv")
+            cuts.append(min(steps))
+            lasts.append(max(steps))
+        for k in range(len(cuts) - 1):
+            if not cuts[k] <= lasts[k] < cuts[k + 1]:
+                raise _NotSegmentable(f"group {k}'s sites are not all before group {k + 1}'s first site")
+        def group_of(path):
+            return next((g for g, group in enumerate(self.groups) if group(path)), None)
+
+        return _SegmentPlan(program, cuts, lasts, group_of, self.params_argnum)
+
+    def _segment(self, plan: _SegmentPlan, k: int, *, stats: bool):
+        """Group ``k``'s statistics program (``stats``: cut ``k`` to its last site) or its advance
+        program (cut ``k - 1`` to cut ``k``; from the start for ``k == 0``)."""
+        if stats:
+            start, stop, carry_out = plan.cuts[k], plan.lasts[k] + 1, None
+        else:
+            start, stop, carry_out = (plan.cuts[k - 1] if k else 0), plan.cuts[k], plan.carried[k]
+        group = self.groups[k]
+        replay = plan.replay(start, stop)
+
+        def segment(params, batch, *rest):
+            mask, carried = rest if stats else (None, rest[0])
+            args = _call(self.fn, params, batch, self.params_argnum)
+            env = dict(plan.program.consts)
+            env.update(plan.program.inputs(args, None, select=self.select, params_argnum=self.params_argnum))
+            env.update((key, retag(value, plan.tags.get(key))) for key, value in carried.items())
+            recorder = _Recorder(self.shapes, self.hessian, mask) if stats else None
+
+            def hook(index, site, x, weight):
+                return recorder.hook(site, x, weight) if stats and group(site.path) else x
+
+            run_steps(plan.program, replay, env, hook)
+            run_steps(plan.program, range(start, stop), env, hook)
+            if stats:
+                self.sites[k] = recorder.sites
+                return recorder.results()
+            out = {}
+            for key in carry_out:
+                out[key], tag = untag(env[key])
+                if tag is not None:
+                    plan.tags[key] = tag
+            return out
+
+        return segment
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the compilations not started yet and drop the carried values."""
+        self._programs.close()
+        self._carried = [None] * len(self.batches)
+
+    def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
+        """The statistics of group ``index`` (the next in order) with ``params``."""
+        if index != self._next:
+            raise ValueError(f"SegmentedCapture captures its groups in order: expected group {self._next}, got {index}")
+        totals: dict[str, list] = {}
+        for b, (batch, mask, signature) in enumerate(zip(self.batches, self.masks, self.signatures)):
+            stats_fns, advance_fns = self.jitted[signature]
+            carried = {} if index == 0 else self._carried[b]
+            carried = self._programs.call(("advance", index, signature), advance_fns[index], params, batch, carried)
+            self._carried[b] = carried
+            result = self._programs.call(("stats", index, signature), stats_fns[index], params, batch, mask, carried)
+            _accumulate(totals, jax.device_get(result))
+        self._next += 1
+        if self._next == len(self.groups):
+            self._carried = [None] * len(self.batches)
+        return _statistics(totals, self.sites[index])
+
+
+def sequential_capture(
+    fn: Callable,
+    params: Any,
+    groups: Sequence[Any],
+    batches: Iterable[Any],
+    *,
+    params_argnum: int = 0,
+    hessian: bool = True,
+    row_mask: Callable[[Any], Any] | None = None,
+    compile_ahead: bool = True,
+) -> "SegmentedCapture | GroupCapture":
+    """The capture a sequential method should use for ``groups`` (called in order, once each):
+    `SegmentedCapture` (one pass of ``fn`` over all groups) when the groups follow one another
+    in program order, else `GroupCapture` (one pass up to each group; also for a single group).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"a": jnp.eye(2), "b": 2 * jnp.eye(2)}
+    >>> fn = lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"]
+    >>> with sequential_capture(fn, params, [["a"], ["b"]], [jnp.ones((3, 2))]) as capture:
+    ...     first = capture(0, params)
+    ...     second = capture(1, {"a": jnp.zeros((2, 2)), "b": params["b"]})  # "a" compressed to 0
+    >>> type(capture).__name__, first["a"].hessian.tolist(), second["b"].hessian.tolist()
+    ('SegmentedCapture', [[3.0, 3.0], [3.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]])
+    """
+    kwargs = dict(params_argnum=params_argnum, hessian=hessian, row_mask=row_mask, compile_ahead=compile_ahead)
+    if len(groups) == 1:  # one program: nothing to cut, nothing to compile ahead
+        return GroupCapture(fn, params, groups, batches, **dict(kwargs, compile_ahead=False))
+    try:
+        return SegmentedCapture(fn, params, groups, batches, **kwargs)
+    except _NotSegmentable:
+        return GroupCapture(fn, params, groups, batches, **kwargs)
 
 
 def sequential_groups(fn: Callable, params: Any, sample_batch: Any, select: Any, *, params_argnum: int = 0) -> list[tuple[str, ...]]:

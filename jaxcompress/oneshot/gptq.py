@@ -51,8 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.execute.trace import TraceCache
-from jaxcompress.oneshot.capture import capture_statistics, from_matrix, sequential_groups, to_matrix
+from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, sequential_capture, sequential_groups, to_matrix
 from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.calibrate import calibrate_range
@@ -533,42 +532,45 @@ def gptq(
     current = list(leaves)
     layers: dict[str, LayerResult] = {}
     capture_seconds = gptq_seconds = 0.0
-    trace_cache = TraceCache(size=64)
-    for group in groups:
-        start = time.perf_counter()
-        tree = matched.unflatten(current)
-        stats = capture_statistics(
-            fn, tree, batches, lambda p, group=group: p in group, params_argnum=params_argnum, row_mask=row_mask,
-            trace_cache=trace_cache,
-        )
-        capture_seconds += time.perf_counter() - start
-        for path in group:
-            rule, spec, name = targets[path]
-            leaf = leaves[position[path]]
-            s = stats[path]
+    start = time.perf_counter()
+    # Group after group from one pass of fn (or one pass per group), compiled ahead in the background.
+    captures = sequential_capture(
+        fn, matched.unflatten(current), [frozenset(group).__contains__ for group in groups], batches,
+        params_argnum=params_argnum, row_mask=row_mask,
+    )
+    capture_seconds += time.perf_counter() - start
+    with captures:
+        for group_index, group in enumerate(groups):
             start = time.perf_counter()
-            index_map, column_groups, per_channel = _scale_index_map(tuple(leaf.shape), spec, s.view, name)
-            W = to_matrix(leaf, s)
-            hessian = 2.0 * s.hessian / max(s.count, 1)
-            result = gptq_matrix(
-                W, hessian, spec.bits, symmetric=spec.symmetric, per_channel=per_channel,
-                column_groups=column_groups, damp=damp, block_size=block_size, act_order=act_order,
-                static_groups=static_groups, zero_dead=zero_dead, calibration=spec.calibration,
-                scale_dtype=spec.scale_dtype, name=name,
-            )
-            qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)
-            rtn = to_matrix(quantize(leaf, rule.spec, name=name).dequantize(jnp.float32), s)
-            W64 = np.asarray(W, np.float64)
-            gptq_seconds += time.perf_counter() - start
-            layers[path] = LayerResult(
-                path, "gptq", s.count, int(np.sum(np.diag(s.hessian) == 0)), result.damp,
-                _output_error(np.asarray(result.weights) - W64, s.hessian),
-                _output_error(np.asarray(rtn) - W64, s.hessian),
-                time.perf_counter() - start,
-            )
-            new_leaves[position[path]] = qarray
-            if sequential is not False:
-                current[position[path]] = qarray.dequantize()
+            stats = captures(group_index, matched.unflatten(current))
+            capture_seconds += time.perf_counter() - start
+            for path in group:
+                rule, spec, name = targets[path]
+                leaf = leaves[position[path]]
+                s = stats[path]
+                start = time.perf_counter()
+                index_map, column_groups, per_channel = _scale_index_map(tuple(leaf.shape), spec, s.view, name)
+                W = to_matrix(leaf, s)
+                hessian = 2.0 * s.hessian / max(s.count, 1)
+                result = gptq_matrix(
+                    W, hessian, spec.bits, symmetric=spec.symmetric, per_channel=per_channel,
+                    column_groups=column_groups, damp=damp, block_size=block_size, act_order=act_order,
+                    static_groups=static_groups, zero_dead=zero_dead, calibration=spec.calibration,
+                    scale_dtype=spec.scale_dtype, name=name,
+                )
+                qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)
+                rtn = to_matrix(quantize(leaf, rule.spec, name=name).dequantize(jnp.float32), s)
+                W64 = np.asarray(W, np.float64)
+                gptq_seconds += time.perf_counter() - start
+                layers[path] = LayerResult(
+                    path, "gptq", s.count, int(np.sum(np.diag(s.hessian) == 0)), result.damp,
+                    _output_error(np.asarray(result.weights) - W64, s.hessian),
+                    _output_error(np.asarray(rtn) - W64, s.hessian),
+                    time.perf_counter() - start,
+                )
+                new_leaves[position[path]] = qarray
+                if sequential is not False:
+                    current[position[path]] = _like(leaf, qarray.dequantize())
     for path, (rule, spec, name) in targets.items():
         if path not in layers:  # selected, but it reaches no dot / conv: round to nearest
             new_leaves[position[path]] = quantize(leaves[position[path]], rule.spec, name=name)

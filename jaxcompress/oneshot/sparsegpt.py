@@ -241,6 +241,7 @@ def sparsegpt(
     block_size: int = 128,
     sequential: bool = True,
     step: int | None = None,
+    row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
     on_unused: str = "warn",
 ) -> tuple[Any, Any]:
@@ -261,6 +262,9 @@ def sparsegpt(
       sequential: prune group by group in program order with the earlier groups already pruned
         (as the paper); ``False``: all statistics from the dense model in one pass.
       step: where a rule's sparsity schedule is evaluated (required if a rule has a schedule).
+      row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
+        padding tokens: ``lambda batch: batch[1]``); see
+        `jaxcompress.oneshot.capture.capture_statistics`.
       params_argnum: where params go among ``fn``'s positional arguments.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that matched nothing.
 
@@ -292,4 +296,5 @@ def sparsegpt(
         step=step,
         params_argnum=params_argnum,
         on_unused=on_unused,
+        row_mask=row_mask,
     )

@@ -261,17 +261,20 @@ def prune_with_statistics(
     step: int | None,
     params_argnum: int,
     on_unused: str,
+    row_mask: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, Any]:
     """The tree-level driver of the one-shot pruning methods.
 
     ``prune_matrix(W, stats, sparsity=, n=, m=, name=) -> (pruned W, keep mask)`` works on the
     matrix view. With ``sequential``, the selected leaves are processed group by group in program
     order (`sequential_groups`), each group's statistics captured with the earlier groups already
-    pruned; otherwise all statistics come from the dense model in one capture.
+    pruned (`sequential_capture`: one pass of ``fn`` for all groups when they follow one another);
+    otherwise all statistics come from the dense model in one capture. ``row_mask`` as for
+    `capture_statistics`.
     """
     from optax import MaskedNode
 
-    from jaxcompress.oneshot.capture import capture_statistics, from_matrix, sequential_groups, to_matrix
+    from jaxcompress.oneshot.capture import from_matrix, like_leaf, sequential_capture, sequential_groups, to_matrix
     from jaxcompress.pruning.plan import plan_pruning
 
     plan = plan_pruning(params, rules, on_unused=on_unused)
@@ -279,7 +282,7 @@ def prune_with_statistics(
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs at least one calibration batch")
-    leaves = list(plan.leaves_of(jax.device_put(params)))  # NumPy leaves: copied once, not per capture
+    leaves = list(plan.leaves_of(jax.device_put(params)))  # on the device once, not per capture
     masks: list[Any] = [MaskedNode()] * len(leaves)
     if not patterns:
         return params, plan.unflatten(masks)
@@ -290,12 +293,8 @@ def prune_with_statistics(
         groups = [tuple(patterns)]
     if sequential:
         _check_reached(plan, patterns, {path for group in groups for path in group}, method)
-    for group in groups:
-        current = plan.unflatten(leaves)
-        chosen = set(group)
-        stats = capture_statistics(fn, current, batches, lambda path: path in chosen, params_argnum=params_argnum, hessian=hessian)
-        if not sequential:
-            _check_reached(plan, patterns, set(stats), method)
+
+    def prune_group(group, stats):
         for path in group:
             if path not in stats:
                 continue
@@ -311,9 +310,18 @@ def prune_with_statistics(
             if order is not None:
                 inverse = np.argsort(order)
                 pruned, keep = pruned[:, inverse], keep[:, inverse]
-            leaves[index] = from_matrix(pruned, jnp.asarray(leaf), stats[path])
+            leaves[index] = like_leaf(leaf, from_matrix(pruned, jnp.asarray(leaf), stats[path]))
             mask_like = jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.bool_)
             masks[index] = from_matrix(keep.astype(jnp.float32), mask_like, stats[path])
+
+    captures = sequential_capture(fn, plan.unflatten(leaves), [frozenset(g).__contains__ for g in groups], batches,
+                                  params_argnum=params_argnum, hessian=hessian, row_mask=row_mask)
+    with captures:
+        for group_index, group in enumerate(groups):
+            stats = captures(group_index, plan.unflatten(leaves))
+            if not sequential:
+                _check_reached(plan, patterns, set(stats), method)
+            prune_group(group, stats)
     return plan.unflatten(leaves), plan.unflatten(masks)
 
 
@@ -339,6 +347,7 @@ def wanda(
     *,
     sequential: bool = True,
     step: int | None = None,
+    row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
     on_unused: str = "warn",
 ) -> tuple[Any, Any]:
@@ -357,6 +366,9 @@ def wanda(
       sequential: prune group by group in program order, each group's statistics captured with
         the earlier groups already pruned (as the paper); ``False``: all from the dense model.
       step: where a rule's sparsity schedule is evaluated (required if a rule has a schedule).
+      row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
+        padding tokens: ``lambda batch: batch[1]``); see
+        `jaxcompress.oneshot.capture.capture_statistics`.
       params_argnum: where params go among ``fn``'s positional arguments.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that matched nothing.
 
@@ -384,4 +396,5 @@ def wanda(
         step=step,
         params_argnum=params_argnum,
         on_unused=on_unused,
+        row_mask=row_mask,
     )

@@ -171,3 +171,102 @@ def test_row_mask_drops_padding_rows():
     _check(stats["w"], np.asarray(x)[np.asarray(mask) > 0])
     with pytest.raises(ValueError, match="w: row_mask of shape"):
         capture_statistics(fn, params, [(x, mask)], "w", row_mask=lambda batch: batch[1].T)
+
+
+# ---- sequential capture: one pass of the function (SegmentedCapture) vs one pass per group -------
+
+
+class _Stack(nn.Module):
+    """Two pre-LN blocks, a stem and a head: residual adds, shared q/k/v inputs, a jitted
+    helper that transposes its weight before the dot (a static weight computation ahead of the
+    site, which must be replayed, not carried, once the weight is compressed)."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        x = nn.Dense(8, name="stem")(x)
+        for i in range(2):
+            h = nn.LayerNorm(name=f"ln{i}")(x)
+            q, k, v = (nn.Dense(8, name=f"{n}{i}")(h) for n in ("query", "key", "value"))
+            scores = jnp.where(mask[:, None, :] > 0, q @ k.swapaxes(-1, -2), -1e9)
+            x = x + nn.Dense(8, name=f"out{i}")(jax.nn.softmax(scores) @ v)
+            w = self.param(f"mlp{i}", nn.initializers.lecun_normal(), (8, 8))
+            x = x + _transposed_dot(jax.nn.gelu(x), w)
+        return nn.Dense(3, name="head")(x)
+
+
+@jax.jit
+def _transposed_dot(x, w):
+    return x @ w.T.T
+
+
+def _round_group(params, group):
+    """A stand-in for compressing a group: round its leaves to a coarse grid."""
+    flat = {jc.rules.path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    rounded = {path: (jnp.round(leaf * 4) / 4 if path in group else leaf) for path, leaf in flat.items()}
+    treedef = jax.tree_util.tree_structure(params)
+    return jax.tree_util.tree_unflatten(treedef, [rounded[jc.rules.path_to_str(p)] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
+
+
+def _run_groups(capture, params, groups):
+    out = []
+    with capture:
+        for index, group in enumerate(groups):
+            out.append(capture(index, params))
+            params = _round_group(params, group)
+    return out
+
+
+def _assert_same_statistics(expected, actual):
+    assert [list(g) for g in expected] == [list(g) for g in actual]
+    for want, got in zip(expected, actual):
+        for path in want:
+            np.testing.assert_allclose(got[path].hessian, want[path].hessian, rtol=2e-5, atol=2e-4, err_msg=path)
+            np.testing.assert_allclose(got[path].absmax, want[path].absmax, rtol=2e-5, atol=1e-5, err_msg=path)
+            assert (got[path].count, got[path].num_sites, got[path].view) == (want[path].count, want[path].num_sites, want[path].view)
+
+
+@pytest.mark.parametrize("compile_ahead", [True, False])
+def test_segmented_capture_matches_one_pass_per_group(compile_ahead):
+    from jaxcompress.oneshot.capture import GroupCapture, SegmentedCapture, sequential_capture
+
+    model = _Stack()
+    keys = jax.random.split(jax.random.key(0), 3)
+    batches = [  # two shapes, padding masked out of the statistics
+        (jax.random.normal(keys[0], (3, 5, 4)), jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])),
+        (jax.random.normal(keys[1], (2, 7, 4)), jnp.ones((2, 7), jnp.int32)),
+        (jax.random.normal(keys[2], (3, 5, 4)), jnp.ones((3, 5), jnp.int32)),
+    ]
+    params = model.init(jax.random.key(1), *batches[0])
+    groups = sequential_groups(model.apply, params, batches[0], r".*(kernel|mlp\d)")
+    assert [len(g) for g in groups] == [1, 3, 1, 1, 3, 1, 1, 1]  # stem, qkv0, out0, mlp0, qkv1, ...
+    kwargs = dict(row_mask=lambda batch: batch[1], compile_ahead=compile_ahead)
+    selections = [frozenset(g).__contains__ for g in groups]
+    segmented = sequential_capture(model.apply, params, selections, batches, **kwargs)
+    assert isinstance(segmented, SegmentedCapture)
+    expected = _run_groups(GroupCapture(model.apply, params, selections, batches, **kwargs), params, groups)
+    _assert_same_statistics(expected, _run_groups(segmented, params, groups))
+    # The statistics do see the compressed predecessors: rounding changes the later groups' inputs.
+    uncompressed = GroupCapture(model.apply, params, selections, batches, **kwargs)
+    assert not np.allclose(uncompressed(7, params)["params/head/kernel"].hessian, expected[7]["params/head/kernel"].hessian)
+    with sequential_capture(model.apply, params, selections, batches, **kwargs) as capture:
+        with pytest.raises(ValueError, match="in order: expected group 0, got 1"):
+            capture(1, params)
+
+
+@pytest.mark.parametrize("case", ["tied weight used again later", "weight used by activations before its group"])
+def test_sequential_capture_falls_back_when_groups_interleave(case):
+    from jaxcompress.oneshot.capture import GroupCapture, sequential_capture
+
+    keys = jax.random.split(jax.random.key(2), 4)
+    params = {"a": jax.random.normal(keys[0], (4, 4)), "b": jax.random.normal(keys[1], (4, 4))}
+    if case == "tied weight used again later":
+        fn = lambda p, x: jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]) @ p["a"]
+    else:  # "b" scales the activation ahead of b's own dot: its compressed value must be seen there
+        fn = lambda p, x: jnp.tanh(x @ p["a"] * p["b"][0]) @ p["b"]
+    batches = [jax.random.normal(keys[2], (6, 4)), jax.random.normal(keys[3], (6, 4))]
+    groups = sequential_groups(fn, params, batches[0], ".*")
+    selections = [frozenset(g).__contains__ for g in groups]
+    capture = sequential_capture(fn, params, selections, batches)
+    assert type(capture) is GroupCapture
+    expected = _run_groups(GroupCapture(fn, params, selections, batches, compile_ahead=False), params, groups)
+    _assert_same_statistics(expected, _run_groups(capture, params, groups))

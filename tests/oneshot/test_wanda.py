@@ -184,3 +184,25 @@ def test_leaf_without_a_dot_is_an_error(sequential):
     fn = lambda p, ids: p["table"][ids] @ p["w"]
     with pytest.raises(ValueError, match=r"params\['table'\]: selected for Wanda but it never meets"):
         wanda(fn, params, [jnp.arange(6)], [jc.PruneRule(pattern=".*", sparsity=0.5)], sequential=sequential)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_row_mask_leaves_padding_out_of_the_statistics(method):
+    from jaxcompress.oneshot.sparsegpt import sparsegpt
+
+    prune = {"wanda": wanda, "sparsegpt": sparsegpt}[method]
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {"a": jax.random.normal(keys[0], (6, 8)), "b": jax.random.normal(keys[1], (8, 4))}
+    fn = lambda p, x, mask: (jnp.tanh(x @ p["a"]) @ p["b"]) * mask[..., None]
+    x = jax.random.normal(keys[2], (4, 5, 6))
+    mask = (jnp.arange(5)[None, :] < jnp.array([[5], [2], [3], [1]])).astype(jnp.int32)
+    garbage = jnp.where(mask[..., None] > 0, x, 100 * jax.random.normal(keys[3], x.shape))  # padding rows
+    rules = [jc.PruneRule(pattern="a|b", sparsity=0.5)]
+    rows_only = [(x[i : i + 1, : int(n)], jnp.ones((1, int(n)), jnp.int32)) for i, n in enumerate(mask.sum(1))]
+    want, want_masks = prune(fn, params, rows_only, rules)
+    got, got_masks = prune(fn, params, [(garbage, mask)], rules, row_mask=lambda batch: batch[1])
+    unmasked, _ = prune(fn, params, [(garbage, mask)], rules)
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(got_masks[name], want_masks[name])
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+    assert not all(np.allclose(unmasked[name], want[name], rtol=1e-4, atol=1e-5) for name in ("a", "b"))
