@@ -36,10 +36,12 @@ on the matrix view. A selected leaf that reaches no dot / conv is absent from th
 
 Sequential (layer-by-layer) methods use `sequential_groups`: the selected leaves in program
 order, grouped by the activation they multiply (attention's query / key / value share one), so
-a method can compress group by group, re-capturing each group's statistics with the
-already-compressed predecessors in place (``capture_statistics(..., select=group)``). Only the
-statistics are returned from the jitted capture, so XLA drops the part of the network after the
-group's sites.
+a method can compress group by group, each group's statistics captured with the
+already-compressed predecessors in place. `sequential_capture` does that in ONE pass of the
+function (`SegmentedCapture`: the flattened program is cut before each group, the values live
+across a cut are carried on the device), or, where groups interleave in the program, with one
+pass up to each group (`GroupCapture`: XLA drops the part of the network after the group's
+sites). Either compiles every group's programs ahead in a background thread.
 """
 
 from __future__ import annotations
