@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, sequential_capture, sequential_groups, to_matrix
+from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, place_like, sequential_capture, sequential_groups, to_matrix
 from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.calibrate import calibrate_range
@@ -559,6 +559,8 @@ def gptq(
                     scale_dtype=spec.scale_dtype, name=name,
                 )
                 qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)
+                qarray = dataclasses.replace(qarray, values=place_like(leaf, qarray.values), scale=place_like(leaf, qarray.scale),
+                                             zero_point=place_like(leaf, qarray.zero_point))
                 rtn = to_matrix(quantize(leaf, rule.spec, name=name).dequantize(jnp.float32), s)
                 W64 = np.asarray(W, np.float64)
                 gptq_seconds += time.perf_counter() - start

@@ -274,7 +274,7 @@ def prune_with_statistics(
     """
     from optax import MaskedNode
 
-    from jaxcompress.oneshot.capture import from_matrix, like_leaf, sequential_capture, sequential_groups, to_matrix
+    from jaxcompress.oneshot.capture import from_matrix, like_leaf, place_like, sequential_capture, sequential_groups, to_matrix
     from jaxcompress.pruning.plan import plan_pruning
 
     plan = plan_pruning(params, rules, on_unused=on_unused)
@@ -312,7 +312,7 @@ def prune_with_statistics(
                 pruned, keep = pruned[:, inverse], keep[:, inverse]
             leaves[index] = like_leaf(leaf, from_matrix(pruned, jnp.asarray(leaf), stats[path]))
             mask_like = jax.ShapeDtypeStruct(tuple(leaf.shape), jnp.bool_)
-            masks[index] = from_matrix(keep.astype(jnp.float32), mask_like, stats[path])
+            masks[index] = place_like(leaf, from_matrix(keep.astype(jnp.float32), mask_like, stats[path]))
 
     captures = sequential_capture(fn, plan.unflatten(leaves), [frozenset(g).__contains__ for g in groups], batches,
                                   params_argnum=params_argnum, hessian=hessian, row_mask=row_mask)
