@@ -564,7 +564,31 @@ class _Programs:
         self._pending.clear()
 
 
-class GroupCapture:
+class _BatchCapture:
+    """What the captures share: the batches, their row masks and shape signatures, closing."""
+
+    def _init_batches(self, batches: Iterable[Any], row_mask: Callable[[Any], Any] | None) -> None:
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("capture_statistics needs at least one batch")
+        self.masks = [None if row_mask is None else jnp.asarray(row_mask(batch)) for batch in self.batches]
+        self.signatures = [_batch_signature(b, m) for b, m in zip(self.batches, self.masks)]
+        self.first: dict = {}  # signature -> index of its first batch
+        for index, signature in enumerate(self.signatures):
+            self.first.setdefault(signature, index)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the compilations not started yet (running ones finish in the background)."""
+        self._programs.close()
+
+
+class GroupCapture(_BatchCapture):
     """`capture_statistics` for a sequence of selections (the groups of a sequential method),
     each captured with the params the caller passes at that point, its programs compiled ahead.
 
@@ -599,31 +623,14 @@ class GroupCapture:
         trace_cache: TraceCache | None = None,
         compile_ahead: bool = True,
     ):
-        self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("capture_statistics needs at least one batch")
-        self.masks = [None if row_mask is None else jnp.asarray(row_mask(batch)) for batch in self.batches]
-        self.signatures = [_batch_signature(b, m) for b, m in zip(self.batches, self.masks)]
-        cache = TraceCache(size=max(32, 4 * len(set(self.signatures)))) if trace_cache is None else trace_cache
+        self._init_batches(batches, row_mask)
+        cache = TraceCache(size=max(32, 4 * len(self.first))) if trace_cache is None else trace_cache
         self.captures = [_Capture(fn, params, make_selector(group), params_argnum, hessian, cache) for group in groups]
         self._programs = _Programs(compile_ahead and len(self.captures) > 0)
         if compile_ahead:
-            first = {}
-            for index, signature in enumerate(self.signatures):
-                first.setdefault(signature, index)
             for group_index, capture in enumerate(self.captures):
-                for signature, index in first.items():
+                for signature, index in self.first.items():
                     self._programs.lower((group_index, signature), capture.batch_fn, params, self.batches[index], self.masks[index])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Cancel the compilations not started yet (running ones finish in the background)."""
-        self._programs.close()
 
     def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
         """The statistics of group ``index`` with ``params`` (see the class docs)."""
@@ -692,7 +699,7 @@ class _SegmentPlan:
         return chosen[::-1]
 
 
-class SegmentedCapture:
+class SegmentedCapture(_BatchCapture):
     """`GroupCapture` that runs the function ONCE per batch over all groups, layer by layer.
 
     The traced function is flattened (`jaxcompress.execute.hooks.flatten_call`) and cut before
@@ -726,19 +733,12 @@ class SegmentedCapture:
         self.fn = fn
         self.params_argnum = params_argnum
         self.hessian = hessian
-        self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("capture_statistics needs at least one batch")
-        self.masks = [None if row_mask is None else jnp.asarray(row_mask(batch)) for batch in self.batches]
-        self.signatures = [_batch_signature(b, m) for b, m in zip(self.batches, self.masks)]
+        self._init_batches(batches, row_mask)
         self.shapes = _float_paths(params)
         self.groups = [make_selector(group) for group in groups]
         self.select = lambda path: path in self.shapes and any(group(path) for group in self.groups)
         self.sites: list[dict] = [{} for _ in self.groups]
-        first: dict = {}
-        for index, signature in enumerate(self.signatures):
-            first.setdefault(signature, index)
-        self.plans = {signature: self._plan(params, self.batches[index]) for signature, index in first.items()}
+        self.plans = {signature: self._plan(params, self.batches[index]) for signature, index in self.first.items()}
         self.jitted = {
             signature: (
                 [jax.jit(self._segment(plan, k, stats=True)) for k in range(len(self.groups))],
@@ -750,9 +750,9 @@ class SegmentedCapture:
         self._carried: list = [None] * len(self.batches)
         self._next = 0
         if compile_ahead:
-            shapes = {signature: {} for signature in first}
+            shapes = {signature: {} for signature in self.first}
             for k in range(len(self.groups)):
-                for signature, index in first.items():
+                for signature, index in self.first.items():
                     stats_fns, advance_fns = self.jitted[signature]
                     batch, mask = self.batches[index], self.masks[index]
                     lowered = self._programs.lower(("advance", k, signature), advance_fns[k], params, batch, shapes[signature])
@@ -825,15 +825,9 @@ class SegmentedCapture:
 
         return segment
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def close(self) -> None:
         """Cancel the compilations not started yet and drop the carried values."""
-        self._programs.close()
+        super().close()
         self._carried = [None] * len(self.batches)
 
     def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
