@@ -270,6 +270,7 @@ def mixed_precision(
     calibration: Any = "absmax",
     scale_dtype: str = "float32",
     sensitivity: str = "output",
+    row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
     max_states: int = 200_000,
 ) -> tuple[list[QuantRule], MixedPrecisionReport]:
@@ -297,6 +298,10 @@ def mixed_precision(
       sensitivity: ``"output"`` (``tr(E H E^T)``), ``"relative"`` (divided by
         ``tr(W H W^T)``), ``"trace"`` (Hessian-trace proxy) or ``"model"`` (error of ``fn``'s
         outputs with only that weight quantized); see the module docs.
+      row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 (e.g. padding
+        tokens) are left out of the input statistics (see `capture_statistics`); ``"model"``
+        compares ``fn``'s whole outputs, so give it an ``fn`` whose outputs ignore padding (e.g.
+        a masked mean-pooled embedding).
       params_argnum: where params go among ``fn``'s positional arguments.
       max_states: the knapsack's largest table (see the module docs).
 
@@ -328,7 +333,8 @@ def mixed_precision(
     if not batches:
         raise ValueError("mixed_precision needs at least one calibration batch")
     params = jax.device_put(params)  # NumPy leaves would be copied to the device at every call
-    stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, hessian=sensitivity in ("output", "relative"))
+    stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, row_mask=row_mask,
+                               hessian=sensitivity in ("output", "relative"))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     predicate = make_selector(select)
     leaves, names = {}, {}

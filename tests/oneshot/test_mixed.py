@@ -143,3 +143,19 @@ def test_group_size_candidates_and_leaves_they_do_not_fit():
     first = report.layers[0]
     assert first.nbytes[first.candidates.index((4, None))] == 64 * 64 // 2 + 64 * 4
     assert first.nbytes[first.candidates.index((4, 16))] == 64 * 64 // 2 + 4 * 64 * 4
+
+
+def test_row_mask_leaves_padding_out_of_the_sensitivities():
+    # Two layers, int2 or int8; only one may be int8. Real rows drive "a" hard, "b" barely; the
+    # padding rows (masked) would make "b" look like the sensitive one.
+    keys = jax.random.split(jax.random.key(4), 3)
+    params = {"a": jax.random.normal(keys[0], (8, 8)), "b": jax.random.normal(keys[1], (8, 8))}
+    fn = lambda p, x, mask: (x[..., :8] @ p["a"] + x[..., 8:] @ p["b"]) * mask[..., None]
+    x = jax.random.normal(keys[2], (2, 6, 16)) * jnp.concatenate([jnp.full(8, 10.0), jnp.full(8, 0.1)])
+    mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    x = jnp.where(mask[..., None] > 0, x, jnp.concatenate([jnp.zeros(8), jnp.full(8, 1000.0)]))  # loud padding in "b"
+    options = dict(candidates=(2, 8), group_size=None, budget_bits_per_weight=5.0 + 32 / 8)
+    rules, report = mixed_precision(fn, params, [(x, mask)], ".*", row_mask=lambda batch: batch[1], **options)
+    assert [(r.pattern, r.bits) for r in rules] == [("a", 8), ("b", 2)]
+    rules, _ = mixed_precision(fn, params, [(x, mask)], ".*", **options)
+    assert [(r.pattern, r.bits) for r in rules] == [("a", 2), ("b", 8)]
