@@ -34,8 +34,8 @@ to exactly GPTQ's weights.
 The per-matrix algorithm (`gptq_matrix`) is one jitted function (``fori_loop`` over blocks and
 over the columns of a block, vectorised rank-1 and block updates). `gptq` applies it over a
 params tree, sequentially by default: each group of layers that read the same activation gets
-its statistics from a forward pass in which every earlier quantized layer already uses its GPTQ
-weights.
+its statistics from the forward pass with every earlier quantized layer already using its GPTQ
+weights (one pass of the model in all, cut between groups; see `sequential_capture`).
 """
 
 from __future__ import annotations
@@ -447,7 +447,7 @@ def gptq(
       fn: the unmodified function, called as ``fn(params, *batch)`` (a tuple batch) or
         ``fn(params, batch)`` (``params_argnum`` moves params).
       params: float params.
-      batches: sample batches (iterated several times in sequential mode).
+      batches: sample batches (a list; each segment of a sequential pass runs over all of them).
       rules: `QuantRule`\\ s, as for `jaxcompress.quantize_params` (bits, symmetric,
         channel_axes, group_size, calibration, scale_dtype, activation). Scales must cover whole
         output rows of the layer's matrix view, possibly split into groups along an input axis:
@@ -455,12 +455,12 @@ def gptq(
         groups along the input axis (the default ``group_axis``).
       damp, block_size, act_order, static_groups, zero_dead: see `gptq_matrix`.
       sequential: ``True`` (default): each group of layers reading the same activation is
-        calibrated on inputs computed with every earlier layer already quantized (one capture
-        pass per group). A callable ``stage(path) -> key``: consecutive groups whose first
-        paths share a key are calibrated together from one pass (the reference implementation's
-        per-block mode, e.g. ``lambda path: path.split("/")[2]`` for ``layer_3``): fewer passes,
-        earlier blocks quantized, layers inside a block float. ``False``: all statistics from one
-        pass of the float model.
+        calibrated on inputs computed with every earlier layer already quantized (one pass of
+        ``fn`` in all, cut between groups: `jaxcompress.oneshot.capture.sequential_capture`).
+        A callable ``stage(path) -> key``: consecutive groups whose first paths share a key are
+        calibrated together (the reference implementation's per-block mode, e.g. ``lambda
+        path: path.split("/")[2]`` for ``layer_3``): earlier blocks quantized, layers inside a
+        block float. ``False``: all statistics from one pass of the float model.
       row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
         padding tokens); see `jaxcompress.oneshot.capture.capture_statistics`.
       params_argnum: where params go among ``fn``'s positional arguments.

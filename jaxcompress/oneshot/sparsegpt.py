@@ -251,7 +251,7 @@ def sparsegpt(
       fn: the unmodified function, called as ``fn(params, *batch)`` (tuple batches) or
         ``fn(params, batch)``.
       params: float params.
-      batches: calibration batches (iterated once per sequential group).
+      batches: calibration batches (each segment of a sequential pass runs over all of them).
       rules: `jaxcompress.PruneRule`\\ s (or a ``{pattern: sparsity}`` mapping), first full match
         wins. Supported: ``structure="unstructured"`` (exactly ``round(sparsity * size)`` zeros per
         leaf, chosen block by block; ``distribution="erk"`` works) and ``structure="n:m"`` (along

@@ -357,7 +357,7 @@ def wanda(
       fn: the unmodified function, called as ``fn(params, *batch)`` (tuple batches) or
         ``fn(params, batch)``.
       params: float params.
-      batches: calibration batches (iterated once per sequential group).
+      batches: calibration batches (each segment of a sequential pass runs over all of them).
       rules: `jaxcompress.PruneRule`\\ s (or a ``{pattern: sparsity}`` mapping), first full match
         wins. Supported: ``structure="unstructured"`` (every output row of the leaf's matrix view
         prunes exactly ``round(sparsity * d_in)``; ``distribution="erk"`` works) and
