@@ -785,6 +785,7 @@ class SegmentedCapture(_BatchCapture):
         for k in range(len(cuts) - 1):
             if not cuts[k] <= lasts[k] < cuts[k + 1]:
                 raise _NotSegmentable(f"group {k}'s sites are not all before group {k + 1}'s first site")
+
         def group_of(path):
             return next((g for g, group in enumerate(self.groups) if group(path)), None)
 

@@ -404,10 +404,11 @@ def _to_qarray(leaf, result: GPTQResult, index_map, column_groups, spec: Resolve
     if not spec.symmetric:
         flat_zero = np.zeros(math.prod(scale_shape), np.float32)
         flat_zero[index_map] = np.asarray(result.zero_point)[column_groups[None, :], rows]
-        zero_point = jnp.asarray(flat_zero.reshape(scale_shape)).astype(storage_dtype(spec.bits))
+        zero_point = place_like(leaf, jnp.asarray(flat_zero.reshape(scale_shape)).astype(storage_dtype(spec.bits)))
+    # Placed where the param lives (its sharding along the axes the arrays share with it).
     return QArray(
-        values=values.astype(storage_dtype(spec.bits)),
-        scale=jnp.asarray(flat_scale.reshape(scale_shape)).astype(spec.scale_dtype),
+        values=place_like(leaf, values.astype(storage_dtype(spec.bits))),
+        scale=place_like(leaf, jnp.asarray(flat_scale.reshape(scale_shape)).astype(spec.scale_dtype)),
         zero_point=zero_point,
         bits=spec.bits,
         qtype=spec.qtype,
@@ -559,8 +560,6 @@ def gptq(
                     scale_dtype=spec.scale_dtype, name=name,
                 )
                 qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)
-                qarray = dataclasses.replace(qarray, values=place_like(leaf, qarray.values), scale=place_like(leaf, qarray.scale),
-                                             zero_point=place_like(leaf, qarray.zero_point))
                 rtn = to_matrix(quantize(leaf, rule.spec, name=name).dequantize(jnp.float32), s)
                 W64 = np.asarray(W, np.float64)
                 gptq_seconds += time.perf_counter() - start
