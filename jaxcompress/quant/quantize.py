@@ -9,13 +9,13 @@ message), unless ``allow_nonfinite=True``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress._checks import runtime_check
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import encode, scale_from_range
@@ -65,11 +65,11 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
     if isinstance(x, jax.core.Tracer):
         qarray, finite = _quantize_impl(x, resolved)
         if not resolved.allow_nonfinite:
-            jax.debug.callback(functools.partial(_raise_if_nonfinite, name), finite)
+            runtime_check(finite, _nonfinite_message(name))
         return qarray
     qarray, finite = _quantize_jit(jnp.asarray(x), resolved)
     if not resolved.allow_nonfinite:
-        _raise_if_nonfinite(name, finite)
+        runtime_check(finite, _nonfinite_message(name))
     return qarray
 
 
@@ -79,12 +79,11 @@ def quantize_with_spec(x: jax.Array, spec: ResolvedSpec) -> QArray:
     return _quantize_impl(x, spec)[0]
 
 
-def _raise_if_nonfinite(name: str, all_finite) -> None:
-    if not bool(all_finite):
-        raise ValueError(
-            f"{name}: contains NaN or Inf; quantization needs finite values "
-            f"(pass allow_nonfinite=True to clip Inf and store NaN as 0)"
-        )
+def _nonfinite_message(name: str) -> str:
+    return (
+        f"{name}: contains NaN or Inf; quantization needs finite values "
+        f"(pass allow_nonfinite=True to clip Inf and store NaN as 0)"
+    )
 
 
 def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]:
