@@ -3,6 +3,12 @@
 All functions are pure and jit-able. They take the GROUPED view of an array (see
 `ResolvedSpec.grouped_shape`) and the axes one scale is shared over, and return ``(lo, hi)`` with
 those axes kept as size 1. Symmetric quantization gets ``lo = -hi``.
+
+`calibrate_array` takes the array in its ORIGINAL shape instead and keeps a sharded group axis
+sharded (see `jaxcompress.quant.codec`): absmax and mse reduce each block of the blocked view and
+combine the per-block results into groups; only those small arrays cross shard boundaries.
+Percentile needs every element of a group in one place: a group that straddles a shard boundary
+is gathered for it (a copy for calibration; the codes still keep the param's sharding).
 """
 
 from __future__ import annotations
@@ -10,10 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.quant.codec import round_trip
+from jaxcompress.quant.codec import blocks_to_groups, groups_to_blocks, round_trip, to_blocks
 from jaxcompress.quant.spec import ResolvedSpec
 
-__all__ = ["absmax_range", "percentile_range", "mse_range", "calibrate_range"]
+__all__ = ["absmax_range", "percentile_range", "mse_range", "calibrate_range", "calibrate_array"]
 
 
 def _finite_or_zero(x: jax.Array) -> jax.Array:
@@ -66,16 +72,24 @@ def mse_range(x: jax.Array, reduce_axes: tuple[int, ...], spec: ResolvedSpec):
     ``fori_loop`` so memory stays at a few copies of ``x`` whatever the grid size.
     """
     lo, hi = absmax_range(x, reduce_axes, spec.symmetric)
+    return _mse_search(x, lo, hi, reduce_axes, spec, lambda a: a, lambda a: a)
+
+
+def _mse_search(x, lo, hi, reduce_axes, spec: ResolvedSpec, to_x_layout, sum_to_groups):
+    """The grid search of `mse_range` with the range per group and ``x`` in a possibly finer
+    layout: ``to_x_layout`` maps per-group arrays onto ``x``'s, ``sum_to_groups`` sums per-``x``
+    partial errors into groups."""
     calibration = spec.calibration
+    if calibration.grid_size <= 1:
+        return lo, hi
+    lo_x, hi_x = to_x_layout(lo), to_x_layout(hi)
 
     def error(ratio):
-        dq = round_trip(x, ratio * lo, ratio * hi, spec)
-        return jnp.sum(jnp.square(x - dq), axis=reduce_axes, keepdims=True)
+        dq = round_trip(x, ratio * lo_x, ratio * hi_x, spec)
+        return sum_to_groups(jnp.sum(jnp.square(x - dq), axis=reduce_axes, keepdims=True))
 
     best_error = error(jnp.float32(1.0))
     best_ratio = jnp.ones_like(best_error)
-    if calibration.grid_size <= 1:
-        return lo, hi
     ratios = jnp.linspace(calibration.min_ratio, 1.0, calibration.grid_size, dtype=jnp.float32)
 
     def body(i, carry):
@@ -100,3 +114,38 @@ def calibrate_range(x: jax.Array, spec: ResolvedSpec, reduce_axes: tuple[int, ..
     if method == "percentile":
         return percentile_range(x, reduce_axes, spec.symmetric, spec.calibration.percentile)
     return mse_range(x, reduce_axes, spec)
+
+
+def calibrate_array(x: jax.Array, spec: ResolvedSpec, block: int | None = None):
+    """`calibrate_range` of ``x`` given in its ORIGINAL shape (float32), returning ``(lo, hi)``
+    in the grouped layout; a sharded group axis stays sharded (``block``: see
+    `jaxcompress.quant.codec.block_size`, computed from ``x`` unless given).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxcompress.quant.spec import QuantSpec
+    >>> spec = QuantSpec(bits=4, group_size=2, group_axis=0).resolve((4, 1))
+    >>> calibrate_array(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), spec, block=1)[1].ravel().tolist()
+    [3.0, 2.0]
+    """
+    reduce_axes = spec.reduce_axes(x.ndim)
+    blocked, block = to_blocks(x, spec, block)
+    if spec.group_axis is None or block == spec.group_size:
+        return calibrate_range(blocked, spec, reduce_axes)
+    if spec.calibration.method == "percentile":
+        return calibrate_range(x.reshape(spec.grouped_shape(tuple(x.shape))), spec, reduce_axes)
+    if spec.allow_nonfinite:
+        blocked = _finite_or_zero(blocked)
+    lo, hi = absmax_range(blocked, reduce_axes, spec.symmetric)
+    hi = blocks_to_groups(hi, spec, block, "max")
+    lo = -hi if spec.symmetric else blocks_to_groups(lo, spec, block, "min")
+    if spec.calibration.method == "absmax":
+        return lo, hi
+    return _mse_search(
+        blocked,
+        lo,
+        hi,
+        reduce_axes,
+        spec,
+        lambda a: groups_to_blocks(a, spec, block),
+        lambda a: blocks_to_groups(a, spec, block, "sum"),
+    )

@@ -4,9 +4,24 @@ Everything here works on float32 arrays in the grouped layout of `ResolvedSpec.g
 with ranges / scales / zero points that keep the reduced axes as size 1, so plain broadcasting
 applies. Kept separate so calibration (which needs a fake-quant round trip to score clip ratios)
 and quantization share one definition of the math.
+
+Sharded group axes. The grouped view splits the group axis into ``(dim // group_size,
+group_size)``; when that axis is sharded and a group straddles a shard boundary (``g64`` on a
+192-long axis split 4 ways: 48 per shard), no sharding of the grouped view matches the param's
+and XLA all-gathers the whole array at the reshape. So values are encoded and decoded in a FINER
+view, the *blocked* view: the group axis split into ``(dim // block, block)`` with ``block`` the
+largest divisor of the group size that also divides the shard size (`block_size`). That view
+keeps the param's sharding (every shard holds whole blocks), the scale is expanded from groups to
+blocks (`groups_to_blocks`, a small array) and group reductions run as a block reduction followed
+by a regrouping of the per-block results (`blocks_to_groups`, 1/block of the param). When groups
+align with shards (the usual case) ``block == group_size`` and both steps are no-ops.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +30,22 @@ import ml_dtypes
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, storage_dtype
 from jaxcompress.quant.spec import ResolvedSpec
 
-__all__ = ["int_range", "scale_from_range", "encode", "decode", "round_trip", "to_grouped", "from_grouped"]
+__all__ = [
+    "int_range",
+    "scale_from_range",
+    "encode",
+    "decode",
+    "round_trip",
+    "to_grouped",
+    "from_grouped",
+    "block_size",
+    "blocked_spec",
+    "to_blocks",
+    "groups_to_blocks",
+    "blocks_to_groups",
+    "encode_array",
+    "decode_array",
+]
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -106,3 +136,123 @@ def to_grouped(array: jax.Array, spec: ResolvedSpec) -> jax.Array:
 def from_grouped(array: jax.Array, spec: ResolvedSpec) -> jax.Array:
     """Grouped layout -> scale layout (the shape of `QArray.scale`)."""
     return array if spec.group_axis is None else jnp.squeeze(array, spec.group_axis + 1)
+
+
+# ---- the blocked view (sharding-compatible groups) ---------------------------------------------
+
+
+def _shards_along(x: Any, axis: int) -> int | None:
+    """How many shards ``x`` is split into along ``axis``, when that is known: from the sharding
+    of a concrete array, or from the type of a traced one under explicit mesh axes. ``None`` for
+    a tracer whose sharding the partitioner decides later (``jit`` over auto axes)."""
+    dim = int(x.shape[axis])
+    if dim == 0:
+        return 1
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return max(1, dim // int(x.sharding.shard_shape(tuple(x.shape))[axis]))
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None or not mesh.shape:
+        return None
+    entry = spec[axis] if axis < len(spec) else None
+    if entry is None:
+        explicit = jax.sharding.AxisType.Explicit
+        return 1 if all(t == explicit for t in getattr(mesh, "axis_types", ())) else None
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(int(mesh.shape[name]) for name in names)
+
+
+def block_size(x: Any, spec: ResolvedSpec) -> int | None:
+    """The block the group axis is split into for sharding-compatible work (``None`` without
+    groups): the largest divisor of ``group_size`` that divides the shard size along the group
+    axis. When the sharding is not known at trace time (``jit`` over auto mesh axes), any even
+    split of the axis over a divisor of the device count is allowed for.
+
+    >>> from jaxcompress.quant.spec import QuantSpec
+    >>> spec = QuantSpec(bits=4, group_size=64, group_axis=0).resolve((192, 8))
+    >>> block_size(jax.numpy.zeros((192, 8)), spec)  # one device: whole groups
+    64
+    """
+    if spec.group_axis is None:
+        return None
+    dim = int(x.shape[spec.group_axis])
+    shards = _shards_along(x, spec.group_axis)
+    if shards is None:
+        shards = math.gcd(dim, jax.device_count())
+    shard_dim = -(-dim // max(shards, 1))
+    return math.gcd(int(spec.group_size), shard_dim) or int(spec.group_size)
+
+
+def blocked_spec(spec: ResolvedSpec, block: int | None) -> ResolvedSpec:
+    """``spec`` with groups of ``block`` elements: its grouped view is the blocked view."""
+    if spec.group_axis is None or block is None or block == spec.group_size:
+        return spec
+    return dataclasses.replace(spec, group_size=int(block))
+
+
+def to_blocks(x: jax.Array, spec: ResolvedSpec, block: int | None = None) -> tuple[jax.Array, int | None]:
+    """``x`` in the blocked view (the grouped view when ``block == group_size``) and the block
+    used (`block_size` of ``x`` unless given). The within-block axis is ``group_axis + 1``, so
+    ``spec.reduce_axes`` applies unchanged."""
+    if block is None:
+        block = block_size(x, spec)
+    return x.reshape(blocked_spec(spec, block).grouped_shape(tuple(x.shape))), block
+
+
+def groups_to_blocks(array: Any, spec: ResolvedSpec, block: int | None) -> Any:
+    """A per-group array in the grouped layout (``(..., groups, 1, ...)``) repeated onto the
+    blocked layout (``(..., blocks, 1, ...)``); ``None`` passes through."""
+    if array is None or spec.group_axis is None or block is None or block == spec.group_size:
+        return array
+    return jnp.repeat(array, spec.group_size // block, axis=spec.group_axis)
+
+
+def _unshard_axis(array: jax.Array, axis: int) -> jax.Array:
+    """Under explicit mesh axes, reshard ``array`` (a small per-block array) so ``axis`` is not
+    split (explicit axes refuse a reshape that would move elements between shards)."""
+    try:
+        sharding = jax.typeof(array).sharding
+    except (AttributeError, TypeError):
+        return array
+    spec = getattr(sharding, "spec", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if spec is None or axis >= len(spec) or spec[axis] is None:
+        return array
+    if not any(t == jax.sharding.AxisType.Explicit for t in types):
+        return array
+    entries = list(spec) + [None] * (array.ndim - len(spec))
+    entries[axis] = None
+    return jax.sharding.reshard(array, jax.sharding.PartitionSpec(*entries))
+
+
+def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, reduce: str) -> jax.Array:
+    """Per-block results (blocked layout, within-block axis of size 1) combined into per-group
+    ones (grouped layout) with ``reduce`` in ``"max"``, ``"min"``, ``"sum"``. Only these small
+    arrays cross shard boundaries, never the param."""
+    if spec.group_axis is None or block is None or block == spec.group_size:
+        return partial
+    axis, per_group = spec.group_axis, spec.group_size // block
+    partial = _unshard_axis(partial, axis)
+    shape = tuple(partial.shape)
+    split = shape[:axis] + (shape[axis] // per_group, per_group) + shape[axis + 2 :]
+    reducer = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}[reduce]
+    return reducer(partial.reshape(split), axis=axis + 1, keepdims=True)
+
+
+def encode_array(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:
+    """Float array (original shape) -> codes (original shape), with the scale / zero point in
+    the grouped layout; works in the blocked view, so the codes keep ``x``'s sharding."""
+    blocked, block = to_blocks(x.astype(jnp.float32), spec, block)
+    scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
+    return encode(blocked, scale, zero_point, spec).reshape(x.shape)
+
+
+def decode_array(values: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:
+    """Codes (original shape) -> float32 (original shape), scale / zero point in the grouped
+    layout; the result keeps the codes' sharding."""
+    blocked, block = to_blocks(values, spec, block)
+    scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
+    return decode(blocked, scale, zero_point).reshape(values.shape)

@@ -9,6 +9,7 @@ message), unless ``allow_nonfinite=True``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -17,9 +18,9 @@ import numpy as np
 
 from jaxcompress._checks import runtime_check
 from jaxcompress.qarray import QArray
-from jaxcompress.quant.calibrate import calibrate_range
-from jaxcompress.quant.codec import encode, scale_from_range
-from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
+from jaxcompress.quant.calibrate import calibrate_array
+from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
+from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
 
 __all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec"]
 
@@ -63,11 +64,12 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
         raise TypeError(f"{name}: expected a floating-point array to quantize, got dtype {x.dtype}")
     resolved = spec.resolve(tuple(x.shape), name)
     if isinstance(x, jax.core.Tracer):
-        qarray, finite = _quantize_impl(x, resolved)
+        qarray, finite = _quantize_impl(x, resolved, block_size(x, resolved))
         if not resolved.allow_nonfinite:
             runtime_check(finite, _nonfinite_message(name))
         return qarray
-    qarray, finite = _quantize_jit(jnp.asarray(x), resolved)
+    x = jnp.asarray(x)
+    qarray, finite = _quantize_jit(x, resolved, block_size(x, resolved))
     if not resolved.allow_nonfinite:
         runtime_check(finite, _nonfinite_message(name))
     return qarray
@@ -76,7 +78,7 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
 def quantize_with_spec(x: jax.Array, spec: ResolvedSpec) -> QArray:
     """Quantize with an already-resolved spec, skipping validation and the NaN check (internal:
     for callers such as fake-quant that have validated once and run inside their own jit)."""
-    return _quantize_impl(x, spec)[0]
+    return _quantize_impl(x, spec, block_size(x, spec))[0]
 
 
 def _nonfinite_message(name: str) -> str:
@@ -86,26 +88,26 @@ def _nonfinite_message(name: str) -> str:
     )
 
 
-def _quantize_impl(x: jax.Array, spec: ResolvedSpec) -> tuple[QArray, jax.Array]:
+def _quantize_impl(x: jax.Array, spec: ResolvedSpec, block: int | None) -> tuple[QArray, jax.Array]:
     xf = x.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(xf))
-    grouped = xf.reshape(spec.grouped_shape(tuple(x.shape)))
-    lo, hi = calibrate_range(grouped, spec, spec.reduce_axes(x.ndim))
-    return _from_range(x, grouped, lo, hi, spec), finite
+    lo, hi = calibrate_array(xf, spec, block)
+    return _from_range(x, lo, hi, spec, block), finite
 
 
 def quantize_with_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
     """Quantize with a GIVEN clip range instead of calibrating (internal: QAT conversion uses the
     ranges training tracked). ``lo`` / ``hi`` are in the grouped layout with reduced axes kept."""
-    grouped = x.astype(jnp.float32).reshape(spec.grouped_shape(tuple(x.shape)))
-    return _from_range(x, grouped, lo, hi, spec)
+    return _from_range(x, lo, hi, spec, block_size(x, spec))
 
 
-def _from_range(x: jax.Array, grouped: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
+def _from_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec, block: int | None) -> QArray:
+    """Encode ``x`` (original shape) with the per-group range ``[lo, hi]`` (grouped layout). The
+    work runs in the blocked view (`jaxcompress.quant.codec`): the codes keep ``x``'s sharding
+    even where groups straddle shard boundaries."""
     original_dtype = jnp.dtype(x.dtype)
-    shape = tuple(x.shape)
     scale, zero_point = scale_from_range(lo, hi, spec)
-    values = encode(grouped, scale, zero_point, spec).reshape(shape)
+    values = encode_array(x, scale, zero_point, spec, block)
     if spec.group_axis is not None:
         # Drop the within-group axis: the scale keeps the original rank, group axis = #groups.
         scale = jnp.squeeze(scale, spec.group_axis + 1)
@@ -127,11 +129,12 @@ def _from_range(x: jax.Array, grouped: jax.Array, lo: jax.Array, hi: jax.Array, 
     )
 
 
-_quantize_jit = jax.jit(_quantize_impl, static_argnums=(1,))
+_quantize_jit = jax.jit(_quantize_impl, static_argnums=(1, 2))
 
 
 def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """The float array a `QArray` stands for (in its original dtype unless ``dtype`` is given).
+    The result keeps the sharding of ``q.values``, also when groups straddle shard boundaries.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> jc.dequantize(jc.quantize(jnp.zeros((2, 3)), bits=4)).tolist()
@@ -139,4 +142,27 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
-    return q.dequantize(dtype)
+    if q.group_axis is None:
+        return q.dequantize(dtype)
+    out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(q.dtype)
+    if q.input_scale is not None:
+        smoothed = dequantize(dataclasses.replace(q, input_scale=None), jnp.float32)
+        return (smoothed / q.input_scale.astype(jnp.float32)).astype(out_dtype)
+    spec = group_spec(q)
+    scale = to_grouped(q.scale.astype(jnp.float32), spec)
+    zero_point = None if q.zero_point is None else to_grouped(q.zero_point.astype(jnp.float32), spec)
+    return decode_array(q.values, scale, zero_point, spec, block_size(q.values, spec)).astype(out_dtype)
+
+
+def group_spec(q: QArray) -> ResolvedSpec:
+    """The layout part of the spec a `QArray` was made with (internal: for its group axis)."""
+    return ResolvedSpec(
+        bits=q.bits,
+        qtype=q.qtype,
+        symmetric=q.symmetric,
+        channel_axes=tuple(q.channel_axes),
+        group_axis=q.group_axis,
+        group_size=q.group_size,
+        calibration=Calibration(),
+        allow_nonfinite=True,
+    )
