@@ -1,0 +1,1 @@
+"""Deployable integer files: full-integer LiteRT (``.tflite``) and ONNX (QDQ) export."""
