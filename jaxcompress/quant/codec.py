@@ -210,22 +210,23 @@ def groups_to_blocks(array: Any, spec: ResolvedSpec, block: int | None) -> Any:
     return jnp.repeat(array, spec.group_size // block, axis=spec.group_axis)
 
 
-def _unshard_axis(array: jax.Array, axis: int) -> jax.Array:
-    """Under explicit mesh axes, reshard ``array`` (a small per-block array) so ``axis`` is not
-    split (explicit axes refuse a reshape that would move elements between shards)."""
+def _explicit_unsharded(array: jax.Array, axis: int) -> tuple[jax.Array, Any]:
+    """Under explicit mesh axes: ``array`` (a small per-block array) resharded so that ``axis``
+    is not split, and that sharding (explicit axes refuse a reshape that would move elements
+    between shards, and want the output sharding of any other named). ``(array, None)`` under
+    auto axes, where XLA places it."""
     try:
         sharding = jax.typeof(array).sharding
     except (AttributeError, TypeError):
-        return array
-    spec = getattr(sharding, "spec", None)
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    if spec is None or axis >= len(spec) or spec[axis] is None:
-        return array
-    if not any(t == jax.sharding.AxisType.Explicit for t in types):
-        return array
+        return array, None
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return array, None
     entries = list(spec) + [None] * (array.ndim - len(spec))
-    entries[axis] = None
-    return jax.sharding.reshard(array, jax.sharding.PartitionSpec(*entries))
+    if entries[axis] is not None:
+        entries[axis] = None
+        array = jax.sharding.reshard(array, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries)))
+    return array, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))
 
 
 def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, reduce: str) -> jax.Array:
@@ -235,11 +236,15 @@ def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, 
     if spec.group_axis is None or block is None or block == spec.group_size:
         return partial
     axis, per_group = spec.group_axis, spec.group_size // block
-    partial = _unshard_axis(partial, axis)
+    partial, out_sharding = _explicit_unsharded(partial, axis)
     shape = tuple(partial.shape)
     split = shape[:axis] + (shape[axis] // per_group, per_group) + shape[axis + 2 :]
+    if out_sharding is None:
+        regrouped = partial.reshape(split)
+    else:
+        regrouped = jax.lax.reshape(partial, split, out_sharding=out_sharding)
     reducer = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}[reduce]
-    return reducer(partial.reshape(split), axis=axis + 1, keepdims=True)
+    return reducer(regrouped, axis=axis + 1, keepdims=True)
 
 
 def encode_array(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:

@@ -10,11 +10,13 @@ message), unless ``allow_nonfinite=True``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress._checks import runtime_check
 from jaxcompress.qarray import QArray
@@ -22,7 +24,7 @@ from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
 
-__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec"]
+__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec", "scale_sharding"]
 
 
 def make_spec(spec: QuantSpec | None, kwargs: dict[str, Any]) -> QuantSpec:
@@ -69,7 +71,7 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
             runtime_check(finite, _nonfinite_message(name))
         return qarray
     x = jnp.asarray(x)
-    qarray, finite = _quantize_jit(x, resolved, block_size(x, resolved))
+    qarray, finite = _quantize_jit(x, resolved, block_size(x, resolved), _named(x))
     if not resolved.allow_nonfinite:
         runtime_check(finite, _nonfinite_message(name))
     return qarray
@@ -88,11 +90,62 @@ def _nonfinite_message(name: str) -> str:
     )
 
 
-def _quantize_impl(x: jax.Array, spec: ResolvedSpec, block: int | None) -> tuple[QArray, jax.Array]:
+def _quantize_impl(
+    x: jax.Array, spec: ResolvedSpec, block: int | None, placement: NamedSharding | None = None
+) -> tuple[QArray, jax.Array]:
     xf = x.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(xf))
     lo, hi = calibrate_array(xf, spec, block)
-    return _from_range(x, lo, hi, spec, block), finite
+    qarray = _from_range(x, lo, hi, spec, block)
+    if placement is not None:  # eager on a NamedSharding'd array: pin the documented layout
+        scale_placement = scale_sharding(placement, tuple(x.shape), spec)
+        qarray = dataclasses.replace(
+            qarray,
+            values=jax.lax.with_sharding_constraint(qarray.values, placement),
+            scale=jax.lax.with_sharding_constraint(qarray.scale, scale_placement),
+            zero_point=None
+            if qarray.zero_point is None
+            else jax.lax.with_sharding_constraint(qarray.zero_point, scale_placement),
+        )
+    return qarray, finite
+
+
+def _named(x: jax.Array) -> NamedSharding | None:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+        return sharding
+    return None
+
+
+def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: ResolvedSpec) -> NamedSharding:
+    """Where the scale (and zero point) of an array of ``shape`` placed by ``sharding`` lives:
+    split like the array along its per-channel axes; along the group axis too when the groups
+    align with the shards (each shard holds whole groups, as many on every shard); replicated
+    along shared axes and along a group axis whose groups straddle shard boundaries.
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> from jaxcompress.quant.spec import QuantSpec
+    >>> mesh = jax.make_mesh((1,), ("model",))
+    >>> spec = QuantSpec(bits=4, channel_axes=(-1,), group_size=64).resolve((192, 8))
+    >>> scale_sharding(NamedSharding(mesh, P("model", None)), (192, 8), spec).spec
+    PartitionSpec('model', None)
+    """
+    entries = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    mesh_shape = dict(sharding.mesh.shape)
+    out = []
+    for axis, entry in enumerate(entries):
+        if entry is None or (axis not in spec.channel_axes and axis != spec.group_axis):
+            out.append(None)
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        shards = math.prod(int(mesh_shape[name]) for name in names)
+        if axis == spec.group_axis:
+            aligned = shape[axis] % shards == 0 and (shape[axis] // shards) % spec.group_size == 0
+            out.append(entry if aligned else None)
+        else:
+            out.append(entry if shape[axis] % shards == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 
 def quantize_with_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
@@ -129,7 +182,7 @@ def _from_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec, 
     )
 
 
-_quantize_jit = jax.jit(_quantize_impl, static_argnums=(1, 2))
+_quantize_jit = jax.jit(_quantize_impl, static_argnums=(1, 2, 3))
 
 
 def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
