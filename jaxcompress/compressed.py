@@ -1,7 +1,8 @@
 """`compressed(fn)`: run an unmodified JAX function with quantized params on integer ops.
 
 The function is traced to a jaxpr with a float stand-in for every `QArray` in its arguments and
-the jaxpr is re-interpreted (as ``jax.vmap`` or quax do; nothing in jax or flax is patched):
+the jaxpr is evaluated by the program layer with the integer-execution rule set
+(`jaxcompress.execute.rules`) (as ``jax.vmap`` or quax do; nothing in jax or flax is patched):
 where a `QArray` weight -- possibly transposed, reshaped, broadcast or converted on the way --
 meets ``dot_general`` or ``conv_general_dilated`` the quantized op of its activation mode runs:
 
@@ -32,8 +33,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from jaxcompress.execute.interpret import Interpreter
-from jaxcompress.execute.trace import TraceCache, call_with_qarrays
+from jaxcompress._program import TraceCache
+from jaxcompress.execute.rules import ExecutionOptions, run_with_qarrays
 
 __all__ = ["compressed"]
 
@@ -72,11 +73,13 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
     >>> any("s8[16,16]" in line and "-> s32[16,8]" in line for line in hlo.splitlines())
     True
     """
-    interpreter = Interpreter(on_unsupported=on_unsupported)
+    if on_unsupported not in ("error", "dequantize"):
+        raise ValueError(f"compressed: on_unsupported must be 'error' or 'dequantize', got {on_unsupported!r}")
+    options = ExecutionOptions(on_unsupported=on_unsupported)
     cache = TraceCache()
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return call_with_qarrays(fn, args, kwargs, interpreter, cache)
+        return run_with_qarrays(fn, args, kwargs, options, cache)[0]
 
     return wrapped

@@ -1,16 +1,18 @@
 """Static activation scales: calibrate on sample batches, attach to the `QArray`\\ s.
 
-`calibrate_activations` runs an UNMODIFIED function on sample batches through the same jaxpr
-re-interpretation as `jaxcompress.compressed`, with every quantized weight in weight-only mode,
-and records the activation each quantized weight meets in a ``dot_general`` /
-``conv_general_dilated``. Per batch it keeps ``max|x|``, the requested percentile of ``|x|`` and
-an evenly strided sample of ``|x|`` (``sample_size`` values); across batches:
+`calibrate_activations` runs an UNMODIFIED function on sample batches with the integer-execution
+rule set of the program layer (`jaxcompress.execute.rules`), every quantized weight in weight-only
+mode, and observes the activation each quantized weight meets in a ``dot_general`` /
+``conv_general_dilated`` (inside loops and branches too: observations are outputs of the rebuilt
+bodies). Only what the method needs is computed, in ONE compiled program per batch signature:
 
-* ``"absmax"``: the largest ``max|x|`` of all batches;
-* ``"percentile"``: the mean over batches of the per-batch percentile of ``|x|``;
-* ``"mse"``: the clip value ``c = r * absmax``, ``r`` on a grid of ``grid_size`` ratios in
-  ``[min_ratio, 1]``, minimising the mean squared int8 round-trip error of the pooled samples
-  (float64, NumPy); ``r = 1`` is on the grid.
+* ``"absmax"``: ``max|x|`` over every use and batch (no sort);
+* ``"percentile"``: the mean over batches and uses of the per-use percentile of ``|x|`` (this one
+  sorts, because a percentile is asked for);
+* ``"mse"``: a first pass finds ``max|x|``, a second accumulates a histogram of ``|x|`` over
+  ``[0, max|x|]`` (``bins`` bins); the clip value ``c = r * absmax``, ``r`` on a grid of
+  ``grid_size`` ratios in ``[min_ratio, 1]``, minimises the int8 round-trip error of the histogram
+  (bin centres weighted by counts, float64, NumPy); ``r = 1`` is on the grid.
 
 The scale is ``c / 127`` (float32). A weight used by several dots (tied weights) pools them.
 """
@@ -18,6 +20,7 @@ The scale is ``c / 127`` (float32). A weight used by several dots (tied weights)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -25,31 +28,57 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.execute.activation import ACTIVATION_QMAX
-from jaxcompress.execute.interpret import Interpreter
-from jaxcompress.execute.trace import TraceCache, call_with_qarrays, is_qarray
+from jaxcompress._program import TraceCache, is_qarray
+from jaxcompress.execute.rules import ExecutionOptions, run_with_qarrays
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.spec import ACTIVATION_MODES, CALIBRATION_METHODS
 
 __all__ = ["calibrate_activations", "attach_activation_scales"]
 
 
-def _batch_statistics(x: jax.Array, percentile: float, sample_size: int):
-    magnitude = jnp.abs(x.astype(jnp.float32)).ravel()
-    stride = max(1, magnitude.size // sample_size)
-    sample = magnitude[::stride][:sample_size]
-    return jnp.max(magnitude), jnp.percentile(magnitude, percentile), sample
+def _histogram_errors(counts: np.ndarray, absmax: float, ratios: np.ndarray) -> np.ndarray:
+    """Mean squared int8 round-trip error of a histogram of ``|x|`` over ``[0, absmax]`` for each
+    clip ``ratio * absmax`` (bin centres stand for their values)."""
+    edges = np.linspace(0.0, absmax, counts.size + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    total = max(float(counts.sum()), 1.0)
+    errors = []
+    for ratio in ratios:
+        scale = ratio * absmax / ACTIVATION_QMAX
+        codes = np.clip(np.round(centres / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX)
+        errors.append(float(np.sum(counts * np.square(codes * scale - centres)) / total))
+    return np.asarray(errors)
 
 
-def _mse_clip(samples: np.ndarray, absmax: float, grid_size: int, min_ratio: float) -> float:
-    best_clip, best_error = absmax, np.inf
-    for ratio in np.linspace(min_ratio, 1.0, grid_size)[::-1]:
-        clip = ratio * absmax
-        scale = clip / ACTIVATION_QMAX
-        codes = np.clip(np.round(samples / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX)
-        error = float(np.mean(np.square(codes * scale - samples)))
-        if error < best_error:
-            best_clip, best_error = clip, error
-    return best_clip
+def _mse_clip(counts: np.ndarray, absmax: float, grid_size: int, min_ratio: float) -> float:
+    ratios = np.linspace(min_ratio, 1.0, grid_size)[::-1]  # r = 1 first: ties keep absmax
+    errors = _histogram_errors(counts, absmax, ratios)
+    return float(ratios[int(np.argmin(errors))] * absmax)
+
+
+def _observer(method: str, percentile: float, bins: int):
+    """``observe(evaluator, view, x, reduce_axes)`` recording what ``method`` needs per leaf."""
+
+    def observe(ev, view, x, reduce_axes):
+        if view.leaf_index is None:
+            return
+        magnitude = jnp.abs(x.astype(jnp.float32)).ravel()
+        key = view.leaf_index
+        ev.observe(("absmax", key), jnp.max(magnitude), "max")
+        if method == "percentile":
+            ev.observe(("percentile", key), jnp.percentile(magnitude, percentile), "sum")
+            ev.observe(("uses", key), jnp.ones((), jnp.float32), "sum")
+        if method == "mse" and ev.context.limits is not None and key in ev.context.limits:
+            limit = ev.context.limits[key]
+            index = jnp.clip((magnitude / jnp.maximum(limit, 1e-30) * bins).astype(jnp.int32), 0, bins - 1)
+            ev.observe(("histogram", key), jnp.zeros((bins,), jnp.float32).at[index].add(1.0), "sum")
+
+    return observe
+
+
+@dataclasses.dataclass(frozen=True)
+class _CalibrationOptions(ExecutionOptions):
+    limits: Any = None  # {leaf index: absmax} for the histogram pass of "mse"
 
 
 def calibrate_activations(
@@ -61,7 +90,7 @@ def calibrate_activations(
     percentile: float = 99.99,
     grid_size: int = 64,
     min_ratio: float = 0.3,
-    sample_size: int = 4096,
+    bins: int = 2048,
 ) -> Any:
     """Static activation scales for the `QArray`\\ s of ``params``, from sample batches.
 
@@ -71,7 +100,7 @@ def calibrate_activations(
       params: the quantized params (`QArray` leaves).
       batches: an iterable of sample batches (at least one).
       method: ``"absmax"``, ``"percentile"`` or ``"mse"`` (see the module docs).
-      percentile, grid_size, min_ratio, sample_size: options of those methods.
+      percentile, grid_size, min_ratio, bins: options of those methods.
 
     Returns:
       A pytree with ``params``' structure: at each `QArray` a float32 scalar activation scale
@@ -96,51 +125,73 @@ def calibrate_activations(
         raise ValueError(f"calibration method {method!r} is not one of {CALIBRATION_METHODS}")
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile {percentile} is not in (0, 100]")
+    if bins < 16:
+        raise ValueError(f"calibrate_activations: bins must be >= 16, got {bins}")
     flat_params, params_tree = jax.tree_util.tree_flatten(params, is_leaf=is_qarray)
-    cache = TraceCache()
-
-    def statistics(params, batch):
-        recorded: dict[int, list] = {}
-
-        def on_activation(view, x, reduce_axes):
-            if view.leaf_index is not None:
-                recorded.setdefault(view.leaf_index, []).append(_batch_statistics(x, percentile, sample_size))
-
-        interpreter = Interpreter(weight_only=True, on_activation=on_activation)
-        call_args = (params,) + (tuple(batch) if isinstance(batch, tuple) else (batch,))
-        call_with_qarrays(fn, call_args, {}, interpreter, cache)
-        return recorded
-
-    statistics = jax.jit(statistics)
-    pooled: dict[int, dict[str, list]] = {}
-    count = 0
-    for batch in batches:
-        count += 1
-        for index, uses in statistics(params, batch).items():
-            entry = pooled.setdefault(index, {"absmax": [], "percentile": [], "samples": []})
-            for absmax, pct, sample in uses:
-                entry["absmax"].append(float(absmax))
-                entry["percentile"].append(float(pct))
-                entry["samples"].append(np.asarray(sample, np.float64))
-    if count == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError("calibrate_activations needs at least one batch")
+    program = _calibration_program(fn, method, float(percentile), int(bins))
+
+    totals: dict = {}
+    for batch in batches:
+        _merge(totals, program(params, _as_args(batch), None))
+    if method == "mse":
+        limits = {key: totals[("absmax", key)] for (name, key) in list(totals) if name == "absmax"}
+        limits = {key: jnp.asarray(value, jnp.float32) for key, value in limits.items()}
+        for batch in batches:
+            _merge(totals, program(params, _as_args(batch), limits), only="histogram")
 
     scales = []
     for index, leaf in enumerate(flat_params):
-        if not isinstance(leaf, QArray) or index not in pooled:
+        if not isinstance(leaf, QArray) or ("absmax", index) not in totals:
             scales.append(None)
             continue
-        entry = pooled[index]
-        absmax = max(entry["absmax"])
+        absmax = float(totals[("absmax", index)])
         if method == "absmax":
             clip = absmax
         elif method == "percentile":
-            clip = float(np.mean(entry["percentile"]))
+            clip = float(totals[("percentile", index)]) / float(totals[("uses", index)])
         else:
-            clip = _mse_clip(np.concatenate(entry["samples"]), absmax, grid_size, min_ratio)
+            counts = np.asarray(totals[("histogram", index)], np.float64)
+            clip = _mse_clip(counts, absmax, grid_size, min_ratio) if absmax > 0 else 0.0
         scale = clip / ACTIVATION_QMAX if clip > 0 else 1.0
         scales.append(jnp.asarray(scale, jnp.float32))
     return jax.tree_util.tree_unflatten(params_tree, scales)
+
+
+def _as_args(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+@functools.lru_cache(maxsize=16)
+def _calibration_program(fn: Callable, method: str, percentile: float, bins: int) -> Callable:
+    """One jitted ``(params, batch_args, limits) -> observations``, shared by every call with the
+    same function and options (compiled once per batch signature, not once per call)."""
+    observe = _observer(method, percentile, bins)
+    cache = TraceCache()
+
+    def statistics(params, batch_args, limits):
+        options = _CalibrationOptions(weight_only=True, observe_activations=observe, limits=limits)
+        _, observations = run_with_qarrays(fn, (params,) + tuple(batch_args), {}, options, cache)
+        if limits is None:
+            return {k: v for k, v in observations.items() if k[0] != "histogram"}
+        return {k: v for k, v in observations.items() if k[0] == "histogram"}
+
+    return jax.jit(statistics)
+
+
+def _merge(totals: dict, observed: dict, only: str | None = None) -> None:
+    for key, value in observed.items():
+        if only is not None and key[0] != only:
+            continue
+        value = np.asarray(value, np.float64)
+        if key not in totals:
+            totals[key] = value
+        elif key[0] == "absmax":
+            totals[key] = np.maximum(totals[key], value)
+        else:
+            totals[key] = totals[key] + value
 
 
 def attach_activation_scales(params: Any, scales: Any, *, activation: str | None = None) -> Any:

@@ -1,40 +1,39 @@
 """Run an unmodified function with a hook at every dot / conv that a selected FLOAT weight feeds.
 
-`compressed` finds where a `QArray` meets ``dot_general`` / ``conv_general_dilated`` by
-re-interpreting the traced program. Training-time and calibration-time tools need the same
-sites while the weights are still float: activation fake-quantization for W8A8 QAT must
+`compressed` finds where a `QArray` meets ``dot_general`` / ``conv_general_dilated`` with the
+integer-execution rule set of the program layer. Training-time and calibration-time tools need
+the same sites while the weights are still float: activation fake-quantization for W8A8 QAT must
 fake-quantize exactly the activations `compressed` will quantize, and one-shot methods (GPTQ,
 SmoothQuant, Wanda, ...) need statistics of the activation each weight multiplies.
-`call_with_dot_hook` provides that: ``fn`` is traced with float stand-ins, the params leaves
-``select`` picks are followed through the same layout ops `compressed` sees through
-(``transpose``, ``reshape``, ``broadcast_in_dim``, ``squeeze``, ``convert_element_type``,
-``slice``, ``copy``) and into inlined ``jit`` / ``remat`` / ``custom_jvp`` / ``custom_vjp`` bodies,
-and where one reaches a ``dot_general`` (the other operand not a selected weight) or is the kernel
-of a ``conv_general_dilated``, ``hook(site, activation, weight)`` runs and its return value
-replaces the activation. Everything else is bound unchanged, so the hooked function is
-differentiable (``jax.grad`` through a hook that is differentiable) and jit-able.
+`call_with_dot_hook` provides that as a second rule set (kind ``"hooked"``) on the SAME evaluator:
+the params leaves ``select`` picks are followed through the same layout ops (`LAYOUT`), into the
+same inlined call-like bodies (`CALL_LIKE`) and into ``scan`` / ``cond`` / ``while`` bodies rebuilt
+by the same control-flow rules (a weight stacked along a scan's ``xs`` is seen one layer at a
+time, ``DotSite.stacked`` says so), and where one reaches a ``dot_general`` (the other operand
+not a selected weight) or is the kernel of a ``conv_general_dilated``,
+``hook(site, activation, weight)`` runs and its return value replaces the activation. Everything
+else is bound unchanged, so the hooked function is differentiable (``jax.grad`` through a hook
+that is differentiable) and jit-able. Statistics a hook collects are observations of the
+evaluator (``observations=True``), returned as outputs, never Python state appended from inside a
+traced body.
 
-Not seen (the hook does not run there; documented limits, as for `compressed`'s integer path):
-weights used inside ``scan`` / ``cond`` / ``while`` bodies, ``shard_map`` / ``pmap`` bodies, and any
-op other than the layout ops and the two contractions (e.g. an embedding ``gather``).
+Not seen (as for `compressed`'s integer path): ``shard_map`` / ``pmap`` bodies, a weight carried
+through a loop carry, and any op other than the layout ops and the two contractions (e.g. an
+embedding ``gather``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-from jaxcompress.execute.trace import TraceCache, trace_call
+from jaxcompress._program import LAYOUT, PLAIN, Evaluator, FlatProgram, RuleSet, TraceCache, bind, flatten_call, params_path, trace_call
 from jaxcompress.qarray import QArray
-from jaxcompress.rules import path_to_str
 
-__all__ = ["DotSite", "call_with_dot_hook", "FlatProgram", "flatten_call", "run_steps", "untag", "retag"]
-
-_INLINED = ("jit", "pjit", "closed_call", "core_call", "call", "remat2", "checkpoint", "custom_jvp_call", "custom_vjp_call")
-_LAYOUT = ("transpose", "reshape", "broadcast_in_dim", "squeeze", "convert_element_type", "slice", "copy", "copy_p")
+__all__ = ["DotSite", "call_with_dot_hook", "hook_rules", "FlatProgram", "flatten_call", "tag_inputs", "run_steps", "untag", "retag"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +50,8 @@ class DotSite:
         (a conv).
       activation_reduce_axes: the axes `compressed`'s dynamic mode shares one activation scale
         over: the contracted axes of a dot; every axis but the batch axis of a conv.
+      stacked: how many enclosing ``scan``\\ s sliced the weight from their ``xs`` (0: the
+        weight is the whole leaf; 1: one layer of a stacked leaf, as under ``nn.scan``).
     """
 
     path: str
@@ -60,79 +61,100 @@ class DotSite:
     layout: tuple
     activation_contracting_axes: tuple[int, ...]
     activation_reduce_axes: tuple[int, ...]
+    stacked: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tagged:
+    """A selected float weight on its way to a site (kind ``"hooked"``)."""
+
     value: Any
     path: str
     layout: tuple = ()
+    stacked: int = 0  # how many enclosing scans sliced it from their xs
 
 
 def _untag(value):
     return value.value if isinstance(value, _Tagged) else value
 
 
-def _bind(eqn, invals):
-    params = eqn.primitive.get_bind_params(eqn.params)
-    with eqn.ctx.manager:
-        return eqn.primitive.bind(*invals, **params)
+def _classify(value: Any) -> str:
+    return "hooked" if isinstance(value, _Tagged) else PLAIN
 
 
-def _run(jaxpr: Jaxpr, consts, args, hook) -> list:
-    env: dict[Any, Any] = {}
+def _materialize(value: _Tagged, aval: Any) -> Any:
+    return value.value
 
-    def read(var):
-        return var.val if isinstance(var, Literal) else env[var]
 
-    for var, value in zip(jaxpr.constvars, consts):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, _Tagged) for v in invals):
-            outs = _tagged_eqn(eqn, invals, hook)
+def _unstack(value: _Tagged):
+    return value.value, lambda sliced: dataclasses.replace(value, value=sliced, stacked=value.stacked + 1)
+
+
+@dataclasses.dataclass
+class _HookContext:
+    hook: Callable
+    observes: bool
+    step: int | None = None  # the flat-program step being run (`run_steps`)
+
+
+def _call_hook(ev: Evaluator, site: DotSite, x, weight):
+    context = ev.context
+    hook = context.hook if context.step is None else functools.partial(context.hook, context.step)
+    if not context.observes:
+        return hook(site, x, weight)
+
+    def observe(key, value, combine="sum"):
+        if combine == "stack" or (combine == "sum" and site.stacked):
+            ev.observe(key, value, "stack", levels=site.stacked)
         else:
-            outs = _bind(eqn, invals)
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for var, value in zip(eqn.outvars, outs):
-            env[var] = value
-    return [read(v) for v in jaxpr.outvars]
+            ev.observe(key, value, combine)
+
+    return hook(site, x, weight, observe)
 
 
-def _tagged_eqn(eqn, invals, hook):
-    name = eqn.primitive.name
+def _dot(ev: Evaluator, eqn, invals: list) -> list:
     tagged = [isinstance(v, _Tagged) for v in invals]
-    if name == "dot_general" and sum(tagged) == 1:
-        lhs_contract, rhs_contract = eqn.params["dimension_numbers"][0]
-        if tagged[1]:
-            side, x, weight, contract = "rhs", invals[0], invals[1], lhs_contract
-        else:
-            side, x, weight, contract = "lhs", invals[1], invals[0], rhs_contract
-        site = DotSite(weight.path, name, side, dict(eqn.params), weight.layout, tuple(contract), tuple(contract))
-        x = hook(site, x, weight.value)
-        operands = [x, weight.value] if side == "rhs" else [weight.value, x]
-        return _bind(eqn, operands)
-    if name == "conv_general_dilated" and tagged == [False, True]:
-        lhs_spec = eqn.params["dimension_numbers"].lhs_spec
-        x, weight = invals
-        reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
-        site = DotSite(weight.path, name, "rhs", dict(eqn.params), weight.layout, (lhs_spec[1],), reduce_axes)
-        return _bind(eqn, [hook(site, x, weight.value), weight.value])
-    if name in _INLINED:
-        body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        if isinstance(body, ClosedJaxpr):
-            return _run(body.jaxpr, body.consts, invals, hook)
-        if isinstance(body, Jaxpr) and not body.constvars:
-            return _run(body, [], invals, hook)
-    if name in _LAYOUT and tagged[0] and not any(tagged[1:]):
-        if name != "reshape" or eqn.params.get("dimensions") is None:
-            weight = invals[0]
-            value = _bind(eqn, [weight.value] + list(invals[1:]))
-            return _Tagged(value, weight.path, weight.layout + ((name, dict(eqn.params)),))
-    return _bind(eqn, [_untag(v) for v in invals])
+    if sum(tagged) != 1:
+        return bind(eqn, ev.plain_inputs(eqn, invals))
+    lhs_contract, rhs_contract = eqn.params["dimension_numbers"][0]
+    if tagged[1]:
+        side, x, weight, contract = "rhs", invals[0], invals[1], lhs_contract
+    else:
+        side, x, weight, contract = "lhs", invals[1], invals[0], rhs_contract
+    site = DotSite(weight.path, "dot_general", side, dict(eqn.params), weight.layout, tuple(contract), tuple(contract), weight.stacked)
+    x = _call_hook(ev, site, x, weight.value)
+    return bind(eqn, [x, weight.value] if side == "rhs" else [weight.value, x])
+
+
+def _conv(ev: Evaluator, eqn, invals: list) -> list:
+    x, weight = invals
+    if isinstance(x, _Tagged) or not isinstance(weight, _Tagged):
+        return bind(eqn, ev.plain_inputs(eqn, invals))
+    lhs_spec = eqn.params["dimension_numbers"].lhs_spec
+    reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
+    site = DotSite(weight.path, "conv_general_dilated", "rhs", dict(eqn.params), weight.layout, (lhs_spec[1],), reduce_axes, weight.stacked)
+    return bind(eqn, [_call_hook(ev, site, x, weight.value), weight.value])
+
+
+def _layout(ev: Evaluator, eqn, invals: list) -> list:
+    weight = invals[0]
+    name = eqn.primitive.name
+    follows = isinstance(weight, _Tagged) and not any(isinstance(v, _Tagged) for v in invals[1:])
+    if follows and (name != "reshape" or eqn.params.get("dimensions") is None):
+        value = bind(eqn, [weight.value] + list(invals[1:]))[0]
+        return [dataclasses.replace(weight, value=value, layout=weight.layout + ((name, dict(eqn.params)),))]
+    return bind(eqn, ev.plain_inputs(eqn, invals))
+
+
+def hook_rules(*, observes: bool = False) -> RuleSet:
+    """The hooked-weight `RuleSet` (kind ``"hooked"``)."""
+    rules = {(name, "hooked"): _layout for name in LAYOUT}
+    rules[("dot_general", "hooked")] = _dot
+    rules[("conv_general_dilated", "hooked")] = _conv
+    return RuleSet(kinds=("hooked",), classify=_classify, rules=rules, materialize=_materialize, unstack=_unstack, observes=observes)
+
+
+_RULES = {False: hook_rules(), True: hook_rules(observes=True)}
 
 
 def call_with_dot_hook(
@@ -144,6 +166,7 @@ def call_with_dot_hook(
     select: Callable[[str], bool],
     params_argnum: int = 0,
     cache: TraceCache | None = None,
+    observations: bool = False,
 ) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``hook`` at each contraction a selected weight feeds.
 
@@ -157,9 +180,14 @@ def call_with_dot_hook(
       select: ``select(path) -> bool`` on the ``/``-joined params paths.
       params_argnum: which positional argument is the params tree.
       cache: a `TraceCache` to reuse traced programs across calls.
+      observations: if true, the hook is called as ``hook(site, activation, weight, observe)``
+        and may record statistics with ``observe(key, value, combine)`` (``combine`` ``"sum"``,
+        ``"max"`` or ``"min"``; at a site inside a ``scan`` that slices the weight from its
+        ``xs``, ``"sum"`` statistics are stacked per layer): they work inside loops and branches
+        (carried out of the rebuilt bodies), and the call returns ``(outputs, observations)``.
 
     Returns:
-      ``fn``'s outputs.
+      ``fn``'s outputs (and the observations, see above).
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
@@ -177,150 +205,54 @@ def call_with_dot_hook(
         raise ValueError(f"params_argnum {params_argnum} is out of range for {len(args)} positional arguments")
     traced = trace_call(fn, tuple(args), dict(kwargs or {}), cache)
     inputs = _tagged_inputs(traced.paths, traced.leaves, traced.dynamic_positions, select, params_argnum)
-    outs = _run(traced.closed.jaxpr, traced.closed.consts, inputs, hook)
-    return jax.tree_util.tree_unflatten(traced.out_tree, [_untag(v) for v in outs])
+    evaluator = Evaluator(_RULES[observations], context=_HookContext(hook, observations))
+    outs = evaluator.run_plain(traced.closed.jaxpr, traced.closed.consts, inputs)
+    outputs = jax.tree_util.tree_unflatten(traced.out_tree, outs)
+    return (outputs, evaluator.observations) if observations else outputs
 
 
 def _tagged_inputs(paths, leaves, dynamic_positions, select, params_argnum) -> list:
     """The jaxpr's inputs, the selected params leaves wrapped as `_Tagged`."""
     inputs = []
     for position in dynamic_positions:
-        leaf, path = leaves[position], paths[position]
-        in_params = len(path) >= 2 and getattr(path[0], "idx", None) == 0 and getattr(path[1], "idx", None) == params_argnum
-        if in_params:
-            name = path_to_str(tuple(path[2:]))
-            if select(name):
-                leaf = _Tagged(leaf, name)
+        leaf, name = leaves[position], params_path(paths[position], params_argnum)
+        if name is not None and select(name):
+            leaf = _Tagged(leaf, name)
         inputs.append(leaf)
     return inputs
 
 
 # ---------------------------------------------------------------------------------------------
-# Flat programs: the traced call as one equation list, run in segments
+# Flat programs (sequential calibration runs the program in segments)
 # ---------------------------------------------------------------------------------------------
 
 
-def _inlined_body(eqn):
-    """``(jaxpr, consts)`` of a call-like equation `_run` inlines, else None."""
-    if eqn.primitive.name not in _INLINED:
-        return None
-    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if isinstance(body, ClosedJaxpr):
-        return body.jaxpr, body.consts
-    if isinstance(body, Jaxpr) and not body.constvars:
-        return body, []
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatProgram:
-    """A traced call as one list of equations, inlined bodies spliced in (`flatten_call`).
-
-    Values are named by integer keys. ``steps[i] = (eqn, in_refs, out_keys)``: an in-ref is a key
-    or a jaxpr ``Literal``. ``input_keys`` name the jaxpr's inputs (the call's array leaves, in
-    order), ``consts`` the closed-over constants. The equations are those `call_with_dot_hook`
-    would evaluate, in the same order, so `run_steps` over ``range(len(steps))`` is that call;
-    over a sub-range it is one segment of it (a caller carries the values live across the cut).
-    """
-
-    steps: tuple
-    input_keys: tuple
-    consts: dict
-    traced: Any  # the `TracedCall`
-
-    def inputs(self, args: tuple, kwargs: dict | None, *, select: Callable[[str], bool], params_argnum: int = 0) -> dict:
-        """``{input key: value}`` for a call with ``args`` / ``kwargs`` of the traced structure
-        (e.g. tracers inside a jitted segment), the selected params leaves tagged."""
-        flat, _ = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs or {})), is_leaf=lambda x: isinstance(x, QArray))
-        paths = [p for p, _ in flat]
-        leaves = [leaf for _, leaf in flat]
-        values = _tagged_inputs(paths, leaves, self.traced.dynamic_positions, select, params_argnum)
-        return dict(zip(self.input_keys, values))
-
-    def param_keys(self, params_argnum: int = 0) -> dict:
-        """``{input key: path}`` of the inputs that are leaves of the params argument."""
-        out = {}
-        for key, position in zip(self.input_keys, self.traced.dynamic_positions):
-            path = self.traced.paths[position]
-            if len(path) >= 2 and getattr(path[0], "idx", None) == 0 and getattr(path[1], "idx", None) == params_argnum:
-                out[key] = path_to_str(tuple(path[2:]))
-        return out
-
-    def last_uses(self, end: int) -> dict:
-        """``{key: index of the last step before end that reads it}``."""
-        last = {}
-        for index, (_, ins, _) in enumerate(self.steps[:end]):
-            for ref in ins:
-                if not isinstance(ref, Literal):
-                    last[ref] = index
-        return last
-
-    def carried(self, cut: int, end: int, last_uses: dict | None = None) -> tuple:
-        """Keys computed by the steps before ``cut`` and read by a step in ``[cut, end)``."""
-        last = self.last_uses(end) if last_uses is None else last_uses
-        out = []
-        for _, _, outs in self.steps[:cut]:
-            out.extend(k for k in outs if last.get(k, -1) >= cut)
-        return tuple(out)
-
-
-def flatten_call(fn: Callable, args: tuple, kwargs: dict | None = None, cache: TraceCache | None = None) -> FlatProgram:
-    """Trace ``fn(*args, **kwargs)`` (as `call_with_dot_hook` does) into a `FlatProgram`."""
-    traced = trace_call(fn, tuple(args), dict(kwargs or {}), cache)
-    counter = iter(range(1 << 62))
-    steps: list = []
-    consts: dict = {}
-
-    def flatten(jaxpr, const_values, in_refs):
-        scope: dict = {}
-        ref = lambda var: var if isinstance(var, Literal) else scope[var]
-        for var, value in zip(jaxpr.constvars, const_values):
-            key = next(counter)
-            consts[key] = value
-            scope[var] = key
-        for var, in_ref in zip(jaxpr.invars, in_refs):
-            scope[var] = in_ref
-        for eqn in jaxpr.eqns:
-            ins = [ref(v) for v in eqn.invars]
-            body = _inlined_body(eqn)
-            if body is not None:
-                for var, out_ref in zip(eqn.outvars, flatten(body[0], body[1], ins)):
-                    scope[var] = out_ref
-                continue
-            outs = [next(counter) for _ in eqn.outvars]
-            scope.update(zip(eqn.outvars, outs))
-            steps.append((eqn, ins, outs))
-        return [ref(v) for v in jaxpr.outvars]
-
-    input_keys = [next(counter) for _ in traced.closed.jaxpr.invars]
-    flatten(traced.closed.jaxpr, traced.closed.consts, input_keys)
-    return FlatProgram(tuple(steps), tuple(input_keys), consts, traced)
+def tag_inputs(program: FlatProgram, args: tuple, kwargs: dict | None, *, select: Callable[[str], bool], params_argnum: int = 0) -> dict:
+    """``{input key: value}`` of ``program`` for a call with ``args`` / ``kwargs`` of the traced
+    structure (e.g. tracers inside a jitted segment), the selected params leaves tagged."""
+    flat, _ = jax.tree_util.tree_flatten_with_path((tuple(args), dict(kwargs or {})), is_leaf=lambda x: isinstance(x, QArray))
+    paths = [p for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    values = _tagged_inputs(paths, leaves, program.traced.dynamic_positions, select, params_argnum)
+    return dict(zip(program.input_keys, values))
 
 
 def run_steps(program: FlatProgram, indices: Iterable[int], env: dict, hook: Callable) -> dict:
-    """Evaluate ``program.steps[i]`` for ``i`` in ``indices`` (in order) on ``env`` (``{key:
-    value}``, updated in place and returned); ``hook(index, site, activation, weight) ->
-    activation`` at each site, as in `call_with_dot_hook`. Values in ``env`` may be tagged
-    weights (`untag` / `retag`)."""
-    for index in indices:
-        eqn, ins, outs = program.steps[index]
-        invals = [ref.val if isinstance(ref, Literal) else env[ref] for ref in ins]
-        if any(isinstance(v, _Tagged) for v in invals):
-            result = _tagged_eqn(eqn, invals, lambda site, x, weight, index=index: hook(index, site, x, weight))
-        else:
-            result = _bind(eqn, invals)
-        if not eqn.primitive.multiple_results:
-            result = [result]
-        env.update(zip(outs, result))
-    return env
+    """Evaluate ``program.steps[i]`` for ``i`` in ``indices`` (in order) on ``env`` with the
+    hooked-weight rules; ``hook(index, site, activation, weight) -> activation`` at each site.
+    Values in ``env`` may be tagged weights (`untag` / `retag`)."""
+    context = _HookContext(hook, observes=False)
+    evaluator = Evaluator(_RULES[False], context=context)
+    return program.run(evaluator, indices, env, on_step=lambda index: setattr(context, "step", index))
 
 
 def untag(value: Any) -> tuple[Any, tuple | None]:
     """``(array, tag)``: a tagged weight's array and its static tag (None for a plain value)."""
-    return (value.value, (value.path, value.layout)) if isinstance(value, _Tagged) else (value, None)
+    if isinstance(value, _Tagged):
+        return value.value, (value.path, value.layout, value.stacked)
+    return value, None
 
 
 def retag(value: Any, tag: tuple | None) -> Any:
     """The inverse of `untag`."""
     return value if tag is None else _Tagged(value, *tag)
-

@@ -59,8 +59,8 @@ import numpy as np
 from jax import lax
 from jax.extend.core import Literal
 
-from jaxcompress.execute.hooks import DotSite, call_with_dot_hook, flatten_call, retag, run_steps, untag
-from jaxcompress.execute.trace import TraceCache
+from jaxcompress.execute.hooks import DotSite, call_with_dot_hook, flatten_call, retag, run_steps, tag_inputs, untag
+from jaxcompress._program import TraceCache
 from jaxcompress.rules import path_to_str
 
 __all__ = [
@@ -468,7 +468,7 @@ def capture_statistics(
         statistic (e.g. padding tokens: ``lambda batch: batch[1]`` for an attention mask). Its
         shape must be a prefix of each site's row axes (the activation without its contracted
         axes, e.g. ``(batch, tokens)``); a conv takes a per-example mask.
-      trace_cache: a `jaxcompress.execute.trace.TraceCache` shared by repeated captures of the
+      trace_cache: a `jaxcompress._program.TraceCache` shared by repeated captures of the
         same function (sequential methods), so ``fn`` is traced once per batch shape.
 
     Returns:
@@ -765,7 +765,7 @@ class SegmentedCapture(_BatchCapture):
 
         def dry(params, batch):
             env = dict(program.consts)
-            env.update(program.inputs(_call(self.fn, params, batch, self.params_argnum), None, select=self.select,
+            env.update(tag_inputs(program, _call(self.fn, params, batch, self.params_argnum), None, select=self.select,
                                       params_argnum=self.params_argnum))
 
             def hook(index, site, x, weight):
@@ -805,7 +805,7 @@ class SegmentedCapture(_BatchCapture):
             mask, carried = rest if stats else (None, rest[0])
             args = _call(self.fn, params, batch, self.params_argnum)
             env = dict(plan.program.consts)
-            env.update(plan.program.inputs(args, None, select=self.select, params_argnum=self.params_argnum))
+            env.update(tag_inputs(plan.program, args, None, select=self.select, params_argnum=self.params_argnum))
             env.update((key, retag(value, plan.tags.get(key))) for key, value in carried.items())
             recorder = _Recorder(self.shapes, self.hessian, mask) if stats else None
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from jaxcompress.execute.activation import ACTIVATION_QMAX, quantize_activation
 from jaxcompress.execute.hooks import DotSite, call_with_dot_hook
-from jaxcompress.execute.trace import TraceCache
+from jaxcompress._program import TraceCache
 from jaxcompress.rules import QuantRule, check_unused_rules, match_rules
 
 __all__ = ["fake_quant_activations", "activation_fake_quant", "init_activation_steps", "activation_modes", "static_scale"]

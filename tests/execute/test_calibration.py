@@ -55,7 +55,7 @@ def test_mse_clips_an_outlier_and_is_never_worse_on_the_samples():
     batches = [jnp.asarray(rng.normal(size=(512, 8)), jnp.float32) for _ in range(3)]
     batches[1] = batches[1].at[0, 0].set(40.0)          # one outlier among 12288 values
     absmax = calibrate_activations(model.apply, qparams, batches)
-    mse = calibrate_activations(model.apply, qparams, batches, method="mse", sample_size=1 << 16)
+    mse = calibrate_activations(model.apply, qparams, batches, method="mse", bins=1 << 12)
     a = float(absmax["params"]["first"]["kernel"])
     m = float(mse["params"]["first"]["kernel"])
     assert m < a

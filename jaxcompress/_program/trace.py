@@ -1,10 +1,10 @@
-"""Trace an unmodified function with float stand-ins for its `QArray`\\ s, then re-interpret it.
+"""Trace an unmodified function once, with float stand-ins for its `QArray`\\ s (the program layer's input).
 
-`call_with_qarrays` flattens ``(args, kwargs)`` (a `QArray` counts as one leaf), traces ``fn`` to
-a jaxpr with a float ``ShapeDtypeStruct`` of each `QArray`'s shape and original dtype in its place
+`trace_call` flattens ``(args, kwargs)`` (a `QArray` counts as one leaf) and traces ``fn`` to a
+jaxpr with a float ``ShapeDtypeStruct`` of each `QArray`'s shape and original dtype in its place
 (plus the shapes of the other array leaves; non-array leaves such as ``deterministic=True`` stay
-Python values, as they were in the call), and evaluates that jaxpr with an `Interpreter` that
-sees each `QArray` as a `WeightView`. Under an outer ``jax.jit`` / ``jax.vmap`` the arrays are
+Python values, as they were in the call). Every feature then evaluates that jaxpr with the one
+`Evaluator` and its own rule set. Under an outer ``jax.jit`` / ``jax.vmap`` the arrays are
 tracers and the whole thing is just more tracing.
 
 Jaxprs are cached per call signature (tree structure, shapes, dtypes, static leaves) on the
@@ -19,11 +19,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.execute.interpret import Interpreter
-from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
+from jaxcompress.rules import path_to_str
 
-__all__ = ["call_with_qarrays", "trace_call", "TracedCall", "TraceCache", "is_qarray"]
+__all__ = ["trace_call", "TracedCall", "TraceCache", "is_qarray", "leaf_name", "params_path"]
 
 
 def is_qarray(x: Any) -> bool:
@@ -34,7 +33,7 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(x, jax.core.Tracer)
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
     """``args[0]['params']['Dense_0']['kernel']`` for error messages."""
     head, rest = path[0], path[1:]
     if getattr(head, "idx", None) == 0 and rest:
@@ -120,20 +119,9 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None
     return TracedCall(closed, out_tree, paths, leaves, dynamic_positions)
 
 
-def call_with_qarrays(
-    fn: Callable,
-    args: tuple,
-    kwargs: dict,
-    interpreter: Interpreter,
-    cache: TraceCache | None = None,
-) -> Any:
-    """Run ``fn(*args, **kwargs)`` with the `QArray` leaves executed by ``interpreter``."""
-    traced = trace_call(fn, args, kwargs, cache)
-    inputs = []
-    for position in traced.dynamic_positions:
-        leaf = traced.leaves[position]
-        if isinstance(leaf, QArray):
-            leaf = WeightView.from_qarray(leaf, name=_leaf_name(traced.paths[position]), leaf_index=position)
-        inputs.append(leaf)
-    out_flat = interpreter.run(traced.closed.jaxpr, traced.closed.consts, inputs)
-    return jax.tree_util.tree_unflatten(traced.out_tree, out_flat)
+def params_path(path, params_argnum: int) -> str | None:
+    """The ``/``-joined path (as rules see it) of a flattened call leaf inside positional argument
+    ``params_argnum``, or ``None`` for a leaf of another argument."""
+    if len(path) >= 2 and getattr(path[0], "idx", None) == 0 and getattr(path[1], "idx", None) == params_argnum:
+        return path_to_str(tuple(path[2:]))
+    return None

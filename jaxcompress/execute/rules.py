@@ -1,0 +1,200 @@
+"""The integer-execution rule set: `QArray` weights as `WeightView`\\ s on the program layer.
+
+Under `jaxcompress.compressed` (and activation calibration) each `QArray` leaf enters the traced
+program as a `WeightView` (kind ``"weight"``). The rules:
+
+* layout ops (``transpose``, ``reshape``, ``broadcast_in_dim``, ``squeeze``, ``slice``,
+  ``convert_element_type`` to a float, ``copy``) give another `WeightView`
+  (`WEIGHT_LAYOUT_RULES`; an op the view cannot follow dequantizes, which is always correct);
+* ``dot_general`` / ``conv_general_dilated`` run the quantized op of the weight's activation mode
+  (`dot_with_weight`, `conv_with_weight`);
+* call-like bodies are inlined and ``scan`` / ``cond`` / ``while`` rebuilt by the program layer; a
+  weight stacked along a scan's ``xs`` travels as codes + scales (`unstack`) and stays quantized
+  inside the body; a weight in a loop carry is dequantized;
+* anything else gets the dequantized weight (e.g. an embedding ``gather``).
+
+With ``ExecutionOptions.observe_activations`` the dot / conv rules also record the activation each
+weight meets (``max|x|`` and, as asked, a percentile or a histogram) as observations keyed by the
+weight's leaf index: that is how `calibrate_activations` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress._program import PLAIN, Evaluator, RuleSet, bind
+from jaxcompress._program.trace import TraceCache, leaf_name, trace_call
+from jaxcompress.execute.conv import conv_with_weight
+from jaxcompress.execute.dot import dot_with_weight
+from jaxcompress.execute.weight_view import WeightView
+from jaxcompress.qarray import QArray
+
+__all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "weight_rules", "run_with_qarrays", "unstack_view"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionOptions:
+    """How the integer-execution rules run (the evaluator's ``context``).
+
+    Attributes:
+      on_unsupported: ``"error"`` raises `UnsupportedQuantizedOp` where an integer mode cannot
+        run; ``"dequantize"`` falls back to the weight-only float op there.
+      weight_only: run every quantized weight weight-only (calibration does).
+      observe_activations: ``observe(evaluator, view, x, reduce_axes)`` called with every
+        activation that meets a quantized weight in a dot / conv (it records observations).
+    """
+
+    on_unsupported: str = "error"
+    weight_only: bool = False
+    observe_activations: Callable[[Evaluator, WeightView, jax.Array, tuple], None] | None = None
+
+
+def _classify(value: Any) -> str:
+    return "weight" if isinstance(value, WeightView) else PLAIN
+
+
+def _materialize(value: WeightView, aval: Any) -> jax.Array:
+    return value.dequantize(getattr(aval, "dtype", None))
+
+
+def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
+    """A view stacked along axis 0 as ``scan`` ``xs``: codes, scale, zero point and input scale of
+    full size along axis 0 (so ``lax.scan`` can slice them), and how to rebuild one layer's view."""
+    view = view.materialize()
+    length = view.shape[0]
+
+    def full(array):
+        if array is None or array.shape[0] == length:
+            return array
+        return jnp.broadcast_to(array, (length,) + array.shape[1:])
+
+    scale, zero_point = view.full_scale([0])
+    arrays = (view.values, full(scale), full(zero_point), full(view.input_scale))
+
+    def rebuild(sliced):
+        values, scale, zero_point, input_scale = sliced
+        return dataclasses.replace(view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale)
+
+    return arrays, rebuild
+
+
+def _mode(ev: Evaluator) -> str | None:
+    return "weight_only" if ev.context.weight_only else None
+
+
+def _observer(ev: Evaluator):
+    observe = ev.context.observe_activations
+    return None if observe is None else (lambda view, x, axes: observe(ev, view, x, axes))
+
+
+def _dot(ev: Evaluator, eqn, invals: list) -> list:
+    lhs, rhs = invals
+    if isinstance(lhs, WeightView) and isinstance(rhs, WeightView):
+        lhs = ev.plain(lhs, eqn.invars[0].aval)
+    x, view, side = (rhs, lhs, "lhs") if isinstance(lhs, WeightView) else (lhs, rhs, "rhs")
+    params = eqn.params
+    out = dot_with_weight(
+        x,
+        view,
+        params["dimension_numbers"],
+        weight_side=side,
+        out_dtype=eqn.outvars[0].aval.dtype,
+        mode=_mode(ev),
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+        on_activation=_observer(ev),
+        on_unsupported=ev.context.on_unsupported,
+    )
+    return [out]
+
+
+def _conv(ev: Evaluator, eqn, invals: list) -> list:
+    lhs, rhs = invals
+    if isinstance(lhs, WeightView) or not isinstance(rhs, WeightView):
+        return bind(eqn, ev.plain_inputs(eqn, invals))  # a quantized conv INPUT is not a kernel
+    out = conv_with_weight(
+        lhs,
+        rhs,
+        eqn.params,
+        out_dtype=eqn.outvars[0].aval.dtype,
+        mode=_mode(ev),
+        on_activation=_observer(ev),
+        on_unsupported=ev.context.on_unsupported,
+    )
+    return [out]
+
+
+def _layout(apply: Callable[[WeightView, dict], WeightView | None]):
+    def rule(ev: Evaluator, eqn, invals: list) -> list:
+        view = invals[0]
+        if isinstance(view, WeightView) and not any(isinstance(v, WeightView) for v in invals[1:]):
+            result = apply(view, eqn.params)
+            if result is not None:
+                return [result]
+        return bind(eqn, ev.plain_inputs(eqn, invals))
+
+    return rule
+
+
+def _reshape(view: WeightView, params: dict) -> WeightView | None:
+    if params.get("dimensions") is not None:
+        return None
+    return view.reshape(params["new_sizes"])
+
+
+WEIGHT_LAYOUT_RULES = {
+    ("copy", "weight"): _layout(lambda view, params: view),
+    ("copy_p", "weight"): _layout(lambda view, params: view),
+    ("transpose", "weight"): _layout(lambda view, params: view.transpose(params["permutation"])),
+    ("reshape", "weight"): _layout(_reshape),
+    ("broadcast_in_dim", "weight"): _layout(lambda view, p: view.broadcast_in_dim(p["shape"], p["broadcast_dimensions"])),
+    ("squeeze", "weight"): _layout(lambda view, params: view.squeeze(params["dimensions"])),
+    ("convert_element_type", "weight"): _layout(lambda view, params: view.astype(params["new_dtype"])),
+    ("slice", "weight"): _layout(lambda view, p: view.slice(p["start_indices"], p["limit_indices"], p.get("strides"))),
+}
+
+
+def weight_rules(*, observes: bool = False) -> RuleSet:
+    """The integer-execution `RuleSet` (``observes`` when activations are recorded)."""
+    return RuleSet(
+        kinds=("weight",),
+        classify=_classify,
+        rules={
+            **WEIGHT_LAYOUT_RULES,
+            ("dot_general", "weight"): _dot,
+            ("conv_general_dilated", "weight"): _conv,
+        },
+        materialize=_materialize,
+        unstack=unstack_view,
+        observes=observes,
+    )
+
+
+_RULES = weight_rules()
+_OBSERVING_RULES = weight_rules(observes=True)
+
+
+def run_with_qarrays(
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    options: ExecutionOptions,
+    cache: TraceCache | None = None,
+) -> tuple[Any, dict]:
+    """Run ``fn(*args, **kwargs)`` with its `QArray` leaves executed as quantized weights;
+    returns ``(outputs, observations)``."""
+    traced = trace_call(fn, args, kwargs, cache)
+    inputs = []
+    for position in traced.dynamic_positions:
+        leaf = traced.leaves[position]
+        if isinstance(leaf, QArray):
+            leaf = WeightView.from_qarray(leaf, name=leaf_name(traced.paths[position]), leaf_index=position)
+        inputs.append(leaf)
+    rules = _RULES if options.observe_activations is None else _OBSERVING_RULES
+    evaluator = Evaluator(rules, context=options)
+    outs = evaluator.run_plain(traced.closed.jaxpr, traced.closed.consts, inputs)
+    return jax.tree_util.tree_unflatten(traced.out_tree, outs), evaluator.observations
