@@ -1,6 +1,7 @@
 """The channel-dataflow rules behind `analyze_channels`: one rule per jaxpr primitive.
 
-`_Walker.walk` evaluates a jaxpr abstractly: each value carries, per axis, ``None`` or an array
+`_Walker.walk` evaluates a jaxpr abstractly, as a rule set on the program layer's one
+`Evaluator` (which inlines call-like bodies): each value carries, per axis, ``None`` or an array
 of channel-node ids; primitives move, unify (`_UnionFind.union`) or poison those nodes. See
 `jaxcompress.structured.coupling` for what each kind of equation does and why.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from jax.extend.core import Jaxpr, Literal
+
+from jaxcompress._program import Evaluator, RuleSet
 
 __all__ = []
 
@@ -74,7 +76,6 @@ _ELEMENTWISE = frozenset(
 _REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin".split())
 _CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
 _WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min reduce_window".split())
-_NO_CALL = frozenset("cond while scan".split())
 
 
 def _shape(var) -> tuple[int, ...]:
@@ -87,18 +88,9 @@ def _describe(eqn) -> str:
     return f"`{eqn.primitive.name}` ({ins} -> {outs})"
 
 
-def _subjaxpr(eqn):
-    """The body of a call-like equation (pjit, custom_jvp/vjp, remat, closed_call), or None."""
-    if eqn.primitive.name in _NO_CALL:
-        return None
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        body = eqn.params.get(key)
-        if body is None:
-            continue
-        inner = getattr(body, "jaxpr", body)
-        if isinstance(inner, Jaxpr) and len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(eqn.outvars):
-            return body
-    return None
+def _as_labels(value) -> Labels:
+    """A labels tuple, or no labels for a literal / constant (not tied to any channel)."""
+    return value if isinstance(value, tuple) else (None,) * np.ndim(value)
 
 
 class _Walker:
@@ -121,35 +113,28 @@ class _Walker:
             self.nodes.union(a, b)
         return a
 
-    # -- the walk -----------------------------------------------------------------------
+    # -- the walk: a rule set on the program layer ----------------------------------------
     def walk(self, jaxpr, in_labels: Sequence[Labels], consts: Sequence[Any] = ()) -> list[Labels]:
-        env: dict = {}
-        for var in jaxpr.constvars:
-            env[var] = (None,) * len(_shape(var))
-        for var, labels in zip(jaxpr.invars, in_labels):
-            env[var] = labels
+        """Evaluate ``jaxpr`` on labels with the program layer's `Evaluator` (call-like bodies
+        are inlined by it; every other equation goes to `_Walker.equation`)."""
+        const_labels = [(None,) * len(_shape(var)) for var in jaxpr.constvars]
+        outs = Evaluator(self.rules).run(jaxpr, const_labels, list(in_labels))
+        return [_as_labels(value) for value in outs]
 
-        def read(var):
-            if isinstance(var, Literal):
-                return (None,) * np.ndim(var.val)
-            return env[var]
+    @property
+    def rules(self) -> RuleSet:
+        # Every value is a labels tuple (kind "labels"): nothing is ever bound, loops and branches
+        # are not rebuilt (they reach `unknown`, which poisons what flows in).
+        return RuleSet(kinds=("labels",), classify=lambda value: "labels", default=self._rule, control_flow=False)
 
-        for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
-            outs = self.equation(eqn, ins)
-            for var, labels in zip(eqn.outvars, outs):
-                env[var] = labels
-        return [read(v) for v in jaxpr.outvars]
+    def _rule(self, ev, eqn, invals) -> list[Labels]:
+        return self.equation(eqn, [_as_labels(value) for value in invals])
 
     def equation(self, eqn, ins: list[Labels]) -> list[Labels]:
         name = eqn.primitive.name
         params = eqn.params
         in_shapes = [_shape(v) for v in eqn.invars]
         out_shapes = [_shape(v) for v in eqn.outvars]
-        body = _subjaxpr(eqn)
-        if body is not None:
-            inner = getattr(body, "jaxpr", body)
-            return self.walk(inner, ins)
         if name in _ELEMENTWISE:
             return self.elementwise(ins, in_shapes, out_shapes)
         handler = getattr(self, "op_" + name, None)
