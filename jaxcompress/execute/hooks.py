@@ -104,10 +104,8 @@ def _call_hook(ev: Evaluator, site: DotSite, x, weight):
         return hook(site, x, weight)
 
     def observe(key, value, combine="sum"):
-        if combine == "stack" or (combine == "sum" and site.stacked):
-            ev.observe(key, value, "stack", levels=site.stacked)
-        else:
-            ev.observe(key, value, combine)
+        # "stack": one value per layer of a weight a scan slices (a plain sum where none does).
+        ev.observe(key, value, combine, levels=site.stacked if combine == "stack" else 1)
 
     return hook(site, x, weight, observe)
 
@@ -182,8 +180,8 @@ def call_with_dot_hook(
       cache: a `TraceCache` to reuse traced programs across calls.
       observations: if true, the hook is called as ``hook(site, activation, weight, observe)``
         and may record statistics with ``observe(key, value, combine)`` (``combine`` ``"sum"``,
-        ``"max"`` or ``"min"``; at a site inside a ``scan`` that slices the weight from its
-        ``xs``, ``"sum"`` statistics are stacked per layer): they work inside loops and branches
+        ``"max"``, ``"min"``, or ``"stack"``: stacked per layer at a site whose weight a ``scan``
+        slices from its ``xs``, a plain sum elsewhere): they work inside loops and branches
         (carried out of the rebuilt bodies), and the call returns ``(outputs, observations)``.
 
     Returns:
@@ -237,13 +235,16 @@ def tag_inputs(program: FlatProgram, args: tuple, kwargs: dict | None, *, select
     return dict(zip(program.input_keys, values))
 
 
-def run_steps(program: FlatProgram, indices: Iterable[int], env: dict, hook: Callable) -> dict:
+def run_steps(program: FlatProgram, indices: Iterable[int], env: dict, hook: Callable, *, observations: bool = False) -> Any:
     """Evaluate ``program.steps[i]`` for ``i`` in ``indices`` (in order) on ``env`` with the
-    hooked-weight rules; ``hook(index, site, activation, weight) -> activation`` at each site.
-    Values in ``env`` may be tagged weights (`untag` / `retag`)."""
-    context = _HookContext(hook, observes=False)
-    evaluator = Evaluator(_RULES[False], context=context)
-    return program.run(evaluator, indices, env, on_step=lambda index: setattr(context, "step", index))
+    hooked-weight rules; ``hook(index, site, activation, weight) -> activation`` at each site
+    (with ``observations``: ``hook(index, site, activation, weight, observe)``, and the call
+    returns ``(env, observations)`` as `call_with_dot_hook` does). ``env`` is updated in place;
+    its values may be tagged weights (`untag` / `retag`)."""
+    context = _HookContext(hook, observes=observations)
+    evaluator = Evaluator(_RULES[observations], context=context)
+    program.run(evaluator, indices, env, on_step=lambda index: setattr(context, "step", index))
+    return (env, evaluator.observations) if observations else env
 
 
 def untag(value: Any) -> tuple[Any, tuple | None]:

@@ -243,14 +243,12 @@ def fake_quant_activations(
                     f"(paths are relative to the params argument of the wrapped function, static ones here: "
                     f"{sorted(static)}; qat keys them by the tree given to opt.init, so pass the same tree)"
                 )
-        observed: dict[str, jax.Array] = {}
-
-        def hook(site: DotSite, x: jax.Array, weight: jax.Array) -> jax.Array:
+        def hook(site: DotSite, x: jax.Array, weight: jax.Array, observe) -> jax.Array:
             mode = modes[site.path]
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 return x
             absmax = jax.lax.stop_gradient(jnp.max(jnp.abs(x.astype(jnp.float32))))
-            observed[site.path] = jnp.maximum(observed[site.path], absmax) if site.path in observed else absmax
+            observe(site.path, absmax, "max")
             if mode == "dynamic":
                 return activation_fake_quant(x, "dynamic", site.activation_reduce_axes)
             if steps is not None:
@@ -260,7 +258,9 @@ def fake_quant_activations(
             tracked = ranges.get(site.path, 0.0) if ranges is not None else 0.0
             return activation_fake_quant(x, "static", site.activation_reduce_axes, absmax=tracked)
 
-        outputs = call_with_dot_hook(fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache)
+        outputs, observed = call_with_dot_hook(
+            fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache, observations=True
+        )
         return outputs, dict(observed)
 
     return wrapped
@@ -286,16 +286,17 @@ def init_activation_steps(
 
     rules = _quant_rules(rules)
     modes = activation_modes(args[params_argnum], rules)
-    means: dict[str, list] = {}
-
-    def hook(site, x, weight):
+    def hook(site, x, weight, observe):
         if modes[site.path] == "static":
-            means.setdefault(site.path, []).append(jnp.mean(jnp.abs(x.astype(jnp.float32))))
+            observe((site.path, "mean_abs"), jnp.mean(jnp.abs(x.astype(jnp.float32))), "sum")
+            observe((site.path, "uses"), jnp.ones((), jnp.float32), "sum")
         return x
 
-    call_with_dot_hook(fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum)
+    _, observed = call_with_dot_hook(fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, observations=True)
     steps = {}
-    for path, values in means.items():
-        mean_abs = jnp.mean(jnp.stack(values))
+    for (path, name), total in observed.items():
+        if name != "mean_abs":
+            continue
+        mean_abs = total / observed[(path, "uses")]
         steps[path] = jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(ACTIVATION_QMAX), 1.0).astype(jnp.float32)
     return steps

@@ -1,0 +1,156 @@
+"""Per-site input statistics (XᵀX, norms, absmax, row counts), recorded as observations of the program layer.
+
+* ``hessian``: ``sum_rows x x^T`` (``d_in x d_in``; GPTQ's ``H = 2 X^T X`` up to the factor 2),
+* ``sq_norms``: ``sum_rows x_j^2`` (Wanda's ``||X_j||^2``; equal to the diagonal of ``hessian``),
+* ``abs_sums``: ``sum_rows |x_j|`` (mean ``|x_j|`` = ``abs_sums / count``, AWQ),
+* ``absmax``: ``max_rows |x_j|`` (SmoothQuant),
+* ``count``: the rows seen,
+
+where a "row" is one input vector of the weight's canonical matrix view (below). The per-batch
+reduction is one jitted function (compiled once per batch shape, float32 on the device, the
+Gram matrix at ``Precision.HIGHEST``); across batches the sums are accumulated on the host in
+float64, so 10k+ rows lose nothing to float32 summation order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxcompress.execute.hooks import (
+    DotSite,
+)
+from jaxcompress.oneshot.matrix import MatrixView, activation_rows, matrix_view
+
+
+class LayerStatistics(NamedTuple):
+    """Input statistics of one weight leaf (NumPy float64, host).
+
+    Attributes:
+      hessian: ``(d_in, d_in)`` ``sum_rows x x^T`` (``None`` if captured with ``hessian=False``).
+      sq_norms: ``(d_in,)`` ``sum_rows x_j^2``.
+      abs_sums: ``(d_in,)`` ``sum_rows |x_j|``.
+      absmax: ``(d_in,)`` ``max_rows |x_j|``.
+      count: rows seen.
+      site: the first `DotSite` the leaf feeds.
+      view: its `MatrixView` (``to_matrix(leaf, stats)`` uses it).
+      num_sites: how many contractions pooled their rows here (> 1 for tied weights).
+    """
+
+    hessian: np.ndarray | None
+    sq_norms: np.ndarray
+    abs_sums: np.ndarray
+    absmax: np.ndarray
+    count: int
+    site: DotSite
+    view: MatrixView
+    num_sites: int = 1
+
+
+
+def _row_statistics(rows: jax.Array, with_hessian: bool):
+    magnitude = jnp.abs(rows)
+    hessian = jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST) if with_hessian else None
+    return hessian, jnp.sum(rows * rows, axis=0), jnp.sum(magnitude, axis=0), jnp.max(magnitude, axis=0, initial=0.0)
+
+
+def _masked_rows(site: DotSite, x: jax.Array, rows: jax.Array, mask: jax.Array):
+    """Zero the rows ``mask`` drops; ``mask``'s shape is a prefix of the activation's row axes."""
+    if site.primitive == "dot_general":
+        contract = tuple(site.activation_contracting_axes)
+        row_shape = tuple(d for a, d in enumerate(x.shape) if a not in contract)
+    else:
+        spec = site.params["dimension_numbers"].lhs_spec
+        row_shape = (x.shape[spec[0]],)  # a conv: one mask entry per example
+    if tuple(mask.shape) != row_shape[: mask.ndim]:
+        raise ValueError(
+            f"{site.path}: row_mask of shape {tuple(mask.shape)} does not fit this site, whose rows are "
+            f"{row_shape} (the activation without its contracted axes; a conv takes a per-example mask)"
+        )
+    keep = (mask != 0).reshape(mask.shape + (1,) * (len(row_shape) - mask.ndim))
+    keep = jnp.broadcast_to(keep, row_shape).reshape(-1) if site.primitive == "dot_general" else jnp.repeat(keep.reshape(-1), rows.shape[0] // row_shape[0])
+    return jnp.where(keep[:, None], rows, 0.0), jnp.sum(keep, dtype=jnp.int32)
+
+
+class _Recorder:
+    """The statistics hook of one traced capture: reduces the activation at each site of a
+    selected leaf (sites reading the same activation share one reduction) and records the
+    reductions as observations of the program layer (summed over tied uses, carried out of
+    loop bodies, stacked per layer for a weight a ``scan`` slices from its ``xs``)."""
+
+    def __init__(self, shapes: dict, with_hessian: bool, mask):
+        self.shapes = shapes
+        self.with_hessian = with_hessian
+        self.mask = mask
+        self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
+        self.computed: list = []  # (activation, site signature, statistics): q / k / v share one
+
+    def hook(self, site: DotSite, x: jax.Array, weight: jax.Array, observe) -> jax.Array:
+        view = matrix_view(site, self.shapes[site.path][site.stacked :])
+        known = self.sites.setdefault(site.path, [])
+        if known and (known[0][1].d_in, known[0][1].kind) != (view.d_in, view.kind):
+            raise ValueError(
+                f"{site.path}: the weight feeds contractions with different matrix views "
+                f"({known[0][1].kind} d_in={known[0][1].d_in} and {view.kind} d_in={view.d_in}); tied "
+                f"weights must share their input dimension to pool statistics"
+            )
+        known.append((site, view))
+        signature = (site.primitive, site.activation_contracting_axes, repr(site.params) if view.kind == "conv" else "")
+        for activation, known_signature, statistics in self.computed:
+            if activation is x and known_signature == signature:
+                break
+        else:
+            rows = activation_rows(site, x, view)
+            count = rows.shape[0]
+            if self.mask is not None:
+                rows, count = _masked_rows(site, x, rows, self.mask)
+            statistics = _row_statistics(rows, self.with_hessian) + (jnp.asarray(count, jnp.int32),)
+            self.computed.append((x, signature, statistics))
+        hessian, sq_norms, abs_sums, absmax, count = statistics
+        if hessian is not None:
+            observe((site.path, "hessian"), hessian, "stack")
+        observe((site.path, "sq_norms"), sq_norms, "stack")
+        observe((site.path, "abs_sums"), abs_sums, "stack")
+        observe((site.path, "absmax"), absmax, "stack" if site.stacked else "max")
+        observe((site.path, "count"), count, "stack")
+        return x
+
+    def results(self, observations: dict) -> dict:
+        out = {}
+        for path in self.sites:
+            get = lambda name: observations.get((path, name))
+            if get("count") is None:
+                continue
+            out[path] = (get("hessian") if self.with_hessian else None, get("sq_norms"), get("abs_sums"), get("absmax"), get("count"))
+        return out
+
+
+def _accumulate(totals: dict, result: dict) -> None:
+    """Add one batch's (device-fetched) statistics to the float64 host totals."""
+    for path, (gram, sq, abs_sum, absmax, rows) in result.items():
+        rows = np.asarray(rows, np.int64)
+        entry = totals.get(path)
+        if entry is None:
+            totals[path] = [None if gram is None else np.asarray(gram, np.float64), np.asarray(sq, np.float64),
+                            np.asarray(abs_sum, np.float64), np.asarray(absmax, np.float64), rows]
+        else:
+            if gram is not None:
+                entry[0] += gram
+            entry[1] += sq
+            entry[2] += abs_sum
+            entry[3] = np.maximum(entry[3], absmax)
+            entry[4] += rows
+
+
+def _statistics(totals: dict, sites: dict) -> dict[str, "LayerStatistics"]:
+    out = {}
+    for path in sites:  # program order (a jitted result's dict is key-sorted)
+        gram, sq, abs_sum, absmax, rows = totals[path]
+        site, view = sites[path][0]
+        count = int(rows) if np.ndim(rows) == 0 else np.asarray(rows)  # per layer for a scanned weight
+        out[path] = LayerStatistics(gram, sq, abs_sum, absmax, count, site, view, len(sites[path]))
+    return out
