@@ -20,7 +20,7 @@ does not). Nothing is appended to Python state from inside a traced body.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 

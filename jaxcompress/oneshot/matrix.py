@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ from jax import lax
 from jaxcompress.execute.hooks import (
     DotSite,
 )
+
+if TYPE_CHECKING:
+    from jaxcompress.oneshot.statistics import LayerStatistics
 
 
 @dataclasses.dataclass(frozen=True)
