@@ -1,31 +1,33 @@
-"""Train-step time of ``jaxcompress.prune(adamw)`` vs plain ``adamw`` on a ~5.3M-param MLP.
+"""Train-step time of ``jaxcompress.prune(adamw)`` vs plain ``adamw`` (and JaxPruner), MLP and CNN.
 
-    python benchmarks/prune_step.py            # full: 6 rounds x 2 x 100 steps
-    python benchmarks/prune_step.py --quick    # CI-sized: 2 rounds, < 60 s on 2 CPU cores
+    python benchmarks/prune_step.py            # full: 6 rounds x variants x 100 steps per model
+    python benchmarks/prune_step.py --quick    # CI-sized: 2 rounds of 25 steps
 
-The model is a 784-2048-1792-10 ReLU MLP (5,293,066 params) trained on a fixed random batch of
-128 (step time does not depend on the data). The pruned optimizer is gradual magnitude pruning of
-both hidden kernels (polynomial schedule to 90%), masks recomputed every 100 steps inside the
-jitted update (`lax.cond`), so each block of 100 steps contains exactly one mask update.
+Models (step time does not depend on the data: a fixed random batch):
 
-Both variants are compiled first, then timed SIDE BY SIDE: every round runs 100 adamw steps and
-100 prune(adamw) steps back to back (order alternating between rounds), so load from other
-processes on a shared CPU hits both alike. Reported: the ratio of total times, the median of the
-per-round ratios, the cost of one mask-update step on its own, minor page faults per step and
-the XLA temporary-buffer size of each compiled step. The goal is <= 1.05x.
+* ``mlp``: 784-2048-1792-10 ReLU MLP (5,297,418 params), batch 128; both hidden kernels pruned;
+* ``cnn``: three 3x3 convs (1->32, 32->64 stride 2, 64->128 stride 2) and a 6272-256-10 head on
+  28x28x1 images (1.7M params), batch 64; the last two convs and the first dense kernel pruned.
 
-Why the CPU ratio is far above 1.05 (measured, see the README numbers): the `lax.cond` that holds
-the mask update reads the params, and XLA inserts a copy of the donated (updated in place)
-kernels for it; with the masks that pass through the cond this takes the step's temporary buffer
-from 22 MB (adamw) to ~50 MB. XLA:CPU allocates that buffer per execution, and glibc serves
-allocations above its 32 MB mmap ceiling with fresh pages each time: ~7,400 minor page faults per
-step instead of ~400, which is most of the gap. The mask update itself (bisection, 32 fused
-counting passes) costs ~130 ms once per 100 steps, ~2-3% of the step time.
+The pruned optimizer is gradual magnitude pruning (polynomial schedule to 90%), masks recomputed
+every ``update_every`` steps inside the jitted update (`lax.switch`), so each timed block of
+``update_every`` steps contains exactly one mask update. JaxPruner's ``MagnitudePruning`` with
+the same schedule shape runs side by side when ``jaxpruner`` is importable (it is not on PyPI:
+install it from its source); otherwise the benchmark says "jaxpruner not installed: skipped".
+
+Every variant is compiled first, then timed SIDE BY SIDE: each round runs one block per variant
+back to back (order rotating between rounds), so load from other processes hits all alike.
+Reported per model: the ratio of total times, the median of the per-round ratios, one ordinary
+and one mask-update step on their own, minor page faults per step and the XLA temporary-buffer
+size of each compiled step (XLA:CPU allocates that buffer per execution: above glibc's 32 MB
+mmap ceiling it is fresh pages, i.e. page faults, on every step). The goal is <= 1.05x.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import platform
 import resource
 import sys
 import time
@@ -39,37 +41,93 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax import lax  # noqa: E402
 
 import jaxcompress.pruning as jp  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 
-SIZES = (784, 2048, 1792, 10)
-BATCH = 128
-UPDATE_EVERY = 100
+MLP_SIZES = (784, 2048, 1792, 10)
+FINAL_SPARSITY = 0.9
+SCHEDULE_UPDATES = 100  # the schedule reaches its final sparsity after this many mask updates
 
 
-def init_params(seed: int = 0):
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _normal(rng, shape, fan_in):
+    return jnp.asarray(rng.standard_normal(shape) * np.sqrt(2 / fan_in), jnp.float32)
+
+
+def mlp_params(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return {
+        f"dense_{i}": {"kernel": _normal(rng, (fan_in, fan_out), fan_in), "bias": jnp.zeros(fan_out, jnp.float32)}
+        for i, (fan_in, fan_out) in enumerate(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
+    }
+
+
+def mlp_logits(params, x):
+    h = x
+    for i in range(len(MLP_SIZES) - 1):
+        h = h @ params[f"dense_{i}"]["kernel"] + params[f"dense_{i}"]["bias"]
+        if i < len(MLP_SIZES) - 2:
+            h = jax.nn.relu(h)
+    return h
+
+
+CNN_CONVS = ((1, 32, 1), (32, 64, 2), (64, 128, 2))  # (in, out, stride), 3x3 kernels, SAME
+CNN_DENSE = ((7 * 7 * 128, 256), (256, 10))
+
+
+def cnn_params(seed: int = 0):
     rng = np.random.default_rng(seed)
     params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        params[f"dense_{i}"] = {
-            "kernel": jnp.asarray(rng.standard_normal((fan_in, fan_out)) * np.sqrt(2 / fan_in), jnp.float32),
-            "bias": jnp.zeros(fan_out, jnp.float32),
-        }
+    for i, (cin, cout, _) in enumerate(CNN_CONVS):
+        params[f"conv_{i}"] = {"kernel": _normal(rng, (3, 3, cin, cout), 9 * cin), "bias": jnp.zeros(cout, jnp.float32)}
+    for i, (fan_in, fan_out) in enumerate(CNN_DENSE):
+        params[f"dense_{i}"] = {"kernel": _normal(rng, (fan_in, fan_out), fan_in), "bias": jnp.zeros(fan_out, jnp.float32)}
     return params
 
 
-def loss_fn(params, x, y):
+def cnn_logits(params, x):
     h = x
-    for i in range(len(SIZES) - 1):
-        layer = params[f"dense_{i}"]
-        h = h @ layer["kernel"] + layer["bias"]
-        if i < len(SIZES) - 2:
-            h = jax.nn.relu(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+    for i, (_, _, stride) in enumerate(CNN_CONVS):
+        layer = params[f"conv_{i}"]
+        h = lax.conv_general_dilated(h, layer["kernel"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + layer["bias"])
+    h = h.reshape(h.shape[0], -1)
+    h = jax.nn.relu(h @ params["dense_0"]["kernel"] + params["dense_0"]["bias"])
+    return h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"]
 
 
-def _plain_step(opt):
+MODELS = {
+    # name: (params, logits, input shape, batch, pruned leaves (regex over "layer/kernel"))
+    "mlp": (mlp_params, mlp_logits, (MLP_SIZES[0],), 128, ("dense_0", "dense_1")),
+    "cnn": (cnn_params, cnn_logits, (28, 28, 1), 64, ("conv_1", "conv_2", "dense_0")),
+}
+
+
+def loss_for(logits_fn):
+    def loss_fn(params, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y).mean()
+
+    return loss_fn
+
+
+# ---- variants ----------------------------------------------------------------------------------
+
+
+def _plain_step(opt, loss_fn):
     def step(params, state, x, y):
         grads = jax.grad(loss_fn)(params, x, y)
         updates, state = opt.update(grads, state, params)
@@ -78,8 +136,56 @@ def _plain_step(opt):
     return step
 
 
-def make_step(opt):
-    return jax.jit(_plain_step(opt), donate_argnums=(0, 1))
+def _jaxpruner_step(pruner, opt, loss_fn):
+    def step(params, state, x, y):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return pruner.post_gradient_update(params, state), state
+
+    return step
+
+
+def adamw():
+    return optax.adamw(1e-3, weight_decay=1e-4)
+
+
+def build_variants(pruned, update_every):
+    """``{name: (optimizer, step function builder, masks of a state)}`` for one model."""
+    pattern = "(" + "|".join(pruned) + ")/kernel"
+    rule = jp.PruneRule(
+        pattern=pattern,
+        sparsity=jp.polynomial(
+            FINAL_SPARSITY, begin_step=0, end_step=SCHEDULE_UPDATES * update_every, frequency=update_every
+        ),
+    )
+    variants = {
+        "adamw": (adamw(), _plain_step, None),
+        "prune(adamw)": (jp.prune(adamw(), rule, update_every=update_every), _plain_step, jp.prune_masks),
+    }
+    try:
+        import jaxpruner
+    except ImportError:
+        return variants, "jaxpruner not installed: skipped"
+    pruner = jaxpruner.MagnitudePruning(
+        sparsity_distribution_fn=functools.partial(
+            jaxpruner.sparsity_distributions.uniform,
+            sparsity=FINAL_SPARSITY,
+            filter_fn=lambda key, param: key[0] in pruned and key[-1] == "kernel",
+        ),
+        scheduler=jaxpruner.sparsity_schedules.PolynomialSchedule(
+            update_freq=update_every, update_start_step=0, update_end_step=SCHEDULE_UPDATES * update_every
+        ),
+    )
+    variants["jaxpruner"] = (
+        pruner.wrap_optax(adamw()),
+        functools.partial(_jaxpruner_step, pruner),
+        lambda state: jax.tree.map(lambda m: m if m is None else m.astype(bool), state.masks),
+    )
+    return variants, f"jaxpruner {getattr(jaxpruner, '__version__', '(version unknown)')}"
+
+
+# ---- timing ------------------------------------------------------------------------------------
 
 
 def minor_faults() -> int:
@@ -94,108 +200,143 @@ def run_block(step, params, state, x, y, steps):
     return time.perf_counter() - start, params, state
 
 
-def main(argv=None):
+def measure_model(name, variants, rounds, update_every):
+    init, logits_fn, input_shape, batch, _ = MODELS[name]
+    loss_fn = loss_for(logits_fn)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((batch, *input_shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    n_params = sum(int(p.size) for p in jax.tree.leaves(init()))
+
+    steps, states, temp_mb = {}, {}, {}
+    t0 = time.perf_counter()
+    for variant, (opt, builder, _) in variants.items():
+        params = init()
+        state = opt.init(params)
+        compiled = jax.jit(builder(opt, loss_fn), donate_argnums=(0, 1)).lower(params, state, x, y).compile()
+        temp_mb[variant] = compiled.memory_analysis().temp_size_in_bytes / 1e6
+        steps[variant] = compiled
+        params, state = compiled(params, state, x, y)  # step 0: a mask update
+        jax.block_until_ready(params)
+        states[variant] = (params, state)
+    compile_s = time.perf_counter() - t0
+
+    # One ordinary step and one mask-update step on their own, for each pruning variant.
+    single = {}
+    for variant in variants:
+        if variant == "adamw":
+            continue
+        params, state = states[variant]
+        _, params, state = run_block(steps[variant], params, state, x, y, update_every - 2)
+        ordinary, params, state = run_block(steps[variant], params, state, x, y, 1)
+        update, params, state = run_block(steps[variant], params, state, x, y, 1)
+        single[variant] = {"ordinary_s": ordinary, "mask_update_s": update}
+        states[variant] = (params, state)
+
+    names = list(variants)
+    per_round, faults = [], {v: 0 for v in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        times = {}
+        for variant in order:
+            params, state = states[variant]
+            before = minor_faults()
+            times[variant], params, state = run_block(steps[variant], params, state, x, y, update_every)
+            faults[variant] += minor_faults() - before
+            states[variant] = (params, state)
+        per_round.append(times)
+        print(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v / update_every * 1e3:.1f} ms/step" for k, v in times.items()), flush=True)
+
+    totals = {v: sum(t[v] for t in per_round) for v in names}
+    ratios = {v: [t[v] / t["adamw"] for t in per_round] for v in names}
+    sparsity = {
+        v: jp.mask_sparsity(jax.tree.map(lambda m: optax.MaskedNode() if m is None else m, get(states[v][1]),
+                                          is_leaf=lambda m: m is None))["total"]
+        for v, (_, _, get) in variants.items()
+        if get is not None
+    }
+    rows = [
+        {
+            "variant": v,
+            "ms_per_step": totals[v] / (rounds * update_every) * 1e3,
+            "ratio_total": totals[v] / totals["adamw"],
+            "ratio_median": float(np.median(ratios[v])),
+            "minor_page_faults_per_step": faults[v] / (rounds * update_every),
+            "xla_temp_mb": temp_mb[v],
+            "mask_update_step_ms": single[v]["mask_update_s"] * 1e3 if v in single else None,
+            "final_sparsity": sparsity.get(v),
+        }
+        for v in names
+    ]
+    ratio_total = totals["prune(adamw)"] / totals["adamw"]
+    return {
+        "params": n_params,
+        "batch": batch,
+        "input_shape": input_shape,
+        "compile_and_first_step_s": compile_s,
+        "per_round_s": per_round,
+        "per_round_ratio": ratios["prune(adamw)"],
+        "ratio_total": ratio_total,
+        "ratio_median": float(np.median(ratios["prune(adamw)"])),
+        "goal_met": ratio_total <= 1.05,
+        "single_step_s": single,
+        "results": rows,
+    }
+
+
+def main(argv=None, extra_variants=None):
+    """``extra_variants(pruned, update_every) -> {name: (opt, step builder, masks getter)}`` adds
+    variants to every model (e.g. another version of jaxcompress, for a before/after table)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds (CI)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 25 steps (CI)")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "prune_step.json")
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 6)
+    update_every = 25 if args.quick else 100
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
 
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((BATCH, SIZES[0])), jnp.float32)
-    y = jnp.asarray(rng.integers(0, SIZES[-1], BATCH), jnp.int32)
-    n_params = sum(int(p.size) for p in jax.tree.leaves(init_params()))
-
-    dense_opt = optax.adamw(1e-3, weight_decay=1e-4)
-    rule = jp.PruneRule(
-        pattern=r"dense_[01]/kernel",
-        sparsity=jp.polynomial(0.9, begin_step=0, end_step=100 * UPDATE_EVERY, frequency=UPDATE_EVERY),
-    )
-    prune_opt = jp.prune(optax.adamw(1e-3, weight_decay=1e-4), rule, update_every=UPDATE_EVERY)
-    variants = {"adamw": dense_opt, "prune(adamw)": prune_opt}
-    steps, states = {}, {}
-    t0 = time.perf_counter()
-    for name, opt in variants.items():
-        params = init_params()
-        state = opt.init(params)
-        steps[name] = make_step(opt)
-        # warm-up: compile and run one step (for prune this is step 0, a mask update)
-        params, state = steps[name](params, state, x, y)
-        jax.block_until_ready(params)
-        states[name] = (params, state)
-    compile_s = time.perf_counter() - t0
-
-    # One mask-update step vs an ordinary one, for prune(adamw): run to the next update step.
-    params, state = states["prune(adamw)"]
-    _, params, state = run_block(steps["prune(adamw)"], params, state, x, y, UPDATE_EVERY - 2)
-    plain_step_s, params, state = run_block(steps["prune(adamw)"], params, state, x, y, 1)
-    update_step_s, params, state = run_block(steps["prune(adamw)"], params, state, x, y, 1)
-    assert int(state.count) % UPDATE_EVERY == 1, "the timed single step should have been a mask update"
-    states["prune(adamw)"] = (params, state)
-
-    per_round = []
-    faults = {name: 0 for name in variants}
-    for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        times = {}
-        for name in order:
-            params, state = states[name]
-            before = minor_faults()
-            times[name], params, state = run_block(steps[name], params, state, x, y, UPDATE_EVERY)
-            faults[name] += minor_faults() - before
-            states[name] = (params, state)
-        per_round.append(times)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v / UPDATE_EVERY * 1e3:.1f} ms/step" for k, v in times.items()), flush=True)
-
-    totals = {name: sum(t[name] for t in per_round) for name in variants}
-    ratios = [t["prune(adamw)"] / t["adamw"] for t in per_round]
-    ratio_total = totals["prune(adamw)"] / totals["adamw"]
-    final_masks = states["prune(adamw)"][1].masks
-    sparsity = jp.mask_sparsity(final_masks)
-    temp_mb = {}
-    for name, opt in variants.items():
-        params, state = states[name]
-        lowered = jax.jit(_plain_step(opt), donate_argnums=(0, 1)).lower(params, state, x, y)
-        temp_mb[name] = lowered.compile().memory_analysis().temp_size_in_bytes / 1e6
-    rows = [
-        {
-            "variant": name,
-            "ms_per_step": totals[name] / (rounds * UPDATE_EVERY) * 1e3,
-            "ratio": totals[name] / totals["adamw"],
-            "minor_page_faults_per_step": faults[name] / (rounds * UPDATE_EVERY),
-            "xla_temp_mb": temp_mb[name],
-        }
-        for name in variants
-    ]
+    results, jaxpruner_note = {}, None
+    for name in models:
+        variants, jaxpruner_note = build_variants(MODELS[name][4], update_every)
+        if extra_variants is not None:
+            variants.update(extra_variants(MODELS[name][4], update_every))
+        results[name] = measure_model(name, variants, rounds, update_every)
     result = {
         "benchmark": "prune_step",
         "quick": args.quick,
-        "model": {"sizes": SIZES, "params": n_params, "batch": BATCH},
-        "update_every": UPDATE_EVERY,
+        "cpu_model": cpu_model(),
+        "update_every": update_every,
         "rounds": rounds,
-        "steps_per_round": UPDATE_EVERY,
-        "compile_and_first_step_s": compile_s,
-        "per_round_s": per_round,
-        "per_round_ratio": ratios,
-        "ratio_total": ratio_total,
-        "ratio_median": float(np.median(ratios)),
+        "steps_per_round": update_every,
         "goal_ratio": 1.05,
-        "goal_met": ratio_total <= 1.05,
-        "single_step_s": {"ordinary": plain_step_s, "mask_update": update_step_s},
-        "final_sparsity": sparsity,
-        "results": rows,
+        "jaxpruner": jaxpruner_note,
+        "models": results,
         "environment": environment(),
     }
     path = write_json(args.out, result)
     print()
-    print(f"MLP {SIZES}, {n_params:,} params, batch {BATCH}; masks updated every {UPDATE_EVERY} steps")
-    print(format_table(rows, [
-        ("variant", "variant", ""), ("ms_per_step", "ms/step", ".2f"), ("ratio", "ratio", ".3f"),
-        ("minor_page_faults_per_step", "page faults/step", ".0f"), ("xla_temp_mb", "XLA temp MB", ".1f"),
-    ]))
-    print(f"ratio total {ratio_total:.3f} (median per round {np.median(ratios):.3f}; goal <= 1.05)")
-    print(f"one step: ordinary {plain_step_s * 1e3:.1f} ms, with mask update {update_step_s * 1e3:.1f} ms")
+    print(f"CPU: {result['cpu_model']} ({result['environment']['cpu_count']} CPUs, load average "
+          f"{result['environment']['load_average_1_5_15_min']}); timings on a shared machine move: compare ratios")
+    print(jaxpruner_note)
+    for name, res in results.items():
+        print()
+        print(f"{name}: {res['params']:,} params, batch {res['batch']}; masks updated every {update_every} steps, "
+              f"{rounds} interleaved rounds")
+        print(format_table(res["results"], [
+            ("variant", "variant", ""), ("ms_per_step", "ms/step", ".2f"), ("ratio_total", "ratio", ".3f"),
+            ("ratio_median", "median ratio", ".3f"), ("minor_page_faults_per_step", "page faults/step", ".0f"),
+            ("xla_temp_mb", "XLA temp MB", ".1f"), ("mask_update_step_ms", "mask-update step ms", ".1f"),
+            ("final_sparsity", "sparsity", ".3f"),
+        ]))
+        print(f"prune(adamw) / adamw: total {res['ratio_total']:.3f}, median per round {res['ratio_median']:.3f} "
+              f"(goal <= 1.05: {'met' if res['goal_met'] else 'NOT met'})")
     print(f"wrote {path}")
     return result
 

@@ -41,6 +41,13 @@ INT8_KINDS = frozenset({
     "logistic", "tanh", "hard_swish", "gelu", "softmax", "max_pool2d", "avg_pool2d", "mean", "reduce_max",
     "pad", "reshape", "transpose", "concat", "slice",
 })
+# the first version of each builtin with int8 kernels (the runtime looks kernels up by version)
+_INT8_VERSIONS = {
+    _B.CONV_2D: 3, _B.DEPTHWISE_CONV_2D: 3, _B.FULLY_CONNECTED: 4, _B.ADD: 2, _B.SUB: 2, _B.MUL: 2, _B.SOFTMAX: 2,
+    _B.LOGISTIC: 2, _B.TANH: 2, _B.MAX_POOL_2D: 2, _B.AVERAGE_POOL_2D: 2, _B.MEAN: 2, _B.PAD: 2, _B.TRANSPOSE: 2,
+    _B.CONCATENATION: 2, _B.STRIDED_SLICE: 2, _B.QUANTIZE: 2, _B.DEQUANTIZE: 2, _B.MAXIMUM: 2, _B.MINIMUM: 2,
+    _B.RELU: 2, _B.RELU6: 2, _B.REDUCE_MAX: 2, _B.BATCH_MATMUL: 2,
+}
 _SAME_AS_INPUT = ("reshape", "transpose", "max_pool2d", "avg_pool2d", "pad", "slice", "concat", "relu", "relu6",
                   "reduce_max")
 
@@ -127,6 +134,8 @@ class _Writer:
 
     # ---- operators -----------------------------------------------------------------------------
     def operator(self, code: int, inputs, outputs, options=None, options_name=None, version=1) -> None:
+        if version > 1:  # an int8 (or hybrid) kernel
+            version = _INT8_VERSIONS.get(code, 1) if version == 2 else version
         key = (code, version)
         if key not in self.codes:
             self.codes[key] = len(self.codes)

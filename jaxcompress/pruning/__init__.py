@@ -8,7 +8,7 @@ Modules, one idea each: `topk` (exact top-k by bisection, no sort), `scores`, `m
 (unstructured / filter / channel / block / N:M), `distributions` (uniform, ERK), `schedules`,
 `rule` (`PruneRule`), `plan` (rules -> per-leaf decisions and masks), `masktree` (apply/check
 mask trees), `params` (`prune_params`), `inner_state` (param-shaped optimizer state),
-`optax_wrapper` (`prune`), `dst` (SET / RigL).
+`optax_wrapper` (`prune`, `prune_masks`), `dst` (SET / RigL).
 """
 
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
@@ -22,15 +22,16 @@ from jaxcompress.pruning.masks import (
     unstructured_mask,
 )
 from jaxcompress.pruning.masktree import apply_masks, check_masks, mask_sparsity
-from jaxcompress.pruning.optax_wrapper import PruneState, prune
+from jaxcompress.pruning.optax_wrapper import PruneState, prune, prune_masks
 from jaxcompress.pruning.params import prune_params
 from jaxcompress.pruning.plan import PruneDecision, PrunePlan, plan_pruning
 from jaxcompress.pruning.rule import PruneRule
 from jaxcompress.pruning.schedules import constant, cosine_drop_fraction, one_shot, polynomial
 from jaxcompress.pruning.scores import magnitude, random_scores, saliency
-from jaxcompress.pruning.topk import global_top_k_masks, top_k_mask, top_k_masks
+from jaxcompress.pruning.topk import LazyScore, global_top_k_masks, top_k_mask, top_k_masks
 
 __all__ = [
+    "LazyScore",
     "PruneDecision",
     "PrunePlan",
     "PruneRule",
@@ -54,6 +55,7 @@ __all__ = [
     "plan_pruning",
     "polynomial",
     "prune",
+    "prune_masks",
     "prune_params",
     "random_scores",
     "saliency",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxcompress.pruning.schedules import Schedule, cosine_drop_fraction
 from jaxcompress.pruning.scores import magnitude
-from jaxcompress.pruning.topk import select_top_k
+from jaxcompress.pruning.topk import LazyScore, select_top_k
 
 __all__ = ["SET", "RigL", "drop_and_grow", "drop_and_grow_many"]
 
@@ -47,15 +47,20 @@ def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.A
     drops = [jnp.floor(fraction * a.astype(jnp.float32)).astype(jnp.int32) for a in active]
     # Lazy scores: recomputed (fused) inside the counting passes, never materialised.
     survivors = select_top_k(
-        [[lambda m=m, w=w: jnp.where(m, magnitude(w), -jnp.inf)] for m, w in zip(masks, weights)],
+        [[LazyScore(_active_magnitude, (m, w))] for m, w in zip(masks, weights)],
         [a - k for a, k in zip(active, drops)],
     )
     survivors = [group[0] for group in survivors]
-    grown = select_top_k(
-        [[lambda s=s, g=g: jnp.where(s, -jnp.inf, jnp.asarray(g, jnp.float32))] for s, g in zip(survivors, grow_scores)],
-        drops,
-    )
+    grown = select_top_k([[LazyScore(_inactive_score, (s, g))] for s, g in zip(survivors, grow_scores)], drops)
     return [s | group[0] for s, group in zip(survivors, grown)]
+
+
+def _active_magnitude(mask, weights):
+    return jnp.where(mask, magnitude(weights), -jnp.inf)
+
+
+def _inactive_score(mask, scores):
+    return jnp.where(mask, -jnp.inf, jnp.asarray(scores, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

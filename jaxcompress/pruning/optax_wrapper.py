@@ -1,19 +1,32 @@
-"""`prune(inner, rules)`: pruning as ONE `optax.GradientTransformation`.
+"""`prune(inner, rules)`: pruning as ONE `optax.GradientTransformationExtraArgs`.
 
 Per step, inside the user's jitted ``update``:
 
 1. on mask-update steps (``start_step``, then every ``update_every`` steps up to ``end_step``)
-   the masks are recomputed under `lax.cond` (so one compilation serves the whole run): by the
+   the masks are recomputed under `lax.switch` (so one compilation serves the whole run): by the
    rules at the first update step, and by the rules again (gradual pruning) or by drop/regrow
-   (``dst=SET(...)`` / ``RigL(...)``) afterwards. The inner state's param-shaped leaves (found
-   structurally, see `inner_state`) are zeroed wherever a weight is pruned or regrown;
-2. the gradients are masked and handed to ``inner``, so its moments stay zero at pruned positions;
+   (``dst=SET(...)`` / ``RigL(...)``) afterwards;
+2. the gradients are masked and handed to ``inner`` (extra keyword arguments of ``update``, e.g.
+   ``value=`` for `optax.contrib.reduce_on_plateau`, are passed on), and the param-shaped
+   leaves of the inner state it returns (found structurally, see `inner_state`) are zeroed
+   where the mask is False, so moments never carry over to a pruned or regrown weight;
 3. the returned update is the inner update where the mask is True and ``-param`` where it is
    False: after `optax.apply_updates` the params are EXACTLY zero there (``p + (-p) == 0``).
 
+What a step costs beyond ``inner``: three selects that XLA fuses into the inner optimizer's own
+elementwise passes, plus one read of the (bool) masks. The switch passes the masks through
+without a copy on ordinary steps (only the NEW masks are used afterwards, so the output aliases
+the donated input), and the mask computation needs no param-sized temporary (see `topk`): the
+compiled step's temporary buffer is the inner optimizer's own.
+
 Make `prune` the outermost transformation that produces updates (wrap the whole optimizer,
 e.g. ``prune(optax.chain(clip, adamw))``); a transformation chained after it would rescale the
-``-param`` term. It composes with `optax.MultiSteps` and `optax.inject_hyperparams` on either side.
+``-param`` term. This is checked: every ``update_every`` steps the switch also verifies that the
+params are zero wherever the previous update pruned them, and raises naming the leaf
+(``ValueError`` eagerly; under ``jit`` the same message in a ``JaxRuntimeError``). Schedules that
+return NaN or a sparsity outside ``[0, 1)`` raise the same way, naming the rule. `prune`
+composes with `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` on either side;
+`prune_masks` finds the masks in any such nesting.
 """
 
 from __future__ import annotations
@@ -25,12 +38,19 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxcompress._checks import runtime_check
 from jaxcompress.pruning.dst import _DynamicSparsity
 from jaxcompress.pruning.inner_state import zero_outside
 from jaxcompress.pruning.masktree import check_masks, is_masked_node
 from jaxcompress.pruning.plan import as_rules, plan_pruning
+from jaxcompress.pruning.topk import count_true
+from jaxcompress.rules import path_to_keystr
 
-__all__ = ["prune", "PruneState"]
+__all__ = ["prune", "PruneState", "prune_masks"]
+
+_KEEP, _FAILED, _BY_RULES, _BY_DST = range(4)
+# With masks updated every step, how often the params are checked once the masks are frozen.
+_CHECK_PERIOD = 100
 
 
 class PruneState(NamedTuple):
@@ -52,6 +72,36 @@ def _mask_tree_map(fn, masks, *trees):
     )
 
 
+def _pruned_names(masks: Any) -> list[str]:
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked_node)[0]
+    return [path_to_keystr(path) for path, mask in flat if not is_masked_node(mask)]
+
+
+def _zero_where_pruned(params: Any, masks: Any) -> jax.Array:
+    """Per pruned leaf (in flattening order), whether its params are zero wherever ``masks``
+    prune them (a bool vector; scalars reduced over the leaf)."""
+    flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masked_node)
+    flat_params = jax.tree_util.tree_structure(masks, is_leaf=is_masked_node).flatten_up_to(params)
+    flags = [
+        count_true(~mask & (jnp.asarray(param) != 0)) == 0
+        for mask, param in zip(flat_masks, flat_params)
+        if not is_masked_node(mask)
+    ]
+    return jnp.stack(flags) if flags else jnp.ones((0,), bool)
+
+
+def _report_not_outermost(names: list[str], flags: jax.Array) -> None:
+    for i, name in enumerate(names):
+        runtime_check(
+            flags[i],
+            f"{name}: non-zero params at pruned positions, although prune's last update set them to "
+            "exactly zero. prune must be the outermost transformation: wrap the whole optimizer "
+            "(prune(optax.chain(..., optax.scale(0.5)), rules)) instead of chaining after it "
+            "(optax.chain(prune(...), optax.scale(0.5))), and apply its updates unchanged with "
+            "optax.apply_updates",
+        )
+
+
 def prune(
     inner: optax.GradientTransformation,
     rules: Any = None,
@@ -63,22 +113,26 @@ def prune(
     dst: _DynamicSparsity | None = None,
     seed: int = 0,
     on_unused: str = "warn",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so that training keeps the params pruned as ``rules`` say.
 
     Args:
-      inner: the optimizer (any `optax.GradientTransformation`).
+      inner: the optimizer (any `optax.GradientTransformation`; extra ``update`` arguments
+        are forwarded to it).
       rules: `PruneRule`s (or a ``{pattern: sparsity}`` mapping) deciding the masks. ``None``
         with ``masks`` given: keep those fixed masks (fine-tuning after `prune_params`).
       masks: initial masks (a mask tree as `prune_params` returns). Default: all kept until the
         first mask update.
-      update_every: steps between mask updates (use your schedule's frequency).
+      update_every: steps between mask updates (use your schedule's frequency); also how often
+        the params are checked to be zero where pruned.
       start_step / end_step: the first / last step at which masks may change (``end_step=None``:
         no end). Masks are also frozen after ``dst.end_step`` for dynamic sparse training.
       dst: `SET` or `RigL` for dynamic sparse training; the rules then give the initial masks at
         ``start_step`` and must have a constant sparsity.
       seed: seeds random scores and SET regrowth.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
+
+    ``init`` works under `jax.eval_shape` (an abstract target for checkpoint restore).
 
     >>> import jax, jax.numpy as jnp, optax, jaxcompress.pruning as jp
     >>> params = {"w": jnp.arange(1.0, 9.0), "b": jnp.zeros(2)}
@@ -87,7 +141,7 @@ def prune(
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = jax.jit(opt.update)(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
-    >>> params["w"].tolist()[:4], state.masks["w"].tolist()[4:]
+    >>> params["w"].tolist()[:4], jp.prune_masks(state)["w"].tolist()[4:]
     ([0.0, 0.0, 0.0, 0.0], [True, True, True, True])
     """
     if rules is None and masks is None:
@@ -107,22 +161,14 @@ def prune(
                     f"PruneRule(pattern={rule.pattern!r}): dynamic sparse training needs an unstructured "
                     "rule with a constant (float) sparsity"
                 )
-
-    def plan_for(params):
-        return plan_pruning(params, rules, on_unused="ignore")
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         if rules is not None:
-            plan = plan_pruning(params, rules, on_unused=on_unused)
-            for rule_index, group in enumerate(plan.groups):
-                rule = plan.rules[rule_index]
-                if group and callable(rule.sparsity):
-                    value = float(rule.sparsity_at(start_step))
-                    if not 0.0 <= value < 1.0:
-                        raise ValueError(
-                            f"PruneRule(pattern={rule.pattern!r}): schedule gives sparsity {value} at step "
-                            f"{start_step}; it must be in [0, 1)"
-                        )
+            # A params tree without leaves is `optax.tree_map_params`' placeholder: no warning.
+            has_leaves = bool(jax.tree_util.tree_leaves(params, is_leaf=is_masked_node))
+            plan = plan_pruning(params, rules, on_unused=on_unused if has_leaves else "ignore")
+            plan.target_sparsities(start_step)  # a schedule out of [0, 1) at start_step raises now
             initial = plan.dense_masks(params)
         else:
             initial = None
@@ -143,7 +189,7 @@ def prune(
         return PruneState(jnp.zeros((), jnp.int32), initial, jax.random.PRNGKey(seed), inner_state)
 
     def recompute(params, grads, state, step, key):
-        plan = plan_for(params)
+        plan = plan_pruning(params, rules, on_unused="ignore")
         new = plan.masks(params, grads if plan.needs_grads else None, step=step, key=key)
         # Keep the given masks' sentinels where the rules prune nothing.
         return jax.tree.map(
@@ -165,45 +211,77 @@ def prune(
             flat_masks[i] = mask
         return jax.tree.unflatten(treedef, flat_masks)
 
-    def update_fn(updates, state, params=None):
+    def is_check_step(step):
+        # Every `update_every` steps, one step after a mask update (when the masks have not just
+        # changed), the params are checked to be zero where they are pruned.
+        period = jnp.where(jnp.asarray(update_every) >= 2, update_every, _CHECK_PERIOD)
+        return step % period == 1
+
+    def branch_index(step):
+        if rules is None:
+            return jnp.int32(_KEEP)
+        due = (step >= start_step) & ((step - start_step) % update_every == 0)
+        if end_step is not None:
+            due &= step <= end_step
+        by = _BY_RULES
+        if dst is not None:
+            by = jnp.where(step == start_step, _BY_RULES, jnp.where(step < dst.end_step, _BY_DST, _KEEP))
+        return jnp.where(due, by, _KEEP)
+
+    def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("prune needs params: call update(updates, state, params)")
         step = state.count
         key = jax.random.fold_in(state.key, step)
+        names = _pruned_names(state.masks)
+        all_clean = jnp.ones((len(names),), bool)
+
+        # Reads the params and the old masks, so it must come before anything that overwrites
+        # them in place: the switch below depends on its result (a failed check selects a branch
+        # of its own), so XLA orders it first instead of copying the donated buffers every step.
+        clean = lax.cond(is_check_step(step), lambda: _zero_where_pruned(params, state.masks), lambda: all_clean)
+        index = jnp.where(jnp.all(clean), branch_index(step), _FAILED)
+        branches = [
+            lambda: state.masks,
+            lambda: jax.tree.map(jnp.ones_like, state.masks),  # failed: the error is raised below
+        ]
         if rules is not None:
-            due = (step >= start_step) & ((step - start_step) % update_every == 0)
-            if end_step is not None:
-                due &= step <= end_step
-            if dst is not None:
-                branch = jnp.where(due, jnp.where(step == start_step, 1, 2), 0)
-                branch = jnp.where((branch == 2) & (step >= dst.end_step), 0, branch)
-            else:
-                branch = due.astype(jnp.int32)
-
-            def keep(_):
-                return state.masks
-
-            def by_rules(_):
-                return recompute(params, updates, state, step, key)
-
-            def by_dst(_):
-                return regrow(params, updates, state, step, key)
-
-            branches = [keep, by_rules] + ([by_dst] if dst is not None else [])
-            # Only the masks go through the switch: passing the (large) inner state through it
-            # too costs copies on every step. The reset below is elementwise and fuses into the
-            # inner optimizer's own update of its moments.
-            new_masks = lax.switch(branch, branches, None)
-            survivors = _mask_tree_map(lambda old, new: old & new, state.masks, new_masks)
-            inner_state = zero_outside(state.inner_state, survivors, params)
-        else:
-            new_masks, inner_state = state.masks, state.inner_state
+            branches.append(lambda: recompute(params, updates, state, step, key))
+        if dst is not None:
+            branches.append(lambda: regrow(params, updates, state, step, key))
+        # Only the NEW masks are used after the switch, and no branch reads the old ones to
+        # write new ones: otherwise XLA copies the donated masks and the switch's output on
+        # every step.
+        new_masks = lax.switch(index, branches)
+        lax.cond(jnp.all(clean), lambda: None, lambda: _report_not_outermost(names, clean))
 
         masked_grads = _mask_tree_map(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), new_masks, updates)
-        inner_updates, inner_state = inner.update(masked_grads, inner_state, params)
+        inner_state = zero_outside(state.inner_state, new_masks, params)
+        inner_updates, inner_state = inner.update(masked_grads, inner_state, params, **extra_args)
         final = _mask_tree_map(
             lambda m, u, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)), new_masks, inner_updates, params
         )
         return final, PruneState(optax.safe_int32_increment(step), new_masks, state.key, inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def prune_masks(state: Any) -> Any:
+    """The masks of the (single) `prune` state inside an optimizer state, however nested
+    (`optax.chain`, `optax.inject_hyperparams`, `optax.MultiSteps`, `qat`): a tree with the
+    params' structure, a bool array per pruned leaf and `optax.MaskedNode()` elsewhere (what
+    `apply_masks` and `mask_sparsity` take).
+
+    >>> import jax.numpy as jnp, optax, jaxcompress.pruning as jp
+    >>> opt = optax.MultiSteps(jp.prune(optax.sgd(0.1), {"w": 0.5}), every_k_schedule=2)
+    >>> jp.prune_masks(opt.init({"w": jnp.ones(4)}))["w"].tolist()
+    [True, True, True, True]
+    """
+    found = [
+        node
+        for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, PruneState))
+        if isinstance(node, PruneState)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one PruneState in the optimizer state, found {len(found)}")
+    return found[0].masks

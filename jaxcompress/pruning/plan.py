@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 from optax import MaskedNode
 
+from jaxcompress._checks import runtime_check
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning import scores as scores_lib
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
 from jaxcompress.pruning.rule import PruneRule
-from jaxcompress.pruning.topk import select_top_k
+from jaxcompress.pruning.topk import LazyScore, select_top_k
 from jaxcompress.rules import LeafDecisions, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
 __all__ = ["PruneDecision", "PrunePlan", "plan_pruning", "as_rules"]
@@ -131,7 +132,10 @@ class PrunePlan(LeafDecisions):
         )
 
     def target_sparsities(self, step: Any = 0) -> dict[int, jax.Array]:
-        """Per pruned leaf index, the sparsity its rule asks for at ``step`` (after distribution)."""
+        """Per pruned leaf index, the sparsity its rule asks for at ``step`` (after distribution).
+
+        A schedule that gives NaN or a value outside ``[0, 1)`` raises a ValueError naming the
+        rule: at once when the value is concrete, when the computation runs under ``jit``."""
         out: dict[int, jax.Array] = {}
         for rule_index, group in enumerate(self.groups):
             rule = self.rules[rule_index]
@@ -141,7 +145,9 @@ class PrunePlan(LeafDecisions):
                 for i in group:
                     out[i] = jnp.float32(1.0 - rule.n / rule.m)
                 continue
-            target = jnp.clip(jnp.asarray(rule.sparsity_at(step), jnp.float32), 0.0, 1.0)
+            target = jnp.asarray(rule.sparsity_at(step), jnp.float32)
+            if callable(rule.sparsity):
+                _check_scheduled(rule, target, step)
             shapes = [self.leaves[i].shape for i in group]
             spread = erk_sparsities if rule.distribution == "erk" else uniform_sparsities
             for i, value in zip(group, spread(shapes, target)):
@@ -162,18 +168,20 @@ class PrunePlan(LeafDecisions):
             if not group:
                 continue
             rule = self.rules[rule_index]
-            # Lazy scores (zero-argument functions): `select_top_k` recomputes them inside its
-            # counting passes, fused, instead of materialising a param-sized array.
+            # Lazy scores: `select_top_k` recomputes them inside its counting passes, fused,
+            # instead of materialising a param-sized array.
             scores = [self._scores(rule, i, leaves, grad_leaves, key) for i in group]
             if rule.structure == "n:m":
                 for i, score in zip(group, scores):
-                    out[i] = masks_lib.n_m_mask(score(), rule.n, rule.m, axis=rule.axis, name=self.names[i])
+                    out[i] = masks_lib.n_m_mask(score.evaluate(), rule.n, rule.m, axis=rule.axis, name=self.names[i])
             elif rule.scope == "global":
                 if rule.normalize is not None:
                     # multiply by a reciprocal: a product rounds the same in every fusion that
                     # recomputes it (a division may not), which exact counting relies on
-                    inverses = [1.0 / scores_lib.normalize_scale(score(), rule.normalize) for score in scores]
-                    scores = [lambda score=score, inv=inv: score() * inv for score, inv in zip(scores, inverses)]
+                    scores = [
+                        _scaled(score, 1.0 / scores_lib.normalize_scale(score.evaluate(), rule.normalize))
+                        for score in scores
+                    ]
                 total = sum(int(leaves[i].size) for i in group)
                 groups.append(scores)
                 ks.append(total - masks_lib.num_to_prune(sparsities[group[0]], total))
@@ -184,9 +192,9 @@ class PrunePlan(LeafDecisions):
                         unit_score, expand, n = score, (lambda keep: keep), int(leaves[i].size)
                     else:
                         unit_scores, expand = masks_lib.units(
-                            score(), rule.structure, block_size=rule.block_size, norm=rule.norm, name=self.names[i]
+                            score.evaluate(), rule.structure, block_size=rule.block_size, norm=rule.norm, name=self.names[i]
                         )
-                        unit_score, n = (lambda u=unit_scores: u), int(unit_scores.size)
+                        unit_score, n = unit_scores, int(unit_scores.size)
                     groups.append([unit_score])
                     ks.append(n - masks_lib.num_to_prune(sparsities[i], n))
                     finish.append([(i, expand)])
@@ -198,22 +206,45 @@ class PrunePlan(LeafDecisions):
             out[i] = _sharded_like(out[i], leaves[i])
         return self.unflatten(out)
 
-    def _scores(self, rule, i, leaves, grad_leaves, key):
-        """A zero-argument function computing leaf ``i``'s scores."""
+    def _scores(self, rule, i, leaves, grad_leaves, key) -> LazyScore:
+        """Leaf ``i``'s scores, computed on demand."""
         weights = leaves[i]
         if rule.score == "magnitude":
-            return lambda: scores_lib.magnitude(weights)
+            return LazyScore(scores_lib.magnitude, (weights,))
         if rule.score == "saliency":
             if grad_leaves is None:
                 raise ValueError(f"{self.names[i]}: score='saliency' needs gradients (pass grads=...)")
             grads = grad_leaves[i]
             if jnp.shape(grads) != jnp.shape(weights):
                 raise ValueError(f"{self.names[i]}: grads of shape {jnp.shape(grads)} do not match the param's {jnp.shape(weights)}")
-            return lambda: scores_lib.saliency(weights, grads)
+            return LazyScore(scores_lib.saliency, (weights, grads))
         if key is None:
             raise ValueError(f"{self.names[i]}: score='random' needs a PRNG key (pass key=...)")
-        random = scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights))
-        return lambda: random
+        return LazyScore(_identity, (scores_lib.random_scores(jax.random.fold_in(key, i), jnp.shape(weights)),))
+
+
+def _identity(x):
+    return x
+
+
+def _check_scheduled(rule: PruneRule, value: jax.Array, step: Any) -> None:
+    where = f"PruneRule(pattern={rule.pattern!r})"
+    if value.shape != ():
+        raise ValueError(f"{where}: a sparsity schedule must return a scalar, got shape {value.shape}")
+    ok = jnp.isfinite(value) & (value >= 0.0) & (value < 1.0)
+    if not isinstance(ok, jax.core.Tracer):
+        if not bool(ok):
+            raise ValueError(f"{where}: schedule gives sparsity {float(value)} at step {step}; it must be in [0, 1)")
+        return
+    runtime_check(
+        ok,
+        f"{where}: its sparsity schedule returned NaN or a value outside [0, 1) at a mask-update step; "
+        "a schedule must return the fraction of zeros, in [0, 1)",
+    )
+
+
+def _scaled(score: LazyScore, factor: jax.Array) -> LazyScore:
+    return LazyScore(lambda factor, *operands: score.fn(*operands) * factor, (factor, *score.operands))
 
 
 def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePlan:

@@ -12,18 +12,28 @@ there are more ties than places left (`lax.cond`), which is rare for float weigh
 
 Scores are compared as float32 (bf16/f16/f64 scores are cast); NaN scores rank lowest; XLA on
 CPU flushes float32 denormals to zero, so they tie with 0.
+
+Memory: inside `prune`'s jitted update the selection runs under `lax.cond`, and XLA sizes ONE
+temporary buffer for the whole step, the branch that is not taken included. So the selection
+must not need any param-sized temporary, or every ordinary training step pays for it (on CPU a
+temporary buffer above glibc's 32 MB mmap ceiling is fresh pages, page faults, every step). Two
+things would create one and are prevented here: XLA hoisting the loop-invariant key computation
+out of the bisection loop (a uint32 copy of every scored leaf: scores are `LazyScore`s whose
+operands pass an `lax.optimization_barrier` with the loop index in every pass), and XLA:CPU
+rewriting a large sum into a ``reduce-window`` that does not fuse its input (an int32 copy of
+the predicate: `_count` sums in two fused stages).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["top_k_mask", "top_k_masks", "global_top_k_masks", "select_top_k", "sortable_keys"]
+__all__ = ["LazyScore", "count_true", "top_k_mask", "top_k_masks", "global_top_k_masks", "select_top_k", "sortable_keys"]
 
 _KEY_BITS = 32
 
@@ -44,24 +54,84 @@ def sortable_keys(scores: jax.Array) -> jax.Array:
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _count(pred: jax.Array) -> jax.Array:
-    return jnp.sum(pred, dtype=jnp.int32)
+class LazyScore(NamedTuple):
+    """Scores computed on demand, as ``fn(*operands)``, inside each counting pass.
+
+    ``fn`` must give bit-identical values each time (elementwise abs / where / products are
+    fine; avoid divisions, which XLA may round differently in different fusions). Every array
+    ``fn`` reads should be in ``operands``: those pass an optimization barrier in each pass, so
+    XLA cannot hoist the score computation out of the loop (which would materialise it).
+
+    >>> import jax.numpy as jnp
+    >>> LazyScore(jnp.abs, (jnp.array([-2.0, 1.0]),)).evaluate().tolist()
+    [2.0, 1.0]
+    """
+
+    fn: Callable[..., jax.Array]
+    operands: tuple = ()
+
+    def evaluate(self, fence: Callable[[Any], Any] | None = None) -> jax.Array:
+        operands = self.operands if fence is None else fence(self.operands)
+        return self.fn(*operands)
 
 
-def _keys(score: Callable[[], jax.Array]) -> jax.Array:
-    return sortable_keys(score())
+def _identity(x):
+    return x
 
 
-def _kth_largest_keys(groups: Sequence[Sequence[Callable]], ks: jax.Array, totals: Sequence[int]):
+def _as_lazy(score: Any) -> LazyScore:
+    if isinstance(score, LazyScore):
+        return score
+    if callable(score):
+        return LazyScore(score)
+    return LazyScore(_identity, (score,))
+
+
+def _fence(index: jax.Array) -> Callable[[Any], Any]:
+    """Tie values to a loop index so that XLA treats what is computed from them as loop-variant."""
+    return lambda operands: lax.optimization_barrier((operands, index))[0]
+
+
+# Sums over at most this many elements per reduced axis stay one fused reduction on XLA:CPU
+# (its tree-reduction rewriter turns larger ones into an unfused reduce-window).
+_FUSED_SPAN = 32
+
+
+def count_true(pred: jax.Array) -> jax.Array:
+    """The number of True entries, as int32, without an int32 temporary of ``pred``'s size: the
+    first stage sums chunks of at most 32 along the last axis (fused with the comparison that
+    computes ``pred``), an optimization barrier keeps XLA from merging it with the second."""
+    pred = jnp.asarray(pred)
+    if pred.size <= _FUSED_SPAN * _FUSED_SPAN or pred.ndim == 0:
+        return jnp.sum(pred, dtype=jnp.int32)
+    while pred.ndim > 1 and pred.shape[-1] < _FUSED_SPAN:
+        pred = pred.reshape(*pred.shape[:-2], pred.shape[-2] * pred.shape[-1])
+    last = pred.shape[-1]
+    span = min(_FUSED_SPAN, last)
+    pad = (-last) % span
+    if pad:
+        pred = jnp.pad(pred, [(0, 0)] * (pred.ndim - 1) + [(0, pad)])
+    partial = jnp.sum(pred.reshape(*pred.shape[:-1], -1, span), axis=-1, dtype=jnp.int32)
+    return jnp.sum(lax.optimization_barrier(partial), dtype=jnp.int32)
+
+
+def _keys(score: LazyScore, fence: Callable[[Any], Any] | None = None) -> jax.Array:
+    return sortable_keys(score.evaluate(fence))
+
+
+def _kth_largest_keys(groups: Sequence[Sequence[LazyScore]], ks: jax.Array, totals: Sequence[int]):
     """Per group g, the largest key T with count(keys >= T) >= ks[g] (the k-th largest key;
     0xFFFFFFFF when k == 0: the caller keeps nothing then), with count(keys >= T) and
     count(keys > T) tracked on the way, so no further pass is needed. One loop for all groups."""
 
-    def body(_, carry):
+    def body(index, carry):
         lo, hi, count_lo, count_above_hi = carry
         span = hi - lo
         mid = lo + (span >> 1) + (span & 1)  # upper middle, no uint32 overflow
-        counts = jnp.stack([sum(_count(_keys(score) >= mid[g]) for score in scores) for g, scores in enumerate(groups)])
+        fence = _fence(index)
+        counts = jnp.stack(
+            [sum(count_true(_keys(score, fence) >= mid[g]) for score in scores) for g, scores in enumerate(groups)]
+        )
         enough = counts >= ks
         return (
             jnp.where(enough, mid, lo),
@@ -98,22 +168,20 @@ def _index_below(shape: tuple[int, ...], offset: int, cut: jax.Array) -> jax.Arr
     return below
 
 
-def select_top_k(groups: Sequence[Sequence[Callable[[], jax.Array]]], ks: Sequence[Any]) -> list[list[jax.Array]]:
-    """The engine of `top_k_masks`, on LAZY scores: each score is a zero-argument function that
-    computes the array (e.g. ``lambda: jnp.abs(w)``); it must give bit-identical values each
-    time it is evaluated (elementwise abs / where / products are fine; avoid divisions, which
-    XLA may round differently in different fusions). It is re-evaluated inside every counting
-    pass, where XLA fuses it with the comparison and the sum, so no score or key array of the
-    param's size is ever materialised: the only full-size buffers are the output masks. (A
-    materialised float32 copy per pass-through would add the model's size in temporaries to
-    every training step, which costs page faults on each step even when no mask is updated.)
+def select_top_k(groups: Sequence[Sequence[LazyScore]], ks: Sequence[Any]) -> list[list[jax.Array]]:
+    """The engine of `top_k_masks`, on LAZY scores (`LazyScore`, e.g.
+    ``LazyScore(jnp.abs, (w,))``; a plain array is taken as is). Each is re-evaluated inside
+    every counting pass, where XLA fuses it with the comparison and the sum, so no score, key
+    or count array of the param's size is ever materialised: the only full-size buffers are the
+    output masks (see the module docstring for why that matters to every training step).
 
     >>> import jax.numpy as jnp
     >>> w = jnp.array([0.5, -3.0, 2.0])
-    >>> select_top_k([[lambda: jnp.abs(w)]], [2])[0][0].tolist()
+    >>> select_top_k([[LazyScore(jnp.abs, (w,))]], [2])[0][0].tolist()
     [False, True, True]
     """
-    shapes = [[jax.eval_shape(score).shape for score in scores] for scores in groups]
+    groups = [[_as_lazy(score) for score in scores] for scores in groups]
+    shapes = [[jax.eval_shape(score.evaluate).shape for score in scores] for scores in groups]
     sizes = [[math.prod(shape) for shape in group] for group in shapes]
     totals = [sum(s) for s in sizes]
     if max(totals) >= 2**31 - 1:
@@ -129,18 +197,22 @@ def select_top_k(groups: Sequence[Sequence[Callable[[], jax.Array]]], ks: Sequen
     def first_ties(_):
         offsets = [[sum(size[:i]) for i in range(len(size))] for size in sizes]
 
-        def ties(g, i):
-            return _keys(groups[g][i]) == thresholds[g]
+        def ties(g, i, fence=None):
+            return _keys(groups[g][i], fence) == thresholds[g]
 
         def below(g, i, cut):
             return _index_below(shapes[g][i], offsets[g][i], cut)
 
         # Per group, the smallest J with count(ties & index < J) >= wanted: bisection on [0, total].
-        def body(_, bounds):
+        def body(index, bounds):
             lo, hi = bounds
             mid = lo + (hi - lo) // 2
+            fence = _fence(index)
             counts = jnp.stack(
-                [sum(_count(ties(g, i) & below(g, i, mid[g])) for i in range(len(groups[g]))) for g in range(len(groups))]
+                [
+                    sum(count_true(ties(g, i, fence) & below(g, i, mid[g])) for i in range(len(groups[g])))
+                    for g in range(len(groups))
+                ]
             )
             enough = counts >= wanted
             return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
@@ -204,8 +276,4 @@ def global_top_k_masks(scores: Sequence[jax.Array], k: jax.Array | int) -> list[
 
 # Jitted once per shape (also when called eagerly: the loop bodies are closures, so an eager
 # call would otherwise retrace and recompile every time). Inside a user's jit they inline.
-_top_k_jit = jax.jit(lambda groups, ks: select_top_k([[_const(s) for s in g] for g in groups], ks))
-
-
-def _const(array: jax.Array) -> Callable[[], jax.Array]:
-    return lambda: array
+_top_k_jit = jax.jit(lambda groups, ks: select_top_k([[LazyScore(_identity, (s,)) for s in g] for g in groups], ks))

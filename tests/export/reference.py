@@ -82,7 +82,15 @@ def _dequantized_weight(weight):
     return data * weight.quant.scale.astype(np.float64).reshape((-1,) + (1,) * (data.ndim - 1))
 
 
-def run(graph: Graph, *inputs: np.ndarray, quantized: bool = True) -> list[np.ndarray]:
+def calibrate(graph: Graph, *inputs: np.ndarray) -> None:
+    """Set every activation's ``range`` from a float run on ``inputs``."""
+    values = run(graph, *inputs, quantized=False, everything=True)
+    for tensor in list(graph.inputs) + [out for op in graph.ops for out in op.outputs]:
+        tensor.range = (float(values[id(tensor)].min()), float(values[id(tensor)].max()))
+
+
+def run(graph: Graph, *inputs: np.ndarray, quantized: bool = True, everything: bool = False):
+    """The graph's outputs (float64), or with ``everything`` every value by tensor id."""
     values = {}
     q = (lambda x, quant: fake_quant(x, quant)) if quantized else (lambda x, quant: x)
     for tensor, x in zip(graph.inputs, inputs):
@@ -134,7 +142,8 @@ def run(graph: Graph, *inputs: np.ndarray, quantized: bool = True) -> list[np.nd
         elif kind == "concat":
             y = np.concatenate(args, axis=attrs["axis"])
         elif kind == "slice":
-            index = tuple(slice(b, e, s) for b, e, s in zip(attrs["begin"], attrs["end"], attrs["strides"]))
+            index = tuple(slice(None) if size < 0 else slice(b, e, s)  # the dynamic batch stays whole
+                          for size, b, e, s in zip(op.inputs[0].shape, attrs["begin"], attrs["end"], attrs["strides"]))
             y = args[0][index]
         elif kind == "batch_matmul":
             other = np.swapaxes(args[1], -1, -2) if attrs.get("adj_y") else args[1]
@@ -148,4 +157,6 @@ def run(graph: Graph, *inputs: np.ndarray, quantized: bool = True) -> list[np.nd
         if kind in FIXED_OUTPUT_QUANT and quant is not None:
             quant = Quant(*FIXED_OUTPUT_QUANT[kind])
         values[id(out)] = q(y, quant)
+    if everything:
+        return values
     return [values[id(t)] for t in graph.outputs]
