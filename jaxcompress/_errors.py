@@ -7,11 +7,13 @@ builtin a caller would already catch (`ValueError`, `FileNotFoundError`, `OSErro
 =============================  ======================================  ===========================
 class                          raised for                              ``jaxcompress`` exit code
 =============================  ======================================  ===========================
-`UsageError`                   a bad option, argument or destination   2
+`UsageError`, `ArgumentError`  a bad option, argument or destination   2
 `RecipeError`                  a recipe that cannot be read, or whose  2
                                rules do not fit a leaf
 `InvalidQArrayError`           a `QArray` whose parts contradict its   1 (3 when read from a file:
                                metadata                                then `CheckpointFormatError`)
+`RuleMismatchError`            a rule that does not fit its leaf       1 (2 in ``compress``: then
+                                                                       `RecipeError`)
 `CheckpointFormatError`        a missing, truncated, tampered, corrupt 3
                                or foreign checkpoint
 `CheckpointWriteError`         the destination cannot be written       1
@@ -32,12 +34,14 @@ import errno as _errno
 
 __all__ = [
     "UsageError",
+    "ArgumentError",
     "RecipeError",
     "DestinationError",
     "DestinationExistsError",
     "DestinationIsDirectoryError",
     "DestinationFolderMissingError",
     "InvalidQArrayError",
+    "RuleMismatchError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
@@ -56,6 +60,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 class UsageError(Exception):
     """A bad option, argument or destination: the caller asked for something impossible."""
+
+
+class ArgumentError(UsageError, ValueError):
+    """An option value that does not fit the input, e.g. ``encoding="n:m"`` for a leaf whose
+    mask is not N:M."""
 
 
 class RecipeError(UsageError, ValueError):
@@ -82,6 +91,12 @@ class DestinationFolderMissingError(DestinationError, FileNotFoundError):
 class InvalidQArrayError(ValueError):
     """A `QArray` whose arrays contradict its static metadata (bits vs storage dtype, scale
     shape vs channel / group axes, ...)."""
+
+
+class RuleMismatchError(ValueError):
+    """A rule (or spec) that does not fit the leaf it matched: an axis out of range, a group
+    size that does not divide the axis, an empty array. `compress_checkpoint` reports it as a
+    `RecipeError`."""
 
 
 class CheckpointFormatError(ValueError):

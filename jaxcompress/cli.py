@@ -4,38 +4,32 @@ Subcommands:
   demo    the compression pipeline on a small CNN and Fashion-MNIST: fp32, post-training int8,
           pruned to 80%, pruned + int8 QAT; accuracy, size on disk and latency of each.
 
-Exit codes: 0 success, 2 usage error (bad subcommand or option), 1 failure while running.
+  compress / inspect: compressed checkpoints on disk (`jaxcompress.checkpoint.cli`).
 
-A subcommand is a `Command`: a name, one line of help, a function that adds its options to an
-``argparse`` parser and a function that runs it and returns the exit code; add new ones to
-`COMMANDS`. Importing this module is cheap: jax, flax and optax are imported when a command runs.
+Exit codes (one table, by the error's TYPE: `jaxcompress._errors.EXIT_CODES`): 0 success, 1
+failure while running, 2 usage or recipe error (bad subcommand, option, recipe or destination),
+3 unreadable checkpoint, 130 interrupted.
+
+A subcommand is a `Command` (`jaxcompress.checkpoint.command`): a name, one line of help, a
+function that adds its options to an ``argparse`` parser and a function that runs it and returns
+the exit code; add new ones to `COMMANDS`. `main` runs every command through
+`jaxcompress.checkpoint.command.run_command`, the one place where an error becomes an exit code.
+This module imports `jaxcompress.checkpoint.cli`, never the other way round. Importing it is
+cheap: jax, flax and optax are imported when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from jaxcompress._errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+from jaxcompress.checkpoint.cli import COMMANDS as _CHECKPOINT_COMMANDS
+from jaxcompress.checkpoint.command import Command, run_command
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-    """One subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` returns the
-    exit code."""
-
-    name: str
-    help: str
-    description: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 # ---- demo --------------------------------------------------------------------------------------
@@ -71,11 +65,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _positive(value: int, flag: str) -> None:
     if value <= 0:
-        raise _UsageError(f"{flag} must be a positive integer, got {value}")
-
-
-class _UsageError(Exception):
-    """A bad option value found after parsing (reported like an argparse error, exit code 2)."""
+        raise UsageError(f"{flag} must be a positive integer, got {value}")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -84,7 +74,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     _positive(steps, "--steps")
     _positive(args.batch_size, "--batch-size")
     if not 0.0 <= args.sparsity < 1.0:
-        raise _UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
     from jaxcompress.data import load_image_dataset
     from jaxcompress.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
@@ -128,13 +118,7 @@ COMMANDS: tuple[Command, ...] = (
         add_arguments=_add_demo_arguments,
         run=_run_demo,
     ),
-)
-
-
-# `compress` and `inspect` live with the checkpoint code (jaxcompress.checkpoint.cli).
-from jaxcompress.checkpoint.cli import COMMANDS as _CHECKPOINT_COMMANDS  # noqa: E402
-
-COMMANDS = COMMANDS + _CHECKPOINT_COMMANDS
+) + _CHECKPOINT_COMMANDS  # `compress` and `inspect` live with the checkpoint code
 
 
 # ---- entry point -------------------------------------------------------------------------------
@@ -167,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return the exit code:
-    0 success, 2 usage error, 1 failure. The ``jaxcompress`` console script calls this.
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return the exit code
+    (see the module docs). The ``jaxcompress`` console script calls this.
 
     >>> main(["no-such-command"])  # argparse prints the usage error on stderr
     2
@@ -183,17 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("jaxcompress: error: a command is required (e.g. `jaxcompress demo`)", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        return command.run(args)
-    except _UsageError as err:
-        print(f"jaxcompress {command.name}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"jaxcompress {command.name}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a failure while running: one clear line, not a traceback
-        print(f"jaxcompress {command.name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+    return run_command(command, args)
 
 
 if __name__ == "__main__":

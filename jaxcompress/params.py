@@ -5,8 +5,8 @@ NamedTuples, dataclass pytrees) and returns the same structure with `QArray` nod
 matched, together with a `QuantizeReport` saying what happened to every leaf.
 
 Leaves a rule matched but that cannot be quantized are SKIPPED, not errors, and the report says
-why: integer and bool leaves (step counters, embedding ids, masks), non-array leaves, and leaves
-that already are `QArray`s. This keeps catch-all rules such as ``".*"`` usable on trees that mix
+why: integer and bool leaves (step counters, embedding ids, masks), non-array leaves, zero-size
+leaves (nothing to calibrate) and leaves that already are `QArray`s. This keeps catch-all rules such as ``".*"`` usable on trees that mix
 float weights with bookkeeping. A float leaf that does not fit its rule (bad axis, group size not
 dividing the axis, NaN/Inf) IS an error naming the leaf's path; nothing is returned in that case.
 """
@@ -78,6 +78,8 @@ def _skip_reason(leaf: Any) -> str | None:
         return f"not an array ({type(leaf).__name__})"
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
         return f"non-float dtype {jnp.dtype(leaf.dtype).name}"
+    if 0 in tuple(leaf.shape):
+        return f"zero-size array of shape {tuple(leaf.shape)}"
     return None
 
 

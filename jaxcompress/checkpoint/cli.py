@@ -2,14 +2,18 @@
 
 ``jaxcompress compress SRC DST --recipe R`` runs `compress_checkpoint`; ``jaxcompress inspect
 CKPT [--against SRC]`` prints `inspect_checkpoint`'s per-leaf table (text, Markdown or JSON).
-`COMMANDS` holds them as `jaxcompress.cli.Command`s for the main parser; `add_subcommands`
-adds them to any ``argparse`` sub-parsers object; `main` runs them stand-alone
-(``python -m jaxcompress.checkpoint.cli``).
+`COMMANDS` holds them as `jaxcompress.checkpoint.command.Command`s for the main parser
+(`jaxcompress.cli`, which imports this module; this module never imports it);
+`add_subcommands` adds them to any ``argparse`` sub-parsers object; `main` runs them
+stand-alone (``python -m jaxcompress.checkpoint.cli``).
 
-Exit codes (stable, for scripts): 0 success; 1 unexpected failure; 2 usage error (bad option,
-unknown recipe or invalid recipe file, destination exists without ``--overwrite``); 3 the input
-checkpoint is missing, truncated, corrupt or not a checkpoint; 130 interrupted (Ctrl-C; no
-destination is left behind).
+Exit codes (stable, for scripts; chosen by the error's type in `jaxcompress._errors`): 0
+success; 1 failure (including a destination that cannot be written: disk full, read-only); 2
+usage error (bad option, unknown recipe, invalid recipe file, a recipe rule that does not fit a
+leaf, ``--encoding`` that does not fit a leaf, destination exists without ``--overwrite`` or its
+folder is missing); 3 the input checkpoint is missing, truncated, corrupt, tampered with or not
+a checkpoint; 130 interrupted (Ctrl-C; no destination is left behind). A recipe that compresses
+no leaf prints ``warning: ... no leaf compressed`` and exits 0.
 """
 
 from __future__ import annotations
@@ -17,11 +21,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Sequence
+
+from jaxcompress._errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CheckpointNotFoundError,
+    DestinationFolderMissingError,
+    write_error,
+)
+from jaxcompress.checkpoint.command import Command, run_command
 
 __all__ = ["COMMANDS", "add_subcommands", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _EPILOG = """\
 exit codes: 0 success, 1 unexpected failure, 2 usage error (options, recipe, existing DST),
@@ -76,46 +91,18 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def _classify(err: BaseException) -> int:
-    from jaxcompress.checkpoint.recipes import RecipeError
-    from jaxcompress.checkpoint.safetensors_format import HeaderError
-
-    if isinstance(err, RecipeError) or isinstance(err, (FileExistsError, IsADirectoryError)):
-        return EXIT_USAGE
-    if isinstance(err, (HeaderError, FileNotFoundError, NotADirectoryError)):
-        return EXIT_BAD_INPUT
-    if isinstance(err, ValueError) and ("checkpoint" in str(err) or "safetensors" in str(err)):
-        return EXIT_BAD_INPUT
-    return EXIT_FAILURE
-
-
-def _guarded(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def guarded(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except KeyboardInterrupt:
-            print(f"jaxcompress {name}: interrupted; nothing was written", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except BrokenPipeError:  # e.g. `jaxcompress inspect ... | head`: not an error
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            return EXIT_OK
-        except Exception as err:
-            code = _classify(err)
-            kind = {EXIT_USAGE: "error", EXIT_BAD_INPUT: "bad input"}.get(code, "failed")
-            print(f"jaxcompress {name}: {kind}: {type(err).__name__}: {err}", file=sys.stderr)
-            return code
-
-    return guarded
-
-
 def _run_compress(args: argparse.Namespace) -> int:
     from jaxcompress.checkpoint.compress import compress_checkpoint
 
-    table = compress_checkpoint(
-        args.src, args.dst, args.recipe, encoding=args.encoding, overwrite=args.overwrite,
-        progress=_show_progress(args), on_unused=args.on_unused,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        table = compress_checkpoint(
+            args.src, args.dst, args.recipe, encoding=args.encoding, overwrite=args.overwrite,
+            progress=_show_progress(args), on_unused=args.on_unused,
+        )
+    for warning in caught:  # in the CLI's own words, not Python's warning format
+        if issubclass(warning.category, UserWarning):
+            print(f"jaxcompress compress: warning: {warning.message}", file=sys.stderr)
     if args.report != "none":
         print(_render(table, args.report))
     else:
@@ -129,15 +116,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from jaxcompress.checkpoint.inspection import inspect_checkpoint
 
     if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
+        raise CheckpointNotFoundError(2, f"{args.checkpoint}: no such checkpoint")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise DestinationFolderMissingError(2, f"{args.output}: the folder {os.path.dirname(os.path.abspath(args.output))} does not exist")
     table = inspect_checkpoint(args.checkpoint, against=args.against, progress=_show_progress(args))
     if args.sort != "file":
         key = (lambda row: row.path) if args.sort == "path" else (lambda row: -row.bytes)
         table = dataclasses.replace(table, rows=tuple(sorted(table.rows, key=key)))
     text = _render(table, args.format)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as err:
+            raise write_error(err, args.output) from None
     else:
         print(text)
     return EXIT_OK
@@ -149,19 +141,17 @@ _SPECS = (
 )
 
 
-def _commands() -> tuple:
-    from jaxcompress.cli import Command
+def _guarded(command: Command) -> Command:
+    """``command`` whose ``run`` reports errors through `run_command` (for stand-alone use)."""
+    import dataclasses
 
-    return tuple(
-        Command(name=name, help=help_, description=description + "\n\n" + _EPILOG, add_arguments=add, run=_guarded(name, run))
-        for name, help_, description, add, run in _SPECS
-    )
+    return dataclasses.replace(command, run=lambda args: run_command(command, args))
 
 
-def __getattr__(name: str) -> Any:
-    if name == "COMMANDS":  # built lazily: jaxcompress.cli may import this module
-        return _commands()
-    raise AttributeError(name)
+COMMANDS: tuple[Command, ...] = tuple(
+    Command(name=name, help=help_, description=description + "\n\n" + _EPILOG, add_arguments=add, run=run)
+    for name, help_, description, add, run in _SPECS
+)
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -174,11 +164,11 @@ def add_subcommands(subparsers: Any) -> None:
     >>> args.recipe, args._command.name
     ('w8a8', 'compress')
     """
-    for command in _commands():
+    for command in COMMANDS:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
-        sub.set_defaults(_command=command)
+        sub.set_defaults(_command=_guarded(command))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,17 @@ tree, so patterns see the same path as on the whole tree), quantize it with the 
 sparse bitmap or N:M where smaller) and append its bytes to a scratch file. Only then is the
 safetensors header written and the data copied over in chunks (`SafetensorsWriter`), and the
 result renamed onto ``dst``. Peak memory is therefore about one leaf and its transforms, not the
-model; an exception or Ctrl-C removes the scratch files and leaves no ``dst``; a hard kill can
-leave hidden ``.tmp-*`` scratch files next to ``dst`` but never a ``dst``.
+model; an exception or Ctrl-C removes the scratch files and leaves no ``dst``; a hard kill leaves
+no ``dst`` either, and its hidden scratch files are removed by the next write to that folder
+(see `jaxcompress.checkpoint.safetensors_format`). A full disk or a read-only folder is a
+`CheckpointWriteError` naming ``dst``, with nothing left behind.
 
 Because leaves are processed independently, prune rules must be leaf-local: ``scope="layer"``,
 ``distribution="uniform"``, ``score`` ``"magnitude"`` or ``"random"`` (a fixed key), and a
-constant sparsity. Anything else is a `RecipeError` naming the rule, raised before any work.
+constant sparsity. Anything else is a `RecipeError` naming the rule, raised before any work; a
+rule that does not fit a leaf (a group size that does not divide its axis) is a `RecipeError`
+naming the rule and the leaf. A recipe that compresses no leaf at all warns
+``"... no leaf compressed"`` (`NoLeafCompressedWarning`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxcompress._errors import DestinationExistsError, DestinationIsDirectoryError, DestinationFolderMissingError, RuleMismatchError
 from jaxcompress.checkpoint import treemeta
 from jaxcompress.checkpoint.recipes import Recipe, RecipeError, load_recipe
 from jaxcompress.checkpoint.report import CompressionTable, LeafRow
@@ -37,9 +43,13 @@ from jaxcompress.checkpoint.sources import open_source
 from jaxcompress.qarray import QArray, describe_granularity
 from jaxcompress.rules import match_rules
 
-__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local"]
+__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning"]
 
 Progress = Callable[[int, int, str], None]
+
+
+class NoLeafCompressedWarning(UserWarning):
+    """`compress_checkpoint` wrote a file in which no leaf is quantized or pruned."""
 
 
 def check_leaf_local(recipe: Recipe) -> None:
@@ -251,24 +261,29 @@ def compress_checkpoint(
         raise ValueError(f"on_unused must be 'warn', 'error' or 'ignore', got {on_unused!r}")
     dst = os.path.abspath(os.fspath(dst))
     if os.path.isdir(dst):
-        raise IsADirectoryError(f"{dst}: is a directory; the compressed checkpoint is one .safetensors file")
+        raise DestinationIsDirectoryError(21, f"{dst}: is a directory; the compressed checkpoint is one .safetensors file")
     if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise DestinationExistsError(17, f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
     if not os.path.isdir(os.path.dirname(dst)):
-        raise FileNotFoundError(f"{dst}: the destination directory does not exist")
+        raise DestinationFolderMissingError(2, f"{dst}: the destination directory {os.path.dirname(dst)} does not exist")
     source = open_source(src)
     if os.path.abspath(source.path) == dst:
-        raise ValueError(f"{dst}: source and destination are the same file")
+        raise DestinationExistsError(17, f"{dst}: source and destination are the same file")
     callback, finish = _progress_callback(progress, sum(leaf.nbytes for leaf in source.leaves))
     if hasattr(callback, "sizes"):
         callback.sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
     used: set = set()
     rows, records = [], []
+    compressed_leaves = 0
     start = time.perf_counter()
     try:
         with SafetensorsWriter(dst) as writer:
             for done, (leaf_info, load) in enumerate(source.iter_leaves(), start=1):
-                leaf, mask = _compress_streamed(leaf_info, load, source.row_reader(leaf_info), recipe, used, CHUNK_BYTES)
+                try:
+                    leaf, mask = _compress_streamed(leaf_info, load, source.row_reader(leaf_info), recipe, used, CHUNK_BYTES)
+                except RuleMismatchError as err:
+                    raise RecipeError(f"{recipe.source}: a rule does not fit leaf {leaf_info.path!r} of {source.path}: {err}") from None
+                compressed_leaves += isinstance(leaf, QArray) or mask is not None
                 where = f"{source.path}: leaf {leaf_info.path!r}"
                 record, tensors = encode_leaf([list(t) for t in leaf_info.tokens], leaf, mask, encoding=encoding, where=where)
                 nbytes = sum(writer.add(name, tensor) for name, tensor in tensors)
@@ -286,5 +301,10 @@ def compress_checkpoint(
         finish()
     if unused and on_unused == "warn":
         warnings.warn(f"{recipe.source}: {len(unused)} rule(s) matched no leaf: {', '.join(unused)}", UserWarning, stacklevel=2)
+    if not compressed_leaves:
+        warnings.warn(
+            f"{recipe.source}: no leaf compressed: no rule quantized or pruned any of the {len(rows)} leaves of "
+            f"{source.path}; {dst} holds them unchanged (check the recipe's patterns against the leaf paths "
+            f"`jaxcompress inspect {source.path}` lists)", NoLeafCompressedWarning, stacklevel=2)
     title = f"{os.path.basename(source.path)} -> {os.path.basename(dst)} ({recipe.name}, {time.perf_counter() - start:.1f} s)"
-    return CompressionTable(tuple(rows), title, os.path.getsize(dst), source.total_bytes)
+    return CompressionTable(tuple(rows), title, os.path.getsize(dst), source.total_bytes, compressed_leaves=compressed_leaves)

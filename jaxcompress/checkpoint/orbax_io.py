@@ -21,19 +21,25 @@ which mask leaves are ``optax.MaskedNode()`` sentinels (Orbax itself stores thos
 
 `save_to_manager` / `restore_from_manager` do the same through an ``ocp.CheckpointManager``.
 A directory written by plain Orbax (no jaxcompress metadata) loads as the plain tree Orbax
-returns; a directory that is not an Orbax checkpoint raises a ``ValueError`` naming it.
+returns. A directory that is not an Orbax checkpoint, or a damaged or tampered one, raises a
+`CheckpointFormatError` (a ``ValueError``) naming it, and the leaf when one is at fault; every
+Orbax call goes through `jaxcompress.checkpoint.orbax_guard` (errors translated, checkpointers
+closed). A target that does not match the checkpoint is an `ArgumentError` (also a
+``ValueError``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxcompress._errors import ArgumentError, CheckpointFormatError
 from jaxcompress.checkpoint import treemeta
+from jaxcompress.checkpoint.orbax_guard import check_metadata, checkpointer, read_step_metadata, require_checkpoint, translate
+from jaxcompress.checkpoint.orbax_sharding import follow_sharding, shard_abstract
 from jaxcompress.qarray import QArray
 
 __all__ = [
@@ -119,9 +125,12 @@ def save_checkpoint(path: str | os.PathLike, params: Any, masks: Any = None, *, 
     """
     ocp = _ocp()
     metadata = compression_metadata(params, masks)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.fspath(path)), _item(params, masks), custom_metadata={METADATA_KEY: metadata}, force=force)
-    checkpointer.wait_until_finished()
+    writer = ocp.StandardCheckpointer()
+    try:
+        writer.save(os.path.abspath(os.fspath(path)), _item(params, masks), custom_metadata={METADATA_KEY: metadata}, force=force)
+        writer.wait_until_finished()
+    finally:
+        writer.close()
 
 
 def _lookup(raw: Any, tokens: list, where: str) -> Any:
@@ -133,11 +142,11 @@ def _lookup(raw: Any, tokens: list, where: str) -> Any:
             elif str(key) in node:
                 node = node[str(key)]
             else:
-                raise ValueError(f"{where}: the checkpoint's arrays lack this leaf (metadata lists it)")
+                raise CheckpointFormatError(f"{where}: the checkpoint's arrays lack this leaf (metadata lists it)")
         elif isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node):
             node = node[key]
         else:
-            raise ValueError(f"{where}: the checkpoint's arrays lack this leaf (metadata lists it)")
+            raise CheckpointFormatError(f"{where}: the checkpoint's arrays lack this leaf (metadata lists it)")
     return node
 
 
@@ -153,16 +162,19 @@ def _rebuild(raw: Any, records: list[dict], root: str) -> Any:
         value = _lookup(raw, tokens, where)
         if kind == "qarray":
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: expected the fields of a QArray, found {type(value).__name__}")
+                raise CheckpointFormatError(f"{where}: expected the fields of a QArray, found {type(value).__name__}")
             arrays = {name: value[name] for name in record["qarray"]["arrays"] if name in value}
             missing = set(record["qarray"]["arrays"]) - set(arrays)
             if missing:
-                raise ValueError(f"{where}: QArray fields {sorted(missing)} are missing from the checkpoint")
+                raise CheckpointFormatError(f"{where}: QArray fields {sorted(missing)} are missing from the checkpoint")
             value = treemeta.qarray_from_parts(record["qarray"]["static"], arrays, where)
         elif kind == "none":
             value = None
         pairs.append((tokens, value))
-    return treemeta.tree_from_records(pairs)
+    try:
+        return treemeta.tree_from_records(pairs)
+    except ValueError as err:  # two records with one path
+        raise CheckpointFormatError(f"{root}: {err}") from None
 
 
 def _check_target(target: Any, records: list[dict], root: str) -> None:
@@ -171,7 +183,7 @@ def _check_target(target: Any, records: list[dict], root: str) -> None:
     names = {treemeta.path_name(tokens) for tokens, _ in target_leaves}
     missing, extra = sorted(set(by_name) - names), sorted(names - set(by_name))
     if missing or extra:
-        raise ValueError(
+        raise ArgumentError(
             f"{root}: the target's leaves do not match the checkpoint's: in the checkpoint only "
             f"{missing[:5]}, in the target only {extra[:5]}"
         )
@@ -180,14 +192,14 @@ def _check_target(target: Any, records: list[dict], root: str) -> None:
         record = by_name[name]
         if isinstance(leaf, QArray):
             if record["kind"] != "qarray":
-                raise ValueError(f"{root}/{name}: the target has a QArray, the checkpoint a {record['kind']}")
+                raise ArgumentError(f"{root}/{name}: the target has a QArray, the checkpoint a {record['kind']}")
             want = treemeta.qarray_static(leaf)
             have = record["qarray"]["static"]
             if want != have:
                 diff = {k: (have.get(k), want.get(k)) for k in set(want) | set(have) if want.get(k) != have.get(k)}
-                raise ValueError(f"{root}/{name}: QArray metadata differs (checkpoint, target): {diff}")
+                raise ArgumentError(f"{root}/{name}: QArray metadata differs (checkpoint, target): {diff}")
         elif record["kind"] == "qarray":
-            raise ValueError(f"{root}/{name}: the checkpoint has a QArray, the target a {type(leaf).__name__}")
+            raise ArgumentError(f"{root}/{name}: the checkpoint has a QArray, the target a {type(leaf).__name__}")
 
 
 def _masks_for_orbax(masks: Any) -> Any:
@@ -218,15 +230,9 @@ def _finish(raw: Any, meta: dict | None, target: Any, masks_target: Any, root: s
 
 
 def _read_meta(custom: Any, path: str) -> dict | None:
-    meta = (custom or {}).get(METADATA_KEY)
-    if meta is None:
+    if not isinstance(custom, dict):
         return None
-    if meta.get("format_version") != treemeta.FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: jaxcompress checkpoint format {meta.get('format_version')!r}, this version "
-            f"reads format {treemeta.FORMAT_VERSION}"
-        )
-    return meta
+    return check_metadata(custom.get(METADATA_KEY), path)
 
 
 def _restore_target(meta: dict | None, item_metadata: Any, target: Any, masks_target: Any, root: str) -> Any:
@@ -241,67 +247,6 @@ def _restore_target(meta: dict | None, item_metadata: Any, target: Any, masks_ta
             masks_target = _abstract_from_metadata(item_metadata["masks"])
         item["masks"] = _masks_for_orbax(masks_target)
     return item
-
-
-def follow_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
-    """``sharding`` (a param's) adapted to an array of ``shape`` with the param's rank, e.g. its
-    `QArray` scale: a `NamedSharding` keeps a mesh axis on each dim the axis divides and
-    replicates the others (a per-channel scale ``(1, out)`` of a ``P('data', 'model')`` kernel
-    becomes ``P(None, 'model')``). Other shardings are returned unchanged.
-
-    >>> import jax, numpy as np
-    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    >>> follow_sharding(NamedSharding(mesh, P("data", "model")), (1, 8)).spec
-    P(None, 'model')
-    """
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding
-    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    kept = []
-    for dim, names in zip(shape, spec[: len(shape)]):
-        if names is None:
-            kept.append(None)
-            continue
-        axes = names if isinstance(names, tuple) else (names,)
-        size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
-        kept.append(names if dim > 1 and dim % size == 0 else None)
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
-
-
-def _sharding_for(shardings: Any, name: str, shape: tuple[int, ...]) -> Any:
-    if shardings is None:
-        return None
-    if isinstance(shardings, jax.sharding.Sharding):
-        return follow_sharding(shardings, shape)
-    if callable(shardings):
-        sharding = shardings(name, shape)
-        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-            raise TypeError(f"{name}: shardings(path, shape) returned {sharding!r}, expected a jax.sharding.Sharding")
-        return sharding
-    raise TypeError(f"shardings must be a jax.sharding.Sharding or a callable (path, shape) -> Sharding, got {shardings!r}")
-
-
-def _with_sharding(abstract: Any, sharding: Any) -> Any:
-    if sharding is None:
-        return abstract
-    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=follow_sharding(sharding, abstract.shape))
-
-
-def _shard_abstract(tree: Any, shardings: Any, root: str) -> Any:
-    def place(path, leaf):
-        name = treemeta.path_name(treemeta.encode_path(path))
-        if treemeta.is_masked_node(leaf) or leaf is None:
-            return leaf
-        if isinstance(leaf, QArray):
-            sharding = _sharding_for(shardings, name, leaf.shape)
-            fields = {k: _with_sharding(v, sharding) for k, v in treemeta.qarray_array_fields(leaf).items()}
-            return dataclasses.replace(leaf, **fields)
-        return _with_sharding(leaf, _sharding_for(shardings, name, tuple(leaf.shape)))
-
-    return jax.tree_util.tree_map_with_path(
-        place, tree, is_leaf=lambda x: x is None or isinstance(x, QArray) or treemeta.is_masked_node(x)
-    )
 
 
 def abstract_checkpoint(path: str | os.PathLike, shardings: Any = None) -> tuple[Any, Any]:
@@ -324,21 +269,20 @@ def abstract_checkpoint(path: str | os.PathLike, shardings: Any = None) -> tuple
     ((4, 2), dtype(int4), (1, 2), None)
     """
     path = os.path.abspath(os.fspath(path))
-    if not is_orbax_checkpoint(path):
-        raise ValueError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
-    step_metadata = _ocp().StandardCheckpointer().metadata(path)
+    step_metadata = read_step_metadata(path)
     meta = _read_meta(step_metadata.custom_metadata, path)
     if meta is None:
-        raise ValueError(f"{path}: not a jaxcompress checkpoint (no compression metadata); use orbax directly")
-    item_metadata = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
-    params = _rebuild(_abstract_from_metadata(item_metadata["params"]), meta["params"], path)
-    masks = None
-    if meta.get("masks") is not None:
-        masks = _rebuild(_abstract_from_metadata(item_metadata["masks"]), meta["masks"], path + "[masks]")
+        raise CheckpointFormatError(f"{path}: not a jaxcompress checkpoint (no compression metadata); use orbax directly")
+    with translate(path):
+        item_metadata = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
+        params = _rebuild(_abstract_from_metadata(item_metadata["params"]), meta["params"], path)
+        masks = None
+        if meta.get("masks") is not None:
+            masks = _rebuild(_abstract_from_metadata(item_metadata["masks"]), meta["masks"], path + "[masks]")
     if shardings is not None:
-        params = _shard_abstract(params, shardings, path)
+        params = shard_abstract(params, shardings, path)
         if masks is not None:
-            masks = _shard_abstract(masks, shardings, path + "[masks]")
+            masks = shard_abstract(masks, shardings, path + "[masks]")
     return params, masks
 
 
@@ -360,17 +304,15 @@ def load_checkpoint(
             raise TypeError("pass either shardings or target / masks_target, not both")
         target, masks_target = abstract_checkpoint(path, shardings)
     path = os.path.abspath(os.fspath(path))
-    if not is_orbax_checkpoint(path):
-        raise ValueError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
-    ocp = _ocp()
-    checkpointer = ocp.StandardCheckpointer()
-    step_metadata = checkpointer.metadata(path)
-    meta = _read_meta(step_metadata.custom_metadata, path)
-    item_metadata = step_metadata.item_metadata
-    item_metadata = getattr(item_metadata, "tree", item_metadata)
-    item = _restore_target(meta, item_metadata, target, masks_target, path)
-    raw = checkpointer.restore(path) if item is None else checkpointer.restore(path, item)
-    return _finish(raw, meta, target, masks_target, path)
+    require_checkpoint(path)
+    with checkpointer(_ocp().StandardCheckpointer, path) as reader:
+        step_metadata = reader.metadata(path)
+        meta = _read_meta(step_metadata.custom_metadata, path)
+        item_metadata = step_metadata.item_metadata
+        item_metadata = getattr(item_metadata, "tree", item_metadata)
+        item = _restore_target(meta, item_metadata, target, masks_target, path)
+        raw = reader.restore(path) if item is None else reader.restore(path, item)
+        return _finish(raw, meta, target, masks_target, path)
 
 
 def save_to_manager(manager: Any, step: int, params: Any, masks: Any = None, *, metrics: Any = None) -> bool:
@@ -397,13 +339,18 @@ def save_to_manager(manager: Any, step: int, params: Any, masks: Any = None, *, 
 
 def restore_from_manager(manager: Any, step: int | None = None, target: Any = None, *, masks_target: Any = None) -> tuple[Any, Any]:
     """Restore ``(params, masks)`` saved by `save_to_manager` (default: the latest step)."""
-    ocp = _ocp()
     if step is None:
         step = manager.latest_step()
         if step is None:
-            raise ValueError(f"{manager.directory}: the CheckpointManager holds no checkpoint")
-    step_metadata = manager.metadata(step)
+            raise CheckpointFormatError(f"{manager.directory}: the CheckpointManager holds no checkpoint")
     root = f"{manager.directory}@step{step}"
+    with translate(root):
+        return _restore_step(manager, step, target, masks_target, root)
+
+
+def _restore_step(manager: Any, step: int, target: Any, masks_target: Any, root: str) -> tuple[Any, Any]:
+    ocp = _ocp()
+    step_metadata = manager.metadata(step)
     meta = _read_meta(step_metadata.custom_metadata, root)
     item_metadata = step_metadata.item_metadata
     if item_metadata is not None and not hasattr(item_metadata, "keys") and hasattr(item_metadata, "tree"):
@@ -435,24 +382,22 @@ def iter_orbax_leaves(path: str | os.PathLike, budget_bytes: int = 1 << 26):
     few leaves at a time (partial restores) so memory stays near ``budget_bytes`` or the largest
     leaf (internal: used by `compress_checkpoint`)."""
     path = os.path.abspath(os.fspath(path))
-    if not is_orbax_checkpoint(path):
-        raise ValueError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
     ocp = _ocp()
-    step_metadata = ocp.StandardCheckpointer().metadata(path)
+    step_metadata = read_step_metadata(path)
     if _read_meta(step_metadata.custom_metadata, path) is not None:
-        raise ValueError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
+        raise CheckpointFormatError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
     tree_md = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
     flat, _ = jax.tree_util.tree_flatten_with_path(tree_md, is_leaf=lambda m: hasattr(m, "shape"))
     flat = [(p, m) for p, m in flat if m is not None]
     sizes = [int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for _, m in flat]
-    checkpointer = ocp.PyTreeCheckpointer()
-    for group in leaf_groups(sizes, max(budget_bytes, 1)):
-        pairs = [(treemeta.encode_path(flat[i][0]), flat[i][1]) for i in group]
-        item = treemeta.tree_from_records([(tokens, 0) for tokens, _ in pairs])
-        restore_args = treemeta.tree_from_records(
-            [(tokens, ocp.RestoreArgs(restore_type=np.ndarray)) for tokens, _ in pairs]
-        )
-        raw = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-        for tokens, _ in pairs:
-            yield tokens, np.asarray(_lookup(raw, tokens, f"{path}/{treemeta.path_name(tokens)}"))
-        del raw
+    with checkpointer(ocp.PyTreeCheckpointer, path) as reader:
+        for group in leaf_groups(sizes, max(budget_bytes, 1)):
+            pairs = [(treemeta.encode_path(flat[i][0]), flat[i][1]) for i in group]
+            item = treemeta.tree_from_records([(tokens, 0) for tokens, _ in pairs])
+            restore_args = treemeta.tree_from_records(
+                [(tokens, ocp.RestoreArgs(restore_type=np.ndarray)) for tokens, _ in pairs]
+            )
+            raw = reader.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+            for tokens, _ in pairs:
+                yield tokens, np.asarray(_lookup(raw, tokens, f"{path}/{treemeta.path_name(tokens)}"))
+            del raw

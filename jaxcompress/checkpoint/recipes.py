@@ -34,16 +34,13 @@ import os
 import tomllib
 from typing import Any
 
+from jaxcompress._errors import RecipeError
 from jaxcompress.rules import QuantRule
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "list_presets", "PRESET_ALIASES"]
 
 PRESET_ALIASES = {"2:4+int8": "2of4-int8", "90%-sparse+int8": "sparse90-int8", "int8": "w8a8", "int4": "w4-g128"}
 _TOP_LEVEL = {"name", "description", "quantize", "prune"}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be read or that does not map to valid rules."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +122,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     >>> parse_recipe({"quantize": [{"pattern": ".*", "bitz": 4}]}, "r.toml")
     Traceback (most recent call last):
     ...
-    jaxcompress.checkpoint.recipes.RecipeError: r.toml: quantize[0].bitz: unknown key (a QuantRule has ...)
+    jaxcompress._errors.RecipeError: r.toml: quantize[0].bitz: unknown key (a QuantRule has ...)
     """
     for key in data:
         if key not in _TOP_LEVEL:

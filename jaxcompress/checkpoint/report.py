@@ -68,6 +68,7 @@ class CompressionTable:
     title: str = ""
     file_bytes: int | None = None
     source_file_bytes: int | None = None
+    compressed_leaves: int | None = None  # leaves quantized or pruned (set by compress_checkpoint)
 
     @property
     def bytes(self) -> int:

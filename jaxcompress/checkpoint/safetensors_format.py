@@ -13,14 +13,21 @@ ever unpickled; tensors are read with ``seek`` + ``readinto`` into NumPy arrays.
 `SafetensorsWriter` appends tensors one at a time to a scratch file next to the destination and,
 on `SafetensorsWriter.close`, writes the header and copies the data in 16 MiB chunks, then
 renames into place: memory stays at one tensor plus one chunk, and a crash leaves no
-destination file (only the scratch files, removed by `SafetensorsWriter.abort` / on error).
+destination file. Scratch files are named ``.<destination>.jc-tmp-<host>-<pid>-<random>`` and
+stay ``flock``-ed by their writer while it runs: an error or Ctrl-C removes them at once; after
+a hard kill (SIGKILL, power loss) the kernel drops the lock, and the next `SafetensorsWriter` in
+that folder removes every scratch file whose lock it can take (a live writer's never). An
+``OSError`` while writing (disk full, read-only folder) becomes a `CheckpointWriteError` naming
+the destination, with nothing left behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 import struct
 import tempfile
 from typing import Any
@@ -28,7 +35,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsReader", "SafetensorsWriter", "DTYPES", "HeaderError", "st_dtype_name"]
+from jaxcompress._errors import CheckpointFormatError, CheckpointNotFoundError, DestinationFolderMissingError, write_error
+
+__all__ = ["SafetensorsReader", "SafetensorsWriter", "DTYPES", "HeaderError", "st_dtype_name", "remove_stale_scratch"]
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -52,8 +61,9 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHUNK_BYTES = 16 * 1024 * 1024
 
 
-class HeaderError(ValueError):
-    """A safetensors file whose header is malformed or inconsistent with the file."""
+class HeaderError(CheckpointFormatError):
+    """A safetensors file whose header is malformed or inconsistent with the file (a
+    `CheckpointFormatError`, so a ``ValueError``)."""
 
 
 def st_dtype_name(dtype: Any) -> str:
@@ -84,7 +94,8 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such safetensors file")
+            kind = "is a directory, not a safetensors file" if os.path.isdir(self.path) else "no such safetensors file"
+            raise CheckpointNotFoundError(2, f"{self.path}: {kind}")
         self.file_size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             prefix = f.read(8)
@@ -102,6 +113,8 @@ class SafetensorsReader:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise HeaderError(f"{self.path}: header is not valid UTF-8 JSON ({err})") from None
+        except RecursionError:
+            raise HeaderError(f"{self.path}: header JSON is nested too deeply (not a safetensors header)") from None
         if not isinstance(header, dict):
             raise HeaderError(f"{self.path}: header is a JSON {type(header).__name__}, expected an object")
         metadata = header.pop("__metadata__", None) or {}
@@ -186,11 +199,68 @@ class SafetensorsReader:
         return out.view(dtype).reshape((max(end - begin, 0),) + tuple(shape[1:]))
 
 
+SCRATCH_MARK = ".jc-tmp-"
+
+
+def _scratch_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}{SCRATCH_MARK}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _locked_scratch(directory: str, path: str, suffix: str = "") -> tuple[Any, str]:
+    """A new scratch file next to ``path``, open for writing and ``flock``-ed by this process."""
+    fd, name = tempfile.mkstemp(prefix=_scratch_prefix(path), suffix=suffix, dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.fdopen(fd, "wb"), name
+    except BaseException:
+        os.close(fd)
+        _remove(name)
+        raise
+
+
+def remove_stale_scratch(directory: str) -> list[str]:
+    """Remove the scratch files of dead writers in ``directory`` (those nobody holds a lock on);
+    returns their names. A live writer's scratch is locked, so it is never touched.
+
+    >>> import tempfile
+    >>> remove_stale_scratch(tempfile.mkdtemp())
+    []
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".") or SCRATCH_MARK not in name:
+            continue
+        file = os.path.join(directory, name)
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its writer is alive
+            os.close(fd)
+            continue
+        try:
+            os.remove(file)
+            removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 class SafetensorsWriter:
-    """Write a safetensors file tensor by tensor; atomic (temp files, then ``os.replace``).
+    """Write a safetensors file tensor by tensor; atomic (locked scratch files, then
+    ``os.replace``).
 
     Use as a context manager (closing on success, aborting on error) or call `close` / `abort`.
-    See `SafetensorsReader` for an example.
+    Creating one removes the scratch of dead writers in the destination folder (see the module
+    docs). See `SafetensorsReader` for an example.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
@@ -198,9 +268,13 @@ class SafetensorsWriter:
         self.metadata = dict(metadata or {})
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{self.path}: the destination directory does not exist")
-        fd, self._data_path = tempfile.mkstemp(prefix=".tmp-data-", dir=directory)
-        self._data = os.fdopen(fd, "wb")
+            raise DestinationFolderMissingError(2, f"{self.path}: the destination directory {directory} does not exist")
+        self._closed = True
+        remove_stale_scratch(directory)
+        try:
+            self._data, self._data_path = _locked_scratch(directory, self.path)
+        except OSError as err:
+            raise write_error(err, self.path) from None
         self._entries: dict[str, dict[str, Any]] = {}
         self._position = 0
         self._closed = False
@@ -212,46 +286,60 @@ class SafetensorsWriter:
         array = np.ascontiguousarray(array)
         dtype = st_dtype_name(array.dtype)
         nbytes = array.nbytes
-        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        try:
+            self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        except OSError as err:
+            self.abort()
+            raise write_error(err, self.path) from None
         self._entries[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [self._position, self._position + nbytes]}
         self._position += nbytes
         return nbytes
 
     def close(self) -> int:
         """Write the header + data to the destination (atomically); returns the file size."""
-        self._data.close()
+        if self._closed:
+            raise ValueError(f"{self.path}: this writer is already closed")
         header = dict(self._entries)
         if self.metadata:
             header["__metadata__"] = self.metadata
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-(8 + len(encoded)) % 8)  # data starts 8-byte aligned
-        fd, final_tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(self.path))
+        final_tmp = None
         try:
-            with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
+            self._data.flush()
+            out, final_tmp = _locked_scratch(os.path.dirname(self.path), self.path, ".safetensors")
+            with out, open(self._data_path, "rb") as data:
                 out.write(struct.pack("<Q", len(encoded)))
                 out.write(encoded)
                 while chunk := data.read(CHUNK_BYTES):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(final_tmp, 0o666 & ~umask)  # mkstemp makes 0600; give a normal file's mode
-            os.replace(final_tmp, self.path)
-        except BaseException:
-            _remove(final_tmp)
-            raise
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(final_tmp, 0o666 & ~umask)  # mkstemp makes 0600; give a normal file's mode
+                os.replace(final_tmp, self.path)  # while still locked: nobody removes it under us
+            final_tmp = None
+        except OSError as err:
+            raise write_error(err, self.path) from None
         finally:
-            _remove(self._data_path)
-            self._closed = True
+            if final_tmp is not None:
+                _remove(final_tmp)
+            self._discard()
         return 8 + len(encoded) + self._position
+
+    def _discard(self) -> None:
+        self._closed = True
+        try:
+            self._data.close()
+        except OSError:
+            pass
+        _remove(self._data_path)
 
     def abort(self) -> None:
         """Drop everything written so far; the destination is not touched."""
         if not self._closed:
-            self._data.close()
-            _remove(self._data_path)
-            self._closed = True
+            self._discard()
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -266,5 +354,5 @@ class SafetensorsWriter:
 def _remove(path: str) -> None:
     try:
         os.remove(path)
-    except FileNotFoundError:
+    except OSError:
         pass

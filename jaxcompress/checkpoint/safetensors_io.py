@@ -25,7 +25,10 @@ encoding, `QArray` static metadata, which leaves carry a mask) is JSON in
 
 A safetensors file without that entry (e.g. a Hugging Face checkpoint) imports as nested dicts
 split on ``.`` with plain NumPy-backed arrays. Headers are validated before any data is read
-(`SafetensorsReader`); nothing is unpickled.
+(`SafetensorsReader`), every record before it is used, and every `QArray` strictly
+(`jaxcompress.qarray.check_qarray`): a tampered file is a `HeaderError` naming the file and the
+leaf. 64-bit leaves (``int64`` step counters, ``float64``) come back as exact NumPy arrays when
+JAX's x64 mode is off, instead of being truncated to 32 bits. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ import math
 import os
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress._errors import ArgumentError
 from jaxcompress.checkpoint import sparse, treemeta
 from jaxcompress.checkpoint.safetensors_format import DTYPES, HeaderError, SafetensorsReader, SafetensorsWriter
 from jaxcompress.qarray import QArray
@@ -66,7 +71,7 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
     exact = mask is None or sparse.zero_outside(values, mask)
     if not exact:
         if encoding in ("bitmap", "n:m"):
-            raise ValueError(f"{name}: {encoding} encoding needs zeros where the mask is False (asymmetric quantization?)")
+            raise ArgumentError(f"{name}: encoding {encoding!r} needs zeros where the mask is False (asymmetric quantization?); use encoding 'auto' or 'dense'")
         return "dense", None
     kept = int(np.count_nonzero(support))
     options = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
@@ -80,7 +85,7 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
     if encoding != "auto":
         chosen = [o for o in options if o[0] == encoding]
         if not chosen:
-            raise ValueError(f"{name}: the mask is not N:M along the last two axes; cannot use encoding 'n:m'")
+            raise ArgumentError(f"{name}: the mask is not N:M along the last two axes; cannot use encoding 'n:m' (use 'auto', 'bitmap' or 'dense')")
         return chosen[0][0], chosen[0][1]
     best = min(options, key=lambda o: o[2])
     return (best[0], best[1]) if best[2] < dense_bytes else ("dense", None)
@@ -122,7 +127,7 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
     ('bitmap', [('w.mask_bitmap', [0, 2]), ('w.values', [3])])
     """
     if encoding not in ENCODINGS:
-        raise ValueError(f"encoding {encoding!r} is not one of {ENCODINGS}")
+        raise ArgumentError(f"encoding {encoding!r} is not one of {ENCODINGS}")
     name = treemeta.path_name(tokens, ".")
     where = where or name
     record: dict[str, Any] = {"path": tokens, "name": name}
@@ -160,8 +165,35 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
     return record, tensors
 
 
+def _as_array(values: np.ndarray) -> Any:
+    """A JAX array, except 64-bit data while x64 is off: an exact NumPy array instead (JAX would
+    truncate an int64 step counter ``2**40 + 5`` to ``5``)."""
+    if values.dtype.itemsize == 8 and values.dtype.kind in "iufc" and not jax.config.jax_enable_x64:
+        return values
+    return jnp.asarray(values)
+
+
+def _dtype(name: Any, where: str) -> np.dtype:
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        raise HeaderError(f"{where}: unknown dtype {name!r}") from None
+    if dtype.kind not in "biuf" and dtype.name != "bfloat16" and not dtype.name.startswith(("float8", "int4", "int2", "uint4", "uint2")):
+        raise HeaderError(f"{where}: dtype {dtype.name} cannot be stored")
+    return dtype
+
+
+def _shape(shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise HeaderError(f"{where}: shape {shape!r} is not a list of non-negative integers"[:300])
+    return tuple(shape)
+
+
 def _read_values(read: Callable, tensor: str, dtype: np.dtype, shape: tuple, where: str) -> np.ndarray:
-    raw = read(tensor)
+    try:
+        raw = read(tensor)
+    except KeyError:
+        raise HeaderError(f"{where}: tensor {tensor!r} is missing from the file") from None
     count = math.prod(shape)
     if dtype in sparse._SUB_BYTE:
         if raw.dtype != np.uint8 or raw.size != sparse.packed_nbytes(count, dtype):
@@ -190,12 +222,22 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         return (None if kind == "none" else treemeta.masked_node_or(None)), treemeta.masked_node_or(None)
     if kind == "qarray":
         info = record["qarray"]["arrays"]
-        dtype, shape = jnp.dtype(info["values"]["dtype"]), tuple(info["values"]["shape"])
+        dtype, shape = _dtype(info["values"]["dtype"], where), _shape(info["values"]["shape"], where)
         dense_name = name + ".values"
     elif kind == "array":
-        dtype, shape, dense_name = jnp.dtype(record["dtype"]), tuple(record["shape"]), name
+        dtype, shape, dense_name = _dtype(record["dtype"], where), _shape(record["shape"], where), name
     else:
         raise HeaderError(f"{where}: unknown leaf kind {kind!r}")
+    try:
+        return _decode(record, read, where, kind, dtype, shape, dense_name, info if kind == "qarray" else None)
+    except HeaderError:
+        raise
+    except ValueError as err:  # sparse decoding: counts that do not fit the shape
+        raise HeaderError(str(err) if where in str(err) else f"{where}: {err}") from None
+
+
+def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype, shape: tuple, dense_name: str, info: Any) -> tuple[Any, Any]:
+    name = record["name"]
     encoding = record.get("encoding", "dense")
     mask = None
     count = math.prod(shape)
@@ -208,7 +250,12 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         kept = _read_values(read, name + ".values", dtype, (int(record["kept"]),), where)
         values, mask = sparse.decode_bitmap(bitmap, kept, shape, name=where)
     elif encoding == "n:m":
-        n, m, axis, kept_count = (int(record[k]) for k in ("n", "m", "axis", "kept"))
+        try:
+            n, m, axis, kept_count = (int(record[k]) for k in ("n", "m", "axis", "kept"))
+        except KeyError as err:
+            raise HeaderError(f"{where}: the n:m record lacks {err}") from None
+        if not (1 <= n <= m <= 256 and -len(shape) <= axis < len(shape)) or shape[axis] % m:
+            raise HeaderError(f"{where}: n:m record n={n}, m={m}, axis={axis} does not fit shape {shape} (expected 1 <= n <= m <= 256 and m dividing an axis)")
         kept = _read_values(read, name + ".values", dtype, (kept_count,), where)
         indices = _read_values(read, name + ".nm_indices", np.dtype(np.uint8), (math.ceil(kept_count * sparse.index_bits(m) / 8),), where)
         values, mask = sparse.decode_n_m(kept, indices, shape, n, m, axis, name=where)
@@ -216,11 +263,11 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         raise HeaderError(f"{where}: unknown encoding {encoding!r}")
     mask_out = jnp.asarray(mask) if record.get("mask") else treemeta.masked_node_or(None)
     if kind == "array":
-        return jnp.asarray(values), mask_out
+        return _as_array(values), mask_out
     arrays = {"values": jnp.asarray(values)}
     for field, spec in info.items():
         if field != "values":
-            arrays[field] = jnp.asarray(_read_values(read, f"{name}.{field}", jnp.dtype(spec["dtype"]), tuple(spec["shape"]), where))
+            arrays[field] = jnp.asarray(_read_values(read, f"{name}.{field}", _dtype(spec["dtype"], where), _shape(spec["shape"], where), where))
     return treemeta.qarray_from_parts(record["qarray"]["static"], arrays, where), mask_out
 
 
@@ -241,8 +288,10 @@ def read_records(reader: SafetensorsReader) -> list[dict] | None:
         version, records = meta["format_version"], meta["leaves"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is not valid ({err})") from None
+    except RecursionError:
+        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is JSON nested too deeply") from None
     if version != treemeta.FORMAT_VERSION:
-        raise HeaderError(f"{reader.path}: jaxcompress format {version!r}, this version reads {treemeta.FORMAT_VERSION}")
+        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is jaxcompress format {version!r}, this version reads {treemeta.FORMAT_VERSION}")
     if not isinstance(records, list):
         raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'].leaves is not a list")
     for i, record in enumerate(records):
@@ -258,26 +307,28 @@ def _check_record(record: Any, where: str) -> None:
     if not isinstance(record, dict):
         raise HeaderError(f"{where}: expected an object, got {type(record).__name__}")
     path, name, kind = record.get("path"), record.get("name"), record.get("kind")
+    if isinstance(name, str):
+        where = f"{where} (leaf {name!r})"
     if not isinstance(path, list) or not path or not all(isinstance(t, list) and len(t) == 2 and t[0] in ("key", "idx", "attr") for t in path):
         raise HeaderError(f"{where}: 'path' must be a non-empty list of [kind, key] tokens, got {path!r}"[:300])
     if not isinstance(name, str) or kind not in _RECORD_FIELDS:
         raise HeaderError(f"{where}: needs a string 'name' and a 'kind' in {sorted(_RECORD_FIELDS)}")
     missing = [f for f in _RECORD_FIELDS[kind] if f not in record]
     if missing:
-        raise HeaderError(f"{where} ({name!r}): kind {kind!r} needs {missing}")
+        raise HeaderError(f"{where}: kind {kind!r} needs {missing}")
     if record.get("encoding", "dense") not in ("dense", "bitmap", "n:m"):
-        raise HeaderError(f"{where} ({name!r}): unknown encoding {record.get('encoding')!r}")
+        raise HeaderError(f"{where}: unknown encoding {record.get('encoding')!r}")
     for key in ("kept", "n", "m", "axis"):
         if key in record and (type(record[key]) is not int or record[key] < (0 if key != "axis" else -64)):
-            raise HeaderError(f"{where} ({name!r}): {key!r} must be a non-negative integer")
+            raise HeaderError(f"{where}: {key!r} must be a non-negative integer")
     if kind == "qarray":
         info = record["qarray"]
         arrays = info.get("arrays") if isinstance(info, dict) else None
         if not isinstance(arrays, dict) or "values" not in arrays or not isinstance(info.get("static"), dict):
-            raise HeaderError(f"{where} ({name!r}): 'qarray' needs 'static' and 'arrays' (with 'values')")
+            raise HeaderError(f"{where}: 'qarray' needs 'static' and 'arrays' (with 'values')")
         for field, spec in arrays.items():
             if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or not isinstance(spec.get("shape"), list):
-                raise HeaderError(f"{where} ({name!r}): qarray array {field!r} needs a dtype string and a shape list")
+                raise HeaderError(f"{where}: qarray array {field!r} needs a dtype string and a shape list")
 
 
 def file_metadata(records: list[dict], extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -335,8 +386,11 @@ def export_safetensors(path: str | os.PathLike, params: Any, masks: Any = None, 
 
 
 def _foreign_tree(reader: SafetensorsReader) -> Any:
-    pairs = [([["key", part] for part in name.split(".")], jnp.asarray(reader.read(name))) for name in sorted(reader.tensors)]
-    return treemeta.tree_from_records(pairs)
+    pairs = [([["key", part] for part in name.split(".")], _as_array(reader.read(name))) for name in sorted(reader.tensors)]
+    try:
+        return treemeta.tree_from_records(pairs)
+    except ValueError as err:
+        raise HeaderError(f"{reader.path}: {err}") from None
 
 
 def import_safetensors(path: str | os.PathLike, target: Any = None) -> tuple[Any, Any]:
@@ -355,8 +409,11 @@ def import_safetensors(path: str | os.PathLike, target: Any = None) -> tuple[Any
             leaf, mask = decode_leaf(record, reader.read, reader.path)
             pairs.append((record["path"], leaf))
             mask_pairs.append((record["path"], mask))
-        params = treemeta.tree_from_records(pairs)
-        masks = treemeta.tree_from_records(mask_pairs) if any(r.get("mask") for r in records) else None
+        try:
+            params = treemeta.tree_from_records(pairs)
+            masks = treemeta.tree_from_records(mask_pairs) if any(r.get("mask") for r in records) else None
+        except ValueError as err:  # two records with one path, or a leaf that is also a prefix
+            raise HeaderError(f"{reader.path}: {err}") from None
     if target is not None:
         params = _into_target(params, target, reader.path)
         masks = None if masks is None else _into_target(masks, target, reader.path)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jaxcompress._errors import CheckpointFormatError, CheckpointNotFoundError
 from jaxcompress.checkpoint import orbax_io, treemeta
 from jaxcompress.checkpoint.safetensors_format import HeaderError, SafetensorsReader
 from jaxcompress.checkpoint.safetensors_io import read_records
@@ -101,7 +102,7 @@ class Source:
             except StopIteration:
                 return
             except Exception as err:  # tensorstore / orbax errors for damaged data files
-                raise ValueError(f"{self.path}: cannot read the checkpoint's arrays (corrupt or truncated?): {type(err).__name__}: {err}") from err
+                raise CheckpointFormatError(f"{self.path}: cannot read the checkpoint's arrays (corrupt or truncated?): {type(err).__name__}: {str(err)[:500]}") from None
             yield by_tokens[_freeze(tokens)], array
 
     def read(self, path: str) -> np.ndarray:
@@ -115,9 +116,8 @@ class Source:
                 tokens = [list(t) for t in leaf.tokens]
                 item = treemeta.tree_from_records([(tokens, 0)])
                 args = treemeta.tree_from_records([(tokens, ocp.RestoreArgs(restore_type=np.ndarray))])
-                raw = ocp.PyTreeCheckpointer().restore(
-                    self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-                )
+                with orbax_io.checkpointer(ocp.PyTreeCheckpointer, self.path) as reader:
+                    raw = reader.restore(self.path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
                 return np.asarray(orbax_io._lookup(raw, tokens, f"{self.path}/{path}"))
         raise KeyError(f"{self.path}: no leaf {path!r}")
 
@@ -128,8 +128,9 @@ def _freeze(tokens: Any) -> tuple:
 
 def open_source(path: str | os.PathLike) -> Source:
     """Open a float checkpoint for `compress_checkpoint`: a ``.safetensors`` file or an Orbax
-    checkpoint directory. Raises a ``ValueError`` naming the path (and what was expected) for a
-    missing, truncated, corrupt or foreign checkpoint, or one that is already compressed.
+    checkpoint directory. Raises a `CheckpointFormatError` (a ``ValueError``; for a missing path
+    `CheckpointNotFoundError`, also a ``FileNotFoundError``) naming the path and what was expected
+    for a missing, truncated, corrupt or foreign checkpoint, or one that is already compressed.
 
     >>> import os, tempfile, numpy as np
     >>> from safetensors.numpy import save_file
@@ -141,12 +142,12 @@ def open_source(path: str | os.PathLike) -> Source:
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected a .safetensors file or an Orbax directory)")
+        raise CheckpointNotFoundError(2, f"{path}: no such checkpoint (expected a .safetensors file or an Orbax directory)")
     if os.path.isdir(path):
         return _open_orbax(path)
     reader = SafetensorsReader(path)
     if read_records(reader) is not None:
-        raise ValueError(f"{path}: already a jaxcompress-compressed file; compress the original float checkpoint")
+        raise CheckpointFormatError(f"{path}: already a jaxcompress-compressed file; compress the original float checkpoint")
     leaves, names = [], {}
     for name in sorted(reader.tensors, key=lambda n: reader.tensors[n][2]):
         dtype, shape, begin, end = reader.tensors[name]
@@ -172,22 +173,18 @@ def _check_prefixes(path: str, all_tokens: list[tuple]) -> None:
 
 def _open_orbax(path: str) -> Source:
     if not orbax_io.is_orbax_checkpoint(path):
-        raise ValueError(
+        raise CheckpointFormatError(
             f"{path}: a directory but not an Orbax checkpoint (no _CHECKPOINT_METADATA or _METADATA); "
             f"expected an Orbax checkpoint directory or a .safetensors file"
         )
     import jax
-    import orbax.checkpoint as ocp
 
-    try:
-        step_metadata = ocp.StandardCheckpointer().metadata(path)
-    except Exception as err:  # orbax raises many types for unreadable metadata
-        raise ValueError(f"{path}: cannot read the Orbax checkpoint metadata ({type(err).__name__}: {err})") from None
+    step_metadata = orbax_io.read_step_metadata(path)
     if (step_metadata.custom_metadata or {}).get(orbax_io.METADATA_KEY) is not None:
-        raise ValueError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
+        raise CheckpointFormatError(f"{path}: already a jaxcompress checkpoint; compress the original float checkpoint")
     tree = getattr(step_metadata.item_metadata, "tree", step_metadata.item_metadata)
     if tree is None:
-        raise ValueError(f"{path}: the Orbax checkpoint has no readable item metadata (corrupt or truncated, or not saved by a StandardCheckpointer)")
+        raise CheckpointFormatError(f"{path}: the Orbax checkpoint has no readable item metadata (corrupt or truncated, or not saved by a StandardCheckpointer)")
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda m: hasattr(m, "shape"))
     leaves = []
     for key_path, meta in flat:
@@ -197,5 +194,5 @@ def _open_orbax(path: str) -> Source:
         shape = tuple(int(d) for d in meta.shape)
         leaves.append(SourceLeaf(_freeze(treemeta.encode_path(key_path)), shape, dtype.name, math.prod(shape) * dtype.itemsize))
     if not leaves:
-        raise ValueError(f"{path}: the Orbax checkpoint holds no arrays")
+        raise CheckpointFormatError(f"{path}: the Orbax checkpoint holds no arrays")
     return Source(path, "orbax", leaves, directory_bytes(path))

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.qarray import QArray
+from jaxcompress._errors import CheckpointFormatError, InvalidQArrayError
+from jaxcompress.qarray import QArray, check_qarray
 
 __all__ = [
     "FORMAT_VERSION",
@@ -112,7 +113,11 @@ def _json_static(value: Any) -> Any:
 
 def _from_json_static(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"dtype"}:
+        if not isinstance(value["dtype"], str):
+            raise TypeError(f"dtype name {value['dtype']!r} is not a string")
         return jnp.dtype(value["dtype"])
+    if isinstance(value, dict):
+        raise TypeError("a static field is a number, a string, a list or {'dtype': name}")
     if isinstance(value, list):
         return tuple(_from_json_static(v) for v in value)
     return value
@@ -144,7 +149,9 @@ def qarray_array_fields(q: QArray) -> dict[str, Any]:
 
 
 def qarray_from_parts(static: dict[str, Any], arrays: dict[str, Any], where: str = "leaf") -> QArray:
-    """Rebuild a `QArray` from `qarray_static` data and its array fields.
+    """Rebuild a `QArray` from `qarray_static` data and its array fields, checked strictly
+    (`jaxcompress.qarray.check_qarray`): anything that does not fit is a `CheckpointFormatError`
+    naming ``where``.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> q = jc.quantize(jnp.ones((2, 2)), bits=4)
@@ -155,20 +162,28 @@ def qarray_from_parts(static: dict[str, Any], arrays: dict[str, Any], where: str
     kwargs = {}
     for name, value in static.items():
         if name not in known or not _is_static(known[name]):
-            raise ValueError(
+            raise CheckpointFormatError(
                 f"{where}: the checkpoint records QArray field {name!r}, which this version's "
                 f"QArray does not have as a static field (fields: {sorted(known)}); it was written "
                 f"by a different jaxcompress version"
             )
-        kwargs[name] = _from_json_static(value)
+        try:
+            kwargs[name] = _from_json_static(value)
+        except TypeError as err:
+            raise CheckpointFormatError(f"{where}: QArray field {name!r} = {value!r} is not valid ({err})"[:400]) from None
     for name, value in arrays.items():
         if name not in known or _is_static(known[name]):
-            raise ValueError(f"{where}: the checkpoint holds QArray array field {name!r}, unknown here")
+            raise CheckpointFormatError(f"{where}: the checkpoint holds QArray array field {name!r}, unknown here")
         kwargs[name] = value
     for name in ("values", "scale"):
         if name not in kwargs:
-            raise ValueError(f"{where}: QArray record lacks its {name!r} array")
-    return QArray(**kwargs)
+            raise CheckpointFormatError(f"{where}: QArray record lacks its {name!r} array")
+    try:
+        q = QArray(**kwargs)
+        check_qarray(q, strict=True)
+    except (InvalidQArrayError, TypeError) as err:
+        raise CheckpointFormatError(f"{where}: {err}") from None
+    return q
 
 
 def flatten_leaves(tree: Any) -> list[tuple[list, Any]]:

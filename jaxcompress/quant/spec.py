@@ -2,7 +2,8 @@
 
 A spec is static configuration: hashable, so it can key jit caches and live in rules. Checking a
 spec against an array's shape (`QuantSpec.resolve`) turns negative axes into positive ones and
-raises a `ValueError` that names the array (its pytree path) when the two do not fit.
+raises a `RuleMismatchError` (a ``ValueError``) that names the array (its pytree path) when the
+two do not fit.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
+from jaxcompress._errors import RuleMismatchError
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE
 
 __all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "ACTIVATION_MODES"]
@@ -53,6 +55,18 @@ class Calibration:
             raise ValueError(f"calibration grid_size {self.grid_size} must be >= 1")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError(f"calibration min_ratio {self.min_ratio} is not in (0, 1]")
+
+
+def _axes(channel_axes) -> tuple[int, ...]:
+    """``channel_axes`` as a tuple of ints (a single int is one axis: ``-1`` -> ``(-1,)``)."""
+    if isinstance(channel_axes, (int, np.integer)) and not isinstance(channel_axes, bool):
+        return (int(channel_axes),)
+    if isinstance(channel_axes, (str, bytes)) or not hasattr(channel_axes, "__iter__"):
+        raise TypeError(f"channel_axes must be an int or a tuple of ints, got {channel_axes!r}")
+    axes = tuple(channel_axes)
+    if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axes):
+        raise TypeError(f"channel_axes must be an int or a tuple of ints, got {channel_axes!r}")
+    return tuple(int(a) for a in axes)
 
 
 def as_calibration(calibration: str | Calibration) -> Calibration:
@@ -108,7 +122,7 @@ class QuantSpec:
     scale_dtype: str = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
+        object.__setattr__(self, "channel_axes", _axes(self.channel_axes))
         object.__setattr__(self, "calibration", as_calibration(self.calibration))
         if self.qtype != INT_QTYPE and self.qtype not in FP8_QTYPES:
             raise ValueError(
@@ -124,6 +138,8 @@ class QuantSpec:
                 object.__setattr__(self, "bits", 8)
             if not self.symmetric:
                 raise ValueError(f"{self.qtype} quantization is symmetric only (symmetric=False given)")
+        if self.group_axis is not None and (isinstance(self.group_axis, bool) or not isinstance(self.group_axis, (int, np.integer))):
+            raise TypeError(f"group_axis must be an integer axis, got {self.group_axis!r}")
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or int(self.group_size) != self.group_size or self.group_size < 1
         ):
@@ -141,15 +157,17 @@ class QuantSpec:
     def resolve(self, shape: tuple[int, ...], name: str = "array") -> "ResolvedSpec":
         """Check this spec against ``shape`` and return it with non-negative axes.
 
-        Raises ``ValueError`` naming ``name`` (a pytree path) when an axis is out of range, an
-        axis repeats, the group axis is also a channel axis, or the group size does not divide
-        the group axis.
+        Raises `RuleMismatchError` (a ``ValueError``) naming ``name`` (a pytree path) when an
+        axis is out of range, an axis repeats, the group axis is also a channel axis, the group
+        size does not divide the group axis, or the array is empty.
         """
         ndim = len(shape)
+        if 0 in tuple(shape):
+            raise RuleMismatchError(f"{name}: cannot quantize a zero-size array of shape {tuple(shape)} (there is no range to calibrate)")
 
         def normalize(axis: int, what: str) -> int:
             if not -ndim <= axis < ndim:
-                raise ValueError(
+                raise RuleMismatchError(
                     f"{name}: {what} {axis} is out of range for an array of shape {tuple(shape)} "
                     f"(expected -{ndim} <= axis < {ndim})"
                 )
@@ -157,18 +175,18 @@ class QuantSpec:
 
         channel_axes = tuple(sorted(normalize(a, "channel axis") for a in self.channel_axes))
         if len(set(channel_axes)) != len(channel_axes):
-            raise ValueError(f"{name}: channel_axes {self.channel_axes} repeat an axis")
+            raise RuleMismatchError(f"{name}: channel_axes {self.channel_axes} repeat an axis")
         group_axis = None
         if self.group_size is not None:
             group_axis = normalize(-2 if self.group_axis is None else self.group_axis, "group axis")
             if group_axis in channel_axes:
-                raise ValueError(
+                raise RuleMismatchError(
                     f"{name}: group axis {group_axis} is also a channel axis {channel_axes}; "
                     f"groups run along a shared (contracting) axis"
                 )
             dim = shape[group_axis]
             if dim % self.group_size:
-                raise ValueError(
+                raise RuleMismatchError(
                     f"{name}: group size {self.group_size} does not divide axis {group_axis} "
                     f"of size {dim} (shape {tuple(shape)})"
                 )

@@ -65,4 +65,4 @@ try:
     from jaxcompress._errors import CheckpointFormatError as FORMAT_ERROR
 except ImportError:  # pragma: no cover
     FORMAT_ERROR = ValueError
-FORMAT_ERROR = ValueError  # BASELINE
+

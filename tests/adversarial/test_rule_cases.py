@@ -41,10 +41,10 @@ def test_channel_axes_int_is_accepted():
 
 
 LEAF_MISFITS = {
-    "group-size-does-not-divide": (dict(bits=4, group_size=5), ("params['dense']['kernel']", "group size 5", "16")),
-    "axis-out-of-range": (dict(channel_axes=(3,)), ("params['dense']['kernel']", "channel axis 3")),
-    "group-axis-is-channel": (dict(channel_axes=(0,), group_size=4, group_axis=0), ("params['dense']['kernel']", "group axis 0")),
-    "channel-axes-repeat": (dict(channel_axes=(1, -1)), ("params['dense']['kernel']", "repeat")),
+    "group-size-does-not-divide": (dict(bits=4, group_size=5), ("['dense']['kernel']", "group size 5", "16")),
+    "axis-out-of-range": (dict(channel_axes=(3,)), ("['dense']['kernel']", "channel axis 3")),
+    "group-axis-is-channel": (dict(channel_axes=(0,), group_size=4, group_axis=0), ("['dense']['kernel']", "group axis 0")),
+    "channel-axes-repeat": (dict(channel_axes=(1, -1)), ("['dense']['kernel']", "repeat")),
 }
 
 

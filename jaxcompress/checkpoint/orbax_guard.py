@@ -1,0 +1,123 @@
+"""Orbax calls that fail cleanly: one error type naming the directory, no stray threads.
+
+Orbax raises many types for a damaged checkpoint (``json.JSONDecodeError``, ``KeyError``,
+``ValueError`` or tensorstore's own errors from a truncated data file), and logs instead of
+raising for some (an unparsable ``_CHECKPOINT_METADATA``). Every jaxcompress read of an Orbax
+directory goes through `checkpointer`, which turns any of them into a `CheckpointFormatError`
+naming the directory, and which always CLOSES the checkpointer it made: an unclosed
+``StandardCheckpointer`` keeps a background thread whose asyncio loop was torn down at exit,
+which printed ``RuntimeError: Event loop is closed`` after the clean error line.
+
+`check_metadata` validates the jaxcompress record stored in ``custom_metadata`` before anything
+is rebuilt from it (records are then rebuilt through `treemeta.qarray_from_parts`, which checks
+each `QArray` strictly against its arrays).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Callable, Iterator
+
+from jaxcompress._errors import CheckpointFormatError, CheckpointNotFoundError, UsageError
+from jaxcompress.checkpoint import treemeta
+
+__all__ = ["checkpointer", "translate", "read_step_metadata", "check_metadata", "require_checkpoint"]
+
+_KINDS = ("qarray", "array", "none", "masked_node")
+
+
+def require_checkpoint(path: str) -> None:
+    """Raise unless ``path`` is a directory holding a finished Orbax checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(2, f"{path}: no such Orbax checkpoint directory")
+    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, n)) for n in ("_CHECKPOINT_METADATA", "_METADATA")):
+        raise CheckpointFormatError(f"{path}: not an Orbax checkpoint directory (no _CHECKPOINT_METADATA or _METADATA)")
+    for name in ("_CHECKPOINT_METADATA", "_METADATA"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):  # Orbax only logs an unparsable file and goes on without it
+            try:
+                with open(file, "rb") as f:
+                    json.load(f)
+            except (ValueError, RecursionError, OSError) as err:
+                raise CheckpointFormatError(f"{path}: {name} is not valid JSON ({type(err).__name__}); the checkpoint is corrupt") from None
+
+
+@contextlib.contextmanager
+def translate(path: str) -> Iterator[None]:
+    """Re-raise any error but ours, a usage error or an interrupt as a `CheckpointFormatError`
+    naming ``path`` (Orbax / tensorstore raise many types for a damaged directory)."""
+    try:
+        yield
+    except (CheckpointFormatError, UsageError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:
+        detail = str(err).splitlines()[0][:300] if str(err) else ""
+        raise CheckpointFormatError(f"{path}: cannot read the Orbax checkpoint (corrupt or truncated?): {type(err).__name__}: {detail}") from None
+
+
+@contextlib.contextmanager
+def checkpointer(factory: Callable[[], Any], path: str) -> Iterator[Any]:
+    """``factory()`` (an Orbax checkpointer) for one read of ``path``, errors as in `translate`,
+    always closed afterwards (no background thread outlives the call)."""
+    made = factory()
+    try:
+        with translate(path):
+            yield made
+    finally:
+        with contextlib.suppress(Exception):
+            made.close()
+
+
+def read_step_metadata(path: str) -> Any:
+    """The ``StepMetadata`` of the checkpoint at ``path`` (validated as in `require_checkpoint`)."""
+    import orbax.checkpoint as ocp
+
+    require_checkpoint(path)
+    with checkpointer(ocp.StandardCheckpointer, path) as reader:
+        return reader.metadata(path)
+
+
+def _check_records(records: Any, where: str, masks: bool) -> None:
+    if not isinstance(records, list):
+        raise CheckpointFormatError(f"{where}: expected a list of leaf records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        at = f"{where}[{i}]"
+        if not isinstance(record, dict):
+            raise CheckpointFormatError(f"{at}: expected an object, got {type(record).__name__}")
+        path = record.get("path")
+        if not isinstance(path, list) or not path or not all(
+            isinstance(t, list) and len(t) == 2 and t[0] in ("key", "idx", "attr") and isinstance(t[1], (str, int)) and not isinstance(t[1], bool)
+            for t in path
+        ):
+            raise CheckpointFormatError(f"{at}: 'path' must be a non-empty list of [kind, key] tokens, got {path!r}"[:300])
+        at = f"{at} (leaf {treemeta.path_name(path)!r})"
+        kind = record.get("kind")
+        allowed = ("array", "masked_node") if masks else _KINDS
+        if kind not in allowed:
+            raise CheckpointFormatError(f"{at}: kind {kind!r} is not one of {allowed}")
+        if kind == "qarray":
+            info = record.get("qarray")
+            if not isinstance(info, dict) or not isinstance(info.get("static"), dict) or not isinstance(info.get("arrays"), list):
+                raise CheckpointFormatError(f"{at}: a qarray record needs 'static' (an object) and 'arrays' (a list)")
+            if not all(isinstance(a, str) for a in info["arrays"]) or not {"values", "scale"} <= set(info["arrays"]):
+                raise CheckpointFormatError(f"{at}: qarray 'arrays' {info['arrays']!r} must name 'values' and 'scale'"[:300])
+
+
+def check_metadata(meta: Any, path: str) -> dict | None:
+    """The jaxcompress record of a checkpoint, validated (``None`` for a plain Orbax one)."""
+    if meta is None:
+        return None
+    where = f"{path}: custom_metadata['jaxcompress']"
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"{where}: expected an object, got {type(meta).__name__}")
+    if meta.get("format_version") != treemeta.FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where}: jaxcompress checkpoint format {meta.get('format_version')!r}, this version reads "
+            f"format {treemeta.FORMAT_VERSION}"
+        )
+    _check_records(meta.get("params"), f"{where}.params", masks=False)
+    if meta.get("masks") is not None:
+        _check_records(meta["masks"], f"{where}.masks", masks=True)
+    return meta
