@@ -24,7 +24,7 @@ Both are exercised in tests/structured/test_shrink.py (and examples/shrink.py en
 """
 
 from jaxcompress.structured.coupling import ChannelCoupling, analyze_channels
-from jaxcompress.structured.shrink import (
+from jaxcompress.structured.shrinking import (
     ShrinkResult,
     channel_masks,
     channel_masks_with,
