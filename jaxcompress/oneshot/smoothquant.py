@@ -33,10 +33,10 @@ import numpy as np
 
 from jaxcompress.execute.calibration import attach_activation_scales, calibrate_activations
 from jaxcompress.oneshot.capture import LayerStatistics, capture_statistics, from_matrix, to_matrix
-from jaxcompress.params import QuantizeReport, quantize_params
+from jaxcompress.quant.plan import QuantizeReport, plan_quantization
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.quantize import quantize
-from jaxcompress.rules import QuantRule, normalize_rules, path_to_keystr, path_to_str
+from jaxcompress.rules import QuantRule
 
 __all__ = [
     "smoothquant",
@@ -219,35 +219,26 @@ def run_smoothing(
     """Quantize ``params`` with ``rules``, then replace every quantized leaf that has calibration
     statistics by ``per_layer(leaf, stats, rule, name) -> (QArray, LayerSmoothing)``; static
     activation scales are calibrated afterwards on the smoothed weights."""
-    rules = normalize_rules(rules)
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, QuantRule):
-            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
+    plan = plan_quantization(params, rules)
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs at least one calibration batch")
-    qparams, quantize_report = quantize_params(params, rules)
-    quantized = set(quantize_report.quantized)
     options = {} if row_mask is None else {"row_mask": row_mask}
     stats = capture_statistics(
-        fn, params, batches, lambda path: path in quantized, params_argnum=params_argnum, hessian=hessian, **options
+        fn, params, batches, plan.__contains__, params_argnum=params_argnum, hessian=hessian, **options
     )
-    rule_of = {d.path: rules[d.rule_index] for d in quantize_report.leaves if d.action == "quantized"}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
-    qflat = treedef.flatten_up_to(qparams)
-    layers, uncalibrated, new_leaves = [], [], []
-    for (path, leaf), qleaf in zip(flat, qflat):
-        path_str = path_to_str(path)
-        if path_str not in quantized:
-            new_leaves.append(qleaf)
+    layers, uncalibrated, new_leaves = [], [], list(plan.leaves)
+    for leaf in plan:
+        value = plan.leaves[leaf.position]
+        if leaf.path_str not in stats:
+            uncalibrated.append(leaf.path_str)
+            new_leaves[leaf.position] = quantize(value, leaf.rule.spec, name=leaf.name)
             continue
-        if path_str not in stats:
-            uncalibrated.append(path_str)
-            new_leaves.append(qleaf)
-            continue
-        qarray, layer = per_layer(leaf, stats[path_str], rule_of[path_str], path_to_keystr(path))
+        qarray, layer = per_layer(value, stats[leaf.path_str], leaf.rule, leaf.name)
         layers.append(layer)
-        new_leaves.append(qarray)
+        new_leaves[leaf.position] = qarray
+    quantize_report = plan.report()
+    treedef = plan.match.treedef
     qparams = jax.tree_util.tree_unflatten(treedef, new_leaves)
     if any(isinstance(q, QArray) and q.activation == "static" for q in new_leaves):
         scales = treedef.flatten_up_to(calibrate_activations(fn, qparams, batches))
