@@ -63,9 +63,16 @@ def _materialize(value: WeightView, aval: Any) -> jax.Array:
 
 def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
     """A view stacked along axis 0 as ``scan`` ``xs``: codes, scale, zero point and input scale of
-    full size along axis 0 (so ``lax.scan`` can slice them), and how to rebuild one layer's view."""
-    view = view.materialize()
-    length = view.shape[0]
+    full size along axis 0 (so ``lax.scan`` can slice them), and how to rebuild one layer's view.
+    A pending transpose that keeps the stacked axis first stays pending (stored codes are sliced
+    as they are, e.g. layers stored ``(layers, out, in)`` for the integer dot)."""
+    permutation = view.permutation
+    if permutation is not None and permutation[0] == 0:
+        layer_permutation = tuple(a - 1 for a in permutation[1:])
+        view = dataclasses.replace(view, permutation=None)
+    else:
+        view, layer_permutation = view.materialize(), None
+    length = view.values.shape[0]
 
     def full(array):
         if array is None or array.shape[0] == length:
@@ -77,7 +84,9 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
 
     def rebuild(sliced):
         values, scale, zero_point, input_scale = sliced
-        return dataclasses.replace(view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale)
+        return dataclasses.replace(
+            view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, permutation=layer_permutation
+        )
 
     return arrays, rebuild
 
