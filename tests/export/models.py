@@ -89,3 +89,17 @@ def quantize_static(apply, variables, calibration):
     rules = [jc.QuantRule(pattern=r"params/.*kernel", channel_axes=(-1,), activation="static")]
     qparams, _ = jc.quantize_params(variables, rules, on_unused="ignore")
     return jc.attach_activation_scales(qparams, jc.calibrate_activations(apply, qparams, calibration))
+
+
+def settle_batch_stats(model, variables, batches):
+    """Untrained weights with BatchNorm statistics of real batches (a fixed, non-degenerate model
+    without the cost of training depthwise convs on a shared CPU)."""
+
+    @jax.jit
+    def update(variables, images):
+        _, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return {**variables, **state}
+
+    for images in batches:
+        variables = update(variables, images)
+    return variables
