@@ -25,6 +25,12 @@ class _FullFile(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def flush(self) -> None:
+        self._inner.flush()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
