@@ -13,9 +13,10 @@ tensorstore reads. When one read fails, the gather fails at once and the loop is
 the other reads are still in flight; as each finishes, tensorstore's completion callback calls
 ``loop.call_soon_threadsafe`` on the closed loop from its own thread, and Python reports that
 through ``sys.unraisablehook``. The reads themselves are harmless (their results are dropped),
-so after the first translated error `translate` installs, once, a ``sys.unraisablehook`` that
-drops exactly that exception (a ``RuntimeError`` raised by ``asyncio``'s ``_check_closed``
-inside ``call_soon_threadsafe``, with no object) and passes everything else to the previous hook.
+so before each Orbax read (the reports can come before the error reaches us) `translate` makes
+sure ``sys.unraisablehook`` is wrapped by a filter that drops exactly that exception (a
+``RuntimeError`` raised by ``asyncio``'s ``_check_closed`` inside ``call_soon_threadsafe``, with
+no object) and passes everything else to the hook it wraps.
 
 `check_metadata` validates the jaxcompress record stored in ``custom_metadata`` before anything
 is rebuilt from it (records are then rebuilt through `treemeta.qarray_from_parts`, which checks
@@ -54,9 +55,6 @@ def require_checkpoint(path: str) -> None:
                 raise CheckpointFormatError(f"{path}: {name} is not valid JSON ({type(err).__name__}); the checkpoint is corrupt") from None
 
 
-_HOOK_INSTALLED = False
-
-
 def _late_read_of_a_closed_loop(unraisable: Any) -> bool:
     """The harmless report described in the module docs (by type and raising frame)."""
     if type(unraisable.exc_value) is not RuntimeError or unraisable.object is not None:
@@ -71,29 +69,29 @@ def _late_read_of_a_closed_loop(unraisable: Any) -> bool:
 
 
 def _install_hook() -> None:
-    global _HOOK_INSTALLED
-    if _HOOK_INSTALLED:
-        return
+    """Wrap the current ``sys.unraisablehook`` with the filter (unless it already is)."""
     previous = sys.unraisablehook
+    if getattr(previous, "_jaxcompress_closed_loop_filter", False):
+        return
 
     def hook(unraisable: Any) -> None:
         if not _late_read_of_a_closed_loop(unraisable):
             previous(unraisable)
 
+    hook._jaxcompress_closed_loop_filter = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    _HOOK_INSTALLED = True
 
 
 @contextlib.contextmanager
 def translate(path: str) -> Iterator[None]:
     """Re-raise any error but ours, a usage error or an interrupt as a `CheckpointFormatError`
     naming ``path`` (Orbax / tensorstore raise many types for a damaged directory)."""
+    _install_hook()  # before the read: a failed read's stray reports can come before its error
     try:
         yield
     except (CheckpointFormatError, UsageError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as err:
-        _install_hook()  # reads still in flight will report into Orbax's closed loop
         detail = str(err).splitlines()[0][:300] if str(err) else ""
         raise CheckpointFormatError(f"{path}: cannot read the Orbax checkpoint (corrupt or truncated?): {type(err).__name__}: {detail}") from None
 

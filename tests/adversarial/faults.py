@@ -29,14 +29,15 @@ class _FullFile(io.RawIOBase):
         return self._inner.fileno()
 
     def flush(self) -> None:
-        self._inner.flush()
+        if not self._inner.closed:
+            self._inner.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def close(self) -> None:
-        self._inner.close()
         super().close()
+        self._inner.close()
 
     def __exit__(self, *exc) -> None:
         self.close()
