@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress._program import PLAIN, Evaluator, RuleSet, bind
-from jaxcompress._program.trace import TraceCache, leaf_name, trace_call
+from jaxcompress._program.trace import TraceCache, leaf_name, params_path, trace_call
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
+from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -38,7 +39,7 @@ __all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "weight_rules", "run_with_
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionOptions:
-    """How the integer-execution rules run (the evaluator's ``context``).
+    r"""How the integer-execution rules run (the evaluator's ``context``).
 
     Attributes:
       on_unsupported: ``"error"`` raises `UnsupportedQuantizedOp` where an integer mode cannot
@@ -46,11 +47,16 @@ class ExecutionOptions:
       weight_only: run every quantized weight weight-only (calibration does).
       observe_activations: ``observe(evaluator, view, x, reduce_axes)`` called with every
         activation that meets a quantized weight in a dot / conv (it records observations).
+      policy: an `ExecutionPolicy` choosing integer or weight-only per site (``None``: the
+        weight's own mode).
+      record: a list the per-site `SiteChoice`\ s are appended to while tracing (or ``None``).
     """
 
     on_unsupported: str = "error"
     weight_only: bool = False
     observe_activations: Callable[[Evaluator, WeightView, jax.Array, tuple], None] | None = None
+    policy: ExecutionPolicy | None = None
+    record: list | None = None
 
 
 def _classify(value: Any) -> str:
@@ -91,8 +97,16 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
     return arrays, rebuild
 
 
-def _mode(ev: Evaluator) -> str | None:
-    return "weight_only" if ev.context.weight_only else None
+def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side: str = "rhs") -> str | None:
+    context = ev.context
+    if context.weight_only:
+        return "weight_only"
+    if context.policy is None:
+        return None
+    mode, reason = choose_mode(context.policy, primitive, x.shape, view, params, side)
+    if context.record is not None:
+        context.record.append(site_choice(primitive, x.shape, view, params, mode, reason))
+    return mode
 
 
 def _observer(ev: Evaluator):
@@ -112,7 +126,7 @@ def _dot(ev: Evaluator, eqn, invals: list) -> list:
         params["dimension_numbers"],
         weight_side=side,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev),
+        mode=_mode(ev, "dot_general", x, view, params, side),
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
         on_activation=_observer(ev),
@@ -130,7 +144,7 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
         rhs,
         eqn.params,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev),
+        mode=_mode(ev, "conv_general_dilated", lhs, rhs, eqn.params),
         on_activation=_observer(ev),
         on_unsupported=ev.context.on_unsupported,
     )
@@ -201,7 +215,10 @@ def run_with_qarrays(
     for position in traced.dynamic_positions:
         leaf = traced.leaves[position]
         if isinstance(leaf, QArray):
-            leaf = WeightView.from_qarray(leaf, name=leaf_name(traced.paths[position]), leaf_index=position)
+            path = traced.paths[position]
+            leaf = WeightView.from_qarray(
+                leaf, name=leaf_name(path), leaf_index=position, path=params_path(path, 0) or leaf_name(path)
+            )
         inputs.append(leaf)
     rules = _RULES if options.observe_activations is None else _OBSERVING_RULES
     evaluator = Evaluator(rules, context=options)

@@ -82,9 +82,12 @@ class WeightView:
     leaf_index: int | None = None
     permutation: tuple[int, ...] | None = None
     input_scale: jax.Array | None = None
+    path: str | None = None  # the leaf's ``/``-joined path inside the first argument, as rules see it
 
     @classmethod
-    def from_qarray(cls, q: QArray, name: str = "weight", leaf_index: int | None = None) -> "WeightView":
+    def from_qarray(
+        cls, q: QArray, name: str = "weight", leaf_index: int | None = None, path: str | None = None
+    ) -> "WeightView":
         """The view of a `QArray`. A `QArray` whose codes are stored in another axis order
         (``stored_permutation``: ``values == transpose(logical codes, stored_permutation)``,
         e.g. ``(1, 0)`` for a Flax ``(in, out)`` kernel kept ``(out, in)`` for the integer
@@ -113,6 +116,7 @@ class WeightView:
             leaf_index=leaf_index,
             permutation=permutation,
             input_scale=input_scale,
+            path=path,
         )
 
     # ---- shape -------------------------------------------------------------------------
