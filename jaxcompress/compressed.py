@@ -30,16 +30,20 @@ any op other than the layout ops, ``dot_general`` and ``conv_general_dilated`` (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
+import jax
+
 from jaxcompress._program import TraceCache
+from jaxcompress.execute.policy import resolve_policy
 from jaxcompress.execute.rules import ExecutionOptions, run_with_qarrays
 
 __all__ = ["compressed"]
 
 
-def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
+def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "rule") -> Callable:
     """Transform ``fn`` so that it accepts params containing `QArray`\\ s and runs integer ops.
 
     Args:
@@ -49,9 +53,15 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
         cannot run on the integer path (e.g. a scale that varies along two contracted axes, fp8
         codes, ``batch_group_count``), ``"error"`` (default) raises `UnsupportedQuantizedOp`
         naming the primitive and the leaf; ``"dequantize"`` runs that op weight-only instead.
+      policy: which path each dot / conv site runs on (`jaxcompress.execute.policy`):
+        ``"rule"`` (default: the weight's own activation mode), ``"auto"`` (a cost model: the
+        integer op where XLA runs it faster than float, weight-only elsewhere), ``"integer"``,
+        ``"weight_only"``, or an `ExecutionPolicy` with per-leaf ``overrides``. The returned
+        function's ``sites(*args, **kwargs)`` lists the choice made at each site (`SiteChoice`)
+        without running anything.
 
     Returns:
-      A function with ``fn``'s signature and outputs. `QArray`\\ s must reach ``fn`` through
+      A function with ``fn``'s signature and outputs (and a ``sites`` method, see ``policy``). `QArray`\\ s must reach ``fn`` through
       its arguments (anywhere in their pytrees, ``kwargs`` included); one ``fn`` closes over is
       not seen. Non-array leaves (``deterministic=True``, strings) are passed through as Python
       values, and the traced program is cached per argument signature.
@@ -72,14 +82,29 @@ def compressed(fn: Callable, *, on_unsupported: str = "error") -> Callable:
     >>> hlo = apply.lower(qparams, x).compile().as_text()
     >>> any("s8[16,16]" in line and "-> s32[16,8]" in line for line in hlo.splitlines())
     True
+
+    Under ``policy="auto"`` a tiny dot (16 contracted values) runs weight-only, and says why:
+
+    >>> [(site.path, site.chosen) for site in compressed(model.apply, policy="auto").sites(qparams, x)]
+    [('params/kernel', 'weight_only')]
     """
     if on_unsupported not in ("error", "dequantize"):
         raise ValueError(f"compressed: on_unsupported must be 'error' or 'dequantize', got {on_unsupported!r}")
-    options = ExecutionOptions(on_unsupported=on_unsupported)
+    resolved = resolve_policy(policy)
+    options = ExecutionOptions(on_unsupported=on_unsupported, policy=resolved)
     cache = TraceCache()
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         return run_with_qarrays(fn, args, kwargs, options, cache)[0]
 
+    def sites(*args: Any, **kwargs: Any) -> list:
+        """The `SiteChoice` of every dot / conv a quantized weight meets in ``fn(*args,
+        **kwargs)`` (traced abstractly: nothing runs)."""
+        record: list = []
+        recording = dataclasses.replace(options, record=record)
+        jax.eval_shape(lambda a, k: run_with_qarrays(fn, a, k, recording, cache)[0], args, kwargs)
+        return record
+
+    wrapped.sites = sites
     return wrapped

@@ -130,7 +130,7 @@ class SafetensorsReader:
         where = f"{self.path}: tensor {name!r}"
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(f"{where}: entry must have exactly dtype, shape and data_offsets, got {info!r}"[:300])
-        if info["dtype"] not in DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
             raise HeaderError(f"{where}: unknown dtype {info['dtype']!r} (expected one of {sorted(DTYPES)})")
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):

@@ -71,7 +71,7 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
     exact = mask is None or sparse.zero_outside(values, mask)
     if not exact:
         if encoding in ("bitmap", "n:m"):
-            raise ArgumentError(f"{name}: encoding {encoding!r} needs zeros where the mask is False (asymmetric quantization?); use encoding 'auto' or 'dense'")
+            raise ArgumentError(f"{name}: {encoding} encoding needs zeros where the mask is False (asymmetric quantization?); use encoding 'auto' or 'dense'")
         return "dense", None
     kept = int(np.count_nonzero(support))
     options = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
@@ -175,9 +175,11 @@ def _as_array(values: np.ndarray) -> Any:
 
 def _dtype(name: Any, where: str) -> np.dtype:
     try:
+        if not isinstance(name, str):
+            raise TypeError(name)
         dtype = jnp.dtype(name)
-    except TypeError:
-        raise HeaderError(f"{where}: unknown dtype {name!r}") from None
+    except (TypeError, ValueError):
+        raise HeaderError(f"{where}: unknown dtype {name!r}"[:300]) from None
     if dtype.kind not in "biuf" and dtype.name != "bfloat16" and not dtype.name.startswith(("float8", "int4", "int2", "uint4", "uint2")):
         raise HeaderError(f"{where}: dtype {dtype.name} cannot be stored")
     return dtype
@@ -232,8 +234,8 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         return _decode(record, read, where, kind, dtype, shape, dense_name, info if kind == "qarray" else None)
     except HeaderError:
         raise
-    except ValueError as err:  # sparse decoding: counts that do not fit the shape
-        raise HeaderError(str(err) if where in str(err) else f"{where}: {err}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # sparse decoding: counts that do not fit
+        raise HeaderError(str(err) if where in str(err) else f"{where}: {type(err).__name__}: {err}") from None
 
 
 def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype, shape: tuple, dense_name: str, info: Any) -> tuple[Any, Any]:
@@ -300,6 +302,17 @@ def read_records(reader: SafetensorsReader) -> list[dict] | None:
 
 
 _RECORD_FIELDS = {"array": ("dtype", "shape"), "qarray": ("qarray",), "none": (), "masked_node": ()}
+_ENCODING_FIELDS = {"dense": (), "bitmap": ("kept",), "n:m": ("n", "m", "axis", "kept")}
+
+
+def _token_ok(token: Any) -> bool:
+    """A path token ``[kind, key]``: ``key`` a string, or an int (``idx`` needs an int)."""
+    if not isinstance(token, list) or len(token) != 2 or token[0] not in ("key", "idx", "attr"):
+        return False
+    key = token[1]
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        return False
+    return isinstance(key, int) if token[0] == "idx" else True
 
 
 def _check_record(record: Any, where: str) -> None:
@@ -309,15 +322,19 @@ def _check_record(record: Any, where: str) -> None:
     path, name, kind = record.get("path"), record.get("name"), record.get("kind")
     if isinstance(name, str):
         where = f"{where} (leaf {name!r})"
-    if not isinstance(path, list) or not path or not all(isinstance(t, list) and len(t) == 2 and t[0] in ("key", "idx", "attr") for t in path):
+    if not isinstance(path, list) or not path or not all(_token_ok(t) for t in path):
         raise HeaderError(f"{where}: 'path' must be a non-empty list of [kind, key] tokens, got {path!r}"[:300])
-    if not isinstance(name, str) or kind not in _RECORD_FIELDS:
+    if not isinstance(name, str) or not isinstance(kind, str) or kind not in _RECORD_FIELDS:
         raise HeaderError(f"{where}: needs a string 'name' and a 'kind' in {sorted(_RECORD_FIELDS)}")
     missing = [f for f in _RECORD_FIELDS[kind] if f not in record]
     if missing:
         raise HeaderError(f"{where}: kind {kind!r} needs {missing}")
-    if record.get("encoding", "dense") not in ("dense", "bitmap", "n:m"):
-        raise HeaderError(f"{where}: unknown encoding {record.get('encoding')!r}")
+    encoding = record.get("encoding", "dense")
+    if not isinstance(encoding, str) or encoding not in _ENCODING_FIELDS:
+        raise HeaderError(f"{where}: unknown encoding {encoding!r}")
+    missing = [f for f in _ENCODING_FIELDS[encoding] if f not in record]
+    if missing and kind in ("array", "qarray"):
+        raise HeaderError(f"{where}: encoding {encoding!r} needs {missing}")
     for key in ("kept", "n", "m", "axis"):
         if key in record and (type(record[key]) is not int or record[key] < (0 if key != "axis" else -64)):
             raise HeaderError(f"{where}: {key!r} must be a non-negative integer")

@@ -169,7 +169,7 @@ def qarray_from_parts(static: dict[str, Any], arrays: dict[str, Any], where: str
             )
         try:
             kwargs[name] = _from_json_static(value)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise CheckpointFormatError(f"{where}: QArray field {name!r} = {value!r} is not valid ({err})"[:400]) from None
     for name, value in arrays.items():
         if name not in known or _is_static(known[name]):
@@ -181,8 +181,8 @@ def qarray_from_parts(static: dict[str, Any], arrays: dict[str, Any], where: str
     try:
         q = QArray(**kwargs)
         check_qarray(q, strict=True)
-    except (InvalidQArrayError, TypeError) as err:
-        raise CheckpointFormatError(f"{where}: {err}") from None
+    except (InvalidQArrayError, TypeError, ValueError) as err:
+        raise CheckpointFormatError(f"{where}: {err}"[:600]) from None
     return q
 
 
@@ -199,10 +199,18 @@ def flatten_leaves(tree: Any) -> list[tuple[list, Any]]:
     return [(encode_path(path), leaf) for path, leaf in flat]
 
 
+def _check_key(node: dict, key: Any, where: str) -> None:
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ValueError(f"{where}: path key {key!r} is not a string or an integer")
+    if node and isinstance(next(iter(node)), str) != isinstance(key, str):
+        raise ValueError(f"{where}: path key {key!r} sits next to keys of another type ({next(iter(node))!r}); a tree's dict keys are all strings or all integers")
+
+
 def _insert(root: dict, tokens: list, value: Any, where: str) -> None:
     node = root
     for token in tokens[:-1]:
         key = token[1]
+        _check_key(node, key, where)
         child = node.get(key)
         if child is None:
             child = node[key] = {}
@@ -210,6 +218,7 @@ def _insert(root: dict, tokens: list, value: Any, where: str) -> None:
             raise ValueError(f"{where}: path collides with the leaf at {key!r}")
         node = child
     key = tokens[-1][1]
+    _check_key(node, key, where)
     if key in node:
         raise ValueError(f"{where}: two leaves share this path")
     node[key] = value

@@ -18,6 +18,10 @@ the activation is divided by the input scale along its feature axis, then the co
 codes as above. Any other input-scale layout falls back to the float conv with the dequantized
 kernel.
 
+Depthwise convs (one input channel per feature group) run as a sum over the kernel window
+instead, integer or float (`jaxcompress.execute.depthwise`): XLA runs the im2col form of a
+depthwise conv as an s32 batched dot and its float depthwise ``convolution`` slowly.
+
 Weight-only path: a float convolution with the dequantized kernel.
 """
 
@@ -38,6 +42,7 @@ from jaxcompress.execute.dot import (
     integer_dot,
     smooth_activation,
 )
+from jaxcompress.execute.depthwise import float_depthwise, integer_depthwise, is_depthwise
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -152,14 +157,22 @@ def conv_with_weight(
             view = view.without_input_scale()
     if on_activation is not None:
         on_activation(view, x, tuple(a for a in range(x.ndim) if a != params["dimension_numbers"][0][0]))
+    depthwise = is_depthwise(view.shape, params)
     if mode != "weight_only":
         try:
+            if depthwise:
+                check_integer_operands("conv_general_dilated", x, view, mode)
+                out = integer_depthwise(x, view, params, out_dtype, mode)
+                if out is not None:
+                    return out
             return integer_conv(x, view, params, out_dtype, mode).astype(out_dtype)
         except UnsupportedQuantizedOp:
             if on_unsupported == "error":
                 raise
     compute_dtype = jnp.result_type(x.dtype, view.dtype)
     weight = view.dequantize(compute_dtype)
+    if depthwise:
+        return float_depthwise(x, weight, params, out_dtype)
     return jax.lax.conv_general_dilated(
         x.astype(compute_dtype),
         weight,

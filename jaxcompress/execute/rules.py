@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress._program import PLAIN, Evaluator, RuleSet, bind
-from jaxcompress._program.trace import TraceCache, leaf_name, trace_call
+from jaxcompress._program.trace import TraceCache, leaf_name, params_path, trace_call
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
+from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -38,7 +39,7 @@ __all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "weight_rules", "run_with_
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionOptions:
-    """How the integer-execution rules run (the evaluator's ``context``).
+    r"""How the integer-execution rules run (the evaluator's ``context``).
 
     Attributes:
       on_unsupported: ``"error"`` raises `UnsupportedQuantizedOp` where an integer mode cannot
@@ -46,11 +47,16 @@ class ExecutionOptions:
       weight_only: run every quantized weight weight-only (calibration does).
       observe_activations: ``observe(evaluator, view, x, reduce_axes)`` called with every
         activation that meets a quantized weight in a dot / conv (it records observations).
+      policy: an `ExecutionPolicy` choosing integer or weight-only per site (``None``: the
+        weight's own mode).
+      record: a list the per-site `SiteChoice`\ s are appended to while tracing (or ``None``).
     """
 
     on_unsupported: str = "error"
     weight_only: bool = False
     observe_activations: Callable[[Evaluator, WeightView, jax.Array, tuple], None] | None = None
+    policy: ExecutionPolicy | None = None
+    record: list | None = None
 
 
 def _classify(value: Any) -> str:
@@ -63,9 +69,16 @@ def _materialize(value: WeightView, aval: Any) -> jax.Array:
 
 def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
     """A view stacked along axis 0 as ``scan`` ``xs``: codes, scale, zero point and input scale of
-    full size along axis 0 (so ``lax.scan`` can slice them), and how to rebuild one layer's view."""
-    view = view.materialize()
-    length = view.shape[0]
+    full size along axis 0 (so ``lax.scan`` can slice them), and how to rebuild one layer's view.
+    A pending transpose that keeps the stacked axis first stays pending (stored codes are sliced
+    as they are, e.g. layers stored ``(layers, out, in)`` for the integer dot)."""
+    permutation = view.permutation
+    if permutation is not None and permutation[0] == 0:
+        layer_permutation = tuple(a - 1 for a in permutation[1:])
+        view = dataclasses.replace(view, permutation=None)
+    else:
+        view, layer_permutation = view.materialize(), None
+    length = view.values.shape[0]
 
     def full(array):
         if array is None or array.shape[0] == length:
@@ -77,13 +90,23 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
 
     def rebuild(sliced):
         values, scale, zero_point, input_scale = sliced
-        return dataclasses.replace(view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale)
+        return dataclasses.replace(
+            view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, permutation=layer_permutation
+        )
 
     return arrays, rebuild
 
 
-def _mode(ev: Evaluator) -> str | None:
-    return "weight_only" if ev.context.weight_only else None
+def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side: str = "rhs") -> str | None:
+    context = ev.context
+    if context.weight_only:
+        return "weight_only"
+    if context.policy is None:
+        return None
+    mode, reason = choose_mode(context.policy, primitive, x.shape, view, params, side)
+    if context.record is not None:
+        context.record.append(site_choice(primitive, x.shape, view, params, mode, reason))
+    return mode
 
 
 def _observer(ev: Evaluator):
@@ -103,7 +126,7 @@ def _dot(ev: Evaluator, eqn, invals: list) -> list:
         params["dimension_numbers"],
         weight_side=side,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev),
+        mode=_mode(ev, "dot_general", x, view, params, side),
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
         on_activation=_observer(ev),
@@ -121,7 +144,7 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
         rhs,
         eqn.params,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev),
+        mode=_mode(ev, "conv_general_dilated", lhs, rhs, eqn.params),
         on_activation=_observer(ev),
         on_unsupported=ev.context.on_unsupported,
     )
@@ -192,7 +215,10 @@ def run_with_qarrays(
     for position in traced.dynamic_positions:
         leaf = traced.leaves[position]
         if isinstance(leaf, QArray):
-            leaf = WeightView.from_qarray(leaf, name=leaf_name(traced.paths[position]), leaf_index=position)
+            path = traced.paths[position]
+            leaf = WeightView.from_qarray(
+                leaf, name=leaf_name(path), leaf_index=position, path=params_path(path, 0) or leaf_name(path)
+            )
         inputs.append(leaf)
     rules = _RULES if options.observe_activations is None else _OBSERVING_RULES
     evaluator = Evaluator(rules, context=options)

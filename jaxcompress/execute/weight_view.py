@@ -37,7 +37,25 @@ import jax.numpy as jnp
 
 from jaxcompress.qarray import QArray
 
-__all__ = ["WeightView"]
+__all__ = ["WeightView", "stored_permutation"]
+
+
+def stored_permutation(q: Any) -> tuple[int, ...] | None:
+    """The axis order a `QArray` stores its codes in (``values == transpose(logical codes,
+    permutation)``), or ``None`` for the logical order. Read with ``getattr`` so that a
+    `QArray` without the field is a logical-order one."""
+    permutation = getattr(q, "stored_permutation", None)
+    if permutation is None:
+        return None
+    permutation = tuple(int(a) for a in permutation)
+    return None if permutation == tuple(range(len(permutation))) else permutation
+
+
+def _inverse(permutation) -> tuple[int, ...]:
+    inverse = [0] * len(permutation)
+    for position, axis in enumerate(permutation):
+        inverse[axis] = position
+    return tuple(inverse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +82,41 @@ class WeightView:
     leaf_index: int | None = None
     permutation: tuple[int, ...] | None = None
     input_scale: jax.Array | None = None
+    path: str | None = None  # the leaf's ``/``-joined path inside the first argument, as rules see it
 
     @classmethod
-    def from_qarray(cls, q: QArray, name: str = "weight", leaf_index: int | None = None) -> "WeightView":
+    def from_qarray(
+        cls, q: QArray, name: str = "weight", leaf_index: int | None = None, path: str | None = None
+    ) -> "WeightView":
+        """The view of a `QArray`. A `QArray` whose codes are stored in another axis order
+        (``stored_permutation``: ``values == transpose(logical codes, stored_permutation)``,
+        e.g. ``(1, 0)`` for a Flax ``(in, out)`` kernel kept ``(out, in)`` for the integer
+        dot) becomes a view with a pending transpose over the stored codes: nothing is
+        transposed at run time, the dot folds it into its dimension numbers."""
+        stored = stored_permutation(q)
+        scale, zero_point, input_scale = q.scale, q.zero_point, q.input_scale
+        permutation = None
+        if stored is not None:
+            # Scales are kept in the logical layout by the QArray; the view wants them like
+            # the stored codes (they are small).
+            def to_stored(array):
+                return None if array is None else jnp.transpose(array, stored)
+
+            scale, zero_point, input_scale = to_stored(scale), to_stored(zero_point), to_stored(input_scale)
+            permutation = tuple(int(a) for a in _inverse(stored))
         return cls(
             values=q.values,
-            scale=q.scale,
-            zero_point=q.zero_point,
+            scale=scale,
+            zero_point=zero_point,
             dtype=jnp.dtype(q.dtype),
             qtype=q.qtype,
             activation=q.activation,
             activation_scale=q.activation_scale,
             name=name,
             leaf_index=leaf_index,
-            input_scale=q.input_scale,
+            permutation=permutation,
+            input_scale=input_scale,
+            path=path,
         )
 
     # ---- shape -------------------------------------------------------------------------
@@ -254,8 +293,17 @@ class WeightView:
         return self._with(values, scale, zero_point, input_scale=input_scale)
 
     def reshape(self, new_sizes) -> "WeightView | None":
-        self = self.materialize()
         new_sizes = tuple(int(d) for d in new_sizes)
+        if self.permutation is not None:
+            plan = _stored_reshape(self.shape, self.permutation, new_sizes)
+            if plan is None:
+                return self.materialize().reshape(new_sizes)
+            stored_sizes, permutation = plan
+            view = dataclasses.replace(self, permutation=None).reshape(stored_sizes)
+            if view is None:
+                return None
+            identity = permutation == tuple(range(len(permutation)))
+            return dataclasses.replace(view, permutation=None if identity else permutation)
         scale_shape = reshaped_scale_shape(self.shape, tuple(self.scale.shape), new_sizes)
         if scale_shape is None:
             return None
@@ -297,6 +345,32 @@ class WeightView:
             )
         values = jax.lax.slice(self.values, tuple(start_indices), tuple(limit_indices), strides)
         return self._with(values, scale, zero_point, input_scale=input_scale)
+
+
+def _stored_reshape(shape, permutation, new_sizes):
+    """Reshape a view with a pending transpose without moving its codes: ``(stored new sizes,
+    new permutation)`` when every group of logical axes the reshape merges or splits is a run of
+    consecutive stored axes in the same order (e.g. an ``(out, in, h, w)``-stored conv kernel
+    seen as ``(in, h, w, out)`` and flattened to ``(in * h * w, out)``), else ``None``."""
+    if 0 in shape or math.prod(shape) != math.prod(new_sizes):
+        return None
+    keyed = []
+    for old_axes, new_axes in _segments(tuple(shape), tuple(new_sizes)):
+        if not old_axes:  # a new size-1 axis: anywhere in the stored order (last)
+            keyed.append((len(shape), new_axes))
+            continue
+        stored = [permutation[a] for a in old_axes]
+        if stored != list(range(stored[0], stored[0] + len(stored))):
+            return None
+        if new_axes:
+            keyed.append((stored[0], new_axes))
+    keyed.sort(key=lambda item: item[0])
+    stored_sizes, new_permutation = [], [0] * len(new_sizes)
+    for _, new_axes in keyed:
+        for axis in new_axes:
+            new_permutation[axis] = len(stored_sizes)
+            stored_sizes.append(new_sizes[axis])
+    return tuple(stored_sizes), tuple(new_permutation)
 
 
 def reshaped_scale_shape(shape, scale_shape, new_shape) -> tuple[int, ...] | None:

@@ -3,9 +3,9 @@
 ``fn(qparams, *inputs)`` is traced once by the program layer with a marker batch size (the
 dynamic batch axis is the axis of that size), then evaluated twice with the same evaluator:
 
-1. calibration: every value that depends on a model input is a `_Probe` around a concrete array
-   (params dequantized), and every such equation reports its output's min / max with
-   ``ev.observe`` (combined over the calibration batches);
+1. calibration (one jitted program per batch shape): every value that depends on a model input is
+   a `_Probe` (params dequantized), and every such equation reports its output's min / max with
+   ``ev.observe``; the observations are the program's outputs, combined over the batches;
 2. lowering: model inputs are graph `Tensor`\\ s, `QArray`\\ s `WeightView`\\ s (the shared weight
    layout rules apply), and the `GraphBuilder` rules append graph ops; the n-th recorded equation
    of the lowering is the n-th observed equation of the calibration, so its output tensors get
@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress._program import Evaluator, RuleSet, TraceCache, bind, call_body, params_path, trace_call
@@ -92,13 +93,16 @@ def _trace(fn, qparams, inputs, cache):
 
 
 def _calibrate(fn, qparams, batches: Iterable[tuple], cache) -> dict:
+    """``{(equation ordinal, output index, "min" | "max"): value}`` over ``batches`` (one compiled
+    program per batch shape), plus ``("input", k, ...)`` for the model inputs."""
+
     def probe_rule(ev, eqn, invals):
         outs = bind(eqn, [v.value if isinstance(v, _Probe) else v for v in invals])
-        key = counter[0]
-        counter[0] += 1
+        key = ev.context["count"]
+        ev.context["count"] += 1
         for index, out in enumerate(outs):
-            ev.observe((key, index, "min"), np.float64(np.min(out)), "min")
-            ev.observe((key, index, "max"), np.float64(np.max(out)), "max")
+            ev.observe((key, index, "min"), jnp.min(out).astype(jnp.float32), "min")
+            ev.observe((key, index, "max"), jnp.max(out).astype(jnp.float32), "max")
         return [_Probe(out) for out in outs]
 
     def call_rule(ev, eqn, invals):
@@ -115,23 +119,25 @@ def _calibrate(fn, qparams, batches: Iterable[tuple], cache) -> dict:
         materialize=lambda value, aval: value.value,
         control_flow=False,
     )
-    ranges: dict = {}
     dequantized = jax.tree_util.tree_map(lambda x: x.dequantize() if isinstance(x, QArray) else x, qparams,
                                          is_leaf=_is_qarray)
+
+    @jax.jit
+    def observe(params, batch):
+        traced, positions = _trace(fn, params, batch, cache)
+        values = [_Probe(leaf) if arg > 0 else leaf for _, arg, leaf, _ in positions]
+        ev = Evaluator(rules, context={"count": 0})
+        ev.run(traced.closed.jaxpr, traced.closed.consts, values)
+        return ev.observations
+
+    ranges: dict = {}
     for batch in batches:
         batch = tuple(np.asarray(b, np.float32) for b in (batch if isinstance(batch, (tuple, list)) else (batch,)))
-        traced, positions = _trace(fn, dequantized, batch, cache)
-        values = [_Probe(leaf) if arg > 0 else leaf for _, arg, leaf, _ in positions]
-        counter = [0]
-        ev = Evaluator(rules)
-        ev.run(traced.closed.jaxpr, traced.closed.consts, values)
-        for key, value in ev.observations.items():
-            combine = min if key[2] == "min" else max
-            ranges[key] = combine(ranges.get(key, value), float(value))
+        observed = {key: float(value) for key, value in observe(dequantized, batch).items()}
         for index, x in enumerate(batch):
-            for end, combine in (("min", min), ("max", max)):
-                key = ("input", index, end)
-                ranges[key] = combine(ranges.get(key, float(getattr(np, end)(x))), float(getattr(np, end)(x)))
+            observed[("input", index, "min")], observed[("input", index, "max")] = float(x.min()), float(x.max())
+        for key, value in observed.items():
+            ranges[key] = (min if key[-1] == "min" else max)(ranges.get(key, value), value)
     return ranges
 
 

@@ -47,7 +47,8 @@ class GraphBuilder:
 
     def __init__(self, graph: Graph, batch: int | None, mode: str, on_outputs: Callable | None = None):
         self.graph, self.batch, self.mode = graph, batch, mode
-        self.on_outputs = on_outputs or (lambda eqn, outs: None)
+        self.on_outputs = on_outputs or (lambda eqn, outs, new: None)
+        self.callers: list[str] = []  # source lines of the calls being inlined (library bodies)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def shape(self, shape) -> tuple[int, ...]:
@@ -56,10 +57,16 @@ class GraphBuilder:
     def out_shape(self, eqn, index: int = 0) -> tuple[int, ...]:
         return self.shape(eqn.outvars[index].aval.shape)
 
+    def where(self, eqn) -> str:
+        """The user's source line of ``eqn`` (for an op inside a library call: the call's line)."""
+        line = source_line(eqn)
+        callers = [c for c in self.callers if c != "<unknown>"]
+        return callers[0] if callers and (line == "<unknown>" or "site-packages" in line) else line
+
     def error(self, eqn, reason: str, invals=()) -> ExportError:
         leaves = [v.name for v in invals if isinstance(v, WeightView)]
         leaf = f" (quantized leaf {', '.join(leaves)})" if leaves else ""
-        return ExportError(f"{source_line(eqn)}: `{eqn.primitive.name}`{leaf} cannot be exported: {reason}")
+        return ExportError(f"{self.where(eqn)}: `{eqn.primitive.name}`{leaf} cannot be exported: {reason}")
 
     def const(self, value, eqn) -> Tensor:
         if isinstance(value, WeightView):
@@ -73,7 +80,7 @@ class GraphBuilder:
         return value if isinstance(value, Tensor) else self.const(value, eqn)
 
     def emit(self, kind, inputs, out_shape, eqn, **attrs) -> Tensor:
-        return self.graph.add(kind, inputs, out_shape, attrs, where=source_line(eqn))
+        return self.graph.add(kind, inputs, out_shape, attrs, where=self.where(eqn))
 
     def producer(self, tensor: Tensor):
         for op in reversed(self.graph.ops):
@@ -119,7 +126,11 @@ class GraphBuilder:
         kind = atomic_name(eqn)
         if kind is None:
             body = call_body(eqn)
-            return list(ev.run(body[0], body[1], invals))
+            self.callers.append(source_line(eqn))
+            try:
+                return list(ev.run(body[0], body[1], invals))
+            finally:
+                self.callers.pop()
         return [self.emit(kind, [self.tensor(invals[0], eqn)], self.out_shape(eqn), eqn)]
 
     def control_flow(self, ev, eqn, invals):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxcompress.pruning.schedules import Schedule, cosine_drop_fraction
 from jaxcompress.pruning.scores import magnitude
-from jaxcompress.pruning.topk import LazyScore, select_top_k
+from jaxcompress.pruning.topk import LazyScore, _as_lazy, count_true, select_top_k
 
 __all__ = ["SET", "RigL", "drop_and_grow", "drop_and_grow_many"]
 
@@ -40,10 +40,11 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, grow_scores: jax.Array, f
 
 
 def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.Array]:
-    """`drop_and_grow` for many leaves at once (two batched top-k passes in all)."""
+    """`drop_and_grow` for many leaves at once (two batched top-k passes in all); each grow
+    score is an array or a `LazyScore`."""
     masks = [m.astype(bool) for m in masks]
     fraction = jnp.asarray(fraction, jnp.float32)
-    active = [jnp.sum(m, dtype=jnp.int32) for m in masks]
+    active = [count_true(m) for m in masks]
     drops = [jnp.floor(fraction * a.astype(jnp.float32)).astype(jnp.int32) for a in active]
     # Lazy scores: recomputed (fused) inside the counting passes, never materialised.
     survivors = select_top_k(
@@ -51,7 +52,7 @@ def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.A
         [a - k for a, k in zip(active, drops)],
     )
     survivors = [group[0] for group in survivors]
-    grown = select_top_k([[LazyScore(_inactive_score, (s, g))] for s, g in zip(survivors, grow_scores)], drops)
+    grown = select_top_k([[_inactive(s, _as_lazy(g))] for s, g in zip(survivors, grow_scores)], drops)
     return [s | group[0] for s, group in zip(survivors, grown)]
 
 
@@ -59,8 +60,16 @@ def _active_magnitude(mask, weights):
     return jnp.where(mask, magnitude(weights), -jnp.inf)
 
 
-def _inactive_score(mask, scores):
-    return jnp.where(mask, -jnp.inf, jnp.asarray(scores, jnp.float32))
+def _inactive(mask: jax.Array, scores: LazyScore) -> LazyScore:
+    """``scores`` where ``mask`` is False, -inf where it is True (still computed on demand)."""
+    return LazyScore(
+        lambda mask, *operands: jnp.where(mask, -jnp.inf, jnp.asarray(scores.fn(*operands), jnp.float32)),
+        (mask, *scores.operands),
+    )
+
+
+def _abs_f32(x):
+    return jnp.abs(jnp.asarray(x, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,7 +91,8 @@ class _DynamicSparsity:
             value = cosine_drop_fraction(self.drop_fraction, self.end_step)(step)
         return jnp.where(jnp.asarray(step) < self.end_step, value, 0.0)
 
-    def grow_scores(self, weights: jax.Array, grads: jax.Array, key: jax.Array) -> jax.Array:
+    def grow_scores(self, weights: jax.Array, grads: jax.Array, key: jax.Array) -> jax.Array | LazyScore:
+        """The scores that choose which inactive weights regrow (an array or a `LazyScore`)."""
         raise NotImplementedError
 
     def update(self, mask: jax.Array, weights: jax.Array, grads: jax.Array, key: jax.Array, step: Any) -> jax.Array:
@@ -122,4 +132,5 @@ class RigL(_DynamicSparsity):
     """
 
     def grow_scores(self, weights, grads, key):
-        return jnp.abs(jnp.asarray(grads, jnp.float32))
+        # computed on demand inside the counting passes: no param-sized copy of |grads|
+        return LazyScore(_abs_f32, (grads,))

@@ -16,9 +16,10 @@ from jaxcompress.training.fake_quantize import (
     weight_range,
     weight_ranges,
 )
-from jaxcompress.training.optax_wrapper import QATState, convert_qat, qat, qat_activation_ranges, qat_ranges
+from jaxcompress.training.optax_wrapper import ClipRanges, QATState, convert_qat, qat, qat_activation_ranges, qat_ranges
 
 __all__ = [
+    "ClipRanges",
     "QATState",
     "activation_fake_quant",
     "convert_qat",

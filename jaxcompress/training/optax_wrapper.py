@@ -68,18 +68,53 @@ from jaxcompress.training.activations import activation_modes, static_scale
 from jaxcompress.training.fake_quantize import _quant_rules, weight_ranges
 from jaxcompress.rules import QuantRule, path_to_str
 
-__all__ = ["qat", "QATState", "qat_ranges", "qat_activation_ranges", "convert_qat"]
+__all__ = ["qat", "QATState", "ClipRanges", "qat_ranges", "qat_activation_ranges", "convert_qat"]
+
+
+class ClipRanges(NamedTuple):
+    """The tracked weight clip ranges: two trees with the params' structure, ``lo`` and ``hi``
+    (each leaf in the QArray scale layout), `optax.MaskedNode()` for leaves not quantized."""
+
+    lo: Any
+    hi: Any
 
 
 class QATState(NamedTuple):
-    """State of `qat`: step ``count``, the tracked weight clip ``ranges`` ({path: (lo, hi)}),
-    the tracked ``activation_ranges`` ({path: max|x|}, 0 until first observed) of the leaves with
-    static activation quantization, and the ``inner_state``."""
+    """State of `qat`: step ``count``, the tracked weight clip ``ranges`` (`ClipRanges`), the
+    ``inner_state`` and the tracked ``activation_ranges`` (a tree with the params' structure: a
+    scalar ``max|x|``, 0 until first observed, per leaf with static activation quantization,
+    `optax.MaskedNode()` elsewhere). Per-leaf state is params-structured, as optax's own (so
+    `optax.tree_map_params`, sharding rules and checkpoints see it leaf by leaf); read it with
+    `qat_ranges` / `qat_activation_ranges`, which return what `fake_quant`, `quantize_params`
+    and `fake_quant_activations` take."""
 
     count: jax.Array
-    ranges: dict[str, tuple[jax.Array, jax.Array]]
+    ranges: ClipRanges
     inner_state: Any
-    activation_ranges: dict[str, jax.Array] = {}
+    activation_ranges: Any
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _tree_from_paths(params: Any, by_path: dict[str, Any]) -> Any:
+    """A tree with the params' structure: ``by_path[path]`` at each leaf listed, MaskedNode elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: by_path.get(path_to_str(path), optax.MaskedNode()), params, is_leaf=_is_masked
+    )
+
+
+def _paths_from_tree(tree: Any) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]
+    return {path_to_str(path): leaf for path, leaf in flat if not _is_masked(leaf)}
+
+
+def _range_trees(params: Any, ranges: dict[str, tuple[jax.Array, jax.Array]]) -> ClipRanges:
+    return ClipRanges(
+        _tree_from_paths(params, {path: lo for path, (lo, _) in ranges.items()}),
+        _tree_from_paths(params, {path: hi for path, (_, hi) in ranges.items()}),
+    )
 
 
 def qat(
@@ -124,24 +159,32 @@ def qat(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        ranges = weight_ranges(params, rules, on_unused=on_unused)
+        # A params tree without leaves is `optax.tree_map_params`' placeholder: no warning.
+        has_leaves = bool(jax.tree_util.tree_leaves(params, is_leaf=_is_masked))
+        ranges = weight_ranges(params, rules, on_unused=on_unused if has_leaves else "ignore")
         static = [path for path, mode in activation_modes(params, rules, on_unused="ignore").items() if mode == "static"]
-        activation_ranges = {path: jnp.zeros((), jnp.float32) for path in static}
-        return QATState(jnp.zeros((), jnp.int32), ranges, inner.init(params), activation_ranges)
+        activation_ranges = _tree_from_paths(params, {path: jnp.zeros((), jnp.float32) for path in static})
+        return QATState(jnp.zeros((), jnp.int32), _range_trees(params, ranges), inner.init(params), activation_ranges)
 
     def track_activations(state, activation_stats):
         if activation_stats is None:
             return state.activation_ranges
+        if not isinstance(activation_stats, dict):
+            raise TypeError(
+                f"activation_stats must be the {{path: max|x|}} dict that fake_quant_activations observes, "
+                f"got {type(activation_stats).__name__}"
+            )
+
         # Statistics of dynamic-activation leaves (observed for monitoring) are not tracked.
-        new = dict(state.activation_ranges)
-        for path, value in activation_stats.items():
-            if path not in new:
-                continue
-            old = state.activation_ranges[path]
+        def one(path, old):
+            value = None if _is_masked(old) else activation_stats.get(path_to_str(path))
+            if value is None:
+                return old
             value = jnp.asarray(value, jnp.float32).reshape(())
             averaged = activation_ema_decay * old + (1.0 - activation_ema_decay) * value
-            new[path] = jnp.where(old > 0, averaged, value)
-        return new
+            return jnp.where(old > 0, averaged, value)
+
+        return jax.tree_util.tree_map_with_path(one, state.activation_ranges, is_leaf=_is_masked)
 
     def update_fn(updates, state, params=None, *, activation_stats=None, **extra_args):
         if params is None:
@@ -149,7 +192,8 @@ def qat(
         new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
 
         def track(_):
-            fresh = weight_ranges(optax.apply_updates(params, new_updates), rules, on_unused="ignore")
+            new_params = optax.apply_updates(params, new_updates)
+            fresh = _range_trees(new_params, weight_ranges(new_params, rules, on_unused="ignore"))
             if ema_decay != 0.0:
                 fresh = jax.tree.map(lambda old, new: ema_decay * old + (1.0 - ema_decay) * new, state.ranges, fresh)
             return fresh, track_activations(state, activation_stats)
@@ -179,15 +223,25 @@ def _qat_state(state: Any) -> QATState:
 
 
 def qat_ranges(state: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """The clip ranges of the (single) `QATState` inside an optimizer state, however nested
-    (``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` ...)."""
-    return _qat_state(state).ranges
+    """The clip ranges ``{path: (lo, hi)}`` of the (single) `QATState` inside an optimizer state,
+    however nested (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, `prune` ...): what
+    `fake_quant` and `quantize_params` take as ``ranges``. Works inside ``jit``.
+
+    >>> import jax.numpy as jnp, optax, jaxcompress as jc
+    >>> opt = optax.MultiSteps(jc.qat(optax.sgd(0.1), [jc.QuantRule(pattern="w")]), every_k_schedule=2)
+    >>> lo, hi = jc.qat_ranges(opt.init({"w": jnp.array([1.0, -3.0]), "b": jnp.ones(1)}))["w"]
+    >>> hi.tolist()
+    [3.0]
+    """
+    ranges = _qat_state(state).ranges
+    lows, highs = _paths_from_tree(ranges.lo), _paths_from_tree(ranges.hi)
+    return {path: (lows[path], highs[path]) for path in lows}
 
 
 def qat_activation_ranges(state: Any) -> dict[str, jax.Array]:
     """The tracked activation ranges ``{path: max|x|}`` of the (single) `QATState` inside an
     optimizer state (pass them to the `fake_quant_activations` forward as ``ranges``)."""
-    return _qat_state(state).activation_ranges
+    return _paths_from_tree(_qat_state(state).activation_ranges)
 
 
 def convert_qat(
@@ -224,8 +278,8 @@ def convert_qat(
         raise TypeError("pass activation ranges or LSQ activation steps, not both")
     qat_state = _qat_state(state) if state is not None else None
     if activation_ranges is None and activation_steps is None and qat_state is not None:
-        activation_ranges = qat_state.activation_ranges
-    ranges = qat_state.ranges if qat_state is not None else None
+        activation_ranges = qat_activation_ranges(state)
+    ranges = qat_ranges(state) if qat_state is not None else None
     qparams, _ = quantize_params(params, rules, ranges=ranges, on_unused="ignore")
     if activation_ranges is None and activation_steps is None:
         return qparams

@@ -25,12 +25,19 @@ class _FullFile(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def flush(self) -> None:
+        if not self._inner.closed:
+            self._inner.flush()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def close(self) -> None:
-        self._inner.close()
         super().close()
+        self._inner.close()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -42,7 +42,7 @@ def out(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("budget", [0, 100, 20_000, 60_000])
+@pytest.mark.parametrize("budget", [0, 100, 20_000, 40_000])  # 40 kB: the data fits, the final copy does not
 def test_disk_full_during_compress(source, out, monkeypatch, budget):
     faults.disk_full(monkeypatch, out, budget)
     err = expect_clear(lambda: jc.compress_checkpoint(source, out / "c.safetensors", "w8a8"), CheckpointWriteError, "c.safetensors", "no space left", folder=out)

@@ -74,7 +74,7 @@ def _load(path):
     _check_loaded(params)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("JC_FUZZ_EXAMPLES", 120)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_fuzz_safetensors_metadata(data):
     meta = json.loads(json.dumps(_META))
@@ -91,7 +91,7 @@ def test_fuzz_safetensors_metadata(data):
     _load(path)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("JC_FUZZ_EXAMPLES", 80)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_fuzz_safetensors_header(data):
     header = json.loads(json.dumps(_HEADER))
@@ -107,7 +107,7 @@ def test_fuzz_safetensors_header(data):
     _load(path)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("JC_FUZZ_EXAMPLES", 80)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(min_size=1, max_size=4), st.integers(0, 2**31), st.booleans())
 def test_fuzz_safetensors_bytes(patch, where, cut):
     raw = bytearray(open(_SAFETENSORS, "rb").read())
@@ -131,7 +131,7 @@ def _orbax_template():
     return _ORBAX
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("JC_FUZZ_ORBAX_EXAMPLES", 12)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_fuzz_orbax_metadata(data):
     template = _orbax_template()

@@ -155,7 +155,7 @@ _EVENT_LOOP = textwrap.dedent(
 def test_no_event_loop_traceback_after_a_clean_error(ckpt):
     # issue 18: "RuntimeError: Event loop is closed" from an Orbax thread after the error line
     _damage("data-garbage", ckpt)
-    for _ in range(2):
+    for _ in range(3):  # it was 1 run in 3
         proc = subprocess.run([sys.executable, "-c", _EVENT_LOOP, ckpt], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]

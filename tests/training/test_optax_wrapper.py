@@ -141,3 +141,41 @@ def test_bad_arguments():
         jc.quantize_params(params, RULES, ranges={**ranges, "l1/kernel": (jnp.zeros((1, 1)), jnp.ones((1, 1)))})
     with pytest.raises(ValueError, match="no clip range"):
         jc.quantize_params(params, RULES, ranges={"l2/kernel": ranges["l2/kernel"]})
+
+
+def test_state_is_params_structured_and_works_with_tree_map_params_and_eval_shape():
+    params, x, y, apply = _problem()
+    rules = [jc.QuantRule(pattern=r"l1/kernel", bits=8, channel_axes=(-1,), activation="static")]
+    opt = jc.qat(optax.adam(1e-2), rules)
+    state = opt.init(params)
+    is_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    params_def = jax.tree.structure(params)
+    for tree in (state.ranges.lo, state.ranges.hi, state.activation_ranges):
+        assert jax.tree.structure(jax.tree.map(lambda _: 0, tree, is_leaf=is_node), is_leaf=is_node) == params_def
+        assert is_node(tree["l2"]["kernel"]) and is_node(tree["l1"]["bias"])
+    # what callers read is unchanged: {path: (lo, hi)} as weight_ranges gives, {path: max|x|}
+    expected = jc.weight_ranges(params, rules)
+    got = jc.qat_ranges(state)
+    assert set(got) == set(expected) == {"l1/kernel"}
+    np.testing.assert_array_equal(np.asarray(got["l1/kernel"][1]), np.asarray(expected["l1/kernel"][1]))
+    assert set(jc.qat_activation_ranges(state)) == {"l1/kernel"}
+    qparams, _ = jc.quantize_params(params, rules, ranges=jc.qat_ranges(state))
+    assert qparams["l1"]["kernel"].values.dtype == jnp.int8
+    # optax finds the per-leaf parts structurally (e.g. to build sharding specs)
+    specs = optax.tree_map_params(opt, lambda _: "spec", state, transform_non_params=lambda _: None, is_leaf=is_node)
+    assert specs.ranges.lo["l1"]["kernel"] == "spec" and specs.activation_ranges["l1"]["kernel"] == "spec"
+    assert specs.count is None
+    abstract = jax.eval_shape(opt.init, params)
+    assert abstract.ranges.hi["l1"]["kernel"].shape == state.ranges.hi["l1"]["kernel"].shape
+
+
+def test_activation_stats_must_be_the_observed_dict():
+    params, x, y, apply = _problem()
+    rules = [jc.QuantRule(pattern=r"l1/kernel", bits=8, channel_axes=(-1,), activation="static")]
+    opt = jc.qat(optax.sgd(0.1), rules)
+    state = opt.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    _, state = opt.update(zeros, state, params, activation_stats={"l1/kernel": jnp.float32(2.0), "l2/kernel": 5.0})
+    assert float(jc.qat_activation_ranges(state)["l1/kernel"]) == 2.0
+    with pytest.raises(TypeError, match="activation_stats must be the"):
+        opt.update(zeros, state, params, activation_stats=[2.0])

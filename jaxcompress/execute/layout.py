@@ -1,0 +1,108 @@
+"""Integer weight layout: store a quantized kernel's codes with its contracted axes last.
+
+XLA's CPU backend runs an ``s8 x s8 -> s32`` dot several times faster when the weight's
+contracted axis is its MINOR (last) axis: a Flax ``Dense`` kernel is ``(in, out)`` and contracts
+its major axis, so the same int8 codes stored ``(out, in)`` run the 32x4096x4096 W8A8 dot about
+twice as fast and a batch-1 dot about four times as fast (``benchmarks/int8_matmul.py``, rows
+``w8a8`` vs ``w8a8_out_in``). Transposing the codes inside the program costs more than the dot
+gains (a 16 MB int8 transpose per call), and XLA:CPU's layout assignment copies a parameter with a
+column-major device layout back to row-major before the matmul, so the layout has to be chosen
+when the weight is quantized.
+
+A `QArray` can store its codes transposed (``stored_permutation``: ``values ==
+transpose(codes, stored_permutation)``) while its shape, scale layout and `dequantize` stay those
+of the original array; `jaxcompress.compressed` then sees the weight as a lazily transposed
+`WeightView` and the dot folds the transpose into its dimension numbers, so nothing moves at run
+time. `integer_layout` says which permutation a kernel wants; `store_for_integer_dots` applies it
+to every integer-mode `QArray` of a params tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.execute.weight_view import stored_permutation
+from jaxcompress.qarray import QArray
+
+__all__ = ["integer_layout", "default_contracting_axes", "store_for_integer_dots", "supports_stored_layout"]
+
+
+def default_contracting_axes(shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The axes a Flax kernel of this rank contracts, in the order the integer op flattens them:
+    ``(in, out)`` Dense -> ``(0,)``; ``(*window, in, out)`` Conv -> ``(in, *window)``. ``None``
+    for a rank that does not say (a 3-D kernel is a ``DenseGeneral`` or a 1-D conv).
+
+    >>> default_contracting_axes((512, 256)), default_contracting_axes((3, 3, 16, 32))
+    ((0,), (2, 0, 1))
+    >>> default_contracting_axes((3, 16, 32)) is None
+    True
+    """
+    ndim = len(shape)
+    if ndim == 2:
+        return (0,)
+    if ndim in (4, 5):  # 2-D / 3-D conv kernels (HWIO / DHWIO)
+        return (ndim - 2,) + tuple(range(ndim - 2))
+    return None
+
+
+def integer_layout(ndim: int, contracting_axes: Sequence[int]) -> tuple[int, ...] | None:
+    """The stored axis order that puts ``contracting_axes`` last (in the given order) after the
+    other axes (in their order); ``None`` when that is the array's own order.
+
+    >>> integer_layout(2, (0,))            # Dense (in, out) -> stored (out, in)
+    (1, 0)
+    >>> integer_layout(4, (2, 0, 1))       # Conv HWIO -> stored (O, I, H, W)
+    (3, 2, 0, 1)
+    >>> integer_layout(2, (1,)) is None    # already (out, in)
+    True
+    """
+    contracting = tuple(int(a) % ndim for a in contracting_axes)
+    if len(set(contracting)) != len(contracting):
+        raise ValueError(f"integer_layout: contracting_axes {tuple(contracting_axes)} repeat an axis")
+    order = tuple(a for a in range(ndim) if a not in contracting) + contracting
+    return None if order == tuple(range(ndim)) else order
+
+
+def supports_stored_layout() -> bool:
+    """Whether this `QArray` has the ``stored_permutation`` field (see the module docs)."""
+    return any(field.name == "stored_permutation" for field in dataclasses.fields(QArray))
+
+
+def store_for_integer_dots(params: Any, *, contracting_axes: Sequence[int] | None = None) -> Any:
+    """``params`` with every integer-mode `QArray` (``activation`` ``"dynamic"`` / ``"static"``,
+    int codes) stored in `integer_layout`: the same values, shapes and `dequantize` results, a
+    faster `jaxcompress.compressed`. Leaves that are not such `QArray`\\ s, already stored so, or
+    of a rank whose contracted axes `default_contracting_axes` cannot tell (pass
+    ``contracting_axes`` for those) are returned unchanged.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.execute.layout import supports_stored_layout
+    >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
+    >>> stored = store_for_integer_dots({"kernel": q})["kernel"] if supports_stored_layout() else None
+    >>> stored is None or (stored.shape == (8, 4) and stored.values.shape == (4, 8))
+    True
+    """
+    if not supports_stored_layout():
+        raise NotImplementedError(
+            "store_for_integer_dots: this QArray has no `stored_permutation` field (the layout it "
+            "writes); upgrade jaxcompress.qarray"
+        )
+
+    def convert(leaf):
+        if not isinstance(leaf, QArray) or leaf.activation == "weight_only" or leaf.qtype != "int":
+            return leaf
+        if stored_permutation(leaf) is not None:
+            return leaf
+        axes = default_contracting_axes(leaf.shape) if contracting_axes is None else tuple(contracting_axes)
+        if axes is None:
+            return leaf
+        order = integer_layout(leaf.ndim, axes)
+        if order is None:
+            return leaf
+        return dataclasses.replace(leaf, values=jnp.transpose(leaf.values, order), stored_permutation=order)
+
+    return jax.tree_util.tree_map(convert, params, is_leaf=lambda x: isinstance(x, QArray))

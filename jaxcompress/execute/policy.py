@@ -1,0 +1,172 @@
+"""Per-site execution choice for `jaxcompress.compressed`: integer op or weight-only float op.
+
+A weight quantized with ``activation="dynamic"`` / ``"static"`` asks for an int8 x int8 -> int32
+dot or conv. On XLA's CPU backend that is not always the faster program: the integer matmul is
+several times float32's speed for large dots whose weight contracts its minor (last) stored axis,
+but slower than float32 for tiny contractions (an MNIST conv with one input channel contracts 9
+values), for matrix-vector products against a weight that contracts its major axis, and for the
+im2col convolution, which XLA's float ``convolution`` beats at every shape we measured
+(``benchmarks/cnn_speed.py``). `ExecutionPolicy` decides per site:
+
+* ``"rule"`` (default): the mode the quantizer stored on the weight, everywhere;
+* ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
+  where it is known to win, the weight-only path (float activation, the weight converted from its
+  codes, float op) elsewhere. Depthwise convs run as a window sum either way
+  (`jaxcompress.execute.depthwise`), which is faster than XLA's float convolution;
+* ``"integer"`` / ``"weight_only"``: that path everywhere it can run.
+
+``overrides`` force a path for the weights whose leaf path matches a regex (first full match
+wins), whatever the default: ``ExecutionPolicy("auto", overrides={r".*/Conv_0/kernel":
+"integer"})``. A weight quantized ``"weight_only"`` has no activation scale and always stays
+weight-only. The choices are inspectable: ``compressed(fn, policy=...).sites(*args)`` returns one
+`SiteChoice` per dot / conv a quantized weight meets (path, primitive, shapes, chosen path, why).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+__all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
+
+PATHS = ("integer", "weight_only")
+DEFAULTS = ("rule", "auto") + PATHS
+
+# Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
+MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
+MIN_OUTPUTS = 16  # ... and so do dots with fewer output features per row
+MIN_ROWS_MAJOR = 8  # a weight contracting its major stored axis needs this many rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteChoice:
+    """One dot / conv site of a quantized weight and the path `compressed` runs it on.
+
+    Attributes:
+      path: the weight's leaf path (``params/Dense_0/kernel``).
+      primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
+      activation_shape / weight_shape: the operand shapes at the site.
+      requested: the weight's own activation mode.
+      chosen: ``"integer"``, ``"integer_depthwise"``, ``"weight_only"`` or
+        ``"weight_only_depthwise"``.
+      reason: why.
+    """
+
+    path: str
+    primitive: str
+    activation_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    requested: str
+    chosen: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPolicy:
+    """How `compressed` picks a path per site (see the module docs).
+
+    >>> policy = ExecutionPolicy("auto", overrides={r".*/head/kernel": "weight_only"})
+    >>> policy.forced("params/head/kernel"), policy.forced("params/body/kernel")
+    ('weight_only', None)
+    """
+
+    default: str = "rule"
+    overrides: Mapping[str, str] | tuple = ()
+
+    def __post_init__(self):
+        if self.default not in DEFAULTS:
+            raise ValueError(f"ExecutionPolicy: default must be one of {DEFAULTS}, got {self.default!r}")
+        items = tuple(self.overrides.items()) if isinstance(self.overrides, Mapping) else tuple(self.overrides)
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"ExecutionPolicy: overrides must map a regex to a path, got {item!r}")
+            pattern, path = item
+            if path not in PATHS:
+                raise ValueError(f"ExecutionPolicy: override {pattern!r} -> {path!r}: the path must be one of {PATHS}")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"ExecutionPolicy: override pattern {pattern!r} is not a regex: {error}") from None
+        object.__setattr__(self, "overrides", items)
+
+    def forced(self, path: str) -> str | None:
+        """The path an override forces for the leaf ``path`` (``None``: no override matches)."""
+        for pattern, chosen in self.overrides:
+            if re.fullmatch(pattern, path):
+                return chosen
+        return None
+
+
+def resolve_policy(policy: Any) -> ExecutionPolicy:
+    """An `ExecutionPolicy` from ``policy`` (a policy, or a default name)."""
+    if isinstance(policy, ExecutionPolicy):
+        return policy
+    if isinstance(policy, str):
+        return ExecutionPolicy(policy)
+    raise TypeError(f"compressed: policy must be one of {DEFAULTS} or an ExecutionPolicy, got {policy!r}")
+
+
+def _dot_sizes(x_shape, view, dimension_numbers, weight_side):
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if weight_side == "lhs":
+        lhs_contract, rhs_contract, lhs_batch, rhs_batch = rhs_contract, lhs_contract, rhs_batch, lhs_batch
+    shape = view.shape
+    contraction = math.prod(shape[a] for a in rhs_contract)
+    outputs = math.prod(d for a, d in enumerate(shape) if a not in rhs_contract and a not in rhs_batch)
+    rows = math.prod(d for a, d in enumerate(x_shape) if a not in lhs_contract and a not in lhs_batch)
+    # the weight's stored axes (a pending transpose maps logical axis a to stored permutation[a])
+    stored = [view.permutation[a] if view.permutation is not None else a for a in rhs_contract]
+    minor = sorted(stored) == list(range(view.ndim - len(stored), view.ndim))
+    return contraction, outputs, rows, minor
+
+
+def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
+    """The cost model: ``(path, reason)`` for a site (see the module docs)."""
+    if primitive == "conv_general_dilated":
+        from jaxcompress.execute.depthwise import is_depthwise
+
+        if is_depthwise(view.shape, params):
+            return "integer", "depthwise: int8 window sum, faster than XLA's float convolution"
+        return "weight_only", "XLA:CPU's float convolution beats the int8 im2col dot (benchmarks/cnn_speed.py)"
+    contraction, outputs, rows, minor = _dot_sizes(x_shape, view, params["dimension_numbers"], weight_side)
+    if contraction < MIN_CONTRACTION:
+        return "weight_only", f"contracts {contraction} < {MIN_CONTRACTION} values: the int8 dot loses to float32"
+    if outputs < MIN_OUTPUTS:
+        return "weight_only", f"{outputs} < {MIN_OUTPUTS} output features: the int8 dot loses to float32"
+    if not minor and rows < MIN_ROWS_MAJOR:
+        return "weight_only", (
+            f"{rows} row(s) against a weight that contracts its major stored axis: XLA's int8 matrix-vector "
+            f"dot is slower than float32 (store it with jaxcompress.execute.layout.store_for_integer_dots)"
+        )
+    layout = "minor" if minor else "major"
+    return "integer", f"{rows}x{contraction}x{outputs} int8 dot, weight contracts its {layout} stored axis"
+
+
+def choose_mode(policy: ExecutionPolicy, primitive: str, x_shape, view, params: dict, weight_side: str = "rhs"):
+    """``(mode, reason)``: the activation mode a site runs in (``"weight_only"`` or the weight's
+    own integer mode) under ``policy``."""
+    requested = view.activation
+    if requested == "weight_only":
+        return "weight_only", "quantized weight-only"
+    forced = policy.forced(view.path or view.name)
+    if forced is not None:
+        path, reason = forced, "forced by an ExecutionPolicy override"
+    elif policy.default == "rule":
+        path, reason = "integer", "the weight's activation mode (policy 'rule')"
+    elif policy.default in PATHS:
+        path, reason = policy.default, f"policy {policy.default!r}"
+    else:
+        path, reason = auto_choice(primitive, x_shape, view, params, weight_side)
+    return (requested if path == "integer" else "weight_only"), reason
+
+
+def site_choice(primitive: str, x_shape, view, params: dict, mode: str, reason: str) -> SiteChoice:
+    """The `SiteChoice` record of a decided site."""
+    from jaxcompress.execute.depthwise import is_depthwise
+
+    chosen = "weight_only" if mode == "weight_only" else "integer"
+    if primitive == "conv_general_dilated" and is_depthwise(view.shape, params):
+        chosen += "_depthwise"
+    return SiteChoice(view.path or view.name, primitive, tuple(x_shape), tuple(view.shape), view.activation, chosen, reason)
