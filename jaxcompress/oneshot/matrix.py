@@ -139,6 +139,7 @@ def to_matrix(leaf: jax.Array, site: DotSite | MatrixView | "LayerStatistics") -
     ``site`` is a `DotSite`, a `MatrixView` or the `LayerStatistics` captured for the leaf.
 
     >>> import jax.numpy as jnp, numpy as np
+    >>> from jaxcompress.oneshot.capture import capture_statistics
     >>> params = {"w": jnp.arange(6.0).reshape(3, 2)}
     >>> stats = capture_statistics(lambda p, x: x @ p["w"], params, [jnp.ones((4, 3))], lambda p: True)
     >>> W = to_matrix(params["w"], stats["w"])      # Dense (in, out) -> (out, in)
