@@ -233,8 +233,16 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         return _decode(record, read, where, kind, dtype, shape, dense_name, info if kind == "qarray" else None)
     except HeaderError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as err:  # sparse decoding: counts that do not fit
-        raise HeaderError(str(err) if where in str(err) else f"{where}: {type(err).__name__}: {err}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # a record that passed its checks but does not fit
+        raise HeaderError(f"{where}: {type(err).__name__}: {err}") from None
+
+
+def _sparse(decode: Callable, *args: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(*args, name=name)``; its ValueErrors (counts that do not fit) name the leaf."""
+    try:
+        return decode(*args, name=name)
+    except ValueError as err:
+        raise HeaderError(str(err)) from None
 
 
 def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype, shape: tuple, dense_name: str, info: Any) -> tuple[Any, Any]:
@@ -249,7 +257,7 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
     elif encoding == "bitmap":
         bitmap = _read_values(read, name + ".mask_bitmap", np.dtype(np.uint8), (math.ceil(count / 8),), where)
         kept = _read_values(read, name + ".values", dtype, (int(record["kept"]),), where)
-        values, mask = sparse.decode_bitmap(bitmap, kept, shape, name=where)
+        values, mask = _sparse(sparse.decode_bitmap, bitmap, kept, shape, name=where)
     elif encoding == "n:m":
         try:
             n, m, axis, kept_count = (int(record[k]) for k in ("n", "m", "axis", "kept"))
@@ -259,7 +267,7 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
             raise HeaderError(f"{where}: n:m record n={n}, m={m}, axis={axis} does not fit shape {shape} (expected 1 <= n <= m <= 256 and m dividing an axis)")
         kept = _read_values(read, name + ".values", dtype, (kept_count,), where)
         indices = _read_values(read, name + ".nm_indices", np.dtype(np.uint8), (math.ceil(kept_count * sparse.index_bits(m) / 8),), where)
-        values, mask = sparse.decode_n_m(kept, indices, shape, n, m, axis, name=where)
+        values, mask = _sparse(sparse.decode_n_m, kept, indices, shape, n, m, axis, name=where)
     else:
         raise HeaderError(f"{where}: unknown encoding {encoding!r}")
     mask_out = jnp.asarray(mask) if record.get("mask") else treemeta.masked_node_or(None)
