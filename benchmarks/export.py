@@ -61,7 +61,7 @@ def build(name: str, quick: bool):
             variables = model.init(jax.random.key(0), data.train_images[:2])
             variables = settle_batch_stats(model, variables, [data.train_images[i * 256 : (i + 1) * 256] for i in range(4)])
         else:
-            variables = train(model, steps=300, batch=64)
+            variables = train(model, steps=200, batch=64)
     return model, variables
 
 
