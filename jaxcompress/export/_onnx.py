@@ -139,7 +139,7 @@ class _Writer:
         if kind in ("relu", "relu6") and out.quant is not None:
             x, layout = self._any_layout(op.inputs[0])
             return self.produce(out, x, layout, kind)  # the QuantizeLinear of the output clamps
-        if kind in _UNARY or kind in ("relu6", "square", "rsqrt", "gelu"):
+        if kind in _UNARY or kind in ("relu6", "square", "rsqrt", "gelu", "erfc"):
             x, layout = self._any_layout(op.inputs[0])
             return self.produce(out, self._unary(kind, x, attrs), layout, op.activation)
         if kind in _BINARY:
@@ -212,6 +212,8 @@ class _Writer:
             return self._activation(x, "relu6")
         if kind == "square":
             return self.node("Mul", [x, x], kind)
+        if kind == "erfc":
+            return self.node("Sub", [self.init("one", np.float32(1)), self.node("Erf", [x], "erf")], kind)
         if kind == "rsqrt":
             return self.node("Reciprocal", [self.node("Sqrt", [x], "sqrt")], kind)
         # gelu, from its definition (opset 17 has no Gelu node)
