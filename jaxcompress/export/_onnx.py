@@ -10,8 +10,8 @@ Runtime fuses that into ``QLinearConv`` / ``QGemm``. A relu output quantized sym
 and the same scale, so its QuantizeLinear does the relu and ONNX Runtime drops the Relu; such a
 tensor saturates at ``255 s`` where `jaxcompress.compressed` saturates at ``127 s`` (the only
 difference, and only for values beyond the calibrated range). A fully-connected with an int8
-weight and a float input (a dynamic-range model) is ``DynamicQuantizeLinear -> MatMulInteger``,
-which ONNX Runtime runs as its dynamic-quantized matmul.
+weight and a float input (a dynamic-range model) quantizes each activation row at run time and
+runs ``MatMulInteger`` (int8 x int8 -> int32), as `jaxcompress.compressed` does.
 
 The graph is NHWC; ONNX convs and pools are NCHW, so every 4-D tensor is kept in whichever
 layout its producer made and transposed (once, cached) for a consumer that needs the other one.
@@ -274,13 +274,21 @@ class _Writer:
         self.produce(out, y, "nhwc", op.activation)
 
     def _dynamic_dense(self, op: Op, x_name: str) -> str:
-        """Dynamic-range fully-connected: uint8 activation quantized at run time, int8 weight."""
+        """Dynamic-range fully-connected, as `jaxcompress.compressed` runs it: each row of the
+        activation quantized at run time to int8 codes in [-127, 127] with its own scale
+        ``max|row| / 127`` (round half to even), an int8 x int8 ``MatMulInteger``, both scales on
+        the int32 result. (``DynamicQuantizeLinear`` would share one scale over all rows, which
+        costs a transformer's tokens most of their precision.)"""
         weight = op.inputs[1]
-        codes, x_scale, x_zero = self.node("DynamicQuantizeLinear", [x_name], "dq_x", outputs=3)
+        absmax = self.node("ReduceMax", [self.node("Abs", [x_name], "abs")], "absmax", axes=[1], keepdims=1)
+        scale = self.node("Div", [self.node("Max", [absmax, self.init("tiny", np.float32(1e-30))], "nonzero"),
+                                  self.init("qmax", np.float32(127))], "row_scale")
+        rounded = self.node("Round", [self.node("Div", [x_name, scale], "scaled")], "rounded")
+        clipped = self.node("Clip", [rounded, self.init("lo", np.float32(-127)), self.init("hi", np.float32(127))], "clip")
+        codes = self.node("Cast", [clipped], "codes", to=TensorProto.INT8)
         w_codes = self.init(weight.name, np.ascontiguousarray(np.asarray(weight.data, np.int8).T))
-        w_zero = self.init(weight.name + "_zero", np.zeros(weight.shape[0], np.int8))
-        acc = self.node("MatMulInteger", [codes, w_codes, x_zero, w_zero], "matmul_int")
-        scaled = self.node("Mul", [self.node("Cast", [acc], "cast", to=TensorProto.FLOAT), x_scale], "x_scaled")
+        acc = self.node("MatMulInteger", [codes, w_codes], "matmul_int")
+        scaled = self.node("Mul", [self.node("Cast", [acc], "cast", to=TensorProto.FLOAT), scale], "x_scaled")
         w_scale = self.init(weight.name + "_scale", np.broadcast_to(weight.quant.scale, (weight.shape[0],)).astype(np.float32))
         y = self.node("Mul", [scaled, w_scale], "w_scaled")
         bias = np.asarray(op.inputs[2].data, np.float32) if len(op.inputs) > 2 else None
