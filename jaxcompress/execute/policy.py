@@ -13,6 +13,9 @@ im2col convolution, which XLA's float ``convolution`` beats at every shape we me
   where it is known to win, the weight-only path (float activation, the weight converted from its
   codes, float op) elsewhere. Depthwise convs run as a window sum either way
   (`jaxcompress.execute.depthwise`), which is faster than XLA's float convolution;
+* ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
+  parameters) on this machine, the faster one kept; timings are cached on disk
+  (`jaxcompress.execute.measure`), so later processes decide without running anything;
 * ``"integer"`` / ``"weight_only"``: that path everywhere it can run.
 
 ``overrides`` force a path for the weights whose leaf path matches a regex (first full match
@@ -32,7 +35,7 @@ from typing import Any, Mapping
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
 PATHS = ("integer", "weight_only")
-DEFAULTS = ("rule", "auto") + PATHS
+DEFAULTS = ("rule", "auto", "measure") + PATHS
 
 # Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
 MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
@@ -74,6 +77,8 @@ class ExecutionPolicy:
 
     default: str = "rule"
     overrides: Mapping[str, str] | tuple = ()
+    cache_dir: str | None = None
+    rounds: int = 7
 
     def __post_init__(self):
         if self.default not in DEFAULTS:
@@ -90,6 +95,8 @@ class ExecutionPolicy:
             except re.error as error:
                 raise ValueError(f"ExecutionPolicy: override pattern {pattern!r} is not a regex: {error}") from None
         object.__setattr__(self, "overrides", items)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"ExecutionPolicy: rounds must be a positive integer, got {self.rounds!r}")
 
     def forced(self, path: str) -> str | None:
         """The path an override forces for the leaf ``path`` (``None``: no override matches)."""
@@ -144,9 +151,10 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
     return "integer", f"{rows}x{contraction}x{outputs} int8 dot, weight contracts its {layout} stored axis"
 
 
-def choose_mode(policy: ExecutionPolicy, primitive: str, x_shape, view, params: dict, weight_side: str = "rhs"):
+def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs"):
     """``(mode, reason)``: the activation mode a site runs in (``"weight_only"`` or the weight's
-    own integer mode) under ``policy``."""
+    own integer mode) under ``policy``; ``x`` is the activation (or anything with its shape and
+    dtype)."""
     requested = view.activation
     if requested == "weight_only":
         return "weight_only", "quantized weight-only"
@@ -157,8 +165,12 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x_shape, view, params: 
         path, reason = "integer", "the weight's activation mode (policy 'rule')"
     elif policy.default in PATHS:
         path, reason = policy.default, f"policy {policy.default!r}"
+    elif policy.default == "measure":
+        from jaxcompress.execute.measure import measured_choice
+
+        path, reason = measured_choice(policy, primitive, x, view, params, weight_side)
     else:
-        path, reason = auto_choice(primitive, x_shape, view, params, weight_side)
+        path, reason = auto_choice(primitive, tuple(x.shape), view, params, weight_side)
     return (requested if path == "integer" else "weight_only"), reason
 
 
