@@ -6,6 +6,8 @@
 Models (Fashion-MNIST, 28x28x1):
   * ``cnn``: the demo CNN (`jaxcompress.pipeline.CNN`: two stride-2 3x3 convs, 32 / 64 channels,
     dense 128, dense 10, relu), trained with Adam;
+  * ``minilm``: all-MiniLM-L6-v2's encoder (if the package is installed), dynamic-range: int8
+    dense kernels, activations quantized per row at run time; 32 real sentences x 128 tokens;
   * ``mobilenet``: a MobileNetV2-style CNN (stem conv, four inverted-residual blocks with 1x1
     expand -> 3x3 depthwise -> 1x1 project, BatchNorm, relu6, residual adds, global mean pool),
     trained with Adam (in ``--quick`` mode its weights stay at init and only the BatchNorm
@@ -143,10 +145,64 @@ def bench_model(name: str, args, folder: Path) -> list[dict]:
     return rows
 
 
+def bench_minilm(args, folder: Path) -> list[dict]:
+    """all-MiniLM-L6-v2's encoder (hidden states in and out; the embedding lookup stays outside),
+    dense kernels int8 dynamic-range, at batch 32 x 128 real sentences; quality is the mean
+    cosine of the mean-pooled sentence embeddings to JAX fp32's."""
+    from examples.bert import BertEmbeddings, BertEncoder, load_minilm, load_sentences, mean_pool, tokenize
+
+    config, params, tokenizer = load_minilm()
+    sentences, _ = load_sentences(32, strict=False)
+    batch = tokenize(tokenizer, sentences, pad_to=128)
+    hidden = np.asarray(BertEmbeddings(config).apply({"params": params["params"]["embeddings"]},
+                                                     batch["input_ids"], batch["token_type_ids"]))
+    bias = np.where(batch["attention_mask"][:, None, None, :] > 0, 0.0, -1e9).astype(np.float32)
+    encoder = BertEncoder(config)
+    variables = {"params": params["params"]["encoder"]}
+    rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
+    qparams, _ = jc.quantize_params(variables, rules)
+    start = time.perf_counter()
+    files = {"LiteRT int8": to_tflite(encoder.apply, qparams, hidden[:2], bias[:2], path=folder / "minilm_int8.tflite"),
+             "ORT int8": to_onnx(encoder.apply, qparams, hidden[:2], bias[:2], path=folder / "minilm_int8.onnx")}
+    export_s = (time.perf_counter() - start) / 2
+    files["LiteRT fp32"] = to_tflite(encoder.apply, variables, hidden[:2], bias[:2], path=folder / "minilm_fp32.tflite")
+    files["ORT fp32"] = to_onnx(encoder.apply, variables, hidden[:2], bias[:2], path=folder / "minilm_fp32.onnx")
+    jax_fp32, jax_int8 = jax.jit(encoder.apply), jax.jit(jc.compressed(encoder.apply))
+    runners = {"JAX fp32": lambda h, b: np.asarray(jax_fp32(variables, h, b)),
+               "JAX compressed int8": lambda h, b: np.asarray(jax_int8(qparams, h, b))}
+    for variant in ("LiteRT fp32", "LiteRT int8", "ORT fp32", "ORT int8"):
+        runners[variant] = load_runner(files[variant], threads=args.threads)
+    pool = lambda out: np.asarray(mean_pool(out, batch["attention_mask"]))  # noqa: E731
+    pooled = {v: pool(run(hidden, bias)) for v, run in runners.items()}
+    times = {v: [] for v in runners}
+    order = list(runners)
+    for r in range(max(3, args.repeats // 4)):
+        for variant in order[r % len(order) :] + order[: r % len(order)]:
+            t = time.perf_counter()
+            runners[variant](hidden, bias)
+            times[variant].append(time.perf_counter() - t)
+    rows = []
+    for variant in runners:
+        a, b = pooled[variant], pooled["JAX fp32"]
+        cosine = float(np.mean(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)))
+        rows.append({"model": "minilm", "variant": variant, "cosine_vs_fp32": cosine,
+                     "bytes": os.path.getsize(files[variant]) if variant in files else None,
+                     "b32x128_ms": 1e3 * statistics.median(times[variant]), "export_s": export_s})
+    for runtime in ("LiteRT", "ORT", "JAX"):
+        fp32 = next(r for r in rows if r["variant"].startswith(runtime) and "fp32" in r["variant"])
+        for row in rows:
+            if row["variant"].startswith(runtime) and "int8" in row["variant"]:
+                row["b32x128_speedup"] = fp32["b32x128_ms"] / row["b32x128_ms"]
+                if row["bytes"]:
+                    row["size_ratio"] = fp32["bytes"] / row["bytes"]
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="+", default=["cnn", "mobilenet"], choices=["cnn", "mobilenet"])
+    parser.add_argument("--models", nargs="+", default=["cnn", "mobilenet", "minilm"],
+                        choices=["cnn", "mobilenet", "minilm"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default=str(RESULTS_DIR / "export.json"))
@@ -156,13 +212,29 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows += bench_model(name, args, Path(tmp))
+            if name == "minilm":
+                try:
+                    minilm_rows = bench_minilm(args, Path(tmp))
+                except FileNotFoundError as error:  # the MiniLM package is not installed
+                    print(f"minilm skipped: {error}")
+                    minilm_rows = []
+                rows += minilm_rows
+            else:
+                rows += bench_model(name, args, Path(tmp))
     columns = [("model", "model", "s"), ("variant", "variant", "s"), ("accuracy", "accuracy", ".4f"),
                ("bytes", "bytes", ","), ("size_ratio", "fp32/int8 size", ".2f"), ("b1_ms", "b1 ms", ".3f"),
                ("b1_speedup", "b1 vs fp32", ".2f"), ("b256_ms", "b256 ms", ".2f"),
                ("b256_speedup", "b256 vs fp32", ".2f"), ("agree_1step", "agree 1 step", ".4f"),
                ("top1_agree", "top-1 agree", ".4f")]
-    print(format_table(rows, columns))
+    images = [r for r in rows if r["model"] != "minilm"]
+    if images:
+        print(format_table(images, columns))
+    minilm = [r for r in rows if r["model"] == "minilm"]
+    if minilm:
+        print()
+        print(format_table(minilm, [("variant", "MiniLM encoder", "s"), ("cosine_vs_fp32", "cosine vs fp32", ".5f"),
+                                    ("bytes", "bytes", ","), ("size_ratio", "fp32/int8 size", ".2f"),
+                                    ("b32x128_ms", "32x128 ms", ".1f"), ("b32x128_speedup", "vs fp32", ".2f")]))
     write_json(args.out, {"quick": args.quick, "threads": args.threads, "repeats": args.repeats,
                           "test_images": args.test_images, "environment": environment(), "results": rows})
     print(f"wrote {args.out}")

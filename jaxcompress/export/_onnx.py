@@ -284,10 +284,12 @@ class _Writer:
         scale = self.node("Div", [self.node("Max", [absmax, self.init("tiny", np.float32(1e-30))], "nonzero"),
                                   self.init("qmax", np.float32(127))], "row_scale")
         rounded = self.node("Round", [self.node("Div", [x_name, scale], "scaled")], "rounded")
-        clipped = self.node("Clip", [rounded, self.init("lo", np.float32(-127)), self.init("hi", np.float32(127))], "clip")
-        codes = self.node("Cast", [clipped], "codes", to=TensorProto.INT8)
+        # uint8 codes q + 128 with zero point 128 (the same values): the u8 x s8 kernel
+        shifted = self.node("Add", [rounded, self.init("offset", np.float32(128))], "shifted")
+        clipped = self.node("Clip", [shifted, self.init("lo", np.float32(1)), self.init("hi", np.float32(255))], "clip")
+        codes = self.node("Cast", [clipped], "codes", to=TensorProto.UINT8)
         w_codes = self.init(weight.name, np.ascontiguousarray(np.asarray(weight.data, np.int8).T))
-        acc = self.node("MatMulInteger", [codes, w_codes], "matmul_int")
+        acc = self.node("MatMulInteger", [codes, w_codes, self.init("x_zero", np.uint8(128))], "matmul_int")
         scaled = self.node("Mul", [self.node("Cast", [acc], "cast", to=TensorProto.FLOAT), scale], "x_scaled")
         w_scale = self.init(weight.name + "_scale", np.broadcast_to(weight.quant.scale, (weight.shape[0],)).astype(np.float32))
         y = self.node("Mul", [scaled, w_scale], "w_scaled")
