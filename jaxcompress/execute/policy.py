@@ -4,9 +4,11 @@ A weight quantized with ``activation="dynamic"`` / ``"static"`` asks for an int8
 dot or conv. On XLA's CPU backend that is not always the faster program: the integer matmul is
 several times float32's speed for large dots whose weight contracts its minor (last) stored axis,
 but slower than float32 for tiny contractions (an MNIST conv with one input channel contracts 9
-values), for matrix-vector products against a weight that contracts its major axis, and for the
-im2col convolution, which XLA's float ``convolution`` beats at every shape we measured
-(``benchmarks/cnn_speed.py``). `ExecutionPolicy` decides per site:
+values: building its int8 patches costs more than the dot saves), for matrix-vector products
+against a weight that contracts its major axis, and for grouped convs (an s32 batched dot).
+Where the integer conv wins depends on XLA's float convolution for that shape, which a static
+rule cannot know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy`
+decides per site:
 
 * ``"rule"`` (default): the mode the quantizer stored on the weight, everywhere;
 * ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
@@ -69,6 +71,12 @@ class SiteChoice:
 @dataclasses.dataclass(frozen=True)
 class ExecutionPolicy:
     """How `compressed` picks a path per site (see the module docs).
+
+    Attributes:
+      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"integer"`` or ``"weight_only"``.
+      overrides: ``{regex: "integer" | "weight_only"}`` on the leaf paths (first full match).
+      cache_dir: where ``"measure"`` keeps its timings (default: see `jaxcompress.execute.measure`).
+      rounds: timed calls per path when ``"measure"`` times a site.
 
     >>> policy = ExecutionPolicy("auto", overrides={r".*/head/kernel": "weight_only"})
     >>> policy.forced("params/head/kernel"), policy.forced("params/body/kernel")
@@ -136,7 +144,17 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
 
         if is_depthwise(view.shape, params):
             return "integer", "depthwise: int8 window sum, faster than XLA's float convolution"
-        return "weight_only", "XLA:CPU's float convolution beats the int8 im2col dot (benchmarks/cnn_speed.py)"
+        _, rhs_spec, _ = params["dimension_numbers"]
+        groups = int(params.get("feature_group_count", 1))
+        if groups > 1:
+            return "weight_only", "grouped conv: XLA runs the grouped int8 im2col as an s32 batched dot"
+        contraction = math.prod(view.shape[a] for a in rhs_spec[1:])
+        if contraction < MIN_CONTRACTION:
+            return "weight_only", (
+                f"contracts {contraction} < {MIN_CONTRACTION} values (input channels x window): building int8 "
+                f"patches costs more than the int8 dot saves"
+            )
+        return "integer", f"int8 im2col dot contracting {contraction} values"
     contraction, outputs, rows, minor = _dot_sizes(x_shape, view, params["dimension_numbers"], weight_side)
     if contraction < MIN_CONTRACTION:
         return "weight_only", f"contracts {contraction} < {MIN_CONTRACTION} values: the int8 dot loses to float32"
