@@ -19,6 +19,10 @@ Kernel level, ``y = x @ w`` with ``x: (M, K)`` float32 and ``w: (K, N)``:
     matmul is much faster when the contracted axis is the weight's minor axis, and for batch 1
     this is the formulation that runs on the integer path fast: rows padded to 8, the weight as
     the dot's left operand (shown from the compiled HLO).
+  * ``w8a8_stored``: the Flax ``(in, out)`` kernel through ``compressed(lambda w, x: x @ w)``
+    after `jaxcompress.execute.layout.store_for_integer_dots` (codes stored ``(out, in)``, the
+    logical shape unchanged); only where `QArray` has the ``stored_permutation`` field (the JSON
+    says ``unavailable`` otherwise).
   * ``raw_s8``: a bare s8 x s8 -> s32 dot on already-quantized operands (the ceiling).
   * ``qwix_ptq``: Qwix 0.1.8 PTQ (``QtRule(weight_qtype=int8, act_qtype=int8)``) of a linen Dense.
   * ``aqt_int8``: AQT 0.9.0 ``config_v4(fwd_bits=8)`` ``dot_general``; note it quantizes the float
@@ -55,10 +59,13 @@ import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 from jaxcompress.compressed import compressed  # noqa: E402
 from jaxcompress.execute import quantized_dot_general  # noqa: E402
+from jaxcompress.execute.layout import store_for_integer_dots, supports_stored_layout  # noqa: E402
 
 DENSE = (((1,), (0,)), ((), ()))
 GOALS = {
     "w8a8@32x4096x4096": 2.0,
+    "w8a8_stored@32x4096x4096": 3.0,
+    "w8a8_stored@1x4096x4096": 1.5,
     "w8a8_out_in@1x4096x4096": 1.0,
     "wo_scale_out@256x1024x1024": 1.0,
     "minilm": 1.0,
@@ -130,6 +137,10 @@ def dense_case(m, k, n, rounds, comparators=True) -> dict:
         ),
     }
     unavailable = []
+    if supports_stored_layout():
+        fns["w8a8_stored"] = (jax.jit(compressed(lambda w, x: x @ w)), (store_for_integer_dots(q), x))
+    else:
+        unavailable.append("w8a8_stored")
     if comparators:
         qwix_dense = _qwix_dense(x, w)
         if qwix_dense is None:
@@ -161,7 +172,8 @@ def dense_case(m, k, n, rounds, comparators=True) -> dict:
         )
     for name in unavailable:
         rows.append({"case": f"{name}@{m}x{k}x{n}", "variant": name, "shape": [m, k, n], "status": "unavailable"})
-    return {"rows": rows, "hlo_s32_dots": {name: s8_dot_lines(fns[name][0], *fns[name][1]) for name in ("w8a8", "w8a8_out_in")}}
+    hlo_names = [name for name in ("w8a8", "w8a8_out_in", "w8a8_stored") if name in fns]
+    return {"rows": rows, "hlo_s32_dots": {name: s8_dot_lines(fns[name][0], *fns[name][1]) for name in hlo_names}}
 
 
 def weight_only_case(m, k, n, rounds) -> list[dict]:
@@ -216,7 +228,12 @@ def minilm_case(batch, length, sentences_n, rounds, calibrate_batches=0) -> dict
     timing_sentences, _ = load_sentences(batch, offset=0)
     timing_batch = tokenize(tokenizer, timing_sentences, max_length=length, pad_to=length)
     ids, mask, types = (jnp.asarray(timing_batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
-    timings = interleaved({"fp32": fp32, "w8a8": w8a8}, {"fp32": (params, ids, mask, types), "w8a8": (qparams, ids, mask, types)}, rounds)
+    variants = {"fp32": fp32, "w8a8": w8a8}
+    variant_args = {"fp32": (params, ids, mask, types), "w8a8": (qparams, ids, mask, types)}
+    if supports_stored_layout():
+        variants["w8a8_stored"] = w8a8
+        variant_args["w8a8_stored"] = (store_for_integer_dots(qparams), ids, mask, types)
+    timings = interleaved(variants, variant_args, rounds)
 
     held_out, source = load_sentences(sentences_n, offset=batch)
     cosines = []
@@ -269,6 +286,9 @@ def minilm_case(batch, length, sentences_n, rounds, calibrate_batches=0) -> dict
         "fp32_median_ms": 1e3 * timings["fp32"]["median_s"],
         "w8a8_median_ms": 1e3 * timings["w8a8"]["median_s"],
         "speedup": timings["fp32"]["median_s"] / timings["w8a8"]["median_s"],
+        "stored_speedup": (
+            timings["fp32"]["median_s"] / timings["w8a8_stored"]["median_s"] if "w8a8_stored" in timings else None
+        ),
         "cosine_mean": float(np.mean(cosines)),
         "cosine_min": float(np.min(cosines)),
         "held_out_sentences": len(cosines),
@@ -330,6 +350,8 @@ def main(argv=None) -> int:
             f"W8A8 {minilm['w8a8_median_ms']:.1f} ms, speedup {minilm['speedup']:.2f}x, cosine mean "
             f"{minilm['cosine_mean']:.5f} (min {minilm['cosine_min']:.5f}) on {minilm['held_out_sentences']} held-out sentences"
         )
+        if minilm["stored_speedup"] is not None:
+            print(f"  W8A8 with kernels stored for integer dots (store_for_integer_dots): speedup {minilm['stored_speedup']:.2f}x")
         if minilm["static"]:
             st = minilm["static"]
             print(f"  static W8A8 ({st['calibration']}): speedup {st['speedup']:.2f}x, cosine mean {st['cosine_mean']:.5f} (min {st['cosine_min']:.5f})")

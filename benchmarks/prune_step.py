@@ -15,8 +15,9 @@ every ``update_every`` steps inside the jitted update (`lax.switch`), so each ti
 the same schedule shape runs side by side when ``jaxpruner`` is importable (it is not on PyPI:
 install it from its source); otherwise the benchmark says "jaxpruner not installed: skipped".
 
-Every variant is compiled first, then timed SIDE BY SIDE: each round runs one block per variant
-back to back (order rotating between rounds), so load from other processes hits all alike.
+Every variant is compiled first, then timed SIDE BY SIDE: a round is ``update_every`` steps of
+each variant, run in chunks of 10 steps that alternate between the variants (order rotating),
+so load from other processes hits all alike; ratios are per round (total and median).
 Reported per model: the ratio of total times, the median of the per-round ratios, one ordinary
 and one mask-update step on their own, minor page faults per step and the XLA temporary-buffer
 size of each compiled step (XLA:CPU allocates that buffer per execution: above glibc's 32 MB
@@ -49,6 +50,7 @@ from benchmarks._common import RESULTS_DIR, environment, format_table, write_jso
 MLP_SIZES = (784, 2048, 1792, 10)
 FINAL_SPARSITY = 0.9
 SCHEDULE_UPDATES = 100  # the schedule reaches its final sparsity after this many mask updates
+CHUNK_STEPS = 10  # steps per variant before switching to the next one (interleaving grain)
 
 
 def cpu_model() -> str:
@@ -235,17 +237,23 @@ def measure_model(name, variants, rounds, update_every):
 
     names = list(variants)
     per_round, faults = [], {v: 0 for v in names}
+    chunks = max(1, update_every // CHUNK_STEPS)
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        if r % 2:
-            order = order[::-1]
-        times = {}
-        for variant in order:
-            params, state = states[variant]
-            before = minor_faults()
-            times[variant], params, state = run_block(steps[variant], params, state, x, y, update_every)
-            faults[variant] += minor_faults() - before
-            states[variant] = (params, state)
+        # A round is `update_every` steps per variant (one mask update each), run in chunks of
+        # CHUNK_STEPS steps that alternate between the variants (order rotating), so that a
+        # change in machine load hits every variant within seconds.
+        times = {v: 0.0 for v in names}
+        for c in range(chunks):
+            shift = (r * chunks + c) % len(names)
+            order = names[shift:] + names[:shift]
+            for variant in order:
+                params, state = states[variant]
+                steps_here = update_every // chunks + (1 if c < update_every % chunks else 0)
+                before = minor_faults()
+                elapsed, params, state = run_block(steps[variant], params, state, x, y, steps_here)
+                faults[variant] += minor_faults() - before
+                times[variant] += elapsed
+                states[variant] = (params, state)
         per_round.append(times)
         print(f"{name} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v / update_every * 1e3:.1f} ms/step" for k, v in times.items()), flush=True)
 

@@ -274,17 +274,10 @@ def _check_static(q: QArray) -> None:
             _fail(f"group_axis must be an integer, got {q.group_axis!r}")
     try:
         dtype = jnp.dtype(q.dtype)
-    except TypeError:
+    except (TypeError, ValueError):
         _fail(f"dtype {q.dtype!r} is not a dtype")
     if not jnp.issubdtype(dtype, jnp.floating):
         _fail(f"dtype {dtype.name} is the dtype of the array it stands for, expected a floating dtype")
-
-
-def _expected_scale_shape(q: QArray, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(
-        dim if axis in q.channel_axes else dim // q.group_size if axis == q.group_axis else 1
-        for axis, dim in enumerate(shape)
-    )
 
 
 def _is_storage(dtype: Any) -> bool:

@@ -87,3 +87,27 @@ def test_demo_quick_prints_the_table(tmp_path):
         assert (tmp_path / f"{name}.safetensors").exists()
     assert (tmp_path / "fp32.safetensors").stat().st_size == rows["fp32"]["bytes"]
     assert (tmp_path / "pruned_qat_int.jaxexport").exists() and "reloaded" in out
+
+
+def test_exit_codes_are_one_table_keyed_by_type():
+    # README: 0 ok, 1 failure, 2 usage or recipe error, 3 unreadable checkpoint, 130 interrupted
+    from jaxcompress import _errors as errors
+
+    cases = [
+        (errors.RecipeError("r.toml: bits"), 2),
+        (errors.ArgumentError("--encoding n:m"), 2),
+        (errors.DestinationFolderMissingError(2, "out/c.safetensors"), 2),
+        (errors.DestinationExistsError(17, "c.safetensors"), 2),
+        (errors.CheckpointFormatError("m.safetensors: truncated"), 3),
+        (errors.CheckpointNotFoundError(2, "m.safetensors"), 3),
+        (errors.CheckpointWriteError(28, "c.safetensors: no space"), 1),
+        (ValueError("anything else"), 1),
+        (KeyboardInterrupt(), 130),
+    ]
+    for err, code in cases:
+        assert errors.exit_code(err) == code, err
+    # the message never matters: the same text under another type gets that type's code
+    assert errors.exit_code(ValueError("m.safetensors: checkpoint truncated")) == 1
+    # and existing `except` clauses keep catching them
+    assert isinstance(errors.CheckpointFormatError("x"), ValueError)
+    assert isinstance(errors.DestinationFolderMissingError(2, "x"), FileNotFoundError)

@@ -2,15 +2,29 @@
 recipes, reports and the ``jaxcompress`` CLI subcommands ``compress`` / ``inspect``.
 
 Modules, one idea each: `treemeta` (a compressed tree's structure as JSON records), `orbax_io`
-(Orbax save / restore), `sparse` (bit packing, bitmap and N:M encodings), `safetensors_format`
-(validating reader, streaming atomic writer), `safetensors_io` (compressed trees <-> tensor
-names), `sources` (read a float checkpoint leaf by leaf), `sliced` (quantize a leaf slice by slice),
-`magnitude` (bounded-memory magnitude masks), `recipes` (TOML -> rules, presets),
-`compress` (`compress_checkpoint`), `inspection` (`inspect_checkpoint`), `report` (the
-per-leaf table and its renderers), `analysis` (XLA cost analysis, latency, Pareto plot) and
-`cli` (argparse subcommands).
+(Orbax save / restore), `orbax_guard` (Orbax reads that fail cleanly: validated metadata, one
+error type, closed checkpointers), `orbax_sharding` (restoring onto a mesh), `sparse` (bit
+packing, bitmap and N:M encodings), `safetensors_format` (validating reader, streaming atomic
+writer with lock-guarded scratch files), `safetensors_records` (the validated JSON record of a
+file), `safetensors_io` (compressed trees <-> tensor names), `sources` (read a float checkpoint
+leaf by leaf), `sliced` (quantize a leaf slice by slice), `magnitude` (bounded-memory magnitude
+masks), `recipes` (TOML -> rules, presets), `compress` (`compress_checkpoint`), `inspection`
+(`inspect_checkpoint`), `report` (the per-leaf table and its renderers), `analysis` (XLA cost
+analysis, latency, Pareto plot), `command` (a CLI subcommand and how errors become exit codes)
+and `cli` (the ``compress`` / ``inspect`` subcommands).
+
+Untrusted input: every reader validates what it reads and raises a `CheckpointFormatError` (a
+``ValueError``) naming the file and the leaf; writers raise `CheckpointWriteError` naming the
+destination and leave nothing behind; the error types live in `jaxcompress._errors`.
 """
 
+from jaxcompress._errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    DestinationError,
+    InvalidQArrayError,
+)
 from jaxcompress.checkpoint.analysis import (
     Cost,
     Latency,
@@ -53,6 +67,11 @@ __all__ = [
     "pareto_front",
     "pareto_plot",
     "HeaderError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "DestinationError",
+    "InvalidQArrayError",
     "LeafRow",
     "Recipe",
     "RecipeError",

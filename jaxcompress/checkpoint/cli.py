@@ -39,8 +39,10 @@ from jaxcompress.checkpoint.command import Command, run_command
 __all__ = ["COMMANDS", "add_subcommands", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 _EPILOG = """\
-exit codes: 0 success, 1 unexpected failure, 2 usage error (options, recipe, existing DST),
-3 missing / truncated / corrupt / foreign checkpoint, 130 interrupted (nothing written)"""
+exit codes: 0 success, 1 failure (e.g. disk full, read-only DST; nothing written), 2 usage or
+recipe error (options, recipe, a rule or --encoding that does not fit a leaf, existing DST, no
+DST folder), 3 missing / truncated / corrupt / tampered / foreign checkpoint, 130 interrupted
+(nothing written)"""
 
 _COMPRESS_DESCRIPTION = """\
 Compress a float checkpoint (a .safetensors file or an Orbax checkpoint directory) into one

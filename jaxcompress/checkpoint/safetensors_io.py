@@ -33,7 +33,6 @@ JAX's x64 mode is off, instead of being truncated to 32 bits. Nothing is unpickl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Callable
@@ -45,12 +44,12 @@ import numpy as np
 from jaxcompress._errors import ArgumentError
 from jaxcompress.checkpoint import sparse, treemeta
 from jaxcompress.checkpoint.safetensors_format import DTYPES, HeaderError, SafetensorsReader, SafetensorsWriter
+from jaxcompress.checkpoint.safetensors_records import METADATA_KEY, file_metadata, read_records  # noqa: F401 (re-exported)
 from jaxcompress.qarray import QArray
 
 __all__ = ["export_safetensors", "import_safetensors", "encode_leaf", "decode_leaf", "read_records", "ENCODINGS"]
 
 ENCODINGS = ("auto", "dense", "bitmap", "n:m")
-METADATA_KEY = "jaxcompress"
 _NATIVE = set(DTYPES.values())
 
 
@@ -234,8 +233,16 @@ def decode_leaf(record: dict, read: Callable[[str], np.ndarray], where: str = ""
         return _decode(record, read, where, kind, dtype, shape, dense_name, info if kind == "qarray" else None)
     except HeaderError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError) as err:  # sparse decoding: counts that do not fit
-        raise HeaderError(str(err) if where in str(err) else f"{where}: {type(err).__name__}: {err}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as err:  # a record that passed its checks but does not fit
+        raise HeaderError(f"{where}: {type(err).__name__}: {err}") from None
+
+
+def _sparse(decode: Callable, *args: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(*args, name=name)``; its ValueErrors (counts that do not fit) name the leaf."""
+    try:
+        return decode(*args, name=name)
+    except ValueError as err:
+        raise HeaderError(str(err)) from None
 
 
 def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype, shape: tuple, dense_name: str, info: Any) -> tuple[Any, Any]:
@@ -250,7 +257,7 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
     elif encoding == "bitmap":
         bitmap = _read_values(read, name + ".mask_bitmap", np.dtype(np.uint8), (math.ceil(count / 8),), where)
         kept = _read_values(read, name + ".values", dtype, (int(record["kept"]),), where)
-        values, mask = sparse.decode_bitmap(bitmap, kept, shape, name=where)
+        values, mask = _sparse(sparse.decode_bitmap, bitmap, kept, shape, name=where)
     elif encoding == "n:m":
         try:
             n, m, axis, kept_count = (int(record[k]) for k in ("n", "m", "axis", "kept"))
@@ -260,7 +267,7 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
             raise HeaderError(f"{where}: n:m record n={n}, m={m}, axis={axis} does not fit shape {shape} (expected 1 <= n <= m <= 256 and m dividing an axis)")
         kept = _read_values(read, name + ".values", dtype, (kept_count,), where)
         indices = _read_values(read, name + ".nm_indices", np.dtype(np.uint8), (math.ceil(kept_count * sparse.index_bits(m) / 8),), where)
-        values, mask = sparse.decode_n_m(kept, indices, shape, n, m, axis, name=where)
+        values, mask = _sparse(sparse.decode_n_m, kept, indices, shape, n, m, axis, name=where)
     else:
         raise HeaderError(f"{where}: unknown encoding {encoding!r}")
     mask_out = jnp.asarray(mask) if record.get("mask") else treemeta.masked_node_or(None)
@@ -271,88 +278,6 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
         if field != "values":
             arrays[field] = jnp.asarray(_read_values(read, f"{name}.{field}", _dtype(spec["dtype"], where), _shape(spec["shape"], where), where))
     return treemeta.qarray_from_parts(record["qarray"]["static"], arrays, where), mask_out
-
-
-def read_records(reader: SafetensorsReader) -> list[dict] | None:
-    """The jaxcompress leaf records of a file (validated), or ``None`` for a foreign file.
-
-    >>> import os, tempfile, numpy as np
-    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-    >>> _ = export_safetensors(path, {"b": np.zeros(2, np.float32)})
-    >>> [(r["name"], r["kind"], r["encoding"]) for r in read_records(SafetensorsReader(path))]
-    [('b', 'array', 'dense')]
-    """
-    raw = reader.metadata.get(METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-        version, records = meta["format_version"], meta["leaves"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is not valid ({err})") from None
-    except RecursionError:
-        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is JSON nested too deeply") from None
-    if version != treemeta.FORMAT_VERSION:
-        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'] is jaxcompress format {version!r}, this version reads {treemeta.FORMAT_VERSION}")
-    if not isinstance(records, list):
-        raise HeaderError(f"{reader.path}: __metadata__['{METADATA_KEY}'].leaves is not a list")
-    for i, record in enumerate(records):
-        _check_record(record, f"{reader.path}: __metadata__['{METADATA_KEY}'].leaves[{i}]")
-    return records
-
-
-_RECORD_FIELDS = {"array": ("dtype", "shape"), "qarray": ("qarray",), "none": (), "masked_node": ()}
-_ENCODING_FIELDS = {"dense": (), "bitmap": ("kept",), "n:m": ("n", "m", "axis", "kept")}
-
-
-def _token_ok(token: Any) -> bool:
-    """A path token ``[kind, key]``: ``key`` a string, or an int (``idx`` needs an int)."""
-    if not isinstance(token, list) or len(token) != 2 or token[0] not in ("key", "idx", "attr"):
-        return False
-    key = token[1]
-    if isinstance(key, bool) or not isinstance(key, (str, int)):
-        return False
-    return isinstance(key, int) if token[0] == "idx" else True
-
-
-def _check_record(record: Any, where: str) -> None:
-    """Shape of one leaf record (types only; sizes are checked against the tensors on read)."""
-    if not isinstance(record, dict):
-        raise HeaderError(f"{where}: expected an object, got {type(record).__name__}")
-    path, name, kind = record.get("path"), record.get("name"), record.get("kind")
-    if isinstance(name, str):
-        where = f"{where} (leaf {name!r})"
-    if not isinstance(path, list) or not path or not all(_token_ok(t) for t in path):
-        raise HeaderError(f"{where}: 'path' must be a non-empty list of [kind, key] tokens, got {path!r}"[:300])
-    if not isinstance(name, str) or not isinstance(kind, str) or kind not in _RECORD_FIELDS:
-        raise HeaderError(f"{where}: needs a string 'name' and a 'kind' in {sorted(_RECORD_FIELDS)}")
-    missing = [f for f in _RECORD_FIELDS[kind] if f not in record]
-    if missing:
-        raise HeaderError(f"{where}: kind {kind!r} needs {missing}")
-    encoding = record.get("encoding", "dense")
-    if not isinstance(encoding, str) or encoding not in _ENCODING_FIELDS:
-        raise HeaderError(f"{where}: unknown encoding {encoding!r}")
-    missing = [f for f in _ENCODING_FIELDS[encoding] if f not in record]
-    if missing and kind in ("array", "qarray"):
-        raise HeaderError(f"{where}: encoding {encoding!r} needs {missing}")
-    for key in ("kept", "n", "m", "axis"):
-        if key in record and (type(record[key]) is not int or record[key] < (0 if key != "axis" else -64)):
-            raise HeaderError(f"{where}: {key!r} must be a non-negative integer")
-    if kind == "qarray":
-        info = record["qarray"]
-        arrays = info.get("arrays") if isinstance(info, dict) else None
-        if not isinstance(arrays, dict) or "values" not in arrays or not isinstance(info.get("static"), dict):
-            raise HeaderError(f"{where}: 'qarray' needs 'static' and 'arrays' (with 'values')")
-        for field, spec in arrays.items():
-            if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) or not isinstance(spec.get("shape"), list):
-                raise HeaderError(f"{where}: qarray array {field!r} needs a dtype string and a shape list")
-
-
-def file_metadata(records: list[dict], extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The ``__metadata__`` dict for a file holding ``records`` (internal)."""
-    meta = {"format": "jaxcompress", METADATA_KEY: json.dumps({"format_version": treemeta.FORMAT_VERSION, "leaves": records})}
-    meta.update(extra or {})
-    return meta
 
 
 def _mask_lookup(params_leaves: list, masks: Any, path: str) -> dict[str, Any]:

@@ -4,15 +4,20 @@ A weight quantized with ``activation="dynamic"`` / ``"static"`` asks for an int8
 dot or conv. On XLA's CPU backend that is not always the faster program: the integer matmul is
 several times float32's speed for large dots whose weight contracts its minor (last) stored axis,
 but slower than float32 for tiny contractions (an MNIST conv with one input channel contracts 9
-values), for matrix-vector products against a weight that contracts its major axis, and for the
-im2col convolution, which XLA's float ``convolution`` beats at every shape we measured
-(``benchmarks/cnn_speed.py``). `ExecutionPolicy` decides per site:
+values: building its int8 patches costs more than the dot saves), for matrix-vector products
+against a weight that contracts its major axis, and for grouped convs (an s32 batched dot).
+Where the integer conv wins depends on XLA's float convolution for that shape, which a static
+rule cannot know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy`
+decides per site:
 
 * ``"rule"`` (default): the mode the quantizer stored on the weight, everywhere;
 * ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
   where it is known to win, the weight-only path (float activation, the weight converted from its
   codes, float op) elsewhere. Depthwise convs run as a window sum either way
   (`jaxcompress.execute.depthwise`), which is faster than XLA's float convolution;
+* ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
+  parameters) on this machine, the faster one kept; timings are cached on disk
+  (`jaxcompress.execute.measure`), so later processes decide without running anything;
 * ``"integer"`` / ``"weight_only"``: that path everywhere it can run.
 
 ``overrides`` force a path for the weights whose leaf path matches a regex (first full match
@@ -32,7 +37,7 @@ from typing import Any, Mapping
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
 PATHS = ("integer", "weight_only")
-DEFAULTS = ("rule", "auto") + PATHS
+DEFAULTS = ("rule", "auto", "measure") + PATHS
 
 # Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
 MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
@@ -67,6 +72,12 @@ class SiteChoice:
 class ExecutionPolicy:
     """How `compressed` picks a path per site (see the module docs).
 
+    Attributes:
+      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"integer"`` or ``"weight_only"``.
+      overrides: ``{regex: "integer" | "weight_only"}`` on the leaf paths (first full match).
+      cache_dir: where ``"measure"`` keeps its timings (default: see `jaxcompress.execute.measure`).
+      rounds: timed calls per path when ``"measure"`` times a site.
+
     >>> policy = ExecutionPolicy("auto", overrides={r".*/head/kernel": "weight_only"})
     >>> policy.forced("params/head/kernel"), policy.forced("params/body/kernel")
     ('weight_only', None)
@@ -74,6 +85,8 @@ class ExecutionPolicy:
 
     default: str = "rule"
     overrides: Mapping[str, str] | tuple = ()
+    cache_dir: str | None = None
+    rounds: int = 7
 
     def __post_init__(self):
         if self.default not in DEFAULTS:
@@ -90,6 +103,8 @@ class ExecutionPolicy:
             except re.error as error:
                 raise ValueError(f"ExecutionPolicy: override pattern {pattern!r} is not a regex: {error}") from None
         object.__setattr__(self, "overrides", items)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"ExecutionPolicy: rounds must be a positive integer, got {self.rounds!r}")
 
     def forced(self, path: str) -> str | None:
         """The path an override forces for the leaf ``path`` (``None``: no override matches)."""
@@ -129,7 +144,17 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
 
         if is_depthwise(view.shape, params):
             return "integer", "depthwise: int8 window sum, faster than XLA's float convolution"
-        return "weight_only", "XLA:CPU's float convolution beats the int8 im2col dot (benchmarks/cnn_speed.py)"
+        _, rhs_spec, _ = params["dimension_numbers"]
+        groups = int(params.get("feature_group_count", 1))
+        if groups > 1:
+            return "weight_only", "grouped conv: XLA runs the grouped int8 im2col as an s32 batched dot"
+        contraction = math.prod(view.shape[a] for a in rhs_spec[1:])
+        if contraction < MIN_CONTRACTION:
+            return "weight_only", (
+                f"contracts {contraction} < {MIN_CONTRACTION} values (input channels x window): building int8 "
+                f"patches costs more than the int8 dot saves"
+            )
+        return "integer", f"int8 im2col dot contracting {contraction} values"
     contraction, outputs, rows, minor = _dot_sizes(x_shape, view, params["dimension_numbers"], weight_side)
     if contraction < MIN_CONTRACTION:
         return "weight_only", f"contracts {contraction} < {MIN_CONTRACTION} values: the int8 dot loses to float32"
@@ -144,9 +169,10 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
     return "integer", f"{rows}x{contraction}x{outputs} int8 dot, weight contracts its {layout} stored axis"
 
 
-def choose_mode(policy: ExecutionPolicy, primitive: str, x_shape, view, params: dict, weight_side: str = "rhs"):
+def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs"):
     """``(mode, reason)``: the activation mode a site runs in (``"weight_only"`` or the weight's
-    own integer mode) under ``policy``."""
+    own integer mode) under ``policy``; ``x`` is the activation (or anything with its shape and
+    dtype)."""
     requested = view.activation
     if requested == "weight_only":
         return "weight_only", "quantized weight-only"
@@ -157,8 +183,12 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x_shape, view, params: 
         path, reason = "integer", "the weight's activation mode (policy 'rule')"
     elif policy.default in PATHS:
         path, reason = policy.default, f"policy {policy.default!r}"
+    elif policy.default == "measure":
+        from jaxcompress.execute.measure import measured_choice
+
+        path, reason = measured_choice(policy, primitive, x, view, params, weight_side)
     else:
-        path, reason = auto_choice(primitive, x_shape, view, params, weight_side)
+        path, reason = auto_choice(primitive, tuple(x.shape), view, params, weight_side)
     return (requested if path == "integer" else "weight_only"), reason
 
 

@@ -103,7 +103,7 @@ def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side
         return "weight_only"
     if context.policy is None:
         return None
-    mode, reason = choose_mode(context.policy, primitive, x.shape, view, params, side)
+    mode, reason = choose_mode(context.policy, primitive, x, view, params, side)
     if context.record is not None:
         context.record.append(site_choice(primitive, x.shape, view, params, mode, reason))
     return mode

@@ -37,7 +37,7 @@ OP_KINDS = {
     "add": "x + y", "sub": "x - y", "mul": "x * y", "div": "x / y", "maximum": "max(x, y)", "minimum": "min(x, y)",
     "relu": "max(x, 0)", "relu6": "clip(x, 0, 6)", "logistic": "sigmoid", "tanh": "tanh",
     "hard_swish": "x * relu6(x + 3) / 6", "gelu": "gelu [approximate]", "exp": "exp", "rsqrt": "1 / sqrt",
-    "sqrt": "sqrt", "neg": "-x", "abs": "|x|", "square": "x * x",
+    "sqrt": "sqrt", "neg": "-x", "abs": "|x|", "square": "x * x", "erfc": "1 - erf(x) (ONNX only)",
     "softmax": "softmax over the last axis",
     "max_pool2d": "NHWC max pool [window, strides, padding]", "avg_pool2d": "NHWC mean pool, VALID [window, strides]",
     "mean": "mean over [axes] [keepdims]", "sum": "sum over [axes] [keepdims]", "reduce_max": "max over [axes] [keepdims]",

@@ -17,24 +17,27 @@ import numpy as np
 __all__ = ["load_runner", "evaluate_file", "FileReport"]
 
 
-def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function running the file's first output on one float32 batch (any batch size)."""
+def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable[..., np.ndarray]:
+    """A function ``run(*inputs)`` returning the file's first output for float32 inputs (any
+    batch size); ``threads`` (default: the runtime's own default) sets the CPU threads."""
     path = os.fspath(path)
     if path.endswith(".tflite"):
         from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_path=path, num_threads=threads)
-        index = interpreter.get_input_details()[0]["index"]
+        indices = [detail["index"] for detail in interpreter.get_input_details()]
         output = interpreter.get_output_details()[0]["index"]
-        shape = [None]
+        shapes = [None]
 
-        def run_tflite(x):
-            x = np.ascontiguousarray(x, np.float32)
-            if shape[0] != x.shape:
-                interpreter.resize_tensor_input(index, x.shape)
+        def run_tflite(*inputs):
+            inputs = [np.ascontiguousarray(x, np.float32) for x in inputs]
+            if shapes[0] != [x.shape for x in inputs]:
+                for index, x in zip(indices, inputs):
+                    interpreter.resize_tensor_input(index, x.shape)
                 interpreter.allocate_tensors()
-                shape[0] = x.shape
-            interpreter.set_tensor(index, x)
+                shapes[0] = [x.shape for x in inputs]
+            for index, x in zip(indices, inputs):
+                interpreter.set_tensor(index, x)
             interpreter.invoke()
             return interpreter.get_tensor(output)
 
@@ -46,8 +49,8 @@ def load_runner(path: str | os.PathLike, threads: int | None = None) -> Callable
         if threads:
             options.intra_op_num_threads = threads
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: np.ascontiguousarray(x, np.float32)})[0]
+        names = [i.name for i in session.get_inputs()]
+        return lambda *inputs: session.run(None, {n: np.ascontiguousarray(x, np.float32) for n, x in zip(names, inputs)})[0]
     raise ValueError(f"{path}: expected a .tflite or .onnx file")
 
 

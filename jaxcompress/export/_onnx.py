@@ -5,10 +5,13 @@ A quantized activation is its float value followed by ``QuantizeLinear`` / ``Deq
 point ``z`` are the same values as uint8 ``q + 128`` with ``z + 128``). An integer conv /
 fully-connected reads its input through such a pair, its int8 per-output-channel weight and int32
 bias through ``DequantizeLinear``, and its output goes straight into a ``QuantizeLinear``: ONNX
-Runtime fuses that into ``QLinearConv`` / ``QGemm``. A fused relu follows as ``DQ -> Relu -> Q``
-with the same quantization (exact: the zero point is the code of 0). A fully-connected with an int8
-weight and a float input (a dynamic-range model) is ``DynamicQuantizeLinear -> MatMulInteger``,
-which ONNX Runtime runs as its dynamic-quantized matmul.
+Runtime fuses that into ``QLinearConv`` / ``QGemm``. A relu output quantized symmetrically (scale
+``s``, zero point 0: the activation scale of the next layer) is stored as uint8 with zero point 0
+and the same scale, so its QuantizeLinear does the relu and ONNX Runtime drops the Relu; such a
+tensor saturates at ``255 s`` where `jaxcompress.compressed` saturates at ``127 s`` (the only
+difference, and only for values beyond the calibrated range). A fully-connected with an int8
+weight and a float input (a dynamic-range model) quantizes each activation row at run time and
+runs ``MatMulInteger`` (int8 x int8 -> int32), as `jaxcompress.compressed` does.
 
 The graph is NHWC; ONNX convs and pools are NCHW, so every 4-D tensor is kept in whichever
 layout its producer made and transposed (once, cached) for a consumer that needs the other one.
@@ -20,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jaxcompress.export._graph import ExportError, Graph, Op, Quant, Tensor
+from jaxcompress.export._graph import SAME_QUANT, ExportError, Graph, Op, Quant, Tensor
 from jaxcompress.export._tflite import same_padding
 
 __all__ = ["to_model", "OPSET"]
@@ -42,6 +45,7 @@ class _Writer:
         self.nodes: list = []
         self.initializers: list = []
         self.values: dict[int, tuple[str, str]] = {}  # tensor -> (name, "nhwc" | "nchw")
+        self.stored: dict[int, Quant] = {}  # tensor -> the quantization its QDQ pair uses
         self.cache: dict[tuple, str] = {}
         self.count = 0
 
@@ -86,25 +90,38 @@ class _Writer:
                 data = data.reshape(-1, 1, 1)
             return self.init(tensor.name, data)
         name, stored = self.values[id(tensor)]
+        have = self.stored.get(id(tensor), tensor.quant)
         rank4 = len(tensor.shape) == 4
         moved = rank4 and stored != layout
-        if not moved and (quant is None or quant.same(tensor.quant)):
+        if quant is not None and have is not None and np.array_equal(quant.scale, have.scale):
+            quant = have  # a relu output on [0, 255] steps serves a symmetric consumer of the same scale
+        if not moved and (quant is None or quant.same(have)):
             return name
         key = (id(tensor), layout if rank4 else "nhwc", None if quant is None else (quant.scale[0], quant.zero_point[0]))
         if key not in self.cache:
             if moved:
                 name = self.node("Transpose", [name], tensor.name, perm=list(_TO_NCHW if layout == "nchw" else _TO_NHWC))
-                quant = quant or tensor.quant
+                quant = quant or have
             self.cache[key] = self.qdq(name, quant) if quant is not None else name
         return self.cache[key]
 
     def produce(self, tensor: Tensor, name: str, layout: str, activation: str | None = None) -> None:
-        if tensor.quant is not None:
-            name = self.qdq(name, tensor.quant)
-        if activation is not None:
+        quant = self.stored.get(id(tensor), tensor.quant)
+        if quant is not None and activation in ("relu", "relu6") and int(quant.zero_point[0]) == 0:
+            # a relu output quantized symmetrically: store it as uint8 with zero point 0 and the same
+            # scale, so the QuantizeLinear clamps at 0 (ONNX Runtime drops the Relu / Clip and the
+            # conv's output is its QLinearConv's); it then saturates at 255 steps instead of 127
+            quant = Quant(quant.scale, -128)
+            if activation == "relu6":
+                name = self._activation(name, "relu6")
+            self.stored[id(tensor)] = quant
+            name = self.qdq(name, quant)
+        elif quant is not None:
+            name = self.qdq(name, quant)
+            if activation is not None:
+                name = self.qdq(self._activation(name, activation), quant)
+        elif activation is not None:
             name = self._activation(name, activation)
-            if tensor.quant is not None:
-                name = self.qdq(name, tensor.quant)
         self.values[id(tensor)] = (name, layout if len(tensor.shape) == 4 else "nhwc")
 
     def _activation(self, name: str, activation: str) -> str:
@@ -119,7 +136,10 @@ class _Writer:
             return self._conv(op)
         if kind == "fully_connected":
             return self._dense(op)
-        if kind in _UNARY or kind in ("relu6", "square", "rsqrt", "gelu"):
+        if kind in ("relu", "relu6") and out.quant is not None:
+            x, layout = self._any_layout(op.inputs[0])
+            return self.produce(out, x, layout, kind)  # the QuantizeLinear of the output clamps
+        if kind in _UNARY or kind in ("relu6", "square", "rsqrt", "gelu", "erfc"):
             x, layout = self._any_layout(op.inputs[0])
             return self.produce(out, self._unary(kind, x, attrs), layout, op.activation)
         if kind in _BINARY:
@@ -129,6 +149,9 @@ class _Writer:
             return self.produce(out, self.node(_BINARY[kind], args, kind), layout, op.activation)
         if kind in ("max_pool2d", "avg_pool2d"):
             x = self.get(op.inputs[0], "nchw")
+            source = self.stored.get(id(op.inputs[0]))
+            if source is not None and out.quant is not None and np.array_equal(source.scale, out.quant.scale):
+                self.stored[id(out)] = source
             pads = [0, 0, 0, 0]
             if attrs.get("padding", "VALID") == "SAME":
                 (t, b), (l, r) = (same_padding(op.inputs[0].shape[1 + i], attrs["window"][i], attrs["strides"][i], 1)
@@ -147,6 +170,10 @@ class _Writer:
                 y = self.node("ReduceMean" if kind == "mean" else "ReduceMax", [x], kind, axes=axes, keepdims=keep)
             return self.produce(out, y, layout if keep else "nhwc")
         x = None if kind == "concat" else self.get(op.inputs[0])
+        source = self.stored.get(id(op.inputs[0]))
+        if kind in SAME_QUANT and source is not None and out.quant is not None and \
+                np.array_equal(source.scale, out.quant.scale):
+            self.stored[id(out)] = source  # keep the relu output's uint8 form through layout ops
         if kind == "softmax":
             y = self.node("Softmax", [x], kind, axis=-1)
         elif kind == "pad":
@@ -185,6 +212,8 @@ class _Writer:
             return self._activation(x, "relu6")
         if kind == "square":
             return self.node("Mul", [x, x], kind)
+        if kind == "erfc":
+            return self.node("Sub", [self.init("one", np.float32(1)), self.node("Erf", [x], "erf")], kind)
         if kind == "rsqrt":
             return self.node("Reciprocal", [self.node("Sqrt", [x], "sqrt")], kind)
         # gelu, from its definition (opset 17 has no Gelu node)
@@ -245,13 +274,23 @@ class _Writer:
         self.produce(out, y, "nhwc", op.activation)
 
     def _dynamic_dense(self, op: Op, x_name: str) -> str:
-        """Dynamic-range fully-connected: uint8 activation quantized at run time, int8 weight."""
+        """Dynamic-range fully-connected, as `jaxcompress.compressed` runs it: each row of the
+        activation quantized at run time to int8 codes in [-127, 127] with its own scale
+        ``max|row| / 127`` (round half to even), an int8 x int8 ``MatMulInteger``, both scales on
+        the int32 result. (``DynamicQuantizeLinear`` would share one scale over all rows, which
+        costs a transformer's tokens most of their precision.)"""
         weight = op.inputs[1]
-        codes, x_scale, x_zero = self.node("DynamicQuantizeLinear", [x_name], "dq_x", outputs=3)
+        absmax = self.node("ReduceMax", [self.node("Abs", [x_name], "abs")], "absmax", axes=[1], keepdims=1)
+        scale = self.node("Div", [self.node("Max", [absmax, self.init("tiny", np.float32(1e-30))], "nonzero"),
+                                  self.init("qmax", np.float32(127))], "row_scale")
+        rounded = self.node("Round", [self.node("Div", [x_name, scale], "scaled")], "rounded")
+        # uint8 codes q + 128 with zero point 128 (the same values): the u8 x s8 kernel
+        shifted = self.node("Add", [rounded, self.init("offset", np.float32(128))], "shifted")
+        clipped = self.node("Clip", [shifted, self.init("lo", np.float32(1)), self.init("hi", np.float32(255))], "clip")
+        codes = self.node("Cast", [clipped], "codes", to=TensorProto.UINT8)
         w_codes = self.init(weight.name, np.ascontiguousarray(np.asarray(weight.data, np.int8).T))
-        w_zero = self.init(weight.name + "_zero", np.zeros(weight.shape[0], np.int8))
-        acc = self.node("MatMulInteger", [codes, w_codes, x_zero, w_zero], "matmul_int")
-        scaled = self.node("Mul", [self.node("Cast", [acc], "cast", to=TensorProto.FLOAT), x_scale], "x_scaled")
+        acc = self.node("MatMulInteger", [codes, w_codes, self.init("x_zero", np.uint8(128))], "matmul_int")
+        scaled = self.node("Mul", [self.node("Cast", [acc], "cast", to=TensorProto.FLOAT), scale], "x_scaled")
         w_scale = self.init(weight.name + "_scale", np.broadcast_to(weight.quant.scale, (weight.shape[0],)).astype(np.float32))
         y = self.node("Mul", [scaled, w_scale], "w_scaled")
         bias = np.asarray(op.inputs[2].data, np.float32) if len(op.inputs) > 2 else None

@@ -29,7 +29,7 @@ __all__ = ["GraphBuilder", "ATOMIC_CALLS"]
 # named calls lowered as one graph op (and observed as one value by the calibration)
 ATOMIC_CALLS = {"relu": "relu", "relu6": "relu6", "hard_silu": "hard_swish", "hard_swish": "hard_swish"}
 _UNARY = {"exp": "exp", "logistic": "logistic", "tanh": "tanh", "sqrt": "sqrt", "rsqrt": "rsqrt", "neg": "neg",
-          "abs": "abs"}
+          "abs": "abs", "square": "square", "erfc": "erfc"}
 _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "max": "maximum", "min": "minimum"}
 _IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
 
@@ -162,6 +162,14 @@ class GraphBuilder:
             producer = self.producer(a)
             if producer is not None and producer.kind == "relu":
                 return [self.emit("relu6", [producer.inputs[0]], self.out_shape(eqn), eqn)]
+        if kind == "mul":
+            gelu = self._exact_gelu(a, b)
+            if gelu is not None:
+                return [self.emit("gelu", [gelu], self.out_shape(eqn), eqn, approximate=False)]
+        if kind == "div" and not a.is_constant and not b.is_constant:
+            logits = self._softmax_logits(a, b)
+            if logits is not None:
+                return [self.emit("softmax", [logits], self.out_shape(eqn), eqn)]
         if kind == "div" and b.is_constant and b.data.size == 1:
             producer = self.producer(a)
             divisor = float(b.data.reshape(()))
@@ -170,6 +178,45 @@ class GraphBuilder:
             return [self.emit("mul", [a, self.graph.constant("reciprocal", np.float32(1.0 / divisor))],
                               self.out_shape(eqn), eqn)]
         return [self.emit(kind, [a, b], self.out_shape(eqn), eqn)]
+
+    # ---- composite patterns (what jax.nn emits for exact gelu and softmax) ---------------------------
+    def _chain(self, tensor, *kinds):
+        """The producers along first inputs, if their kinds are ``kinds``; else ``None``."""
+        ops = []
+        for kind in kinds:
+            op = None if tensor.is_constant else self.producer(tensor)
+            if op is None or op.kind != kind:
+                return None
+            ops.append(op)
+            tensor = next((t for t in op.inputs if not t.is_constant), None)
+            if tensor is None:
+                return None
+        return ops
+
+    def _exact_gelu(self, a, b):
+        """``(0.5 x) * erfc(-x / sqrt 2)`` -> x (jax.nn.gelu(approximate=False))."""
+        for half, tail in ((a, b), (b, a)):
+            chain = self._chain(tail, "erfc", "mul", "neg")
+            scale = self._chain(half, "mul")
+            if chain is None or scale is None:
+                continue
+            x = chain[2].inputs[0]
+            constants = [t for t in scale[0].inputs if t.is_constant]
+            inv_sqrt2 = [t for t in chain[1].inputs if t.is_constant]
+            if (x in scale[0].inputs and constants and np.allclose(constants[0].data, 0.5)
+                    and inv_sqrt2 and np.allclose(inv_sqrt2[0].data, 1 / np.sqrt(2))):
+                return x
+        return None
+
+    def _softmax_logits(self, numerator, denominator):
+        """``exp(h - m) / sum(exp(h - m), last axis)`` -> h (jax.nn.softmax)."""
+        total = self._chain(denominator, "reshape", "mul", "mean")
+        exp = self._chain(numerator, "exp", "sub")
+        if total is None or exp is None or total[2].inputs[0] is not numerator:
+            return None
+        if tuple(total[2].attrs["axes"]) != (len(numerator.shape) - 1,):
+            return None
+        return exp[1].inputs[0]
 
     def reshape(self, ev, eqn, invals):
         shape = self.out_shape(eqn)

@@ -159,7 +159,9 @@ class _Writer:
             if op.kind in FIXED_OUTPUT_QUANT:
                 out_quant = Quant(*FIXED_OUTPUT_QUANT[op.kind])
         if op.kind in ("conv2d", "fully_connected"):
-            return self._weighted(op, integer, out_quant)
+            # a float weight (a kernel the rules left unquantized) runs the float kernel in the int8 graph
+            integer = integer and op.inputs[1].quant is not None and "input_quant" in op.attrs
+            return self._weighted(op, integer, out_quant if integer else None)
         if integer and op.kind in _SAME_AS_INPUT:
             inputs = [self.value(t, out_quant) if not t.is_constant else t for t in op.inputs]
         else:
@@ -175,8 +177,6 @@ class _Writer:
         out_channels = weight.shape[0]
         bias = np.zeros(out_channels) if bias is None else np.asarray(bias, np.float64)
         quantized_weight = weight.quant is not None
-        if integer and not quantized_weight:
-            raise ExportError(f"{op.where}: an integer {op.kind} needs an int8 weight")
         in_quant = op.attrs.get("input_quant", x.quant) if integer else None
         x_index = self.value(x, in_quant)
         if op.kind == "conv2d":

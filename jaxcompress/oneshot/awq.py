@@ -39,7 +39,7 @@ from jaxcompress.oneshot.smoothquant import (
     run_smoothing,
 )
 from jaxcompress.qarray import QArray
-from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.quantize import place_like_param, quantize
 from jaxcompress.rules import QuantRule
 
 __all__ = ["awq", "awq_scales", "awq_matrix", "row_errors", "fake_quant_rows"]
@@ -228,7 +228,7 @@ def awq(
         if all_zero_inputs(stats, name, "awq"):
             ones = jnp.ones(stats.view.d_in, jnp.float32)
             q = dataclasses.replace(quantize(jnp.asarray(leaf), rule.spec, name=name), input_scale=input_scale_layout(ones, leaf, stats))
-            return q, LayerSmoothing(stats.view.path, 0.0, 1.0, 0.0, 0.0)
+            return place_like_param(leaf, q), LayerSmoothing(stats.view.path, 0.0, 1.0, 0.0, 0.0)
         hessian = np.asarray(stats.hessian) / max(stats.count, 1)
         act_mean = np.asarray(stats.abs_sums) / max(stats.count, 1)
         group_absmax = _group_absmax(leaf, stats, rule, name) if len(clip_grid) else None
@@ -237,7 +237,9 @@ def awq(
         )
         input_scale = input_scale_layout(result["scale"], leaf, stats)
         smoothed = from_matrix(result["matrix"], leaf, stats).astype(jnp.asarray(leaf).dtype)
-        q = dataclasses.replace(quantize(smoothed, rule.spec, name=name), input_scale=input_scale)
+        # Computed on the whole matrix: put back where the param lives (values like it, group
+        # scales along a sharded group axis where the groups align with the shards).
+        q = place_like_param(leaf, dataclasses.replace(quantize(smoothed, rule.spec, name=name), input_scale=input_scale))
         layer = LayerSmoothing(
             stats.view.path,
             result["exponent"],

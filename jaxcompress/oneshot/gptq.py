@@ -51,12 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, place_like, sequential_capture, sequential_groups, to_matrix
+from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, sequential_capture, sequential_groups, to_matrix
 from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import int_range, scale_from_range
-from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.quantize import place_like_param, quantize
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
 from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
 
@@ -404,11 +404,12 @@ def _to_qarray(leaf, result: GPTQResult, index_map, column_groups, spec: Resolve
     if not spec.symmetric:
         flat_zero = np.zeros(math.prod(scale_shape), np.float32)
         flat_zero[index_map] = np.asarray(result.zero_point)[column_groups[None, :], rows]
-        zero_point = place_like(leaf, jnp.asarray(flat_zero.reshape(scale_shape)).astype(storage_dtype(spec.bits)))
-    # Placed where the param lives (its sharding along the axes the arrays share with it).
-    return QArray(
-        values=place_like(leaf, values.astype(storage_dtype(spec.bits))),
-        scale=place_like(leaf, jnp.asarray(flat_scale.reshape(scale_shape)).astype(spec.scale_dtype)),
+        zero_point = jnp.asarray(flat_zero.reshape(scale_shape)).astype(storage_dtype(spec.bits))
+    # Placed where the param lives: values like it, group scales along a sharded group axis too
+    # where the groups align with the shards (`place_like_param`).
+    return place_like_param(leaf, QArray(
+        values=values.astype(storage_dtype(spec.bits)),
+        scale=jnp.asarray(flat_scale.reshape(scale_shape)).astype(spec.scale_dtype),
         zero_point=zero_point,
         bits=spec.bits,
         qtype=spec.qtype,
@@ -417,7 +418,7 @@ def _to_qarray(leaf, result: GPTQResult, index_map, column_groups, spec: Resolve
         group_size=spec.group_size,
         dtype=jnp.dtype(leaf.dtype),
         activation=spec.activation,
-    )
+    ))
 
 
 def _output_error(delta: np.ndarray, hessian: np.ndarray) -> float:

@@ -6,10 +6,11 @@ Per step, inside the user's jitted ``update``:
    the masks are recomputed under `lax.switch` (so one compilation serves the whole run): by the
    rules at the first update step, and by the rules again (gradual pruning) or by drop/regrow
    (``dst=SET(...)`` / ``RigL(...)``) afterwards;
-2. the gradients are masked and handed to ``inner`` (extra keyword arguments of ``update``, e.g.
-   ``value=`` for `optax.contrib.reduce_on_plateau`, are passed on), and the param-shaped
-   leaves of the inner state it returns (found structurally, see `inner_state`) are zeroed
-   where the mask is False, so moments never carry over to a pruned or regrown weight;
+2. the param-shaped leaves of the inner state (found structurally, see `inner_state`) are
+   zeroed where the new mask is False (and, with ``dst``, where a weight regrows), then the
+   masked gradients are handed to ``inner`` (extra keyword arguments of ``update``, e.g.
+   ``value=`` for `optax.contrib.reduce_on_plateau`, are passed on), so its moments stay zero
+   at pruned positions and never carry over to a pruned or regrown weight;
 3. the returned update is the inner update where the mask is True and ``-param`` where it is
    False: after `optax.apply_updates` the params are EXACTLY zero there (``p + (-p) == 0``).
 
@@ -249,14 +250,22 @@ def prune(
             branches.append(lambda: recompute(params, updates, state, step, key))
         if dst is not None:
             branches.append(lambda: regrow(params, updates, state, step, key))
-        # Only the NEW masks are used after the switch, and no branch reads the old ones to
-        # write new ones: otherwise XLA copies the donated masks and the switch's output on
-        # every step.
+        # Only the NEW masks are used after the switch, and no branch but DST's regrowth (which
+        # must) reads the old ones to write new ones: otherwise XLA copies the donated masks and
+        # the switch's output on every step (it does with dst: 2 bytes per pruned weight).
         new_masks = lax.switch(index, branches)
         lax.cond(jnp.all(clean), lambda: None, lambda: _report_not_outermost(names, clean))
 
         masked_grads = _mask_tree_map(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), new_masks, updates)
-        inner_state = zero_outside(state.inner_state, new_masks, params)
+        # The inner state is zeroed where the new masks prune (moments of a newly pruned weight
+        # are dropped). Where a weight was pruned before, its moments are already zero (its
+        # gradients were masked); with dynamic sparse training, whose regrowth reads the old
+        # masks anyway, regrown weights are also reset explicitly (fresh moments whatever the
+        # inner optimizer keeps at pruned positions).
+        keep = new_masks
+        if dst is not None:
+            keep = _mask_tree_map(lambda new, old: new & old, new_masks, state.masks)
+        inner_state = zero_outside(state.inner_state, keep, params)
         inner_updates, inner_state = inner.update(masked_grads, inner_state, params, **extra_args)
         final = _mask_tree_map(
             lambda m, u, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)), new_masks, inner_updates, params

@@ -97,12 +97,24 @@ def _fence(index: jax.Array) -> Callable[[Any], Any]:
 _FUSED_SPAN = 32
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+    try:
+        sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+        return False
+    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in axis_types)
+    return explicit and any(axis is not None for axis in getattr(sharding, "spec", ()))
+
+
 def count_true(pred: jax.Array) -> jax.Array:
     """The number of True entries, as int32, without an int32 temporary of ``pred``'s size: the
     first stage sums chunks of at most 32 along the last axis (fused with the comparison that
     computes ``pred``), an optimization barrier keeps XLA from merging it with the second."""
     pred = jnp.asarray(pred)
-    if pred.size <= _FUSED_SPAN * _FUSED_SPAN or pred.ndim == 0:
+    if pred.size <= _FUSED_SPAN * _FUSED_SPAN or pred.ndim == 0 or _explicitly_sharded(pred):
+        # (with explicit mesh axes jax refuses the chunking reshape of a sharded axis; sharded
+        # programs run where reductions fuse anyway)
         return jnp.sum(pred, dtype=jnp.int32)
     while pred.ndim > 1 and pred.shape[-1] < _FUSED_SPAN:
         pred = pred.reshape(*pred.shape[:-2], pred.shape[-2] * pred.shape[-1])

@@ -39,6 +39,7 @@ __all__ = [
     "to_grouped",
     "from_grouped",
     "block_size",
+    "block_along",
     "blocked_spec",
     "to_blocks",
     "groups_to_blocks",
@@ -167,9 +168,7 @@ def _shards_along(x: Any, axis: int) -> int | None:
 
 def block_size(x: Any, spec: ResolvedSpec) -> int | None:
     """The block the group axis is split into for sharding-compatible work (``None`` without
-    groups): the largest divisor of ``group_size`` that divides the shard size along the group
-    axis. When the sharding is not known at trace time (``jit`` over auto mesh axes), any even
-    split of the axis over a divisor of the device count is allowed for.
+    groups): `block_along` the group axis.
 
     >>> from jaxcompress.quant.spec import QuantSpec
     >>> spec = QuantSpec(bits=4, group_size=64, group_axis=0).resolve((192, 8))
@@ -178,12 +177,24 @@ def block_size(x: Any, spec: ResolvedSpec) -> int | None:
     """
     if spec.group_axis is None:
         return None
-    dim = int(x.shape[spec.group_axis])
-    shards = _shards_along(x, spec.group_axis)
+    return block_along(x, spec.group_axis, int(spec.group_size))
+
+
+def block_along(x: Any, axis: int, group_size: int) -> int:
+    """The largest divisor of ``group_size`` that divides the shard length of ``x`` along
+    ``axis``. When the sharding is not known at trace time (``jit`` over auto mesh axes), any
+    even split of the axis over a divisor of the device count is allowed for. (Also for callers
+    outside `quant`, e.g. the grouped integer dot of `compressed`.)
+
+    >>> block_along(jax.numpy.zeros((192, 8)), 0, 64)
+    64
+    """
+    dim = int(x.shape[axis])
+    shards = _shards_along(x, axis)
     if shards is None:
         shards = math.gcd(dim, jax.device_count())
     shard_dim = -(-dim // max(shards, 1))
-    return math.gcd(int(spec.group_size), shard_dim) or int(spec.group_size)
+    return math.gcd(int(group_size), shard_dim) or int(group_size)
 
 
 def blocked_spec(spec: ResolvedSpec, block: int | None) -> ResolvedSpec:

@@ -24,7 +24,7 @@ from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
 
-__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec", "scale_sharding"]
+__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec", "scale_sharding", "place_like_param"]
 
 
 def make_spec(spec: QuantSpec | None, kwargs: dict[str, Any]) -> QuantSpec:
@@ -205,6 +205,44 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     scale = to_grouped(q.scale.astype(jnp.float32), spec)
     zero_point = None if q.zero_point is None else to_grouped(q.zero_point.astype(jnp.float32), spec)
     return decode_array(q.values, scale, zero_point, spec, block_size(q.values, spec)).astype(out_dtype)
+
+
+def place_like_param(param: Any, q: QArray) -> QArray:
+    """``q`` with its arrays where ``param`` (the array it quantizes) lives: the values with the
+    param's sharding, scale and zero point by `scale_sharding`, an input scale split like the
+    param along the axes it has in full. For results computed off the mesh (the one-shot methods
+    run their per-matrix algorithm on the whole matrix). A param that is not a `jax.Array`
+    (NumPy) leaves ``q`` as it is.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> w = jax.device_put(jnp.ones((4, 2)), jax.devices()[0])
+    >>> place_like_param(w, jc.quantize(jnp.ones((4, 2)), bits=4, group_size=2)).values.devices() == w.devices()
+    True
+    """
+    if not isinstance(param, jax.Array) or isinstance(param, jax.core.Tracer):
+        return q
+    sharding = param.sharding
+    if not isinstance(sharding, NamedSharding):
+        if len(sharding.device_set) != 1:
+            return q
+        return jax.tree.map(lambda a: jax.device_put(a, sharding), q)
+    entries = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+    scale_placement = scale_sharding(sharding, tuple(param.shape), group_spec(q))
+
+    def like_full_axes(array):
+        spec = PartitionSpec(*(e if array.shape[d] == param.shape[d] else None for d, e in enumerate(entries)))
+        return jax.device_put(array, NamedSharding(sharding.mesh, spec))
+
+    return dataclasses.replace(
+        q,
+        values=jax.device_put(q.values, sharding),
+        scale=jax.device_put(q.scale, scale_placement),
+        zero_point=None if q.zero_point is None else jax.device_put(q.zero_point, scale_placement),
+        activation_scale=None if q.activation_scale is None else jax.device_put(
+            q.activation_scale, NamedSharding(sharding.mesh, PartitionSpec())
+        ),
+        input_scale=None if q.input_scale is None else like_full_axes(q.input_scale),
+    )
 
 
 def group_spec(q: QArray) -> ResolvedSpec:

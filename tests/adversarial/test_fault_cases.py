@@ -170,3 +170,29 @@ def test_sigint_mid_write_leaves_nothing(source, out):
     finally:
         proc.kill()
     assert proc.returncode != 0 and listing(out) == []
+
+
+# ---- odd leaves in a source checkpoint --------------------------------------------------------
+
+
+def test_zero_size_leaf_in_a_source(out):
+    path = out.parent / "empty.safetensors"
+    save_file({"empty.weight": np.zeros((0, 256), np.float32), "dense.weight": np.ones((8, 256), np.float32)}, str(path))
+    table = expect_ok(lambda: jc.compress_checkpoint(path, out / "c.safetensors", "w8a8"))
+    rows = {row.path: row for row in table.rows}
+    assert rows["empty/weight"].format == "float32" and rows["dense/weight"].format == "int8"
+
+
+def test_nan_weight_in_a_source(out):
+    path = out.parent / "nan.safetensors"
+    w = np.ones((8, 256), np.float32)
+    w[3, 7] = np.nan
+    save_file({"dense.weight": w}, str(path))
+    expect_clear(lambda: jc.compress_checkpoint(path, out / "c.safetensors", "w8a8"), ValueError, "dense", "nan", folder=out)
+
+
+def test_channel_axes_as_an_int_in_a_recipe(source, out):
+    recipe = out.parent / "r.toml"
+    recipe.write_text("[[quantize]]\npattern = '.*weight'\nbits = 8\nchannel_axes = 0\n")
+    table = expect_ok(lambda: jc.compress_checkpoint(source, out / "c.safetensors", recipe))
+    assert {row.granularity for row in table.rows if row.format == "int8"} == {"per-channel(0,)"}

@@ -1,6 +1,5 @@
 """WeightView layout ops commute with dequantization (or refuse, returning None)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -101,3 +101,19 @@ def test_dynamic_range_dense_uses_dynamic_kernels(tmp_path):
     for out in (run_tflite(tflite, x)[0], run_onnx(onnx_path, x)[0]):
         cosine = np.sum(out * expected) / np.linalg.norm(out) / np.linalg.norm(expected)
         assert cosine > 0.999
+
+
+def test_unquantized_kernel_stays_float_inside_an_int8_graph(tmp_path):
+    model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(5)])
+    x = np.random.default_rng(3).normal(size=(16, 16)).astype(np.float32)
+    variables = model.init(jax.random.key(1), x)
+    rules = [jc.QuantRule(pattern=r".*layers_0/kernel", channel_axes=(-1,), activation="static")]
+    qparams, _ = jc.quantize_params(variables, rules, on_unused="ignore")
+    qparams = jc.attach_activation_scales(qparams, jc.calibrate_activations(model.apply, qparams, [x]))
+    expected = np.asarray(jc.compressed(model.apply)(qparams, x))
+    tflite = to_tflite(model.apply, qparams, x, path=tmp_path / "mixed.tflite")
+    onnx_path = to_onnx(model.apply, qparams, x, path=tmp_path / "mixed.onnx")
+    ops = tflite_ops(open(tflite, "rb").read())
+    assert [types[:2] for name, types in ops if name == "FULLY_CONNECTED"] == [["INT8", "INT8"], ["FLOAT32", "FLOAT32"]]
+    for out in (run_tflite(tflite, x)[0], run_onnx(onnx_path, x)[0]):
+        assert np.max(np.abs(out - expected)) <= 0.05 * np.max(np.abs(expected))

@@ -65,3 +65,46 @@ def test_pruning_on_a_mesh_matches_one_device_and_keeps_the_sharding(setup, meth
         assert np.mean(np.asarray(got[name]) == 0) >= 0.5
         assert got[name].sharding.is_equivalent_to(params[name].sharding, 2), name
         assert masks[name].sharding.is_equivalent_to(params[name].sharding, 2), name
+
+
+# ---- group scales along a sharded group axis (issue 21) ---------------------------------------
+
+GROUP_SPECS = {"a": P(None, "model"), "b": P("model", "data"), "c": P("data", None)}
+
+
+@pytest.fixture(scope="module")
+def grouped_setup():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    keys = jax.random.split(jax.random.key(1), 5)
+    host = {"a": np.asarray(jax.random.normal(keys[0], (16, 64))), "b": np.asarray(jax.random.normal(keys[1], (64, 64))) / 8,
+            "c": np.asarray(jax.random.normal(keys[2], (64, 8)))}
+    batches = [np.asarray(jax.random.normal(k, (32, 16))) for k in keys[3:]]
+    params = {name: jax.device_put(value, NamedSharding(mesh, GROUP_SPECS[name])) for name, value in host.items()}
+    return host, batches, params
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("group_size", [16, 32], ids=["aligned", "straddling"])
+def test_group_scales_follow_a_sharded_group_axis(grouped_setup, method, group_size):
+    """'b' (64, 64) has its input (group) axis split 4 ways over 'model' (16 rows a shard): g16
+    groups align with the shards, so the (4, 64) scale is split along the group axis like the
+    kernel; g32 groups straddle two shards, so the (2, 64) scale is replicated along it (never
+    the codes, which stay split like the kernel). 'c' splits its group axis 2 ways over 'data'."""
+    from jaxcompress.oneshot.awq import awq
+    from jaxcompress.quant.quantize import scale_sharding
+
+    host, batches, params = grouped_setup
+    sizes = {"a": 16, "b": group_size, "c": group_size}  # 'a' has 16 input rows
+    rules = [jc.QuantRule(pattern=name, bits=4, channel_axes=(-1,), group_size=size, symmetric=False) for name, size in sizes.items()]
+    run = (lambda p, b: gptq(fn, p, b, rules)) if method == "gptq" else (lambda p, b: awq(fn, p, b, rules, grid=4))
+    want, _ = run(host, batches)
+    got, _ = run(params, batches)
+    for name, param in params.items():
+        q = got[name]
+        spec = jc.QuantSpec(bits=4, channel_axes=(-1,), group_size=sizes[name], symmetric=False).resolve(param.shape)
+        expected = scale_sharding(param.sharding, param.shape, spec)
+        assert q.values.sharding.is_equivalent_to(param.sharding, 2), (name, q.values.sharding)
+        assert q.scale.sharding.is_equivalent_to(expected, 2), (name, q.scale.sharding, expected)
+        assert q.zero_point.sharding.is_equivalent_to(expected, 2), name
+        np.testing.assert_allclose(np.asarray(q.scale), np.asarray(want[name].scale), rtol=1e-3)
+    assert got["b"].scale.sharding.spec[0] == ("model" if group_size == 16 else None)

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--update-every", type=int, default=2)
     parser.add_argument("--no-checks", action="store_true", help="leave the run-time checks out of the step")
     parser.add_argument("--hlo", default=None, help="write the compiled step's HLO text here")
+    parser.add_argument("--progress", action="store_true", help="print a line after each dispatched step")
     args = parser.parse_args(argv)
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     step, params, state = build(mesh, args.steps, args.update_every, checks=not args.no_checks)
@@ -116,8 +117,10 @@ def main(argv=None) -> int:
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
     value = None
-    for _ in range(args.steps):
+    for i in range(args.steps):
         params, state, value = compiled(params, state)
+        if args.progress:
+            print(f"step {i}", flush=True)
     value = float(value)
     masks = jax.tree.leaves(state.inner_state.masks)
     sparsity = 1.0 - sum(int(np.asarray(m).sum()) for m in masks) / sum(m.size for m in masks)

@@ -61,3 +61,23 @@ def test_global_top_k_matches_reference():
 def test_global_ties_go_to_earlier_arrays():
     masks = global_top_k_masks([jnp.zeros(3), jnp.zeros(3)], 4)
     assert [m.tolist() for m in masks] == [[True, True, True], [True, False, False]]
+
+
+@pytest.mark.parametrize("shape", [(1500,), (40, 37), (3, 3, 17, 24), (2000, 3), (64, 96)])
+def test_count_true_two_stage_sum_is_exact(shape):
+    # arrays above 1024 elements are summed in chunks along the last axis (padded, trailing
+    # small axes merged): the count must stay exact, eagerly and under jit
+    from jaxcompress.pruning.topk import count_true
+
+    pred = np.random.default_rng(sum(shape)).random(shape) < 0.3
+    assert int(count_true(jnp.asarray(pred))) == int(pred.sum())
+    assert int(jax.jit(count_true)(jnp.asarray(pred))) == int(pred.sum())
+
+
+@pytest.mark.parametrize("shape", [(40, 37), (3, 3, 17, 24)])
+def test_top_k_exact_on_arrays_counted_in_chunks(shape):
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 7, shape).astype(np.float32)  # many ties: the index bisection runs too
+    for k in (0, 1, scores.size // 3, scores.size - 1, scores.size):
+        mask = np.asarray(jit_top_k(jnp.asarray(scores), k))
+        np.testing.assert_array_equal(mask, reference.keep_top_k(scores, k))

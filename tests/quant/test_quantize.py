@@ -238,3 +238,75 @@ def test_bfloat16_scales_round_up_and_keep_the_error_bound(symmetric):
     assert np.all(np.abs(np.asarray(jc.dequantize(narrow), np.float64) - x) <= step / 2 * (1 + 1e-5))
     with pytest.raises(ValueError, match="scale_dtype"):
         jc.QuantSpec(scale_dtype="float16")
+
+
+# ---- the blocked view (sharded group axes, see jaxcompress.quant.codec) -----------------------
+
+
+@st.composite
+def blocked_layouts(draw):
+    """A grouped layout and a block (a divisor of the group size) to encode / calibrate in."""
+    ndim = draw(st.integers(1, 3))
+    group_axis = draw(st.integers(0, ndim - 1))
+    group_size = draw(st.sampled_from([2, 4, 6, 8, 12]))
+    block = draw(st.sampled_from([d for d in range(1, group_size + 1) if group_size % d == 0]))
+    shape = [draw(st.sampled_from([1, 2, 3])) for _ in range(ndim)]
+    shape[group_axis] = group_size * draw(st.integers(1, 3))
+    channel_axes = tuple(a for a in range(ndim) if a != group_axis and draw(st.booleans()))
+    options = dict(
+        bits=draw(st.integers(2, 8)), symmetric=draw(st.booleans()), channel_axes=channel_axes,
+        group_size=group_size, group_axis=group_axis,
+        calibration=draw(st.sampled_from(["absmax", "mse"])),
+    )
+    return tuple(shape), block, options, draw(st.integers(0, 2**31 - 1))
+
+
+def _grouped_and_blocked(x, spec, block):
+    """(lo, hi, codes, dequantized) with whole groups, then the same in the blocked view."""
+    from jaxcompress.quant.calibrate import calibrate_array, calibrate_range
+    from jaxcompress.quant.codec import decode_array, encode_array, scale_from_range
+
+    lo, hi = calibrate_range(x.reshape(spec.grouped_shape(x.shape)), spec, spec.reduce_axes(x.ndim))
+    scale, zero_point = scale_from_range(lo, hi, spec)
+    codes = encode_array(x, scale, zero_point, spec, spec.group_size)
+    whole = (lo, hi, codes.astype(jnp.int8), decode_array(codes, scale, zero_point, spec, spec.group_size))
+    lo_b, hi_b = calibrate_array(x, spec, block)
+    codes_b = encode_array(x, scale, zero_point, spec, block)
+    return whole, (lo_b, hi_b, codes_b.astype(jnp.int8), decode_array(codes_b, scale, zero_point, spec, block))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocked_layouts())
+def test_blocked_view_gives_the_grouped_result(layout):
+    """Any block that divides the group size gives the same ranges, codes and dequantized values
+    as whole groups (what a sharded group axis whose groups straddle shards uses)."""
+    shape, block, options, seed = layout
+    spec = jc.QuantSpec(**options).resolve(shape)
+    whole, blocked = jax.jit(_grouped_and_blocked, static_argnums=(1, 2))(jnp.asarray(_sample(shape, seed)), spec, block)
+    if options["calibration"] == "absmax":  # max / min are exact in any order
+        np.testing.assert_array_equal(np.asarray(blocked[0]), np.asarray(whole[0]))
+        np.testing.assert_array_equal(np.asarray(blocked[1]), np.asarray(whole[1]))
+    else:  # mse sums errors block by block: the chosen ratio may differ only on a float tie
+        np.testing.assert_allclose(np.asarray(blocked[1]), np.asarray(whole[1]), rtol=0.05)
+    np.testing.assert_array_equal(np.asarray(blocked[2]), np.asarray(whole[2]))
+    np.testing.assert_array_equal(np.asarray(blocked[3]), np.asarray(whole[3]))
+
+
+def test_block_size_follows_the_sharding_or_the_device_count():
+    from jaxcompress.quant.codec import block_size
+
+    spec = jc.QuantSpec(bits=4, channel_axes=(-1,), group_size=64).resolve((192, 8))
+    assert block_size(jnp.zeros((192, 8)), spec) == 64  # one device holds whole groups
+    assert block_size(jnp.zeros((192, 8)), jc.QuantSpec(bits=4).resolve((192, 8))) is None
+    # Traced without a known sharding: any even split over a divisor of the device count.
+    seen = []
+    jax.jit(lambda w: seen.append(block_size(w, spec)) or w)(jnp.zeros((192, 8)))
+    assert seen == [64 if jax.device_count() == 1 else np.gcd(64, 192 // np.gcd(192, jax.device_count()))]
+
+
+def test_dequantize_and_qarray_method_agree():
+    x = _sample((12, 4), 3)
+    for options in (dict(bits=4, group_size=4, group_axis=0), dict(bits=3, symmetric=False, group_size=6, group_axis=0)):
+        q = jc.quantize(x, channel_axes=(-1,), **options)
+        np.testing.assert_array_equal(np.asarray(jc.dequantize(q)), np.asarray(q.dequantize()))
+        np.testing.assert_array_equal(np.asarray(jc.dequantize(q, jnp.bfloat16)), np.asarray(q.dequantize(jnp.bfloat16)))

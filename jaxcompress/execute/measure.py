@@ -1,0 +1,216 @@
+"""Measured per-site choice (``ExecutionPolicy("measure")``), with an on-disk timing cache.
+
+For a dot / conv site of a quantized weight, both programs `jaxcompress.compressed` could run
+there -- the integer op and the weight-only float op -- are compiled for the site's exact
+signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
+the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
+warm-up, medians), and the faster one is kept. The timing runs at trace time in a helper thread
+(JAX's tracing state is per thread, so nothing is staged into the program being traced) and
+once per signature per machine: the medians are kept in memory and in
+``<cache dir>/site_timings.json`` keyed by the signature, the CPU / device and the jax version.
+
+The cache directory is the policy's ``cache_dir``, else ``$JAXCOMPRESS_CACHE_DIR``, else
+``$XDG_CACHE_HOME/jaxcompress`` (``~/.cache/jaxcompress``). A directory that cannot be read or
+written is not an error: the timings are then only kept in memory for this process. The file is
+replaced atomically (written beside it, then renamed), so concurrent processes never read half
+a file; a file that is not valid JSON is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["measured_choice", "cache_path", "site_key", "time_site"]
+
+CACHE_FILE = "site_timings.json"
+_MEMORY: dict[str, dict] = {}
+_LOCK = threading.Lock()
+
+
+def cache_path(cache_dir: str | None = None) -> Path:
+    """Where the timings are kept (see the module docs)."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("JAXCOMPRESS_CACHE_DIR")
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = os.path.join(base, "jaxcompress")
+    return Path(cache_dir) / CACHE_FILE
+
+
+def _machine() -> str:
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{device.platform}:{device.device_kind}:{cpu}:{os.cpu_count()}:jax{jax.__version__}"
+
+
+def _describe(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return [list(value.shape), jnp.dtype(value.dtype).name]
+    if isinstance(value, (tuple, list)):
+        return [_describe(v) for v in value]
+    return repr(value)
+
+
+def site_key(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str) -> str:
+    """The signature a timing is cached under (shapes, dtypes, layout, op parameters, machine)."""
+    signature = {
+        "primitive": primitive,
+        "x": [list(x_shape), jnp.dtype(x_dtype).name],
+        "weight": [_describe(getattr(view, name)) for name in ("values", "scale", "zero_point", "input_scale")],
+        "dtype": jnp.dtype(view.dtype).name,
+        "mode": view.activation,
+        "static_scale": view.activation_scale is not None,
+        "permutation": view.permutation,
+        "side": weight_side,
+        "params": {name: _describe(params[name]) for name in sorted(params)},
+        "machine": _machine(),
+    }
+    return json.dumps(signature, sort_keys=True, default=repr)
+
+
+def _stand_in(view, seed: int = 0):
+    """A view of the same structure with concrete stand-in arrays."""
+    rng = np.random.default_rng(seed)
+
+    def codes(array):
+        if array is None:
+            return None
+        return jnp.asarray(rng.integers(-7, 8, size=array.shape), jnp.int8).astype(array.dtype)
+
+    def filled(array, value):
+        return None if array is None else jnp.full(array.shape, value, array.dtype)
+
+    activation_scale = view.activation_scale
+    if view.activation == "static":
+        activation_scale = jnp.full((), 0.02, jnp.float32)
+    return dataclasses.replace(
+        view,
+        values=codes(view.values),
+        scale=filled(view.scale, 0.01),
+        zero_point=filled(view.zero_point, 0),
+        input_scale=filled(view.input_scale, 1.0),
+        activation_scale=activation_scale,
+    )
+
+
+def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mode: str):
+    from jaxcompress.execute.conv import conv_with_weight
+    from jaxcompress.execute.dot import dot_with_weight
+
+    arrays = (view.values, view.scale, view.zero_point, view.input_scale, view.activation_scale)
+
+    def run(x, arrays):
+        values, scale, zero_point, input_scale, activation_scale = arrays
+        site_view = dataclasses.replace(
+            view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, activation_scale=activation_scale
+        )
+        if primitive == "dot_general":
+            return dot_with_weight(
+                x, site_view, params["dimension_numbers"], weight_side=weight_side, out_dtype=out_dtype, mode=mode,
+                precision=params.get("precision"), preferred_element_type=params.get("preferred_element_type"),
+                on_unsupported="dequantize",
+            )
+        return conv_with_weight(x, site_view, params, out_dtype=out_dtype, mode=mode, on_unsupported="dequantize")
+
+    return jax.jit(run), arrays
+
+
+def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str, rounds: int) -> dict:
+    """Median seconds of the integer and the weight-only program of a site (on stand-in data),
+    interleaved; runs in the calling thread (see `measured_choice`)."""
+    stand_in = _stand_in(view)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=tuple(x_shape)), x_dtype)
+    out_dtype = jnp.result_type(x_dtype, view.dtype)
+    fns = {
+        "integer": _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation),
+        "weight_only": _site_fn(primitive, stand_in, params, weight_side, out_dtype, "weight_only"),
+    }
+    for fn, arrays in fns.values():
+        jax.block_until_ready(fn(x, arrays))
+        jax.block_until_ready(fn(x, arrays))
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % 2 :] + names[: r % 2]:
+            fn, arrays = fns[name]
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x, arrays))
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_s": float(np.median(values)) for name, values in times.items()}
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, key: str, entry: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path)
+        data[key] = entry
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=".site_timings.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(data, file)
+            os.replace(scratch, path)
+        except BaseException:
+            os.unlink(scratch)
+            raise
+    except OSError:
+        pass  # an unwritable cache: the timing stays in memory for this process
+
+
+def _valid(entry: Any) -> bool:
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(name), (int, float)) and entry[name] > 0 for name in ("integer_s", "weight_only_s")
+    )
+
+
+def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
+    """``(path, reason)`` from the (cached) timings of both programs of a site (``x``: the
+    activation, or anything with its shape and dtype)."""
+    x_shape, x_dtype = tuple(x.shape), jnp.dtype(x.dtype)
+    key = site_key(primitive, x_shape, x_dtype, view, params, weight_side)
+    path = cache_path(policy.cache_dir)
+    memory_key = f"{path}|{key}"
+    with _LOCK:
+        entry = _MEMORY.get(memory_key)
+        source = "cached"
+        if entry is None:
+            entry = _read(path).get(key)
+            if not _valid(entry):
+                with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                    entry = pool.submit(time_site, primitive, x_shape, x_dtype, view, params, weight_side, policy.rounds).result()
+                _write(path, key, entry)
+                source = "measured"
+            _MEMORY[memory_key] = entry
+    integer, weight_only = entry["integer_s"], entry["weight_only_s"]
+    chosen = "integer" if integer <= weight_only else "weight_only"
+    return chosen, f"{source}: integer {1e3 * integer:.3f} ms, weight-only {1e3 * weight_only:.3f} ms"
