@@ -64,6 +64,8 @@ class PipelineConfig:
     bits: int = 8
     group_size: int | None = None
     activation: str = "dynamic"
+    qat_activation: str = "static"
+    export_files: bool = True
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 0
@@ -92,9 +94,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return None
 
 
-def _quant_rules(params: Any, config: PipelineConfig) -> list[QuantRule]:
+def _quant_rules(params: Any, config: PipelineConfig, activation: str | None = None) -> list[QuantRule]:
     """Kernels to ``config.bits`` per output channel (groups where the input axis allows)."""
-    options = dict(bits=config.bits, channel_axes=(-1,), activation=config.activation)
+    options = dict(bits=config.bits, channel_axes=(-1,), activation=activation or config.activation)
     if config.bits < 8:
         options["calibration"] = "mse"
     rules = []
@@ -236,17 +238,18 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
 
     # 4. QAT of the pruned model: masks frozen, weight and activation ranges tracked, then frozen
     #    for the last 20%; the activations compressed() quantizes are fake-quantized too.
+    qat_rules = _quant_rules(fp32, config, activation=config.qat_activation)
     qat_opt = qat(
         prune(optax.adam(config.learning_rate / 4), masks=masks),
-        quant_rules,
+        qat_rules,
         freeze_step=int(0.8 * config.qat_steps),
         on_unused="ignore",
     )
     qat_params, qat_state = trainer.run(
         pruned, qat_opt, config.qat_steps, "int8 QAT" if config.bits == 8 else f"int{config.bits} QAT",
-        qat_rules=quant_rules,
+        qat_rules=qat_rules,
     )
-    converted = convert_qat(qat_params, quant_rules, qat_state)
+    converted = convert_qat(qat_params, qat_rules, qat_state)
 
     # 5. files, accuracy, latency.
     label = f"int{config.bits}" + (f" g{config.group_size}" if config.group_size else "")
@@ -275,6 +278,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
         row["ratio"] = rows[0]["bytes"] / row["bytes"]
     export_path = os.path.join(out_dir, "pruned_qat_int.jaxexport")
     export_bytes, export_difference = _export(int_apply, converted, test_x[:8], export_path)
+    if config.export_files:
+        rows.extend(_runtime_rows(model, fp32, converted, train_x, test_x, test_y, out_dir, config, label))
     return {
         "dataset": data.name,
         "train_images": len(train_x),
@@ -284,6 +289,52 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
         "config": dataclasses.asdict(config),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _runtime_rows(model, fp32, converted, train_x, test_x, test_y, out_dir, config, label) -> list[dict]:
+    """``model.tflite`` / ``model.onnx`` of the pruned + QAT integer model (full-integer where the
+    QAT activations are static) next to the float32 files, measured IN LiteRT and ONNX Runtime
+    (accuracy on the test images, file bytes, median latency at batch 1 / 256 with its spread).
+    A runtime that is not installed is skipped, saying so."""
+    import importlib.util
+
+    from jaxcompress.export import evaluate_file, to_onnx, to_tflite
+
+    calibration = [train_x[i * 256 : (i + 1) * 256] for i in range(min(4, max(1, len(train_x) // 256)))]
+    sample = test_x[:1]
+    writers = []
+    if importlib.util.find_spec("ai_edge_litert") is not None:
+        writers.append(("LiteRT", to_tflite, "tflite"))
+    else:
+        print("  ai-edge-litert is not installed: no LiteRT rows (pip install 'jaxcompress[litert]')", flush=True)
+    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
+        writers.append(("ONNX Runtime", to_onnx, "onnx"))
+    else:
+        print("  onnx / onnxruntime are not installed: no ONNX rows (pip install 'jaxcompress[onnx]')", flush=True)
+    rows = []
+    for runtime, write, suffix in writers:
+        for name, tree, filename, options in (
+            (f"{runtime} fp32", fp32, f"model_fp32.{suffix}", {}),
+            (f"{runtime} pruned + QAT {label}", converted, f"model.{suffix}", {"calibration": calibration}),
+        ):
+            path = write(model.apply, tree, sample, path=os.path.join(out_dir, filename), **options)
+            report = evaluate_file(
+                path, test_x, test_y, batch_sizes=(1, 256), repeats=config.latency_repeats, threads=os.cpu_count()
+            )
+            rows.append({
+                "variant": name,
+                "accuracy": report.accuracy,
+                "file": path,
+                "bytes": report.bytes,
+                "latency_ms_b1": report.latency_ms[1],
+                "latency_ms_b256": report.latency_ms[256],
+                "sparsity": None,
+                "runtime": runtime,
+            })
+        baseline = rows[-2]["bytes"]  # the same runtime's float32 file
+        for row in rows[-2:]:
+            row["ratio"] = baseline / row["bytes"]
+    return rows
 
 
 def _kernel_sparsity(masks: Any) -> float:
