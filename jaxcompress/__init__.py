@@ -114,7 +114,7 @@ from jaxcompress.training import (
 from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
-__version__ = "0.1.0"
+from jaxcompress._version import __version__
 
 __all__ = [
     "LayerStatistics",
