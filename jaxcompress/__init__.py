@@ -114,6 +114,7 @@ from jaxcompress.training import (
 from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
+from jaxcompress import export
 from jaxcompress._version import __version__
 
 __all__ = [
@@ -159,6 +160,7 @@ __all__ = [
     "check_masks",
     "compress_checkpoint",
     "compressed",
+    "export",
     "CompressionMetrics",
     "CompressionTable",
     "constant",
