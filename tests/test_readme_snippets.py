@@ -82,7 +82,7 @@ def test_snippet_runs(name, source, tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIME_LIMIT_S)
     try:
-        exec(code, module.__dict__)
+        exec(code, module.__dict__)  # noqa: S102 -- running the snippet is the test
     except ModuleNotFoundError as error:
         # Only the deployment runtimes are optional for a block (the `litert` / `onnx` extras).
         if (error.name or "").split(".")[0] in OPTIONAL_MODULES:

@@ -4,9 +4,12 @@ For a dot / conv site of a quantized weight, both programs `jaxcompress.compress
 there -- the integer op and the weight-only float op -- are compiled for the site's exact
 signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
 the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
-warm-up, medians), and the faster one is kept. The timing runs at trace time in a helper thread
+warm-up), and the faster one is kept. Each program's time is its FASTEST call: on a shared CPU
+other work only ever adds time, so the minimum is the steadiest estimate of the program's own
+cost (a median flips the choice when the load changes between the two programs' calls). The
+timing runs at trace time in a helper thread
 (JAX's tracing state is per thread, so nothing is staged into the program being traced) and
-once per signature per machine: the medians are kept in memory and in
+once per signature per machine: the timings are kept in memory and in
 ``<cache dir>/site_timings.json`` keyed by the signature, the CPU / device and the jax version.
 
 The cache directory is the policy's ``cache_dir``, else ``$JAXCOMPRESS_CACHE_DIR``, else
@@ -139,8 +142,8 @@ def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mo
 
 
 def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str, rounds: int) -> dict:
-    """Median seconds of the integer and the weight-only program of a site (on stand-in data),
-    interleaved; runs in the calling thread (see `measured_choice`)."""
+    """Seconds of the fastest call of the integer and of the weight-only program of a site (on
+    stand-in data, interleaved); runs in the calling thread (see `measured_choice`)."""
     stand_in = _stand_in(view)
     x = jnp.asarray(np.random.default_rng(1).normal(size=tuple(x_shape)), x_dtype)
     out_dtype = jnp.result_type(x_dtype, view.dtype)
@@ -159,7 +162,7 @@ def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side:
             start = time.perf_counter()
             jax.block_until_ready(fn(x, arrays))
             times[name].append(time.perf_counter() - start)
-    return {f"{name}_s": float(np.median(values)) for name, values in times.items()}
+    return {f"{name}_s": float(np.min(values)) for name, values in times.items()}
 
 
 def _read(path: Path) -> dict:

@@ -2,13 +2,14 @@
 
 A weight quantized with ``activation="dynamic"`` / ``"static"`` asks for an int8 x int8 -> int32
 dot or conv. On XLA's CPU backend that is not always the faster program: the integer matmul is
-several times float32's speed for large dots whose weight contracts its minor (last) stored axis,
-but slower than float32 for tiny contractions (an MNIST conv with one input channel contracts 9
-values: building its int8 patches costs more than the dot saves), for matrix-vector products
-against a weight that contracts its major axis, and for grouped convs (an s32 batched dot).
-Where the integer conv wins depends on XLA's float convolution for that shape, which a static
-rule cannot know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy`
-decides per site:
+several times float32's speed for large dots whose weight contracts its minor (last) stored axis
+(a matrix-vector product against a weight that contracts its major axis is slower than float32,
+but still faster than converting the weight every call: store it with
+`jaxcompress.execute.layout.store_for_integer_dots`), and slower than float32 for tiny
+contractions (an MNIST conv with one input channel contracts 9 values: building its int8
+patches costs more than the dot saves) and for grouped convs (an s32 batched dot). Where the
+integer conv wins depends on XLA's float convolution for that shape, which a static rule cannot
+know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` decides per site:
 
 * ``"rule"`` (default): the mode the quantizer stored on the weight, everywhere;
 * ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
@@ -161,9 +162,11 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
     if outputs < MIN_OUTPUTS:
         return "weight_only", f"{outputs} < {MIN_OUTPUTS} output features: the int8 dot loses to float32"
     if not minor and rows < MIN_ROWS_MAJOR:
-        return "weight_only", (
-            f"{rows} row(s) against a weight that contracts its major stored axis: XLA's int8 matrix-vector "
-            f"dot is slower than float32 (store it with jaxcompress.execute.layout.store_for_integer_dots)"
+        # XLA's int8 matrix-vector dot against a major-axis contraction is slower than float32,
+        # but the weight-only path (the codes converted every call) is slower still.
+        return "integer", (
+            f"{rows} row(s) against a weight that contracts its major stored axis: the padded int8 dot beats "
+            f"weight-only; jaxcompress.execute.layout.store_for_integer_dots makes it several times faster"
         )
     layout = "minor" if minor else "major"
     return "integer", f"{rows}x{contraction}x{outputs} int8 dot, weight contracts its {layout} stored axis"

@@ -129,7 +129,7 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> spec = QuantSpec(bits=4, channel_axes=(-1,), group_size=64).resolve((192, 8))
     >>> scale_sharding(NamedSharding(mesh, P("model", None)), (192, 8), spec).spec
-    PartitionSpec('model', None)
+    P('model', None)
     """
     entries = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     mesh_shape = dict(sharding.mesh.shape)
