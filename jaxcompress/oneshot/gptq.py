@@ -52,13 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.oneshot.capture import from_matrix, like_leaf as _like, sequential_capture, sequential_groups, to_matrix
-from jaxcompress.params import LeafDecision, QuantizeReport, _skip_reason
+from jaxcompress.quant.plan import LeafDecision, QuantizeReport, plan_quantization
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import int_range, scale_from_range
 from jaxcompress.quant.quantize import place_like_param, quantize
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
-from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
+from jaxcompress.rules import QuantRule
 
 __all__ = ["GPTQResult", "GPTQReport", "LayerResult", "gptq_matrix", "gptq"]
 
@@ -485,36 +485,20 @@ def gptq(
     >>> all(layer.error <= layer.rtn_error for layer in report.layers)
     True
     """
-    rules = normalize_rules(rules)
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, QuantRule):
-            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
+    plan = plan_quantization(params, rules, on_unused=on_unused)
+    rules = plan.rules
     batches = list(batches)
     if not batches:
         raise ValueError("gptq needs at least one calibration batch")
-    matched = match_rules(params, rules)
-    check_unused_rules(rules, matched.unused_rules, on_unused)
+    matched = plan.match
     leaves = list(matched.leaves)
-    position = {path: i for i, path in enumerate(matched.path_strs)}
+    position = {leaf.path_str: leaf.position for leaf in plan}
     targets: dict[str, tuple[QuantRule, ResolvedSpec, str]] = {}
-    decisions: dict[str, LeafDecision] = {}
-    for path, path_str, leaf, index in zip(matched.paths, matched.path_strs, matched.leaves, matched.rule_indices):
-        shape = tuple(leaf.shape) if hasattr(leaf, "shape") else None
-        dtype = jnp.dtype(leaf.dtype).name if hasattr(leaf, "dtype") and not isinstance(leaf, QArray) else None
-        if index is None:
-            decisions[path_str] = LeafDecision(path_str, shape, dtype, "unmatched")
-            continue
-        rule = rules[index]
-        reason = "rule says skip" if rule.skip else _skip_reason(leaf)
-        if reason is not None:
-            decisions[path_str] = LeafDecision(path_str, shape, dtype, "skipped", index, reason)
-            continue
-        name = path_to_keystr(path)
-        if rule.qtype != INT_QTYPE:
-            raise ValueError(f"{name}: GPTQ quantizes to integers; qtype={rule.qtype!r} is not supported")
-        resolved = rule.spec.resolve(shape, name)
-        targets[path_str] = (rule, resolved, name)
-        decisions[path_str] = LeafDecision(path_str, shape, dtype, "quantized", index, spec=rule.spec.describe() + " gptq")
+    for leaf in plan:
+        if leaf.rule.qtype != INT_QTYPE:
+            raise ValueError(f"{leaf.name}: GPTQ quantizes to integers; qtype={leaf.rule.qtype!r} is not supported")
+        targets[leaf.path_str] = (leaf.rule, leaf.spec, leaf.name)
+    decisions: dict[str, LeafDecision] = {d.path: d for d in plan.report({p: " gptq" for p in targets}).leaves}
 
     select = lambda path: path in targets
     groups = sequential_groups(fn, params, batches[0], select, params_argnum=params_argnum)
@@ -532,6 +516,7 @@ def gptq(
         groups = [tuple(paths) for _, paths in stages]
     new_leaves = list(leaves)
     current = list(leaves)
+    stacked: dict[str, int] = {}
     layers: dict[str, LayerResult] = {}
     capture_seconds = gptq_seconds = 0.0
     start = time.perf_counter()
@@ -550,6 +535,9 @@ def gptq(
                 rule, spec, name = targets[path]
                 leaf = leaves[position[path]]
                 s = stats[path]
+                if s.site.stacked:  # layers stacked along a scan's xs: one Hessian per layer
+                    stacked[path] = s.hessian.shape[0]
+                    continue
                 start = time.perf_counter()
                 index_map, column_groups, per_channel = _scale_index_map(tuple(leaf.shape), spec, s.view, name)
                 W = to_matrix(leaf, s)
@@ -574,10 +562,16 @@ def gptq(
                 if sequential is not False:
                     current[position[path]] = _like(leaf, qarray.dequantize())
     for path, (rule, spec, name) in targets.items():
-        if path not in layers:  # selected, but it reaches no dot / conv: round to nearest
+        if path not in layers:  # round to nearest, and say so
+            why = (
+                f"used inside lax.scan as {stacked[path]} stacked layers (GPTQ of stacked layers is not supported)"
+                if path in stacked else "it reaches no dot / conv in fn"
+            )
+            warnings.warn(f"gptq: {name}: {why}; rounded to nearest instead", UserWarning, stacklevel=2)
             new_leaves[position[path]] = quantize(leaves[position[path]], rule.spec, name=name)
             layers[path] = LayerResult(path, "rtn")
-            decisions[path] = dataclasses.replace(decisions[path], spec=rule.spec.describe() + " rtn (no dot/conv site)")
+            short = "stacked along a scan" if path in stacked else "no dot/conv site"
+            decisions[path] = dataclasses.replace(decisions[path], spec=rule.spec.describe() + f" rtn ({short})")
     report = GPTQReport(
         tuple(decisions[p] for p in matched.path_strs),
         matched.unused_rules,

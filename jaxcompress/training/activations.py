@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from jaxcompress.execute.activation import ACTIVATION_QMAX, quantize_activation
 from jaxcompress.execute.hooks import DotSite, call_with_dot_hook
 from jaxcompress._program import TraceCache
-from jaxcompress.rules import QuantRule, check_unused_rules, match_rules
+from jaxcompress.quant.plan import plan_quantization
+from jaxcompress.rules import QuantRule
 
 __all__ = ["fake_quant_activations", "activation_fake_quant", "init_activation_steps", "activation_modes", "static_scale"]
 
@@ -172,20 +173,8 @@ def activation_modes(params: Any, rules: Sequence[QuantRule] | QuantRule, *, on_
     >>> activation_modes({"w": jnp.ones((2, 2)), "v": jnp.ones((2, 2))}, rules)
     {'w': 'static'}
     """
-    from jaxcompress.training.fake_quantize import _quant_rules
-
-    rules = _quant_rules(rules)
-    matched = match_rules(params, rules)
-    check_unused_rules(rules, matched.unused_rules, on_unused)
-    modes = {}
-    for path_str, leaf, index in zip(matched.path_strs, matched.leaves, matched.rule_indices):
-        if index is None or rules[index].skip:
-            continue
-        if not (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)):
-            continue
-        if rules[index].activation != "weight_only":
-            modes[path_str] = rules[index].activation
-    return modes
+    plan = plan_quantization(params, rules, on_unused=on_unused)
+    return {leaf.path_str: leaf.rule.activation for leaf in plan if leaf.rule.activation != "weight_only"}
 
 
 def fake_quant_activations(

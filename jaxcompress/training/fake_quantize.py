@@ -29,7 +29,8 @@ from jaxcompress.qarray import INT_QTYPE
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import decode, encode, fp8_max, from_grouped, int_range, scale_from_range, to_grouped
 from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
-from jaxcompress.rules import QuantRule, check_unused_rules, match_rules, normalize_rules, path_to_keystr
+from jaxcompress.quant.plan import as_quant_rules, plan_quantization
+from jaxcompress.rules import QuantRule, path_to_keystr
 
 __all__ = ["fake_quant_array", "lsq_fake_quant", "init_lsq_step", "fake_quant", "init_lsq_steps", "weight_ranges", "weight_range"]
 
@@ -224,23 +225,18 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None,
 # ---- pytrees ---------------------------------------------------------------------------------
 
 
-def _quant_rules(rules) -> tuple:
-    rules = normalize_rules(rules)
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, QuantRule):
-            raise TypeError(f"rules[{i}] is a {type(rule).__name__}, expected a QuantRule")
-    return rules
+_quant_rules = as_quant_rules
 
 
 def _selected(params, rules, on_unused):
-    """Match rules; return the match and, per leaf, ``(path, path_str, leaf, spec or None)``."""
-    matched = match_rules(params, rules)
-    check_unused_rules(rules, matched.unused_rules, on_unused)
-    selected = []
-    for path, path_str, leaf, index in zip(matched.paths, matched.path_strs, matched.leaves, matched.rule_indices):
-        chosen = index is not None and not rules[index].skip
-        is_float = hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
-        selected.append((path, path_str, leaf, rules[index].spec if chosen and is_float else None))
+    """The plan's match and, per leaf, ``(path, path_str, leaf, QuantSpec or None)``."""
+    plan = plan_quantization(params, rules, on_unused=on_unused)
+    specs = {leaf.position: leaf.rule.spec for leaf in plan}
+    matched = plan.match
+    selected = [
+        (path, path_str, leaf, specs.get(position))
+        for position, (path, path_str, leaf) in enumerate(zip(matched.paths, matched.path_strs, matched.leaves))
+    ]
     return matched, selected
 
 
