@@ -4,7 +4,7 @@
     python benchmarks/cnn_speed.py --quick    # CI-sized (< 60 s on 2 CPU cores)
 
 Models (flax linen, NHWC, float32, random init: speed does not depend on the values):
-  * ``demo``: the CNN of `jaxcompress.pipeline` (two stride-2 3x3 convs, 32 and 64 channels,
+  * ``demo``: the CNN of `jaxcompress.demo.pipeline` (two stride-2 3x3 convs, 32 and 64 channels,
     Dense 128, Dense 10) on 28x28x1;
   * ``mnist``: an MNIST-style CNN (3x3 convs 32 and 64 with 2x2 max-pools, the first conv on one
     input channel, Dense 128, Dense 10) on 28x28x1;
@@ -48,10 +48,10 @@ import numpy as np  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
-from jaxcompress.compressed import compressed  # noqa: E402
+from jaxcompress.execute.transform import compressed  # noqa: E402
 from jaxcompress.execute.policy import ExecutionPolicy  # noqa: E402
 from jaxcompress.execute.layout import store_for_integer_dots, supports_stored_layout  # noqa: E402
-from jaxcompress.pipeline import CNN as DemoCNN  # noqa: E402
+from jaxcompress.demo.pipeline import CNN as DemoCNN  # noqa: E402
 
 GOALS = {"demo@256": 1.3}  # and >= 1.0 everywhere for the "auto" variant
 

@@ -4,7 +4,7 @@
     python benchmarks/export.py --quick    # CI-sized (< 2 min): short training, 1000 test images
 
 Models (Fashion-MNIST, 28x28x1):
-  * ``cnn``: the demo CNN (`jaxcompress.pipeline.CNN`: two stride-2 3x3 convs, 32 / 64 channels,
+  * ``cnn``: the demo CNN (`jaxcompress.demo.pipeline.CNN`: two stride-2 3x3 convs, 32 / 64 channels,
     dense 128, dense 10, relu), trained with Adam;
   * ``minilm``: all-MiniLM-L6-v2's encoder (if the package is installed), dynamic-range: int8
     dense kernels, activations quantized per row at run time; 32 real sentences x 128 tokens;
@@ -46,7 +46,7 @@ import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 from jaxcompress.export import to_onnx, to_tflite  # noqa: E402
 from jaxcompress.export._measure import load_runner  # noqa: E402
-from jaxcompress.pipeline import CNN  # noqa: E402
+from jaxcompress.demo.pipeline import CNN  # noqa: E402
 from tests.export.models import MobileNet, fashion_mnist, quantize_static, settle_batch_stats, train  # noqa: E402
 
 BATCHES = (1, 256)

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
-from jaxcompress.compressed import compressed  # noqa: E402
+from jaxcompress.execute.transform import compressed  # noqa: E402
 from jaxcompress.execute import quantized_dot_general  # noqa: E402
 from jaxcompress.execute.layout import store_for_integer_dots, supports_stored_layout  # noqa: E402
 

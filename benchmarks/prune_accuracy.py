@@ -41,7 +41,7 @@ import optax  # noqa: E402
 
 import jaxcompress.pruning as jp  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
-from jaxcompress.data import load_image_dataset  # noqa: E402
+from jaxcompress.demo.data import load_image_dataset  # noqa: E402
 
 EPOCHS = 3
 FINETUNE_EPOCHS = 1

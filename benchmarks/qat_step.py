@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.data import load_image_dataset  # noqa: E402
+from jaxcompress.demo.data import load_image_dataset  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 
 RULES = (jc.QuantRule(pattern=r".*/kernel", bits=8, channel_axes=(-1,), calibration="absmax"),)

@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 from examples import shrink as example  # noqa: E402
-from jaxcompress.data import load_image_dataset  # noqa: E402
+from jaxcompress.demo.data import load_image_dataset  # noqa: E402
 
 FULL = {
     "cnn": dict(steps=1500, finetune_steps=500, latency_repeats=60),

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from jaxcompress.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
+from jaxcompress.demo.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 Two networks on Fashion-MNIST (scikit-learn digits if the Debian package is missing):
 
-* ``cnn``: the CNN of ``jaxcompress.pipeline`` (conv 32 -> conv 64 -> flatten -> dense 128 ->
+* ``cnn``: the CNN of ``jaxcompress.demo.pipeline`` (conv 32 -> conv 64 -> flatten -> dense 128 ->
   10); the flatten couples each conv-64 channel with its 7x7 = 49 rows of the dense kernel;
 * ``resnet``: a small ResNet (stride-2 stem conv, two residual blocks conv-BN-relu-conv-BN +
   skip, global pool, classifier): the stem and the second conv of each block share the residual
@@ -39,15 +39,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jaxcompress.data import Dataset, load_image_dataset  # noqa: E402
-from jaxcompress.pipeline import CNN as PipelineCNN  # noqa: E402
+from jaxcompress.demo.data import Dataset, load_image_dataset  # noqa: E402
+from jaxcompress.demo.pipeline import CNN as PipelineCNN  # noqa: E402
 from jaxcompress.structured import analyze_channels, channel_masks_with, shrink_with  # noqa: E402
 
 QUICK = dict(train_subset=2000, test_subset=500, steps=60, finetune_steps=30, latency_repeats=5)
 
 
 class CNN(nn.Module):
-    """`jaxcompress.pipeline.CNN` with its widths as attributes (same parameter names), so a
+    """`jaxcompress.demo.pipeline.CNN` with its widths as attributes (same parameter names), so a
     shrunk params tree of the pipeline's CNN runs in ``CNN(features=..., hidden=...)``."""
 
     features: Sequence[int] = (32, 64)

@@ -33,7 +33,7 @@ from jaxcompress.checkpoint import (
     save_checkpoint,
     save_to_manager,
 )
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute import (
     UnsupportedQuantizedOp,
     attach_activation_scales,

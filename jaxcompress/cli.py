@@ -35,7 +35,7 @@ __all__ = ["Command", "COMMANDS", "build_parser", "main", "EXIT_OK", "EXIT_FAILU
 # ---- demo --------------------------------------------------------------------------------------
 
 _DEMO_DESCRIPTION = """\
-The compression pipeline on a small CNN, end to end (jaxcompress.pipeline):
+The compression pipeline on a small CNN, end to end (jaxcompress.demo.pipeline):
   1. train it in float32 on Fashion-MNIST (Debian package dataset-fashion-mnist; without it,
      scikit-learn's 8x8 digits -- the demo says which);
   2. post-training int8 (per-channel weights, dynamic per-row int8 activations);
@@ -76,8 +76,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if not 0.0 <= args.sparsity < 1.0:
         raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
-    from jaxcompress.data import load_image_dataset
-    from jaxcompress.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
+    from jaxcompress.demo.data import load_image_dataset
+    from jaxcompress.demo.pipeline import QUICK_SUBSET, PipelineConfig, format_table, run_pipeline
 
     data = load_image_dataset()
     if data.name != "fashion-mnist":

@@ -7,8 +7,8 @@ import pytest
 
 import jaxcompress as jc
 from jaxcompress.checkpoint.safetensors_io import import_safetensors
-from jaxcompress.data import load_digits
-from jaxcompress.pipeline import PipelineConfig, format_table, run_pipeline
+from jaxcompress.demo.data import load_digits
+from jaxcompress.demo.pipeline import PipelineConfig, format_table, run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def calibrate_activations(
     >>> round(float(scales["w"]), 4), scales["b"]
     (0.02, None)
     >>> qparams = attach_activation_scales(qparams, scales)
-    >>> from jaxcompress.compressed import compressed
+    >>> from jaxcompress.execute.transform import compressed
     >>> y = compressed(fn)(qparams, batches[0])        # int8 x int8 with the static scale
     """
     if method not in CALIBRATION_METHODS:

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute import attach_activation_scales, calibrate_activations
 from tests.execute.reference import dense_w8a8
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 from flax import nnx
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute import UnsupportedQuantizedOp
 from tests.execute.reference import activation_codes, conv_w8a8, count_s8_contractions, dense_w8a8, weight_parts
 

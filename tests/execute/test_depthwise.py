@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute.conv import integer_conv
 from jaxcompress.execute.depthwise import float_depthwise, integer_depthwise, is_depthwise
 from jaxcompress.execute.weight_view import WeightView

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute import UnsupportedQuantizedOp
 from jaxcompress.execute.calibration import attach_activation_scales, calibrate_activations
 from jaxcompress.execute.weight_view import WeightView

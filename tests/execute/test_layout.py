@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
 from jaxcompress.execute.layout import default_contracting_axes, integer_layout, store_for_integer_dots, supports_stored_layout

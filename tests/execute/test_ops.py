@@ -70,7 +70,7 @@ def test_out_in_layout_matches_reference_and_stays_integer(rows, symmetric):
 def test_transposed_weight_stays_int8(rows):
     """``x @ w.T`` through compressed: the transpose is folded into the dot (XLA would run an
     s8 dot of a transposed s8 operand as s32); same integer arithmetic, s8 x s8 in the HLO."""
-    from jaxcompress.compressed import compressed
+    from jaxcompress.execute.transform import compressed
 
     x = _normal(0, (rows, 32))
     q = jc.quantize(_normal(1, (12, 32)), channel_axes=(0,), activation="dynamic")
@@ -83,7 +83,7 @@ def test_transposed_weight_stays_int8(rows):
 
 def test_folded_transpose_restores_free_axis_order():
     """A 3-D weight transposed so that its free axes come out of the dot in stored order."""
-    from jaxcompress.compressed import compressed
+    from jaxcompress.execute.transform import compressed
 
     x = _normal(0, (10, 8))
     q = jc.quantize(_normal(1, (8, 3, 4)), channel_axes=(1, 2), activation="dynamic")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.execute import measure
 from jaxcompress.execute.policy import ExecutionPolicy, auto_choice, resolve_policy
 from jaxcompress.execute.weight_view import WeightView

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 import jaxcompress as jc
-from jaxcompress.data import load_fashion_mnist
+from jaxcompress.demo.data import load_fashion_mnist
 
 
 @functools.lru_cache(maxsize=1)

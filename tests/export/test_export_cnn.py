@@ -9,7 +9,7 @@ import jax
 import jaxcompress as jc
 from jaxcompress.export import evaluate_file, to_onnx, to_tflite
 from ai_edge_litert import schema_py_generated as schema
-from jaxcompress.pipeline import CNN
+from jaxcompress.demo.pipeline import CNN
 from tests.export.models import fashion_mnist, quantize_static, train
 from tests.export.runtimes import FLOAT_ONNX, WEIGHTED_TFLITE, optimized_ops, run_onnx, run_tflite, tflite_ops
 

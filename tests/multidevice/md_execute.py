@@ -10,7 +10,7 @@ import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 
 
 class MLP(nn.Module):

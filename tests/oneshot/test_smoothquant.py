@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxcompress as jc
-from jaxcompress.compressed import compressed
+from jaxcompress.execute.transform import compressed
 from jaxcompress.oneshot.smoothquant import output_error, smoothquant, smoothquant_scales
 
 

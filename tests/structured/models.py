@@ -151,7 +151,7 @@ class Concat(nn.Module):
 
 
 class FlattenCNN(nn.Module):
-    """jaxcompress.pipeline.CNN's shape with configurable widths: two stride-2 convs, flatten, Dense."""
+    """jaxcompress.demo.pipeline.CNN's shape with configurable widths: two stride-2 convs, flatten, Dense."""
 
     features: Sequence[int] = (8, 12)
     hidden: int = 16

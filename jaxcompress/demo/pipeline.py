@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from jaxcompress.checkpoint.safetensors_io import export_safetensors
-from jaxcompress.compressed import compressed
-from jaxcompress.data import Dataset, load_image_dataset
+from jaxcompress.execute.transform import compressed
+from jaxcompress.demo.data import Dataset, load_image_dataset
 from jaxcompress.params import quantize_params
 from jaxcompress.pruning import PruneRule, polynomial, prune
 from jaxcompress.training import convert_qat, fake_quant, fake_quant_activations, qat, qat_activation_ranges, qat_ranges
