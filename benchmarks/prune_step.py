@@ -179,8 +179,13 @@ def build_variants(pruned, update_every):
             update_freq=update_every, update_start_step=0, update_end_step=SCHEDULE_UPDATES * update_every
         ),
     )
+    wrapped = pruner.wrap_optax(adamw())
+    try:  # the published source targets older jax (e.g. it calls jax.tree_map, gone in jax 0.10)
+        jax.eval_shape(wrapped.init, {"probe": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}})
+    except AttributeError as error:
+        return variants, f"jaxpruner is installed but does not run on jax {jax.__version__} ({error}): skipped"
     variants["jaxpruner"] = (
-        pruner.wrap_optax(adamw()),
+        wrapped,
         functools.partial(_jaxpruner_step, pruner),
         lambda state: jax.tree.map(lambda m: m if m is None else m.astype(bool), state.masks),
     )
