@@ -33,7 +33,10 @@ from jaxcompress.checkpoint import (
     save_checkpoint,
     save_to_manager,
 )
+from jaxcompress._errors import CheckpointFormatError, CheckpointWriteError, InvalidQArrayError
+from jaxcompress.execute.policy import ExecutionPolicy, SiteChoice
 from jaxcompress.execute.transform import compressed
+from jaxcompress.quant.plan import QuantPlan, plan_quantization
 from jaxcompress.execute import (
     UnsupportedQuantizedOp,
     attach_activation_scales,
@@ -49,6 +52,7 @@ from jaxcompress.pruning import (
     PrunePlan,
     PruneRule,
     PruneState,
+    prune_masks,
     RigL,
     SET,
     apply_masks,
@@ -84,7 +88,7 @@ from jaxcompress.oneshot.mixed import LayerChoice, MixedPrecisionReport, choose_
 from jaxcompress.oneshot.smoothquant import smoothquant
 from jaxcompress.oneshot.sparsegpt import sparsegpt, sparsegpt_matrix
 from jaxcompress.oneshot.wanda import wanda, wanda_matrix
-from jaxcompress.qarray import QArray
+from jaxcompress.qarray import QArray, check_qarray
 from jaxcompress.structured import (
     ChannelCoupling,
     ShrinkResult,
@@ -95,6 +99,7 @@ from jaxcompress.structured import (
     shrink_with,
 )
 from jaxcompress.training import (
+    ClipRanges,
     QATState,
     activation_fake_quant,
     convert_qat,
@@ -243,4 +248,14 @@ __all__ = [
     "unstructured_mask",
     "UnsupportedQuantizedOp",
     "weight_ranges",
+    "CheckpointFormatError",
+    "CheckpointWriteError",
+    "InvalidQArrayError",
+    "ExecutionPolicy",
+    "SiteChoice",
+    "QuantPlan",
+    "plan_quantization",
+    "check_qarray",
+    "prune_masks",
+    "ClipRanges",
 ]

@@ -32,7 +32,7 @@ from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
 from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
-from jaxcompress.qarray import QArray
+from jaxcompress.qarray import InvalidQArrayError, QArray, check_qarray
 
 __all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "weight_rules", "run_with_qarrays", "unstack_view"]
 
@@ -216,6 +216,10 @@ def run_with_qarrays(
         leaf = traced.leaves[position]
         if isinstance(leaf, QArray):
             path = traced.paths[position]
+            try:  # a hand-built or derived QArray must be a real one before its codes are used
+                check_qarray(leaf, strict=True)
+            except InvalidQArrayError as error:
+                raise InvalidQArrayError(f"{leaf_name(path)}: {error}") from None
             leaf = WeightView.from_qarray(
                 leaf, name=leaf_name(path), leaf_index=position, path=params_path(path, 0) or leaf_name(path)
             )

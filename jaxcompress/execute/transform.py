@@ -75,7 +75,7 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
     >>> params = model.init(jax.random.key(1), x)
     >>> rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
     >>> qparams, _ = jc.quantize_params(params, rules)
-    >>> apply = jax.jit(compressed(model.apply))
+    >>> apply = jax.jit(jc.compressed(model.apply))
     >>> y = apply(qparams, x)
     >>> bool(jnp.allclose(y, model.apply(params, x), atol=0.1))
     True

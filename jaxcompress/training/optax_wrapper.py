@@ -44,9 +44,10 @@ forward returns, passed to the update as an extra argument:
     def loss_fn(params, ranges, activation_ranges, batch):
         logits, observed = apply(jc.fake_quant(params, rules, ranges=ranges), batch["x"],
                                  ranges=activation_ranges)
-        return loss(logits, batch["y"]), observed
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return xent, observed
 
-    (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (value, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, jc.qat_ranges(state), jc.qat_activation_ranges(state), batch)
     updates, state = opt.update(grads, state, params, activation_stats=observed)
 
