@@ -36,6 +36,9 @@ if "XLA_FLAGS" not in os.environ and os.environ.get("JAX_PLATFORMS", "cpu") == "
     os.environ["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
     )
+    # XLA:CPU's client thread pool (max(cores, devices) threads) can run dry when several sharded
+    # steps are in flight and a collective then never gathers all devices: docs/scaling.md.
+    os.environ.setdefault("PJRT_NPROC", "32")
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402

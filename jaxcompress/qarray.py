@@ -203,27 +203,20 @@ class QArray:
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this `QArray` stands for, in ``dtype`` (default: the original dtype)."""
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(self.dtype)
+        if self.group_axis is not None:
+            # Groups go through the blocked view of `jaxcompress.quant.quantize.dequantize`, which
+            # keeps a sharded group axis sharded (whole groups would gather straddling shards).
+            from jaxcompress.quant.quantize import dequantize
+
+            return dequantize(self, out_dtype)
         if self.input_scale is not None:
             smoothed = dataclasses.replace(self, input_scale=None).dequantize(jnp.float32)
             return (smoothed / self.input_scale.astype(jnp.float32)).astype(out_dtype)
         values = self.values.astype(jnp.float32)
-        if self.zero_point is not None:
-            zero_point = self.zero_point.astype(jnp.float32)
-        else:
-            zero_point = None
         scale = self.scale.astype(jnp.float32)
-        if self.group_axis is None:
-            if zero_point is not None:
-                values = values - zero_point
-            return (values * scale).astype(out_dtype)
-        axis = self.group_axis
-        shape = self.values.shape
-        grouped = shape[:axis] + (shape[axis] // self.group_size, self.group_size) + shape[axis + 1 :]
-        values = values.reshape(grouped)
-        scale = jnp.expand_dims(scale, axis + 1)
-        if zero_point is not None:
-            values = values - jnp.expand_dims(zero_point, axis + 1)
-        return (values * scale).reshape(shape).astype(out_dtype)
+        if self.zero_point is not None:
+            values = values - self.zero_point.astype(jnp.float32)
+        return (values * scale).astype(out_dtype)
 
     def __repr__(self) -> str:
         granularity = describe_granularity(self)

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.quant.codec import block_along
 from jaxcompress.execute.activation import quantize_activation
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
@@ -139,9 +140,14 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
         axis = grouped[0]
         x_axis = lhs_contract[rhs_contract.index(axis)]
         groups = view.scale.shape[axis]
-        codes, scale = _split_axis(codes, axis, groups), _split_axis(scale, axis, groups)
-        zero_point = None if zero_point is None else _split_axis(zero_point, axis, groups)
-        x_codes = _split_axis(x_codes, x_axis, groups)
+        # Blocks of one scale rather than whole groups where the groups straddle the shards of a
+        # sharded contracting axis (a group split would gather the codes): `block_along`.
+        parts = codes.shape[axis] // block_along(codes, axis, codes.shape[axis] // groups)
+        scale = jnp.repeat(scale, parts // groups, axis=axis)
+        zero_point = None if zero_point is None else jnp.repeat(zero_point, parts // groups, axis=axis)
+        codes, scale = _split_axis(codes, axis, parts), _split_axis(scale, axis, parts)
+        zero_point = None if zero_point is None else _split_axis(zero_point, axis, parts)
+        x_codes = _split_axis(x_codes, x_axis, parts)
 
         def shift(axes, at):
             return tuple(a + 1 if a > at else a for a in axes)

@@ -26,8 +26,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.qarray import INT_QTYPE
-from jaxcompress.quant.calibrate import calibrate_range
-from jaxcompress.quant.codec import decode, encode, fp8_max, from_grouped, int_range, scale_from_range, to_grouped
+from jaxcompress.quant.calibrate import calibrate_array
+from jaxcompress.quant.codec import (
+    blocks_to_groups,
+    decode,
+    encode,
+    fp8_max,
+    from_grouped,
+    groups_to_blocks,
+    int_range,
+    scale_from_range,
+    to_blocks,
+    to_grouped,
+)
 from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
 from jaxcompress.quant.plan import as_quant_rules, plan_quantization
 from jaxcompress.rules import QuantRule, path_to_keystr
@@ -43,20 +54,22 @@ def _resolve(x: jax.Array, spec: QuantSpec | ResolvedSpec, name: str) -> Resolve
     return spec.resolve(tuple(x.shape), name)
 
 
-def _grouped(x: jax.Array, spec: ResolvedSpec) -> jax.Array:
-    return x.astype(jnp.float32).reshape(spec.grouped_shape(tuple(x.shape)))
+def _blocked(x: jax.Array, spec: ResolvedSpec) -> tuple[jax.Array, int | None]:
+    """``x`` as float32 in the blocked view of `jaxcompress.quant.codec` (the grouped view when
+    groups align with the shards), which keeps a sharded group axis sharded."""
+    return to_blocks(x.astype(jnp.float32), spec)
 
 
 def weight_range(x: jax.Array, spec: ResolvedSpec) -> tuple[jax.Array, jax.Array]:
     """The calibrated clip range ``(lo, hi)`` of ``x`` in the QArray scale layout (no gradient)."""
-    grouped = jax.lax.stop_gradient(_grouped(x, spec))
-    lo, hi = calibrate_range(grouped, spec, spec.reduce_axes(x.ndim))
+    lo, hi = calibrate_array(jax.lax.stop_gradient(x.astype(jnp.float32)), spec)
     return from_grouped(lo, spec), from_grouped(hi, spec)
 
 
 def _ste_forward(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec):
-    grouped = _grouped(x, spec)
+    grouped, block = _blocked(x, spec)
     scale, zero_point = scale_from_range(to_grouped(lo, spec), to_grouped(hi, spec), spec)
+    scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
     out = decode(encode(grouped, scale, zero_point, spec), scale, zero_point)
     codes = grouped / scale
     if spec.qtype == INT_QTYPE:
@@ -152,8 +165,8 @@ def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> int:
 
 def _lsq_parts(x, step, spec):
     qmin, qmax = int_range(spec.bits, spec.symmetric)
-    grouped = _grouped(x, spec)
-    s = to_grouped(step.astype(jnp.float32), spec)
+    grouped, block = _blocked(x, spec)
+    s = groups_to_blocks(to_grouped(step.astype(jnp.float32), spec), spec, block)
     v = grouped / s
     rounded = jnp.clip(jnp.round(v), qmin, qmax)
     return grouped, s, v, rounded, qmin, qmax
@@ -172,6 +185,7 @@ def _lsq_fwd(x, step, spec):
 def _lsq_bwd(spec, residuals, g):
     x, step = residuals
     grouped, s, v, rounded, qmin, qmax = _lsq_parts(x, step, spec)
+    _, block = _blocked(x, spec)
     g = g.astype(jnp.float32).reshape(grouped.shape)
     below, above = v < qmin, v > qmax
     inside = ~(below | above)
@@ -179,7 +193,8 @@ def _lsq_bwd(spec, residuals, g):
     d_step = jnp.where(below, float(qmin), jnp.where(above, float(qmax), rounded - v))
     reduce_axes = spec.reduce_axes(x.ndim)
     grad_scale = 1.0 / math.sqrt(_group_count(spec, tuple(x.shape)) * qmax)
-    grad_step = from_grouped(jnp.sum(g * d_step, axis=reduce_axes, keepdims=True) * grad_scale, spec)
+    per_block = jnp.sum(g * d_step, axis=reduce_axes, keepdims=True)
+    grad_step = from_grouped(blocks_to_groups(per_block, spec, block, "sum") * grad_scale, spec)
     return grad_x, grad_step.reshape(step.shape).astype(step.dtype)
 
 
@@ -197,8 +212,9 @@ def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "a
     spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
     _check_lsq(spec, name)
     _, qmax = int_range(spec.bits, spec.symmetric)
-    grouped = _grouped(x, spec)
-    mean_abs = jnp.mean(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
+    grouped, block = _blocked(x, spec)
+    per_block = jnp.sum(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
+    mean_abs = blocks_to_groups(per_block, spec, block, "sum") / _group_count(spec, tuple(x.shape))
     return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), spec)
 
 

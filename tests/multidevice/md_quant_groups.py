@@ -137,11 +137,6 @@ def test_quantize_params_on_a_sharded_tree(mesh):
     assert not shard_sized_gathers(f.as_text(), *jax.tree.leaves(params))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dequantize_params uses QArray.dequantize (qarray.py), whose group reshape gathers a "
-    "straddling group axis; issue 21 asks for it to delegate to jaxcompress.quant.quantize.dequantize",
-)
 def test_dequantize_params_on_a_sharded_tree(mesh):
     params, rules = _tree(mesh)
     qparams = jax.jit(lambda p: jc.quantize_params(p, rules)[0])(params)

@@ -293,7 +293,7 @@ def test_prune_params_one_shot_keeps_shardings_and_matches_one_device(mesh, para
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.987])
-def test_global_threshold_is_exact_with_only_scalar_all_reduces(mesh, params, sparsity):
+def test_global_threshold_is_exact_with_only_count_sized_all_reduces(mesh, params, sparsity):
     kernels = list(_kernel_paths(params).values())
     total = sum(k.size for k in kernels)
     keep = total - round(sparsity * total)
@@ -311,7 +311,11 @@ def test_global_threshold_is_exact_with_only_scalar_all_reduces(mesh, params, sp
     hlo = f.as_text()
     assert "all-gather" not in hlo and "sort" not in hlo.lower().replace("sortable", "")
     sizes = all_reduce_sizes(hlo)
-    assert sizes and max(sizes) == 1, f"expected only scalar all-reduces, got element counts {sizes}"
+    # Counts only: the two-stage count (`pruning.topk.count_true`, which keeps XLA:CPU from
+    # materialising an int32 copy of each kernel) all-reduces its per-chunk partial counts, a few
+    # dozen int32s per pass whatever the parameter's size; never a gather of a parameter.
+    smallest_shard = min(k.size // len(k.sharding.device_set) for k in kernels)
+    assert sizes and max(sizes) <= 64 < smallest_shard, f"expected count-sized all-reduces, got element counts {sizes}"
 
 
 def test_global_threshold_exact_with_ties_on_sharded_params(mesh, params):
