@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.codec import to_grouped
-from jaxcompress.quant.quantize import quantize, quantize_with_range
+from jaxcompress.quant.arrays import quantize, quantize_with_range
 from jaxcompress.quant.plan import LeafDecision, QuantizeReport, plan_quantization
 from jaxcompress.rules import QuantRule
 

@@ -204,9 +204,9 @@ class QArray:
         """The float array this `QArray` stands for, in ``dtype`` (default: the original dtype)."""
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(self.dtype)
         if self.group_axis is not None:
-            # Groups go through the blocked view of `jaxcompress.quant.quantize.dequantize`, which
+            # Groups go through the blocked view of `jaxcompress.quant.arrays.dequantize`, which
             # keeps a sharded group axis sharded (whole groups would gather straddling shards).
-            from jaxcompress.quant.quantize import dequantize
+            from jaxcompress.quant.arrays import dequantize
 
             return dequantize(self, out_dtype)
         if self.input_scale is not None:

@@ -67,7 +67,7 @@ def quantize_sliced(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, sh
     import dataclasses
 
     import jax
-    from jaxcompress.quant.quantize import quantize
+    from jaxcompress.quant.arrays import quantize
     from jaxcompress.rules import path_to_keystr
 
     if array is not None:

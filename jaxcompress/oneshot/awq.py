@@ -39,7 +39,7 @@ from jaxcompress.oneshot.smoothquant import (
     run_smoothing,
 )
 from jaxcompress.qarray import QArray
-from jaxcompress.quant.quantize import place_like_param, quantize
+from jaxcompress.quant.arrays import place_like_param, quantize
 from jaxcompress.rules import QuantRule
 
 __all__ = ["awq", "awq_scales", "awq_matrix", "row_errors", "fake_quant_rows"]

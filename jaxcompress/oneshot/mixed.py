@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.oneshot.capture import capture_statistics, make_selector, to_matrix
-from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.arrays import quantize
 from jaxcompress.quant.spec import QuantSpec
 from jaxcompress.rules import QuantRule, path_to_keystr, path_to_str
 

@@ -35,7 +35,7 @@ from jaxcompress.execute.calibration import attach_activation_scales, calibrate_
 from jaxcompress.oneshot.capture import LayerStatistics, capture_statistics, from_matrix, to_matrix
 from jaxcompress.quant.plan import QuantizeReport, plan_quantization
 from jaxcompress.qarray import QArray
-from jaxcompress.quant.quantize import quantize
+from jaxcompress.quant.arrays import quantize
 from jaxcompress.rules import QuantRule
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 from jaxcompress.quant.calibrate import absmax_range, mse_range, percentile_range
 from jaxcompress.quant.codec import int_range
-from jaxcompress.quant.quantize import dequantize, quantize
+from jaxcompress.quant.arrays import dequantize, quantize
 from jaxcompress.quant.spec import Calibration, QuantSpec
 
 __all__ = [

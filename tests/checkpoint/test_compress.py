@@ -100,7 +100,7 @@ def test_sliced_quantization_equals_whole(tmp_path, monkeypatch, shape):
         jc.QuantRule(pattern=".*", bits=8, channel_axes=(-1,), symmetric=False),
         jc.QuantRule(pattern=".*", qtype="float8_e4m3fn", channel_axes=(1,)),
     ]
-    quantize_module = sys.modules["jaxcompress.quant.quantize"]
+    quantize_module = sys.modules["jaxcompress.quant.arrays"]
 
     calls = []
     original = quantize_module.quantize

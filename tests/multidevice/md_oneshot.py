@@ -91,7 +91,7 @@ def test_group_scales_follow_a_sharded_group_axis(grouped_setup, method, group_s
     kernel; g32 groups straddle two shards, so the (2, 64) scale is replicated along it (never
     the codes, which stay split like the kernel). 'c' splits its group axis 2 ways over 'data'."""
     from jaxcompress.oneshot.awq import awq
-    from jaxcompress.quant.quantize import scale_sharding
+    from jaxcompress.quant.arrays import scale_sharding
 
     host, batches, params = grouped_setup
     sizes = {"a": 16, "b": group_size, "c": group_size}  # 'a' has 16 input rows

@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxcompress as jc
-from jaxcompress.quant.quantize import scale_sharding
+from jaxcompress.quant.arrays import scale_sharding
 
 # (shape, param spec, quantization options): the case first.
 CASES = {
