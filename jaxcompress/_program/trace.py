@@ -22,7 +22,11 @@ import numpy as np
 from jaxcompress.qarray import QArray
 from jaxcompress.rules import path_to_str
 
-__all__ = ["trace_call", "TracedCall", "TraceCache", "is_qarray", "leaf_name", "params_path"]
+__all__ = ["ProgramTraceError", "trace_call", "TracedCall", "TraceCache", "is_qarray", "leaf_name", "params_path"]
+
+
+class ProgramTraceError(TypeError):
+    """The function cannot be traced once with abstract arguments (it reads an argument's value)."""
 
 
 def is_qarray(x: Any) -> bool:
@@ -111,7 +115,16 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None
             call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
             return fn(*call_args, **call_kwargs)
 
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+        try:
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError) as error:
+            name = getattr(fn, "__qualname__", type(fn).__name__)
+            raise ProgramTraceError(
+                f"{name}: the function reads the VALUE of an argument while it is traced (Python control flow "
+                f"or a NumPy conversion on an array, e.g. `if params[...].sum() > 0:`). jaxcompress traces the "
+                f"function once with abstract stand-ins for its arrays (QArray weights included), so branch "
+                f"with jax.lax.cond / jnp.where, or mark the argument static. JAX said: {error}"
+            ) from error
         traced = (closed, jax.tree_util.tree_structure(out_shape))
         if cache is not None:
             cache.put(key, traced)

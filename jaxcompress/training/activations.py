@@ -232,6 +232,12 @@ def fake_quant_activations(
                     f"(paths are relative to the params argument of the wrapped function, static ones here: "
                     f"{sorted(static)}; qat keys them by the tree given to opt.init, so pass the same tree)"
                 )
+            for path, value in given.items():
+                if jnp.size(value) != 1:
+                    raise ValueError(
+                        f"activation {'ranges' if ranges is not None else 'steps'}[{path!r}]: expected a scalar "
+                        f"(one per-tensor value per weight, as qat_activation_ranges returns), got shape {tuple(jnp.shape(value))}"
+                    )
         def hook(site: DotSite, x: jax.Array, weight: jax.Array, observe) -> jax.Array:
             mode = modes[site.path]
             if not jnp.issubdtype(x.dtype, jnp.floating):

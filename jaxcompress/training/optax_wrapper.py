@@ -167,7 +167,7 @@ def qat(
         activation_ranges = _tree_from_paths(params, {path: jnp.zeros((), jnp.float32) for path in static})
         return QATState(jnp.zeros((), jnp.int32), _range_trees(params, ranges), inner.init(params), activation_ranges)
 
-    def track_activations(state, activation_stats):
+    def track_activations(state, activation_stats, params):
         if activation_stats is None:
             return state.activation_ranges
         if not isinstance(activation_stats, dict):
@@ -175,6 +175,19 @@ def qat(
                 f"activation_stats must be the {{path: max|x|}} dict that fake_quant_activations observes, "
                 f"got {type(activation_stats).__name__}"
             )
+        known = activation_modes(params, rules, on_unused="ignore")
+        unknown = sorted(set(activation_stats) - set(known))
+        if unknown:
+            raise ValueError(
+                f"activation_stats has paths no rule quantizes the activation of: {unknown} (expected keys "
+                f"among {sorted(known)}, the paths of the tree given to opt.init, as fake_quant_activations returns them)"
+            )
+        for path, value in activation_stats.items():
+            if jnp.size(value) != 1:
+                raise ValueError(
+                    f"activation_stats[{path!r}]: expected the scalar max|x| fake_quant_activations observes, "
+                    f"got shape {tuple(jnp.shape(value))}"
+                )
 
         # Statistics of dynamic-activation leaves (observed for monitoring) are not tracked.
         def one(path, old):
@@ -197,7 +210,7 @@ def qat(
             fresh = _range_trees(new_params, weight_ranges(new_params, rules, on_unused="ignore"))
             if ema_decay != 0.0:
                 fresh = jax.tree.map(lambda old, new: ema_decay * old + (1.0 - ema_decay) * new, state.ranges, fresh)
-            return fresh, track_activations(state, activation_stats)
+            return fresh, track_activations(state, activation_stats, params)
 
         def keep(_):
             return state.ranges, state.activation_ranges
@@ -284,6 +297,10 @@ def convert_qat(
     qparams, _ = quantize_params(params, rules, ranges=ranges, on_unused="ignore")
     if activation_ranges is None and activation_steps is None:
         return qparams
+    for what, given in (("activation_ranges", activation_ranges), ("activation_steps", activation_steps)):
+        for path, value in (given or {}).items():
+            if jnp.size(value) != 1:
+                raise ValueError(f"convert_qat: {what}[{path!r}]: expected a scalar per weight, got shape {tuple(jnp.shape(value))}")
     if activation_steps is not None:
         scales_by_path = {path: jnp.asarray(step, jnp.float32) for path, step in activation_steps.items()}
     else:
