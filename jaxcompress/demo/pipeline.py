@@ -64,7 +64,7 @@ class PipelineConfig:
     bits: int = 8
     group_size: int | None = None
     activation: str = "dynamic"
-    qat_activation: str = "static"
+    qat_activation: str | None = None  # None: "static" for int8 per-channel (a full-integer file), else `activation`
     export_files: bool = True
     batch_size: int = 128
     learning_rate: float = 2e-3
@@ -238,7 +238,9 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
 
     # 4. QAT of the pruned model: masks frozen, weight and activation ranges tracked, then frozen
     #    for the last 20%; the activations compressed() quantizes are fake-quantized too.
-    qat_rules = _quant_rules(fp32, config, activation=config.qat_activation)
+    exportable = config.bits == 8 and not config.group_size  # the runtimes' int8 kernels: per-channel int8
+    qat_activation = config.qat_activation or ("static" if exportable else config.activation)
+    qat_rules = _quant_rules(fp32, config, activation=qat_activation)
     qat_opt = qat(
         prune(optax.adam(config.learning_rate / 4), masks=masks),
         qat_rules,
@@ -278,7 +280,9 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
         row["ratio"] = rows[0]["bytes"] / row["bytes"]
     export_path = os.path.join(out_dir, "pruned_qat_int.jaxexport")
     export_bytes, export_difference = _export(int_apply, converted, test_x[:8], export_path)
-    if config.export_files:
+    if config.export_files and not exportable:
+        print(f"  no LiteRT / ONNX files: the runtimes' integer kernels take per-channel int8, not {label}", flush=True)
+    elif config.export_files:
         rows.extend(_runtime_rows(model, fp32, converted, train_x, test_x, test_y, out_dir, config, label))
     return {
         "dataset": data.name,

@@ -18,7 +18,7 @@ def test_fashion_mnist_example_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == {"fp32", "PTQ int8", "pruned 50%", "pruned 50% + QAT int8"}
+    assert {"fp32", "PTQ int8", "pruned 50%", "pruned 50% + QAT int8"} <= set(rows)
     assert result["test_images"] == 1000 and result["config"]["sparsity"] == 0.5
     assert abs(rows["pruned 50%"]["sparsity"] - 0.5) < 0.01
     for row in rows.values():
