@@ -43,7 +43,9 @@ def test_runtime_rows_are_measured_in_litert_and_onnx_runtime(result):
         assert int8["file"].endswith(f"model.{suffix}") and fp32["file"].endswith(f"model_fp32.{suffix}")
         assert abs(fp32["accuracy"] - by_name["fp32"]["accuracy"]) < 0.005  # the same float model
         assert abs(int8["accuracy"] - jax_int8["accuracy"]) < 0.03
-        assert int8["ratio"] > 3.5 and int8["latency_ms_b1"] > 0 and int8["latency_ms_b256"] > 0
+        # > 3x here: the digits CNN is small, so the files' fixed part weighs more (the demo's
+        # Fashion-MNIST CNN: 3.92x, tests/export/test_export_cnn.py)
+        assert int8["ratio"] > 3.0 and int8["latency_ms_b1"] > 0 and int8["latency_ms_b256"] > 0
 
 
 def test_written_integer_model_keeps_pruned_zeros_and_reloads(result):

@@ -175,7 +175,10 @@ def test_activation_stats_must_be_the_observed_dict():
     opt = jc.qat(optax.sgd(0.1), rules)
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    _, state = opt.update(zeros, state, params, activation_stats={"l1/kernel": jnp.float32(2.0), "l2/kernel": 5.0})
+    _, state = opt.update(zeros, state, params, activation_stats={"l1/kernel": jnp.float32(2.0)})
     assert float(jc.qat_activation_ranges(state)["l1/kernel"]) == 2.0
+    # A path no rule quantizes the activation of is a mistake (a wrong tree or key), not ignored.
+    with pytest.raises(ValueError, match=r"activation_stats has paths .*\['l2/kernel'\]"):
+        opt.update(zeros, state, params, activation_stats={"l1/kernel": jnp.float32(2.0), "l2/kernel": 5.0})
     with pytest.raises(TypeError, match="activation_stats must be the"):
         opt.update(zeros, state, params, activation_stats=[2.0])
