@@ -4,6 +4,10 @@ The data path (see the README): rules select leaves; array transforms quantize o
 pytree transforms apply them to a whole params tree; metrics report what it cost.
 """
 
+from jaxcompress._cpu_pool import ensure_cpu_pool as _ensure_cpu_pool
+
+_ensure_cpu_pool()  # before jax starts its CPU client: see jaxcompress/_cpu_pool.py (issue 21)
+
 from jaxcompress.checkpoint import (
     abstract_checkpoint,
     follow_sharding,
