@@ -27,7 +27,6 @@ Weight-only path: a float convolution with the dequantized kernel.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -42,7 +41,7 @@ from jaxcompress.execute.dot import (
     integer_dot,
     smooth_activation,
 )
-from jaxcompress.execute.depthwise import float_depthwise, integer_depthwise, is_depthwise
+from jaxcompress.execute.depthwise import float_depthwise, integer_depthwise, is_depthwise, window_taps
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -54,25 +53,8 @@ def _patches(codes, lhs_spec, kernel_sizes, window_strides, padding, lhs_dilatio
     ``lhs_spec`` (batch axis, feature axis, spatial axes)."""
     batch_axis, feature_axis, spatial_axes = lhs_spec[0], lhs_spec[1], tuple(lhs_spec[2:])
     x = jnp.transpose(codes, (batch_axis,) + spatial_axes + (feature_axis,))
-    config = [(0, 0, 0)]
-    for (low, high), dilation in zip(padding, lhs_dilation):
-        config.append((int(low), int(high), int(dilation) - 1))
-    config.append((0, 0, 0))
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-    padded = x.shape[1:-1]
-    out_sizes = [
-        (size - (k - 1) * d - 1) // s + 1
-        for size, k, d, s in zip(padded, kernel_sizes, rhs_dilation, window_strides)
-    ]
-    slices = []
-    for offset in itertools.product(*(range(k) for k in kernel_sizes)):
-        start = (0,) + tuple(o * d for o, d in zip(offset, rhs_dilation)) + (0,)
-        limit = (
-            (x.shape[0],)
-            + tuple(st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_sizes, window_strides))
-            + (x.shape[-1],)
-        )
-        slices.append(jax.lax.slice(x, start, limit, (1,) + tuple(window_strides) + (1,)))
+    taps = window_taps(x, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation, 0)
+    slices = [tap for _, tap in taps]
     return jnp.stack(slices, axis=-1)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxcompress.execute.activation import quantize_activation
 from jaxcompress.execute.weight_view import WeightView
 
-__all__ = ["is_depthwise", "integer_depthwise", "float_depthwise"]
+__all__ = ["is_depthwise", "integer_depthwise", "float_depthwise", "window_taps"]
 
 
 def is_depthwise(view_shape, params: dict) -> bool:
@@ -40,8 +40,10 @@ def is_depthwise(view_shape, params: dict) -> bool:
     return groups > 1 and int(params.get("batch_group_count", 1)) == 1 and view_shape[rhs_spec[1]] == 1
 
 
-def _taps(x_nhwc, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation, zero):
-    """The strided input slices ``(N, *out_spatial, C)``, one per kernel window offset."""
+def window_taps(x_nhwc, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation, zero):
+    """The strided input slices ``(N, *out_spatial, C)`` of an NHWC-ordered activation, one per
+    kernel window offset (in ``itertools.product`` order), padded with ``zero``; also the im2col
+    patches of the integer conv (`jaxcompress.execute.conv`)."""
     config = [(0, 0, 0)]
     for (low, high), dilation in zip(padding, lhs_dilation):
         config.append((int(low), int(high), int(dilation) - 1))
@@ -85,7 +87,7 @@ def _kernel_taps(kernel, rhs_spec, groups):
 def _accumulate(x_nhwc, taps, params, accumulator_dtype):
     kernel_sizes = taps.shape[:-2]
     total = None
-    for offset, piece in _taps(
+    for offset, piece in window_taps(
         x_nhwc, kernel_sizes, params["window_strides"], params["padding"], params["lhs_dilation"], params["rhs_dilation"], 0
     ):
         term = piece.astype(accumulator_dtype)[..., None] * taps[offset].astype(accumulator_dtype)

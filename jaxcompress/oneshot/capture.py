@@ -16,20 +16,8 @@ reduction is one jitted function (compiled once per batch shape, float32 on the 
 Gram matrix at ``Precision.HIGHEST``); across batches the sums are accumulated on the host in
 float64, so 10k+ rows lose nothing to float32 summation order.
 
-The canonical matrix view (`to_matrix` / `from_matrix`): a weight reads as ``W`` of shape
-``(d_out, d_in)`` whose columns are in the order of the statistics' input dimension, so the
-layer computes ``rows @ W.T``:
-
-* a ``dot_general`` weight (Flax ``Dense`` ``(in, out)`` gives ``W = kernel.T``;
-  ``DenseGeneral`` / einsum kernels): the contracted axes, in the order the dot pairs them with
-  the activation's, flattened to ``d_in``; the other axes, in order, flattened to ``d_out``.
-  Layout ops between the leaf and the dot (``transpose``, ``reshape``, ...) are replayed, so the
-  view is of the operand the dot really sees. Weights with dot batch dimensions have no single
-  matrix view (an error naming the path).
-* a ``conv_general_dilated`` kernel: ``d_out`` = output features, ``d_in`` = the im2col patch
-  vector ordered (input feature, then the spatial axes in kernel order), the order of
-  ``lax.conv_general_dilated_patches`` which produces the rows. Grouped / depthwise convs
-  (``feature_group_count > 1``) are not supported (an error naming the path).
+The canonical matrix view of a weight at its site (`to_matrix` / `from_matrix`: ``W`` of shape
+``(d_out, d_in)``, the layer computing ``rows @ W.T``) is defined in `jaxcompress.oneshot.matrix`.
 
 A leaf used by several sites (tied weights) pools the rows of all of them; the sites must agree
 on the matrix view. A selected leaf that reaches no dot / conv is absent from the result.
