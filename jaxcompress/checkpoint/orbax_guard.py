@@ -18,6 +18,13 @@ sure ``sys.unraisablehook`` is wrapped by a filter that drops exactly that excep
 ``RuntimeError`` raised by ``asyncio``'s ``_check_closed`` inside ``call_soon_threadsafe``, with
 no object) and passes everything else to the hook it wraps.
 
+A second, rarer report of the same race (seen once in a CI run): a read that FAILED too after
+the gather gave up is a task whose exception nobody retrieves, and when it is collected asyncio
+logs ``Task exception was never retrieved`` with its traceback (logger ``asyncio``, level ERROR).
+`translate` also adds a filter to that logger which drops exactly those records whose exception
+is a tensorstore read error (a ``ValueError`` carrying a ``tensorstore_spec``); any other
+asyncio record passes.
+
 `check_metadata` validates the jaxcompress record stored in ``custom_metadata`` before anything
 is rebuilt from it (records are then rebuilt through `treemeta.qarray_from_parts`, which checks
 each `QArray` strictly against its arrays).
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -68,8 +76,25 @@ def _late_read_of_a_closed_loop(unraisable: Any) -> bool:
     )
 
 
+_UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+class _UnretrievedReadFilter(logging.Filter):
+    """Drops asyncio's report of an unretrieved tensorstore read error (see the module docs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(_UNRETRIEVED) or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        return not (type(exc) is ValueError and "tensorstore_spec=" in str(exc))
+
+
 def _install_hook() -> None:
-    """Wrap the current ``sys.unraisablehook`` with the filter (unless it already is)."""
+    """Wrap the current ``sys.unraisablehook`` with the filter (unless it already is), and add
+    the asyncio log filter (once)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadFilter())
     previous = sys.unraisablehook
     if getattr(previous, "_jaxcompress_closed_loop_filter", False):
         return

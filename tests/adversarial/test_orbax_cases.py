@@ -159,3 +159,27 @@ def test_no_event_loop_traceback_after_a_clean_error(ckpt):
         proc = subprocess.run([sys.executable, "-c", _EVENT_LOOP, ckpt], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 3, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unretrieved_tensorstore_read_error_is_not_logged(caplog):
+    # the rarer report of the same race: a second failed read's task is collected unretrieved
+    import asyncio
+    import gc
+
+    from jaxcompress.checkpoint import orbax_guard
+
+    with orbax_guard.translate("unused"):
+        pass  # installs the filters
+
+    async def fail(message):
+        raise ValueError(message)
+
+    loop = asyncio.new_event_loop()
+    tasks = [loop.create_task(fail(m)) for m in ("DATA_LOSS: bad node [tensorstore_spec='{}']", "some other failure")]
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    with caplog.at_level("ERROR", logger="asyncio"):
+        del tasks
+        gc.collect()
+    messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(messages) == 1 and "some other failure" in messages[0], messages
