@@ -92,7 +92,7 @@ def pareto_front(points: Sequence[ParetoPoint]) -> list[ParetoPoint]:
     >>> [p.label for p in pareto_front(pts)]
     ['int8', 'f32']
     """
-    front = []
+    front: list[ParetoPoint] = []
     for p in sorted(points, key=lambda p: (p.size_bytes, -p.accuracy)):
         if not front or p.accuracy > front[-1].accuracy:
             front.append(p)
