@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress._checks import runtime_check
-from jaxcompress.qarray import QArray
+from jaxcompress.qarray import NF4_QTYPE, QArray
 from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
@@ -58,6 +58,14 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
     ((2, 2), dtype(int4))
     >>> bool(jnp.abs(jc.dequantize(q4) - w).max() <= q4.scale.max() / 2)
     True
+
+    A group size need not divide its axis (the last group is shorter), and ``qtype="nf4"``
+    stores QLoRA's normal-float 4-bit codes:
+
+    >>> jc.quantize(w, bits=4, channel_axes=(-1,), group_size=3).scale.shape  # groups of 3 + 1
+    (2, 2)
+    >>> jc.quantize(w, qtype="nf4", group_size=64).scale.shape  # one group of 4 per column
+    (1, 1)
     """
     spec = make_spec(spec, options)
     if not hasattr(x, "dtype"):
@@ -195,7 +203,7 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
-    if q.group_axis is None:
+    if q.group_axis is None and q.qtype != NF4_QTYPE:
         return q.dequantize(dtype)
     out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(q.dtype)
     if q.input_scale is not None:
@@ -256,4 +264,5 @@ def group_spec(q: QArray) -> ResolvedSpec:
         group_size=q.group_size,
         calibration=Calibration(),
         allow_nonfinite=True,
+        group_dim=None if q.group_axis is None else int(q.shape[q.group_axis]),
     )
