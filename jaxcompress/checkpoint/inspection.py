@@ -50,25 +50,30 @@ def leaf_row(path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, enco
     >>> row.format, row.granularity, row.bytes, row.bytes_before
     ('int4', 'per-channel(1,)', 24, 64)
     """
+    values: np.ndarray  # the values the leaf stands for (dequantized), to count its zeros
     if isinstance(leaf, QArray):
-        shape, dtype = leaf.shape, np.dtype(leaf.dtype).name
-        values = leaf.values
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype).name
+        values = np.asarray(leaf.dequantize(np.float32))
         fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
         bits, granularity = leaf.bits, describe_granularity(leaf)
         storage = leaf.nbytes
     else:
-        array = np.asarray(leaf)
-        shape, dtype, values = tuple(array.shape), array.dtype.name, array
-        fmt, bits, granularity, storage = dtype, None, "", array.nbytes
+        values = np.asarray(leaf)
+        shape, dtype = tuple(values.shape), values.dtype.name
+        fmt, bits, granularity, storage = dtype, None, "", values.nbytes
     count = math.prod(shape)
+    zero = values == 0
+    pruned = 0
     if mask is not None and not treemeta.is_masked_node(mask):
-        kept = int(np.count_nonzero(np.asarray(mask)))
-    else:
-        kept = int(np.count_nonzero(np.asarray(values)))
-    sparsity = 1.0 - kept / count if count else 0.0
+        keep = np.broadcast_to(np.asarray(mask, bool), values.shape)
+        pruned = count - int(np.count_nonzero(keep))
+        zero &= keep  # a pruned position is counted once, as pruned
+    sparsity = pruned / count if count else 0.0
+    zeros = int(np.count_nonzero(zero)) / count if count else 0.0
     if bytes_before is None:
         bytes_before = count * np.dtype(dtype).itemsize
-    return LeafRow(path, tuple(shape), dtype, fmt, bits, granularity, sparsity, encoding, storage if nbytes is None else nbytes, bytes_before, sqnr)
+    return LeafRow(path, shape, dtype, fmt, bits, granularity, sparsity, encoding, storage if nbytes is None else nbytes,
+                   bytes_before, sqnr, zeros=zeros)
 
 
 def _tensor_names(record: dict, reader: SafetensorsReader) -> list[str]:
