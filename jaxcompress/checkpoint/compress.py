@@ -43,7 +43,9 @@ from jaxcompress.checkpoint.sources import open_source
 from jaxcompress.qarray import QArray, describe_granularity
 from jaxcompress.rules import match_rules
 
-__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning"]
+__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning", "HF_CONFIG_KEY"]
+
+HF_CONFIG_KEY = "jaxcompress.hf_config"  # __metadata__: the source's Hugging Face config.json (see _hf_config)
 
 Progress = Callable[[int, int, str], None]
 
@@ -183,6 +185,28 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     return compress_leaf(tokens, load(), recipe, used=used, chunk_bytes=chunk_bytes, consume=True)
 
 
+def _hf_config(source: Any) -> str | None:
+    """The Hugging Face ``config.json`` of a safetensors source, so that the compressed file
+    alone is enough for `jaxcompress.models.load_hf`: the one beside the source file, else the
+    copy the source itself carries. ``None`` when there is none (or it is not a JSON object)."""
+    import json
+
+    if source.format != "safetensors":
+        return None
+    candidate = os.path.join(os.path.dirname(source.path), "config.json")
+    text = source._reader.metadata.get(HF_CONFIG_KEY)
+    if os.path.isfile(candidate) and os.path.getsize(candidate) < (1 << 20):
+        with open(candidate, encoding="utf-8") as f:
+            text = f.read()
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return json.dumps(data, sort_keys=True) if isinstance(data, dict) else None
+
+
 def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
     count = int(np.prod(shape, dtype=np.int64))
     if mask is not None:
@@ -229,9 +253,13 @@ def compress_checkpoint(
     """Compress the checkpoint ``src`` into the safetensors file ``dst`` with ``recipe``.
 
     Args:
-      src: a ``.safetensors`` file or an Orbax checkpoint directory of float weights.
+      src: a ``.safetensors`` file (e.g. a Hugging Face ``model.safetensors``, or one
+        `export_safetensors` wrote from a float tree) or an Orbax checkpoint directory of float
+        weights.
       dst: the compressed ``.safetensors`` file to create (see `export_safetensors` for its
-        tensor names); read it back with `import_safetensors`.
+        tensor names); read it back with `import_safetensors`, or run it as a Hugging Face
+        model with `jaxcompress.models.load_hf` (the ``config.json`` beside ``src`` is copied
+        into the file's metadata).
       recipe: a preset name (``"w8a8"``, ``"w4-g128"``, ``"2:4+int8"``, ``"90%-sparse+int8"``),
         a TOML path, or a `Recipe`.
       encoding: per-leaf storage, as in `export_safetensors`.
@@ -296,7 +324,11 @@ def compress_checkpoint(
             unused = [f"{kind}[{i}] (pattern {rules[i].pattern!r})" for kind, rules in (("prune", recipe.prune), ("quantize", recipe.quantize)) for i in range(len(rules)) if (kind, i) not in used]
             if unused and on_unused == "error":
                 raise RecipeError(f"{recipe.source}: {len(unused)} rule(s) matched no leaf of {source.path}: {', '.join(unused)}")
-            writer.metadata = file_metadata(records, {"jaxcompress.recipe": recipe.name, "jaxcompress.source": os.path.basename(source.path)})
+            extra = {"jaxcompress.recipe": recipe.name, "jaxcompress.source": os.path.basename(source.path)}
+            hf_config = _hf_config(source)
+            if hf_config is not None:
+                extra[HF_CONFIG_KEY] = hf_config
+            writer.metadata = file_metadata(records, extra)
     finally:
         finish()
     if unused and on_unused == "warn":

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxcompress._errors import ArgumentError, CheckpointFormatError, CheckpointNotFoundError
 from jaxcompress.checkpoint import treemeta
+from jaxcompress.checkpoint.compress import HF_CONFIG_KEY
 from jaxcompress.checkpoint.safetensors_format import SafetensorsReader
 from jaxcompress.checkpoint.safetensors_io import import_safetensors
 from jaxcompress.models.bert import BertConfig, BertModel
@@ -46,7 +47,6 @@ __all__ = ["Arch", "ModelConfig", "HF_CONFIG_KEY", "load_hf", "hf_to_flax", "ber
 
 Arch = Literal["bert", "llama"]
 ModelConfig = Union[BertConfig, "LlamaConfig"]
-HF_CONFIG_KEY = "jaxcompress.hf_config"  # __metadata__ key: the source's config.json, copied by compress
 _MODEL_TYPES: dict[str, Arch] = {"bert": "bert", "llama": "llama"}
 _BUFFERS = ("position_ids", "rotary_emb.inv_freq")
 
