@@ -263,8 +263,6 @@ def _check_static(q: QArray) -> None:
         _fail(f"bits {q.bits} for {q.qtype}, expected 8")
     if q.qtype == NF4_QTYPE and q.bits != 4:
         _fail(f"bits {q.bits} for nf4, expected 4")
-    if q.qtype == NF4_QTYPE and q.zero_point is not None:
-        _fail("nf4 is symmetric (absmax scale per group): zero_point must be None")
     if q.activation not in ACTIVATIONS:
         _fail(f"activation {q.activation!r} is not one of {ACTIVATIONS}")
     if q.activation != "weight_only" and q.qtype != INT_QTYPE:
@@ -327,6 +325,8 @@ def check_qarray(q: QArray, *, strict: bool = False) -> None:
         child = getattr(q, name)
         if _checkable(child) and not jnp.issubdtype(child.dtype, jnp.floating):
             _fail(f"{name} has dtype {jnp.dtype(child.dtype).name}, expected a floating dtype")
+    if q.qtype == NF4_QTYPE and _checkable(q.zero_point):
+        _fail("nf4 is symmetric (absmax scale per group): zero_point must be None")
     if _checkable(q.zero_point) and jnp.dtype(q.zero_point.dtype) != expected_dtype:
         _fail(f"zero_point has dtype {jnp.dtype(q.zero_point.dtype).name}, expected the values' {expected_dtype.name}")
     # A QArray returned by `jax.vmap` carries the batch axes in front of every child while its
