@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 from jaxcompress.oneshot.mixed import candidate_label, mixed_precision  # noqa: E402
+from jaxcompress.oneshot.allocation import OWL  # noqa: E402
 from jaxcompress.oneshot.sparsegpt import sparsegpt  # noqa: E402
 from jaxcompress.oneshot.wanda import wanda  # noqa: E402
 
@@ -60,6 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--sentences", type=int, default=None, help="held-out sentences (default 256, quick 32)")
     parser.add_argument("--offset", type=int, default=2000, help="first held-out sentence of the corpus")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/oneshot_prune[_quick].json)")
+    parser.add_argument("--methods", nargs="*", default=None, help="only these pruning variants (default all)")
+    parser.add_argument("--no-mixed", action="store_true", help="pruning only")
     args = parser.parse_args(argv)
     args.calibration = args.calibration or (16 if args.quick else 128)
     args.sentences = args.sentences or (32 if args.quick else 256)
@@ -123,18 +126,34 @@ def run(args) -> dict:
         print(f"{method:<10} {setting:<26} cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})  {seconds:6.1f} s")
         return row
 
+    calib = dict(row_mask=lambda batch: batch[1])
+    block_owl = OWL(group=r"layer_\d+/")
+    variants = {  # method -> (setting -> prune(rule)); OWL applies to unstructured sparsity only
+        "magnitude": lambda r: jc.prune_params(params, [r]),
+        "wanda": lambda r: wanda(model.apply, params, calib_batches, [r], **calib),
+        "wanda+ls": lambda r: wanda(model.apply, params, calib_batches, [r], reconstruct=True, **calib),
+        "wanda owl": lambda r: wanda(model.apply, params, calib_batches, [r], allocation="owl", **calib),
+        "sparsegpt": lambda r: sparsegpt(model.apply, params, calib_batches, [r], **calib),
+        "sparsegpt+ls": lambda r: sparsegpt(model.apply, params, calib_batches, [r], reconstruct=True, **calib),
+        "sparsegpt owl": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation="owl", **calib),
+        "sparsegpt owl-block": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation=block_owl, **calib),
+        "sparsegpt owl+ls": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation="owl",
+                                                reconstruct=True, **calib),
+    }
     for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
-        for method, prune in (
-            ("magnitude", lambda r: jc.prune_params(params, [r])),
-            ("wanda", lambda r: wanda(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
-            ("sparsegpt", lambda r: sparsegpt(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
-        ):
+        for method, prune in variants.items():
+            if args.methods and method not in args.methods:
+                continue
+            if setting == "2:4" and "owl" in method:
+                continue
             start = time.perf_counter()
             pruned, masks = prune(rule)
             jax.block_until_ready(pruned)
             seconds = time.perf_counter() - start
             sparsity = jc.mask_sparsity(masks)["total"]
             record(method, setting, pruned, seconds, sparsity=sparsity)
+    if args.no_mixed:
+        return {"benchmark": "oneshot_prune", "quick": args.quick, "environment": environment(), "results": rows}
 
     nbytes = lambda tree: sum(q.nbytes for q in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, jc.QArray))
                               if isinstance(q, jc.QArray))
