@@ -60,6 +60,7 @@ from jaxcompress.oneshot.capture import like_leaf as _like
 from jaxcompress.oneshot.gptq_core import GPTQResult, gptq_matrix
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.arrays import place_like_param, quantize
+from jaxcompress.quant.groups import expand_groups, num_groups
 from jaxcompress.quant.plan import LeafDecision, QuantizeReport, plan_quantization
 from jaxcompress.quant.spec import ResolvedSpec
 from jaxcompress.rules import QuantRule
@@ -111,8 +112,8 @@ def _scale_shape(shape, spec: ResolvedSpec) -> tuple[int, ...]:
     for axis, dim in enumerate(shape):
         if axis in spec.channel_axes:
             out.append(dim)
-        elif axis == spec.group_axis:
-            out.append(dim // spec.group_size)
+        elif axis == spec.group_axis and spec.group_size is not None:
+            out.append(num_groups(dim, spec.group_size))  # a ragged last group counts
         else:
             out.append(1)
     return tuple(out)
@@ -123,8 +124,8 @@ def _scale_index_map(leaf_shape, spec: ResolvedSpec, view, name: str):
     rows keep their own scale. Raises when the rule's scales do not fit GPTQ's column order."""
     scale_shape = _scale_shape(leaf_shape, spec)
     index = np.arange(math.prod(scale_shape), dtype=np.float32).reshape(scale_shape)
-    if spec.group_axis is not None:
-        index = np.repeat(index, spec.group_size, axis=spec.group_axis)
+    if spec.group_axis is not None and spec.group_size is not None:
+        index = expand_groups(index, spec.group_axis, spec.group_size, leaf_shape[spec.group_axis])
     index = np.broadcast_to(index, leaf_shape)
     matrix = np.asarray(to_matrix(jnp.asarray(index), view)).astype(np.int64)
     _, column_groups = np.unique(matrix[0], return_inverse=True)
@@ -193,6 +194,7 @@ def gptq(
     static_groups: bool = False,
     sequential: bool | Callable[[str], Any] = True,
     zero_dead: bool = True,
+    clip_search: bool = True,
     row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
     on_unused: str = "warn",
@@ -210,6 +212,9 @@ def gptq(
         per-output-channel (``channel_axes=(-1,)`` for Dense / Conv kernels), per-tensor, and
         groups along the input axis (the default ``group_axis``).
       damp, block_size, act_order, static_groups, zero_dead: see `gptq_matrix`.
+      clip_search: ``True`` (default): each group's clipping range is searched (20 shrink ratios
+        in [0.5, 1], the least ``diag(H)``-weighted rounding error; `gptq_matrix`) instead of
+        taken from the rule's ``calibration`` alone.
       sequential: ``True`` (default): each group of layers reading the same activation is
         calibrated on inputs computed with every earlier layer already quantized (one pass of
         ``fn`` in all, cut between groups: `jaxcompress.oneshot.capture.sequential_capture`).
@@ -299,7 +304,8 @@ def gptq(
                 result = gptq_matrix(
                     W, hessian, spec.bits, symmetric=spec.symmetric, per_channel=per_channel,
                     column_groups=column_groups, damp=damp, block_size=block_size, act_order=act_order,
-                    static_groups=static_groups, zero_dead=zero_dead, calibration=spec.calibration,
+                    static_groups=static_groups, zero_dead=zero_dead, clip_search=clip_search,
+                    calibration=spec.calibration,
                     scale_dtype=spec.scale_dtype, name=name,
                 )
                 qarray = _to_qarray(leaf, result, index_map, column_groups, spec, s.view)

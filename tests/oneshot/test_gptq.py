@@ -1,6 +1,7 @@
 """GPTQ: per-matrix algorithm vs a float64 NumPy reference, never worse than round-to-nearest,
 degenerate calibration, and the tree-level function's QArrays."""
 
+import dataclasses
 import warnings
 
 import flax.linen as nn
@@ -254,3 +255,37 @@ def test_tree_level_modes_unreached_leaves_and_errors(sequential):
     bad = [jc.QuantRule(pattern=r".*head/kernel", bits=4, channel_axes=(2,))]  # scale shared across outputs
     with pytest.raises(ValueError, match="head'\\]\\['kernel'\\]: GPTQ needs each scale"):
         gptq(model.apply, params, batches, bad)
+
+
+class _Ragged(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # inputs of 40 and 24 features: groups of 16 leave 8 in the last one
+        return nn.Dense(8, name="second")(jax.nn.gelu(nn.Dense(24, name="first")(x)))
+
+
+@pytest.mark.parametrize("activation", ["weight_only", "dynamic"])
+def test_tree_level_ragged_asymmetric_through_compressed(activation):
+    model = _Ragged()
+    batches = [jax.random.normal(jax.random.key(i), (64, 40)) for i in range(2)]
+    params = model.init(jax.random.key(9), batches[0])
+    rules = [jc.QuantRule(pattern=r".*kernel", bits=4, channel_axes=(-1,), group_size=16, symmetric=False,
+                          activation=activation)]
+    qparams, report = gptq(model.apply, params, batches, rules)
+    first = qparams["params"]["first"]["kernel"]
+    assert first.scale.shape == (3, 24) and first.zero_point.shape == (3, 24)
+    assert qparams["params"]["second"]["kernel"].scale.shape == (2, 8)
+    assert all(layer.method == "gptq" and layer.error < layer.rtn_error for layer in report.layers)
+    x = batches[0]
+    want = np.asarray(model.apply(jc.dequantize_params(qparams), x), np.float64)
+    got = np.asarray(jc.compressed(model.apply)(qparams, x), np.float64)
+    # weight-only: the same float math; dynamic: int8 x int4 dots with the zero-point term, int8
+    # activations per row (a relative error of a few 1e-3), never the error of a dropped zero point
+    tol = 2e-4 if activation == "weight_only" else 3e-2
+    assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
+    if activation == "dynamic":
+        hlo = jax.jit(jc.compressed(model.apply)).lower(qparams, x).compile().as_text()
+        assert "s8" in hlo and "s32" in hlo
+        dropped = jc.dequantize_params(jax.tree.map(  # the same codes, zero points ignored
+            lambda q: dataclasses.replace(q, zero_point=jnp.zeros_like(q.zero_point)) if isinstance(q, jc.QArray) else q,
+            qparams, is_leaf=lambda v: isinstance(v, jc.QArray)))
+        assert np.max(np.abs(np.asarray(model.apply(dropped, x)) - want)) > 10 * tol * np.max(np.abs(want))
