@@ -124,6 +124,8 @@ from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
 from jaxcompress import export
+from jaxcompress import models
+from jaxcompress.quant import serialization as _serialization  # registers QArray for jax.export serialization
 from jaxcompress._version import __version__
 
 __all__ = [
