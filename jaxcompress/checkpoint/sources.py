@@ -165,7 +165,8 @@ def open_source(path: str | os.PathLike) -> Source:
 
 def _open_plain_jaxcompress(path: str, reader: SafetensorsReader, records: list[dict]) -> Source:
     """A file `export_safetensors` wrote from a tree of plain dense arrays (a float tree) is a
-    source like any other, its leaves at the paths its records name; one with a `QArray`, a
+    source like any other, its leaves at the paths its records name (keys split on ``.``, as
+    for any safetensors file); one with a `QArray`, a
     mask, a sparse encoding or a placeholder leaf is already compressed and refused."""
     leaves, names = [], {}
     for record in records:
@@ -180,7 +181,11 @@ def _open_plain_jaxcompress(path: str, reader: SafetensorsReader, records: list[
         dtype, shape, begin, end = reader.tensors[name]
         if dtype.name != record["dtype"] or list(shape) != record["shape"]:
             raise CheckpointFormatError(f"{where}: stored as {dtype.name}{list(shape)}, recorded as {record['dtype']}{record['shape']} (packed sub-byte arrays are not a float source)")
-        tokens = _freeze(record["path"])
+        # Keys split on "." as for any safetensors source: a flat {"encoder.dense.weight": ...}
+        # tree and a nested one get the same paths (the tensor names are the same); list
+        # indices stay indices.
+        tokens = tuple(("key", part) if kind == "key" else (kind, key)
+                       for kind, key in record["path"] for part in (str(key).split(".") if kind == "key" else [key]))
         if tokens in names:
             raise HeaderError(f"{where}: two records have the path {treemeta.path_name(tokens, '/')!r}")
         names[tokens] = name

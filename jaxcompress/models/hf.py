@@ -23,6 +23,7 @@ argument, or (for a file ``jaxcompress compress`` wrote) from the copy of the so
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Union
@@ -158,6 +159,7 @@ def detect_arch(names: list[str], hf_config: Mapping[str, Any] | None = None) ->
     raise ArgumentError(f"cannot tell the architecture from the tensor names (first: {names[:3]}); pass arch='bert' or 'llama'")
 
 
+@functools.lru_cache(maxsize=8)
 def _expected_shapes(config: ModelConfig, arch: Arch) -> dict[tuple[str, ...], tuple[int, ...]]:
     model = model_for(config)
     ids = jnp.zeros((1, 2), jnp.int32)
