@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
 
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, NF4_QTYPE, storage_dtype
 from jaxcompress.quant.groups import group_span, merge_groups, num_groups, split_groups
@@ -267,8 +268,11 @@ def groups_to_blocks(array: Any, spec: ResolvedSpec, block: int | None) -> Any:
     assert spec.group_size is not None
     dim = spec.group_dim if spec.group_dim is not None else array.shape[spec.group_axis] * spec.group_size
     per_group = group_span(dim, spec.group_size) // block
-    repeated = jnp.repeat(array, per_group, axis=spec.group_axis)
-    return jax.lax.slice_in_dim(repeated, 0, dim // block, axis=spec.group_axis)
+    if dim % spec.group_size == 0 or dim <= spec.group_size:
+        return jnp.repeat(array, per_group, axis=spec.group_axis)
+    # the group of every block (a shorter last group has fewer): exactly ``dim // block`` entries
+    index = np.arange(dim // block) // per_group
+    return jnp.take(array, jnp.asarray(index, jnp.int32), axis=spec.group_axis)
 
 
 def _explicit_unsharded(array: jax.Array, axis: int) -> tuple[jax.Array, Any]:
@@ -299,20 +303,23 @@ def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, 
     axis = spec.group_axis
     groups, per_group = _group_geometry(spec, block, int(partial.shape[axis]))
     partial, out_sharding = _explicit_unsharded(partial, axis)
-    missing = groups * per_group - int(partial.shape[axis])
-    if missing:  # a shorter last group: pad its missing blocks with the reduction's identity
-        neutral = {"max": -jnp.inf, "min": jnp.inf, "sum": 0.0}[reduce]
-        widths = [(0, 0)] * partial.ndim
-        widths[axis] = (0, missing)
-        partial = jnp.pad(partial, widths, constant_values=neutral)
-    shape = tuple(partial.shape)
-    split = shape[:axis] + (groups, per_group) + shape[axis + 2 :]
-    if out_sharding is None:
-        regrouped = partial.reshape(split)
-    else:
-        regrouped = jax.lax.reshape(partial, split, out_sharding=out_sharding)
     reducer = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}[reduce]
-    return reducer(regrouped, axis=axis + 1, keepdims=True)
+    blocks = int(partial.shape[axis])
+    whole = blocks // per_group  # groups with all their blocks (all but a shorter last one)
+    parts = []
+    if whole:
+        head = partial if whole * per_group == blocks else jax.lax.slice_in_dim(partial, 0, whole * per_group, axis=axis)
+        shape = tuple(head.shape)
+        split = shape[:axis] + (whole, per_group) + shape[axis + 2 :]
+        if out_sharding is None:
+            regrouped = head.reshape(split)
+        else:
+            regrouped = jax.lax.reshape(head, split, out_sharding=out_sharding)
+        parts.append(reducer(regrouped, axis=axis + 1, keepdims=True))
+    if whole < groups:  # the shorter last group: its few blocks reduced on their own
+        tail = jax.lax.slice_in_dim(partial, whole * per_group, blocks, axis=axis)
+        parts.append(jnp.expand_dims(reducer(tail, axis=axis, keepdims=False), axis))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def encode_array(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:
