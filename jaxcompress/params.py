@@ -13,7 +13,7 @@ dividing the axis, NaN/Inf) IS an error naming the leaf's path; nothing is retur
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ def quantize_params(
     rules: Sequence[QuantRule] | QuantRule,
     *,
     ranges: dict[str, tuple[Any, Any]] | None = None,
-    on_unused: str = "warn",
+    on_unused: Literal["warn", "error", "ignore"] = "warn",
 ) -> tuple[Any, QuantizeReport]:
     """Quantize the leaves of ``params`` that ``rules`` select.
 

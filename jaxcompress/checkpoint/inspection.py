@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,7 +42,10 @@ def _sqnr(source: Source | None, path: str, leaf: Any) -> float | None:
     return sqnr_db(reference.astype(np.float32), np.asarray(approx, np.float32))
 
 
-def leaf_row(path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, encoding: str = "dense", bytes_before: int | None = None, sqnr: float | None = None) -> LeafRow:
+def leaf_row(
+    path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, encoding: Literal["dense", "bitmap", "n:m"] = "dense",
+    bytes_before: int | None = None, sqnr: float | None = None,
+) -> LeafRow:
     """A `LeafRow` describing one (possibly quantized / masked) leaf.
 
     >>> import jax.numpy as jnp, jaxcompress as jc

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jaxcompress.structured.coupling import ChannelCoupling, analyze_channels
 __all__ = ["ShrinkResult", "shrink", "channel_masks", "ALIGNMENTS"]
 
 ALIGNMENTS = (None, "union", "intersection")
+Alignment = Literal["union", "intersection"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _decide(keeps: dict[str, np.ndarray], coupling: ChannelCoupling, align: str 
 
 
 def shrink(
-    fn: Callable, variables: Any, masks: Any, *args: Any, align: str | None = None, **kwargs: Any
+    fn: Callable, variables: Any, masks: Any, *args: Any, align: Alignment | None = None, **kwargs: Any
 ) -> ShrinkResult:
     """Remove the masked-out channels from ``variables``; returns a `ShrinkResult`.
 
@@ -166,7 +167,7 @@ def shrink(
     return shrink_with(coupling, variables, masks, align=align)
 
 
-def shrink_with(coupling: ChannelCoupling, variables: Any, masks: Any, *, align: str | None = None) -> ShrinkResult:
+def shrink_with(coupling: ChannelCoupling, variables: Any, masks: Any, *, align: Alignment | None = None) -> ShrinkResult:
     """`shrink` with a precomputed `analyze_channels` result (no retracing).
 
     >>> import jax.numpy as jnp
