@@ -160,7 +160,7 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     prune_index = _matched(stub, recipe.prune)
     quant_index = _matched(stub, recipe.quantize)
     prunes = prune_index is not None and not recipe.prune[prune_index].skip and _is_float(leaf_info.dtype) and leaf_info.shape
-    if (rows is not None and prunes and _bounded_magnitude(recipe.prune[prune_index]) and quant_index is not None
+    if (rows is not None and prunes and prune_index is not None and _bounded_magnitude(recipe.prune[prune_index]) and quant_index is not None
             and not recipe.quantize[quant_index].skip and leaf_info.nbytes > SLICE_MIN_BYTES):
         spec = recipe.quantize[quant_index].spec
         split = _split_axis(spec.resolve(tuple(leaf_info.shape), leaf_info.path), leaf_info.shape)
@@ -298,8 +298,9 @@ def compress_checkpoint(
     if os.path.abspath(source.path) == dst:
         raise DestinationExistsError(17, f"{dst}: source and destination are the same file")
     callback, finish = _progress_callback(progress, sum(leaf.nbytes for leaf in source.leaves))
-    if hasattr(callback, "sizes"):
-        callback.sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
+    sizes = getattr(callback, "sizes", None)
+    if sizes is not None:
+        sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
     used: set = set()
     rows, records = [], []
     compressed_leaves = 0

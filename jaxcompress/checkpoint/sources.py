@@ -151,7 +151,8 @@ def open_source(path: str | os.PathLike) -> Source:
     records = read_records(reader)
     if records is not None:
         return _open_plain_jaxcompress(path, reader, records)
-    leaves, names = [], {}
+    leaves: list[SourceLeaf] = []
+    names: dict[tuple, str] = {}
     for name in sorted(reader.tensors, key=lambda n: reader.tensors[n][2]):
         dtype, shape, begin, end = reader.tensors[name]
         tokens = tuple(("key", part) for part in name.split("."))
@@ -168,7 +169,8 @@ def _open_plain_jaxcompress(path: str, reader: SafetensorsReader, records: list[
     source like any other, its leaves at the paths its records name (keys split on ``.``, as
     for any safetensors file); one with a `QArray`, a
     mask, a sparse encoding or a placeholder leaf is already compressed and refused."""
-    leaves, names = [], {}
+    leaves: list[SourceLeaf] = []
+    names: dict[tuple, str] = {}
     for record in records:
         where = f"{path}: leaf {record['name']!r}"
         if record["kind"] == "qarray" or record.get("mask") or record.get("encoding", "dense") != "dense":

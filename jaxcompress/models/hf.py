@@ -126,8 +126,9 @@ def model_for(config: ModelConfig) -> Any:
     """
     if _config_arch(config) == "bert":
         return BertModel(config)  # type: ignore[arg-type]
-    from jaxcompress.models.llama import Llama
+    from jaxcompress.models.llama import Llama, LlamaConfig
 
+    assert isinstance(config, LlamaConfig)
     return Llama(config)
 
 
