@@ -82,8 +82,8 @@ def outlier_ratio(scores: Sequence[np.ndarray], threshold: float) -> float:
     """The fraction of all ``scores`` (one layer's, possibly several arrays) above ``threshold``
     times their mean.
 
-    >>> outlier_ratio([np.array([1.0, 1.0, 1.0, 97.0])], 5.0)
-    0.25
+    >>> outlier_ratio([np.ones(9), np.array([91.0])], 5.0)     # mean 10: only 91 > 50
+    0.1
     """
     flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores])
     if flat.size == 0:

@@ -156,7 +156,7 @@ class MixedPrecisionReport:
 
 
 def layer_sensitivity(
-    delta: jax.Array, hessian: np.ndarray, count: int, sensitivity: str = "output", weight: jax.Array | None = None
+    delta: Any, hessian: Any, count: int, sensitivity: str = "output", weight: Any = None
 ) -> float:
     """The error of a matrix-view change ``delta`` ``(d_out, d_in)`` given ``hessian = X^T X`` over
     ``count`` rows: ``tr(E H E^T) / count`` (``"output"``), ``tr(H) / (d_in count) ||E||^2``
@@ -167,21 +167,23 @@ def layer_sensitivity(
     >>> layer_sensitivity(np.array([[1.0, 1.0]]), h, 2), layer_sensitivity(np.array([[1.0, 1.0]]), h, 2, "trace")
     (3.0, 3.0)
     """
-    delta = np.asarray(delta, np.float64)
-    hessian = np.asarray(hessian, np.float64)
+    e = np.asarray(delta, np.float64)
+    h = np.asarray(hessian, np.float64)
     rows = max(int(count), 1)
     if sensitivity == "output":
-        return float(np.sum((delta @ hessian) * delta) / rows)
+        return float(np.sum((e @ h) * e) / rows)
     if sensitivity == "relative":
-        weight = np.asarray(weight, np.float64)
-        signal = float(np.sum((weight @ hessian) * weight))
-        return float(np.sum((delta @ hessian) * delta) / max(signal, np.finfo(np.float64).tiny))
+        if weight is None:
+            raise ValueError("sensitivity='relative' needs the matrix-view weight")
+        w = np.asarray(weight, np.float64)
+        signal = float(np.sum((w @ h) * w))
+        return float(np.sum((e @ h) * e) / max(signal, np.finfo(np.float64).tiny))
     if sensitivity == "trace":
-        return float(np.trace(hessian) / (hessian.shape[0] * rows) * np.sum(delta * delta))
+        return float(np.trace(h) / (h.shape[0] * rows) * np.sum(e * e))
     raise ValueError(f"sensitivity must be one of {SENSITIVITIES[:3]}, got {sensitivity!r}")
 
 
-def _model_error(fn: Callable, params_argnum: int) -> Callable:
+def _model_error(fn: Callable, params_argnum: int) -> tuple[Callable, Callable]:
     """``(params, reference outputs, batch) -> sum of squared output differences`` (jitted)."""
     from jaxcompress.oneshot.capture import batch_args
 
@@ -321,10 +323,10 @@ def mixed_precision(
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     predicate = make_selector(select)
     leaves, names = {}, {}
-    for path, leaf in flat:
-        path_str = path_to_str(path)
+    for key_path, leaf in flat:
+        path_str = path_to_str(key_path)
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and predicate(path_str):
-            leaves[path_str], names[path_str] = leaf, path_to_keystr(path)
+            leaves[path_str], names[path_str] = leaf, path_to_keystr(key_path)
     missing = [p for p in leaves if p not in stats]
     if missing:
         raise ValueError(
@@ -334,14 +336,14 @@ def mixed_precision(
     if not stats:
         raise ValueError("select picked no float weight that meets a dot / conv in fn")
 
-    probe = None
+    probe: Callable[[str, Any], float] | None = None
     if sensitivity in ("model", "scaled"):
         model_error, model_reference = _model_error(fn, params_argnum)
         references = [model_reference(params, batch) for batch in batches]
-        flat_paths = [path_to_str(path) for path, _ in flat]
+        flat_paths = [path_to_str(key_path) for key_path, _ in flat]
         treedef = jax.tree_util.tree_structure(params)
 
-        def probe(path, q):
+        def probe(path: str, q: Any) -> float:
             """``fn``'s output error with only ``path`` replaced by ``q`` (one pass over the batches)."""
             position = flat_paths.index(path)
             replaced = [q.dequantize() if i == position else leaf_i for i, (_, leaf_i) in enumerate(flat)]
@@ -364,7 +366,7 @@ def mixed_precision(
                 row_errors.append(np.inf)
                 row_sizes.append(-1)
                 continue
-            if sensitivity == "model":
+            if probe is not None and sensitivity == "model":
                 row_errors.append(probe(path, q))
             else:
                 delta = np.asarray(to_matrix(q.dequantize(jnp.float32), leaf_stats)) - np.asarray(matrix, np.float64)
@@ -380,8 +382,8 @@ def mixed_precision(
     errors_arr, sizes_arr = np.asarray(errors), np.asarray(sizes, np.int64)
     elements = sum(int(np.prod(leaves[p].shape)) for p in paths)
     if budget_bytes is None:
-        budget_bytes = int(math.floor(float(budget_bits_per_weight) * elements / 8))
-    if sensitivity == "scaled":
+        budget_bytes = int(math.floor(float(budget_bits_per_weight or 0.0) * elements / 8))
+    if probe is not None and sensitivity == "scaled":
         measure = lambda row, c: probe(paths[row], quantize(jnp.asarray(leaves[paths[row]]), specs[c], name=names[paths[row]]))
         errors_arr = _scale_by_probes(errors_arr, sizes_arr, int(budget_bytes), measure)
     chosen, exact = choose_bits(errors_arr, sizes_arr, int(budget_bytes), max_states=max_states)

@@ -33,7 +33,7 @@ def leaf_patterns(plan: Any, step: int | None, method: str) -> dict[str, tuple[i
             f"whose sparsity {method} should reach, e.g. the schedule's end step)"
         )
     sparsities = plan.target_sparsities(0 if step is None else step)
-    out = {}
+    out: dict[str, tuple[int, Any, Any, Any]] = {}
     for rule_index, group in enumerate(plan.groups):
         rule = plan.rules[rule_index]
         for i in group:

@@ -196,7 +196,7 @@ def sparsegpt_matrix(
     check_pattern(sparsity, n, m, d_in, name)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{name}: block_size must be a positive integer, got {block_size!r}")
-    if n is not None and block_size % m:
+    if n is not None and m is not None and block_size % m:
         raise ValueError(f"{name}: N:M with M={m} needs block_size divisible by M, got block_size={block_size}")
     if damp < 0:
         raise ValueError(f"{name}: damp must be >= 0, got {damp}")

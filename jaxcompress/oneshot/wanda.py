@@ -122,7 +122,7 @@ def check_pattern(sparsity: float | None, n: int | None, m: int | None, d_in: in
     if sparsity is not None:
         if isinstance(sparsity, jax.core.Tracer) or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"{name}: sparsity must be a Python float in [0, 1), got {sparsity!r}")
-    else:
+    elif n is not None and m is not None:
         check_n_m(n, m, d_in, name)
 
 
@@ -157,6 +157,7 @@ def wanda_mask(
     scores = wanda_scores(weight, sq_norms)
     if sparsity is not None:
         return row_keep_mask(scores, sparsity)
+    assert n is not None and m is not None  # check_pattern
     return n_m_keep_mask(scores, n, m, name)
 
 
