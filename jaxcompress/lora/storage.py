@@ -58,9 +58,9 @@ def save_adapters(path: str | os.PathLike, adapters: Any, *, force: bool = False
     if not items:
         raise ValueError(f"{os.fspath(path)}: the adapters tree is empty, nothing to save")
     tree = jax.tree_util.tree_map(_plain, adapters, is_leaf=lambda x: isinstance(x, LoraAdapter))
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{os.fspath(path)}: exists (pass force=True to overwrite)")
     if _is_safetensors(path):
-        if os.path.exists(path) and not force:
-            raise FileExistsError(f"{os.fspath(path)}: exists (pass force=True to overwrite)")
         export_safetensors(path, tree, metadata={"jaxcompress.content": "lora_adapters"})
     else:
         save_checkpoint(path, tree, force=force)
