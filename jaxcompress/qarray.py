@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +240,7 @@ class QArray:
         )
 
 
-def _checkable(x: Any) -> bool:
+def _checkable(x: Any) -> TypeGuard[jax.Array | np.ndarray | jax.ShapeDtypeStruct]:
     """A child whose shape and dtype may be checked: a concrete array or a ShapeDtypeStruct
     (never a tracer: inside vmap / scan its shape is not the stored one)."""
     if isinstance(x, jax.core.Tracer):

@@ -236,6 +236,8 @@ class WeightView:
         if any(a not in weight_axes for a in axes):
             return None
         logical = self.input_scale
+        if logical is None:
+            return None
         if self.permutation is not None:
             logical = jnp.transpose(logical, self.permutation)
         kept = logical.reshape(tuple(logical.shape[a] for a in axes))  # weight-axis order
@@ -393,13 +395,17 @@ class WeightView:
             if self.ragged is not None and axis == self.ragged[0]:
                 if (start, limit, stride) != (0, self.values.shape[axis], 1):
                     return None  # only a ragged axis kept whole
-                scale_start.append(0), scale_limit.append(size)
+                scale_start.append(0)
+                scale_limit.append(size)
             elif size == 1:
-                scale_start.append(0), scale_limit.append(1)
+                scale_start.append(0)
+                scale_limit.append(1)
             elif block == 1:
-                scale_start.append(start), scale_limit.append(limit)
+                scale_start.append(start)
+                scale_limit.append(limit)
             elif stride == 1 and start % block == 0 and limit % block == 0:
-                scale_start.append(start // block), scale_limit.append(limit // block)
+                scale_start.append(start // block)
+                scale_limit.append(limit // block)
             else:
                 return None
         scale_strides = tuple(s if self.block(a) == 1 and self.scale.shape[a] != 1 else 1 for a, s in enumerate(strides))

@@ -141,7 +141,7 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
     """
     entries = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     mesh_shape = dict(sharding.mesh.shape)
-    out = []
+    out: list[Any] = []
     for axis, entry in enumerate(entries):
         if entry is None or (axis not in spec.channel_axes and axis != spec.group_axis):
             out.append(None)
@@ -149,7 +149,7 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
         names = entry if isinstance(entry, tuple) else (entry,)
         shards = math.prod(int(mesh_shape[name]) for name in names)
         if axis == spec.group_axis:
-            aligned = shape[axis] % shards == 0 and (shape[axis] // shards) % spec.group_size == 0
+            aligned = shape[axis] % shards == 0 and (shape[axis] // shards) % int(spec.group_size or 1) == 0
             out.append(entry if aligned else None)
         else:
             out.append(entry if shape[axis] % shards == 0 else None)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -192,7 +192,7 @@ def block_size(x: Any, spec: ResolvedSpec) -> int | None:
     >>> block_size(jax.numpy.zeros((192, 8)), spec)  # one device: whole groups
     64
     """
-    if spec.group_axis is None:
+    if spec.group_axis is None or spec.group_size is None:
         return None
     return block_along(x, spec.group_axis, int(spec.group_size))
 
@@ -285,7 +285,7 @@ def _explicit_unsharded(array: jax.Array, axis: int) -> tuple[jax.Array, Any]:
     except (AttributeError, TypeError):
         return array, None
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    if spec is None or mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return array, None
     entries = list(spec) + [None] * (array.ndim - len(spec))
     if entries[axis] is not None:
@@ -303,7 +303,8 @@ def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, 
     axis = spec.group_axis
     groups, per_group = _group_geometry(spec, block, int(partial.shape[axis]))
     partial, out_sharding = _explicit_unsharded(partial, axis)
-    reducer = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}[reduce]
+    reducers: dict[str, Callable[..., Any]] = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}
+    reducer = reducers[reduce]
     blocks = int(partial.shape[axis])
     whole = blocks // per_group  # groups with all their blocks (all but a shorter last one)
     parts = []

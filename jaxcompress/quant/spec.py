@@ -204,7 +204,7 @@ class QuantSpec:
             channel_axes=channel_axes,
             group_axis=group_axis,
             group_size=None if self.group_size is None else int(self.group_size),
-            calibration=self.calibration,
+            calibration=as_calibration(self.calibration),
             allow_nonfinite=self.allow_nonfinite,
             activation=self.activation,
             scale_dtype=self.scale_dtype,
@@ -219,7 +219,7 @@ class QuantSpec:
         sym = "sym" if self.symmetric else "asym"
         activation = "" if self.activation == "weight_only" else f" a8-{self.activation}"
         scale = "" if self.scale_dtype == "float32" else f" scale={self.scale_dtype}"
-        return f"{fmt} {gran} {sym} {self.calibration.method}{activation}{scale}"
+        return f"{fmt} {gran} {sym} {as_calibration(self.calibration).method}{activation}{scale}"
 
 
 @dataclasses.dataclass(frozen=True)

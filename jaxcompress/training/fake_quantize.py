@@ -225,13 +225,13 @@ def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "a
     >>> step.shape, [round(float(v), 4) for v in step[0]]  # 2 * mean|x| / sqrt(7)
     ((1, 2), [1.5119, 2.2678])
     """
-    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
-    _check_lsq(spec, name)
-    _, qmax = int_range(spec.bits, spec.symmetric)
-    grouped, block = _blocked(x, spec)
-    per_block = jnp.sum(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
-    mean_abs = blocks_to_groups(per_block, spec, block, "sum") / _group_count(spec, tuple(x.shape))
-    return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), spec)
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(resolved, name)
+    _, qmax = int_range(resolved.bits, resolved.symmetric)
+    grouped, block = _blocked(x, resolved)
+    per_block = jnp.sum(jnp.abs(grouped), axis=resolved.reduce_axes(x.ndim), keepdims=True)
+    mean_abs = blocks_to_groups(per_block, resolved, block, "sum") / _group_count(resolved, tuple(x.shape))
+    return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), resolved)
 
 
 def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
@@ -246,12 +246,12 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None,
     >>> gx.tolist()  # 3.0 / 0.5 = 6 > qmax = 3: clipped
     [[1.0, 1.0, 0.0]]
     """
-    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
-    _check_lsq(spec, name)
-    expected = _scale_shape(spec, tuple(x.shape))
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(resolved, name)
+    expected = _scale_shape(resolved, tuple(x.shape))
     if tuple(step.shape) != tuple(expected):
         raise ValueError(f"{name}: LSQ step has shape {tuple(step.shape)}, expected {tuple(expected)} for this spec")
-    return _lsq(x, step, spec)
+    return _lsq(x, step, resolved)
 
 
 # ---- pytrees ---------------------------------------------------------------------------------
