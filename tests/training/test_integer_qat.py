@@ -35,7 +35,7 @@ class SmallMLP(nn.Module):
         return nn.Dense(10, use_bias=False)(x)
 
 
-MODELS = {"cnn": (SmallCNN(), (3, 10, 10, 1)), "mlp": (SmallMLP(), (5, 24))}
+MODELS = {"cnn": (SmallCNN(), (2, 8, 8, 1)), "mlp": (SmallMLP(), (5, 24))}
 
 
 def _trained(model, shape, rules, steps=2):
@@ -45,7 +45,9 @@ def _trained(model, shape, rules, steps=2):
     opt = jc.qat(optax.adam(1e-2), rules)
     state = opt.init(params)
     apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules)
-    for _ in range(steps):
+
+    @jax.jit
+    def step(params, state):
         def loss(p):
             y, observed = apply(jc.fake_quant(p, rules, ranges=jc.qat_ranges(state)), x,
                                 ranges=jc.qat_activation_ranges(state))
@@ -53,7 +55,10 @@ def _trained(model, shape, rules, steps=2):
 
         grads, observed = jax.grad(loss, has_aux=True)(params)
         updates, state = opt.update(grads, state, params, activation_stats=observed)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
     return x, params, state
 
 
@@ -69,7 +74,7 @@ def _loss_fn(model, rules, arithmetic):
     return loss
 
 
-@pytest.mark.parametrize("name, activation", [("cnn", "static"), ("mlp", "dynamic"), ("mlp", "static")])
+@pytest.mark.parametrize("name, activation", [("cnn", "static"), ("mlp", "dynamic")])
 def test_integer_forward_is_the_deployed_forward_and_gradient_is_the_float_ste(name, activation):
     model, shape = MODELS[name]
     rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation=activation)]
