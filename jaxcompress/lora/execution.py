@@ -188,12 +188,12 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
         and params["batch_group_count"] == 1
         and axes[rhs_spec[0]] == len(inputs)
     )
-    if not factorised:
+    if not factorised or axes is None:
         update = _replay(value.delta.astype(jnp.result_type(x.dtype, jnp.float32)), value.ops)
         return [(base_out + bind(eqn, [x, update])[0]).astype(out_dtype)]
     compute = jnp.result_type(x.dtype, adapter.a.dtype)
     a = adapter.a.astype(compute).reshape(inputs + (adapter.rank,))  # kernel order, rank last
-    a = jnp.transpose(a, [axes[i] for i in range(len(axes))])  # the conv's own kernel layout
+    a = jnp.transpose(a, axes)  # the conv's own kernel layout
     projected = bind(eqn, [x.astype(compute), a])[0]
     feature = out_spec[1]
     low = jnp.moveaxis(jnp.tensordot(projected, adapter.b.astype(compute), axes=([feature], [0])), -1, feature)

@@ -20,7 +20,6 @@ def _setup(bits=4):
     params = {"w1": jax.random.normal(key, (8, 16)) / 3, "w2": jax.random.normal(jax.random.fold_in(key, 1), (16, 4)) / 4}
     qbase, _ = jc.quantize_params(params, [jc.QuantRule(pattern="w.", bits=bits, channel_axes=(-1,))])
     adapters = lora_init(jax.random.key(1), qbase, LoraRule(pattern="w."), rank=2, alpha=4.0)
-    adapters = jax.tree_util.tree_map(lambda x: x, adapters)
     adapters["w2"] = LoraAdapter(adapters["w2"].a, 0.1 * jnp.ones_like(adapters["w2"].b), 4.0)
     x = jax.random.normal(jax.random.key(2), (6, 8))
     return params, qbase, adapters, x
@@ -38,7 +37,7 @@ def test_gradients_flow_to_adapters_only_and_match_the_reference():
     loss = lambda adapters: jnp.sum(forward(qbase, adapters, x) ** 2)
     grads = jax.jit(jax.grad(loss))(adapters)
     dequantized = jc.dequantize_params(qbase)
-    want = jax.grad(lambda a: jnp.sum(_reference_forward(a, dequantized, x) ** 2))(adapters)
+    want = jax.jit(jax.grad(lambda a: jnp.sum(_reference_forward(a, dequantized, x) ** 2)))(adapters)
     for name in ("w1", "w2"):
         for field in ("a", "b"):
             got, ref = getattr(grads[name], field), getattr(want[name], field)
@@ -80,13 +79,13 @@ def test_train_step_reduces_the_loss_and_optax_masked_freezes_what_it_masks():
 def test_vmap_over_inputs_and_over_adapters():
     _, qbase, adapters, x = _setup(bits=8)
     forward = lora_apply(_mlp)
-    rows = jax.vmap(lambda row: forward(qbase, adapters, row[None])[0])(x)
-    np.testing.assert_allclose(np.asarray(rows), np.asarray(forward(qbase, adapters, x)), rtol=1e-5, atol=1e-5)
+    rows = jax.jit(jax.vmap(lambda row: forward(qbase, adapters, row[None])[0]))(x)
+    np.testing.assert_allclose(np.asarray(rows), np.asarray(jax.jit(forward)(qbase, adapters, x)), rtol=1e-5, atol=1e-5)
     # two adapter sets at once (the weight-side batch takes the dense-update path)
     stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), adapters)
-    both = jax.vmap(lambda a: forward(qbase, a, x))(stacked)
+    both = jax.jit(jax.vmap(lambda a: forward(qbase, a, x)))(stacked)
     doubled = jax.tree_util.tree_map(lambda a: 2 * a, adapters)
-    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(forward(qbase, doubled, x)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(jax.jit(forward)(qbase, doubled, x)), rtol=1e-4, atol=1e-5)
 
 
 def test_scan_over_stacked_layers_and_a_closed_over_kernel():
@@ -108,7 +107,7 @@ def test_scan_over_stacked_layers_and_a_closed_over_kernel():
     assert adapters["stack"].a.shape == (layers, width, 2)
     x = jax.random.normal(jax.random.key(2), (4, width))
     got = jax.jit(lora_apply(fn))(qbase, adapters, x)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(fn(merge_lora(qbase, adapters), x)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(fn)(merge_lora(qbase, adapters), x)), rtol=1e-4, atol=1e-5)
     # the scan slices codes and adapters per layer: no dense (layers, 6, 6) float update is built
     text = str(jax.make_jaxpr(lora_apply(fn))(qbase, adapters, x))
     assert "f32[3,6,6]" not in text
