@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--sentences", type=int, default=None, help="held-out sentences (default 256, quick 32)")
     parser.add_argument("--offset", type=int, default=2000, help="first held-out sentence of the corpus")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/oneshot_prune[_quick].json)")
+    parser.add_argument("--models", nargs="*", default=("minilm", "tiny_lm"), choices=("minilm", "tiny_lm"))
+    parser.add_argument("--settings", nargs="*", default=("50% unstructured", "2:4"), choices=("50% unstructured", "2:4"))
     parser.add_argument("--methods", nargs="*", default=None, help="only these pruning variants (default all)")
     args = parser.parse_args(argv)
     args.calibration = args.calibration or (16 if args.quick else 128)
@@ -84,6 +86,64 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.sum(reference * other, axis=-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(other, axis=-1))
 
 
+def make_variants(fn, params, batches, block_group: str, **calib) -> dict:
+    """method -> prune(rule) -> (pruned params, masks); OWL applies to unstructured sparsity only."""
+    block_owl = OWL(group=block_group)
+    return {
+        "magnitude": lambda r: jc.prune_params(params, [r]),
+        "wanda": lambda r: wanda(fn, params, batches, [r], **calib),
+        "wanda+ls": lambda r: wanda(fn, params, batches, [r], reconstruct=True, **calib),
+        "wanda owl": lambda r: wanda(fn, params, batches, [r], allocation="owl", **calib),
+        "sparsegpt": lambda r: sparsegpt(fn, params, batches, [r], **calib),
+        "sparsegpt+ls": lambda r: sparsegpt(fn, params, batches, [r], reconstruct=True, **calib),
+        "sparsegpt owl": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", **calib),
+        "sparsegpt owl-block": lambda r: sparsegpt(fn, params, batches, [r], allocation=block_owl, **calib),
+        "sparsegpt owl+ls": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", reconstruct=True, **calib),
+    }
+
+
+def prune_variants(fn, params, batches, kernels, block_group, args, record, **calib) -> None:
+    """Every chosen variant at 50% unstructured and at 2:4; ``record(method, setting, pruned, seconds, sparsity=)``."""
+    variants = make_variants(fn, params, batches, block_group, **calib)
+    chosen = args.methods or (QUICK_METHODS if args.quick else list(variants))
+    unstructured = jc.PruneRule(pattern=kernels, sparsity=0.5)
+    two_four = jc.PruneRule(pattern=kernels, structure="n:m", n=2, m=4)
+    for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
+        for method, prune in variants.items():
+            if method not in chosen or setting not in args.settings or (setting == "2:4" and "owl" in method):
+                continue
+            start = time.perf_counter()
+            pruned, masks = prune(rule)
+            jax.block_until_ready(pruned)
+            seconds = time.perf_counter() - start
+            record(method, setting, pruned, seconds, sparsity=jc.mask_sparsity(masks)["total"])
+
+
+def run_lm(args) -> dict:
+    """The same variants on the tiny decoder LM (`examples/tiny_lm.py`): held-out perplexity."""
+    from examples.tiny_lm import calibration_batches, load_or_train_tiny_lm, make_apply, perplexity
+
+    config, params, _, eval_tokens = load_or_train_tiny_lm(quick=args.quick)
+    apply = make_apply(config)
+    params = jax.device_put(params)
+    batches = calibration_batches(count=16 if args.quick else 64, batch_size=8, quick=args.quick)
+    eval_tokens = eval_tokens[:16] if args.quick else eval_tokens
+    fp32 = perplexity(apply, params, eval_tokens)
+    rows = [{"method": "fp32", "setting": "", "perplexity": fp32}]
+    print(f"tiny LM: fp32 perplexity {fp32:.3f}")
+
+    def record(method, setting, pruned, seconds, **extra):
+        ppl = perplexity(apply, pruned, eval_tokens)
+        rows.append({"method": method, "setting": setting, "perplexity": ppl, "vs_fp32": ppl / fp32,
+                     "seconds": seconds, **extra})
+        print(f"{method:<20} {setting:<18} perplexity {ppl:8.3f} ({ppl / fp32:.3f} x fp32)  {seconds:6.1f} s", flush=True)
+
+    prune_variants(apply, params, batches, r"layers_\d+/.*/kernel", r"layers_\d+/", args, record)
+    goals = {f"tiny_lm {r['method']} {r['setting']} perplexity within 25% of fp32": r["vs_fp32"] <= 1.25
+             for r in rows if r["method"].startswith("sparsegpt") and r["setting"].startswith("50")}
+    return {"results": rows, "goals": goals, "calibration_rows": int(sum(b.shape[0] for b in batches))}
+
+
 def run(args) -> dict:
     from examples.bert import BertModel, embed, load_minilm, load_sentences
 
@@ -105,8 +165,6 @@ def run(args) -> dict:
     print(f"{len(calibration)} calibration / {len(held_out)} held-out sentences from {source}")
 
     kernels = args.kernels
-    unstructured = jc.PruneRule(pattern=kernels, sparsity=0.5)
-    two_four = jc.PruneRule(pattern=kernels, structure="n:m", n=2, m=4)
     rows = []
 
     def record(method, setting, compressed, seconds, **extra):
@@ -117,33 +175,8 @@ def run(args) -> dict:
         print(f"{method:<10} {setting:<26} cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})  {seconds:6.1f} s")
         return row
 
-    calib = dict(row_mask=lambda batch: batch[1])
-    block_owl = OWL(group=r"layer_\d+/")
-    variants = {  # method -> (setting -> prune(rule)); OWL applies to unstructured sparsity only
-        "magnitude": lambda r: jc.prune_params(params, [r]),
-        "wanda": lambda r: wanda(model.apply, params, calib_batches, [r], **calib),
-        "wanda+ls": lambda r: wanda(model.apply, params, calib_batches, [r], reconstruct=True, **calib),
-        "wanda owl": lambda r: wanda(model.apply, params, calib_batches, [r], allocation="owl", **calib),
-        "sparsegpt": lambda r: sparsegpt(model.apply, params, calib_batches, [r], **calib),
-        "sparsegpt+ls": lambda r: sparsegpt(model.apply, params, calib_batches, [r], reconstruct=True, **calib),
-        "sparsegpt owl": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation="owl", **calib),
-        "sparsegpt owl-block": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation=block_owl, **calib),
-        "sparsegpt owl+ls": lambda r: sparsegpt(model.apply, params, calib_batches, [r], allocation="owl",
-                                                reconstruct=True, **calib),
-    }
-    chosen = args.methods or (QUICK_METHODS if args.quick else list(variants))
-    for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
-        for method, prune in variants.items():
-            if method not in chosen:
-                continue
-            if setting == "2:4" and "owl" in method:
-                continue
-            start = time.perf_counter()
-            pruned, masks = prune(rule)
-            jax.block_until_ready(pruned)
-            seconds = time.perf_counter() - start
-            sparsity = jc.mask_sparsity(masks)["total"]
-            record(method, setting, pruned, seconds, sparsity=sparsity)
+    prune_variants(model.apply, params, calib_batches, kernels, r"layer_\d+/", args, record,
+                   row_mask=lambda batch: batch[1])
     by = {(r["method"], r["setting"]): r for r in rows}
     goals = {}
     for (method, setting), row in by.items():
@@ -166,14 +199,25 @@ def run(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    data = run(args)
+    data = {"benchmark": "oneshot_prune", "quick": args.quick, "environment": environment(), "results": [], "goals": {}}
+    if "minilm" in args.models:
+        data.update(run(args))
+    if "tiny_lm" in args.models:
+        lm = run_lm(args)
+        data["tiny_lm"] = lm
+        data["goals"] = {**data["goals"], **lm["goals"]}
     path = write_json(args.out, data)
     print()
-    print(format_table(data["results"], [
-        ("method", "method", ""), ("setting", "setting", ""), ("cosine_mean", "cosine mean", ".5f"),
-        ("cosine_min", "cosine min", ".4f"), ("sparsity", "sparsity", ".3f"),
-        ("seconds", "seconds", ".1f"),
-    ]))
+    if data["results"]:
+        print(format_table(data["results"], [
+            ("method", "method", ""), ("setting", "setting", ""), ("cosine_mean", "cosine mean", ".5f"),
+            ("cosine_min", "cosine min", ".4f"), ("sparsity", "sparsity", ".3f"), ("seconds", "seconds", ".1f"),
+        ]))
+    if "tiny_lm" in data:
+        print(format_table(data["tiny_lm"]["results"], [
+            ("method", "method", ""), ("setting", "setting", ""), ("perplexity", "perplexity", ".3f"),
+            ("vs_fp32", "x fp32", ".3f"), ("sparsity", "sparsity", ".3f"), ("seconds", "seconds", ".1f"),
+        ]))
     for name, goal in data["goals"].items():
         print(f"goal {name}: {goal}")
     print(f"wrote {path}")
