@@ -53,22 +53,20 @@ def leaf_row(
     >>> row.format, row.granularity, row.bytes, row.bytes_before
     ('int4', 'per-channel(1,)', 24, 64)
     """
-    values: np.ndarray  # the values the leaf stands for (dequantized), to count its zeros
     if isinstance(leaf, QArray):
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype).name
-        values = np.asarray(leaf.dequantize(np.float32))
         fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
         bits, granularity = leaf.bits, describe_granularity(leaf)
         storage = leaf.nbytes
     else:
-        values = np.asarray(leaf)
-        shape, dtype = tuple(values.shape), values.dtype.name
-        fmt, bits, granularity, storage = dtype, None, "", values.nbytes
+        array = np.asarray(leaf)
+        shape, dtype = tuple(array.shape), array.dtype.name
+        fmt, bits, granularity, storage = dtype, None, "", array.nbytes
     count = math.prod(shape)
-    zero = values == 0
+    zero = _zeros(leaf)
     pruned = 0
     if mask is not None and not treemeta.is_masked_node(mask):
-        keep = np.broadcast_to(np.asarray(mask, bool), values.shape)
+        keep = np.broadcast_to(np.asarray(mask, bool), shape)
         pruned = count - int(np.count_nonzero(keep))
         zero &= keep  # a pruned position is counted once, as pruned
     sparsity = pruned / count if count else 0.0
@@ -77,6 +75,21 @@ def leaf_row(
         bytes_before = count * np.dtype(dtype).itemsize
     return LeafRow(path, shape, dtype, fmt, bits, granularity, sparsity, encoding, storage if nbytes is None else nbytes,
                    bytes_before, sqnr, zeros=zeros)
+
+
+def _zeros(leaf: Any) -> np.ndarray:
+    """Where ``leaf``'s values are zero (bool, logical shape). For a symmetric integer `QArray`
+    that is where its codes are 0 (a bool per value, no float copy of the leaf); other formats
+    are dequantized."""
+    if not isinstance(leaf, QArray):
+        return np.asarray(leaf) == 0
+    if leaf.qtype == "int" and leaf.zero_point is None:
+        zero = np.asarray(leaf.values) == 0  # x = code * scale (/ input_scale): zero iff the code is
+        permutation = getattr(leaf, "stored_permutation", None)  # codes stored in another axis order
+        if permutation is not None:
+            zero = np.transpose(zero, np.argsort(np.asarray(permutation)))
+        return zero
+    return np.asarray(leaf.dequantize(np.float32)) == 0
 
 
 def _tensor_names(record: dict, reader: SafetensorsReader) -> list[str]:

@@ -136,3 +136,20 @@ def test_int4_text_table_fits_in_100_columns_and_keeps_layer_numbers(tmp_path):
     shown = [line.split()[0] for line in text.splitlines()[3:-1]]
     assert len(set(shown)) == len(shown)  # shortened paths stay distinct here
     assert any("/11/" in s and s.endswith("/key/weight") for s in shown), shown
+
+
+@pytest.mark.parametrize("options", [
+    dict(bits=4, channel_axes=(1,)),                    # symmetric: zeros read from the codes
+    dict(bits=8, channel_axes=(1,), symmetric=False),   # zero point: zeros of the dequantized values
+    dict(bits=8, qtype="float8_e4m3fn", channel_axes=(1,)),
+])
+def test_zeros_match_the_dequantized_values(options):
+    from jaxcompress.checkpoint.inspection import leaf_row
+
+    w = np.random.default_rng(2).standard_normal((32, 16)).astype(np.float32)
+    w[:, :3] = 0.0
+    w[::4, 5] = 1e-6
+    q = jc.quantize(jnp.asarray(w), **options)
+    reference = float(np.mean(np.asarray(q.dequantize(np.float32), np.float64) == 0))
+    row = leaf_row("w", q, None)
+    assert reference >= 3 / 16 and row.zeros == pytest.approx(reference, abs=0) and row.sparsity == 0.0
