@@ -99,14 +99,14 @@ def _unstack(value: Any) -> tuple[Any, Callable[[Any], Any]]:
     if isinstance(value, WeightView):
         return unstack_view(value)
     adapter = value.adapter
-    if adapter.stacked_axes == 0 or value.axes is None or value.axes[0] != 0:
-        dense = _dense(value)  # not sliced along a stacked axis: the scan sees plain layers
+    if adapter.stacked_axes == 0 or value.ops or value.axes != tuple(range(len(value.shape))):
+        dense = _dense(value)  # not the stored stacked layout: the scan slices plain layers
         return dense, lambda sliced: sliced
     if isinstance(value.base, WeightView):
         base_arrays, rebuild_base = unstack_view(value.base)
     else:
         base_arrays, rebuild_base = value.base, (lambda sliced: sliced)
-    axes = tuple(a - 1 for a in value.axes[1:])
+    axes = tuple(range(len(value.shape) - 1))
 
     def rebuild(sliced):
         base, a, b = sliced

@@ -36,8 +36,9 @@ def _reference_kernel(leaf, adapter):
         dict(bits=8, channel_axes=(-1,)),
         dict(bits=4, channel_axes=(-1,), group_size=4),
         dict(bits=4, channel_axes=(-1,), symmetric=False),
+        dict(qtype="nf4", channel_axes=(-1,), group_size=4),
     ],
-    ids=["int8", "int4-g4", "int4-asym"],
+    ids=["int8", "int4-g4", "int4-asym", "nf4-g4"],
 )
 def test_dense_matches_float64_reference_on_quantized_base(spec):
     model = nn.Sequential([nn.Dense(12), nn.relu, nn.Dense(5)])
