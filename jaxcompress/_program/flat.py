@@ -80,7 +80,7 @@ def flatten_call(fn: Callable, args: tuple, kwargs: dict | None = None, cache: T
     steps: list = []
     consts: dict = {}
 
-    def flatten(jaxpr, const_values, in_refs):
+    def flatten(jaxpr: Any, const_values: Any, in_refs: Any) -> list:
         scope: dict = {}
         ref = lambda var: var if isinstance(var, Literal) else scope[var]
         for var, value in zip(jaxpr.constvars, const_values):

@@ -119,7 +119,7 @@ class Op:
 class Graph:
     """Tensors and ops in execution order; ``inputs`` / ``outputs`` are float activations."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ops: list[Op] = []
         self.inputs: list[Tensor] = []
         self.outputs: list[Tensor] = []
