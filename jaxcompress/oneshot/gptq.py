@@ -294,13 +294,16 @@ def gptq(
                 rule, spec, name = targets[path]
                 leaf = leaves[position[path]]
                 s = stats[path]
+                gram = s.hessian
+                if gram is None:  # pragma: no cover - sequential_capture always records it
+                    raise AssertionError(f"{name}: no Hessian was captured")
                 if s.site.stacked:  # layers stacked along a scan's xs: one Hessian per layer
-                    stacked[path] = s.hessian.shape[0]
+                    stacked[path] = gram.shape[0]
                     continue
                 start = time.perf_counter()
                 index_map, column_groups, per_channel = _scale_index_map(tuple(leaf.shape), spec, s.view, name)
                 W = to_matrix(leaf, s)
-                hessian = 2.0 * s.hessian / max(s.count, 1)
+                hessian = 2.0 * gram / max(s.count, 1)
                 result = gptq_matrix(
                     W, hessian, spec.bits, symmetric=spec.symmetric, per_channel=per_channel,
                     column_groups=column_groups, damp=damp, block_size=block_size, act_order=act_order,
@@ -313,9 +316,9 @@ def gptq(
                 W64 = np.asarray(W, np.float64)
                 gptq_seconds += time.perf_counter() - start
                 layers[path] = LayerResult(
-                    path, "gptq", s.count, int(np.sum(np.diag(s.hessian) == 0)), result.damp,
-                    _output_error(np.asarray(result.weights) - W64, s.hessian),
-                    _output_error(np.asarray(rtn) - W64, s.hessian),
+                    path, "gptq", s.count, int(np.sum(np.diag(gram) == 0)), result.damp,
+                    _output_error(np.asarray(result.weights) - W64, gram),
+                    _output_error(np.asarray(rtn) - W64, gram),
                     time.perf_counter() - start,
                 )
                 new_leaves[position[path]] = qarray

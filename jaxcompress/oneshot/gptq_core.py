@@ -17,7 +17,7 @@ import numpy as np
 from jaxcompress.qarray import INT_QTYPE
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import int_range, scale_from_range
-from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
+from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec, as_calibration
 
 __all__ = ["GPTQResult", "gptq_matrix"]
 
@@ -45,7 +45,7 @@ def _matrix_spec(bits: int, symmetric: bool, calibration: Any, scale_dtype: str)
     spec = QuantSpec(bits=bits, symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
     return ResolvedSpec(
         bits=spec.bits, qtype=INT_QTYPE, symmetric=spec.symmetric, channel_axes=(0,), group_axis=None,
-        group_size=None, calibration=spec.calibration, allow_nonfinite=False, scale_dtype=spec.scale_dtype,
+        group_size=None, calibration=as_calibration(spec.calibration), allow_nonfinite=False, scale_dtype=spec.scale_dtype,
     )
 
 
