@@ -18,6 +18,13 @@ than the start's.
 
 For Wanda this adds SparseGPT-like weight updates to Wanda's mask; for SparseGPT it re-solves
 the kept weights jointly (the OBS column sweep freezes each column once visited).
+
+Measured (``benchmarks/oneshot_prune.py``, all-MiniLM-L6-v2, 36 encoder kernels at 50%
+unstructured, 128 calibration / 256 held-out sentences, mean cosine to the fp32 embeddings):
+Wanda 0.867 -> 0.933 with ``reconstruct=True``, SparseGPT 0.920 -> 0.933, for about the time of
+the method itself again (Wanda) or a few percent more (SparseGPT). Each leaf is fit to the dense
+weight on the inputs it sees in the partly pruned model (``W0 X``), not to the dense model's
+outputs.
 """
 
 from __future__ import annotations
