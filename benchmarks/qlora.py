@@ -59,17 +59,18 @@ def parse_args(argv=None):
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--group", type=int, default=64, help="quantization group size along the input axis")
+    parser.add_argument("--group", type=int, default=64, help="quantization group size along the input axis (0: one scale per output column)")
     parser.add_argument("--bases", default="int4,nf4", help="comma-separated among int4, nf4")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/qlora[_quick].json)")
     return parser.parse_args(argv)
 
 
 def quant_rule(base: str, group: int) -> jc.QuantRule:
+    grouping = {"group_size": group} if group else {}
     if base == "int4":
-        return jc.QuantRule(pattern=KERNELS, bits=4, channel_axes=(-1,), group_size=group)
+        return jc.QuantRule(pattern=KERNELS, bits=4, channel_axes=(-1,), **grouping)
     if base == "nf4":
-        return jc.QuantRule(pattern=KERNELS, qtype="nf4", channel_axes=(-1,), group_size=group)
+        return jc.QuantRule(pattern=KERNELS, qtype="nf4", channel_axes=(-1,), **grouping)
     raise ValueError(f"--bases: unknown base {base!r} (expected int4 or nf4)")
 
 
