@@ -368,7 +368,7 @@ def _layout_error(q: QArray, batch: int) -> str | None:
         if group_axis in axes:
             return f"group_axis {q.group_axis} is also a channel axis {q.channel_axes}; groups run along a shared axis"
     expected = tuple(
-        dim if axis in axes else -(-dim // q.group_size) if axis == group_axis else 1  # type: ignore[operator]
+        dim if axis in axes else -(-dim // int(q.group_size or 1)) if axis == group_axis else 1
         for axis, dim in enumerate(shape)
     )
     layout = f"for values of shape {shape} with channel_axes {q.channel_axes}, group_axis {q.group_axis}, group_size {q.group_size}"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -230,7 +230,7 @@ def blocked_spec(spec: ResolvedSpec, block: int | None) -> ResolvedSpec:
 
 
 def to_blocks(
-    x: jax.Array, spec: ResolvedSpec, block: int | None = None, fill: str = "zero"
+    x: jax.Array, spec: ResolvedSpec, block: int | None = None, fill: Literal["zero", "edge", "nan"] = "zero"
 ) -> tuple[jax.Array, int | None]:
     """``x`` in the blocked view (the grouped view when ``block == group_size``: a ragged axis
     is padded at its end with ``fill``, see `jaxcompress.quant.groups.pad_groups`) and the
@@ -241,7 +241,7 @@ def to_blocks(
     if spec.group_axis is None or spec.group_size is None:
         return x, block
     if block == spec.group_size:
-        return split_groups(x, spec.group_axis, spec.group_size, fill), block  # type: ignore[arg-type]
+        return split_groups(x, spec.group_axis, spec.group_size, fill), block
     return x.reshape(blocked_spec(spec, block).grouped_shape(tuple(x.shape))), block
 
 
