@@ -111,7 +111,7 @@ def test_compress_help_lists_every_preset_and_alias(capsys):
     presets = list_presets()
     assert len(presets) >= 6
     for name in presets:
-        line = next((line for line in out.splitlines() if line.strip().startswith(name + " ") or line.strip() == name), None)
+        line = next((line for line in out.splitlines() if re.match(re.escape(name) + r"[ :]", line.strip())), None)
         assert line is not None, f"{name} missing from compress --help:\n{out}"
         assert load_recipe(name).description.split()[0] in line
     for alias, target in PRESET_ALIASES.items():

@@ -64,30 +64,14 @@ against the original, and the file size ratio. --format markdown / json add dtyp
 the bytes before."""
 
 
-def presets_help(width: int = 100) -> str:
-    """The ``presets:`` block of ``compress --help``: every shipped preset (read from the presets
-    folder), its aliases and its description.
-
-    >>> print(presets_help().splitlines()[0])
-    presets (--recipe NAME; aliases in parentheses):
-    >>> "w4-g128-bf16" in presets_help() and "(2:4+int8)" in presets_help()
-    True
-    """
+def _presets_block() -> str:
+    """The ``presets:`` block of ``compress --help``: every shipped preset, its aliases and its
+    description (`jaxcompress.checkpoint.recipes.describe_presets`, read from the presets folder)."""
     import textwrap
 
-    from jaxcompress.checkpoint.recipes import PRESET_ALIASES, list_presets, load_recipe
+    from jaxcompress.checkpoint.recipes import describe_presets
 
-    entries = []
-    for name in list_presets():
-        aliases = [alias for alias, target in PRESET_ALIASES.items() if target == name]
-        entries.append((name + (f" ({', '.join(aliases)})" if aliases else ""), load_recipe(name).description))
-    column = max(len(label) for label, _ in entries) + 4
-    lines = ["presets (--recipe NAME; aliases in parentheses):"]
-    for label, description in entries:
-        wrapped = textwrap.wrap(description, max(30, width - column), break_on_hyphens=False) or [""]
-        lines.append(f"  {label:<{column - 2}}{wrapped[0]}")
-        lines += [" " * column + more for more in wrapped[1:]]
-    return "\n".join(lines)
+    return "presets (--recipe NAME or an alias):\n" + textwrap.indent(describe_presets(98), "  ")
 
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +165,7 @@ def _guarded(command: Command) -> Command:
 
 
 COMMANDS: tuple[Command, ...] = tuple(
-    Command(name=name, help=help_, description=description.format(presets=presets_help()) + "\n\n" + _EPILOG,
+    Command(name=name, help=help_, description=description.format(presets=_presets_block()) + "\n\n" + _EPILOG,
             add_arguments=add, run=run)
     for name, help_, description, add, run in _SPECS
 )
