@@ -171,7 +171,7 @@ def call_with_dot_hook(
     fn: Callable,
     args: tuple,
     kwargs: dict | None,
-    hook: Callable[[DotSite, jax.Array, jax.Array], jax.Array],
+    hook: Callable[..., jax.Array],
     *,
     select: Callable[[str], bool],
     params_argnum: int = 0,

@@ -275,7 +275,7 @@ def fake_quant_activations(
                 if site.path not in steps:
                     raise ValueError(f"{site.path}: no LSQ activation step (see init_activation_steps)")
                 return activation_fake_quant(x, "static", site.activation_reduce_axes, step=steps[site.path])
-            tracked = ranges.get(site.path, 0.0) if ranges is not None else 0.0
+            tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32)
             return activation_fake_quant(x, "static", site.activation_reduce_axes, absmax=tracked)
 
         if arithmetic == "float":
