@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
     parser.add_argument("--models", nargs="*", default=("tiny_lm", "minilm"), choices=("tiny_lm", "minilm"))
+    parser.add_argument("--sensitivities", nargs="*", default=SENSITIVITIES, choices=SENSITIVITIES,
+                        help="which to run (the Spearman correlations need 'model')")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/mixed_precision[_quick].json)")
     args = parser.parse_args(argv)
     args.out = args.out or RESULTS_DIR / ("mixed_precision_quick.json" if args.quick else "mixed_precision.json")
@@ -105,10 +107,11 @@ def minilm_setup(quick: bool):
                 metric="cosine", better=lambda a, b: a > b, row_mask=lambda batch: batch[1])
 
 
-def run_model(setup: dict, rows: list, correlations: list) -> dict:
+def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITIVITIES) -> dict:
     params, select = setup["params"], setup["select"]
     extra = {"row_mask": setup["row_mask"]} if "row_mask" in setup else {}
-    qparams, _ = jc.quantize_params(params, [jc.QuantRule(pattern=select, bits=4, group_size=128)])
+    # the same QuantSpec options as mixed_precision's defaults (per output channel, groups along the input)
+    qparams, _ = jc.quantize_params(params, [jc.QuantRule(pattern=select, bits=4, group_size=128, channel_axes=(-1,))])
     budget = kernel_bytes(qparams)
     fp32 = setup["quality"](params)
     uniform = setup["quality"](jc.dequantize_params(qparams))
@@ -119,7 +122,7 @@ def run_model(setup: dict, rows: list, correlations: list) -> dict:
     goals = {}
     for cand_name, candidates in (("default (2/3/4/8 g128)", DEFAULT_CANDIDATES), ("group sizes", GROUP_CANDIDATES)):
         reports = {}
-        for sensitivity in SENSITIVITIES:
+        for sensitivity in sensitivities:
             kwargs = {} if candidates is None else {"candidates": candidates}
             start = time.perf_counter()
             rules, report = mixed_precision(setup["fn"], params, setup["batches"], select, budget_bytes=budget,
@@ -139,8 +142,8 @@ def run_model(setup: dict, rows: list, correlations: list) -> dict:
                          "choices": choices, "beats_uniform": bool(setup["better"](quality, uniform))})
             reports[sensitivity] = report
             print(f"  {cand_name:<24} {sensitivity:<7} {setup['metric']} {quality:.4f}  {seconds:6.1f} s  {choices}", flush=True)
-        model_errors = np.array([layer.errors for layer in reports["model"].layers])
-        for sensitivity in ("scaled", "output"):
+        model_errors = np.array([layer.errors for layer in reports["model"].layers]) if "model" in reports else None
+        for sensitivity in [s for s in ("scaled", "output") if s in reports and model_errors is not None]:
             errors = np.array([layer.errors for layer in reports[sensitivity].layers])
             correlations.append({**base, "candidates": cand_name, "sensitivity": sensitivity,
                                  "spearman_vs_model": spearman(errors, model_errors)})
@@ -162,7 +165,7 @@ def main(argv=None):
         except (FileNotFoundError, ImportError) as err:  # MiniLM / gensim not installed
             print(f"{name}: skipped ({type(err).__name__}: {err})")
             continue
-        goals.update(run_model(setup, rows, correlations))
+        goals.update(run_model(setup, rows, correlations, args.sensitivities))
     data = {"benchmark": "mixed_precision", "quick": args.quick, "environment": environment(), "results": rows,
             "correlations": correlations, "goals": goals}
     path = write_json(args.out, data)
