@@ -288,9 +288,8 @@ def test_float_tree_from_export_safetensors_is_a_source(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/sliced.py (not this file's owner): a leaf with fewer rows than one padded "
-                   "slice keeps the padded length (192 -> 256 rows); fix: whole = q.shape[axis] == length")
 def test_leaf_with_fewer_rows_than_one_slice_keeps_its_shape(tmp_path):
+    # a regression since 449c57a (checkpoint/sliced.py): the only, padded slice kept its padded length
     w = np.random.default_rng(0).standard_normal((192, 128)).astype(np.float32)  # 96 KiB: quantized in slices
     save_file({"mlp.up.weight": w}, str(tmp_path / "m.safetensors"))
     compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "w8.safetensors", "w8a8")
