@@ -120,7 +120,7 @@ def quantize_sliced(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, sh
                 # field has per_chunk entries (values, channel scales) or per_chunk // step
                 # (group scales); a ragged group axis has ceil(length / step) groups in all
                 full_size[field] = value.shape[axis]
-                whole = min(per_chunk, length) == length
+                whole = q.shape[axis] == length  # the only slice, and not padded
                 total = value.shape[axis] if whole else -(-length * value.shape[axis] // per_chunk)
                 full_shape = list(value.shape)
                 full_shape[axis] = total
