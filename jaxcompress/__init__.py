@@ -124,7 +124,7 @@ from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
 from jaxcompress import export
-from jaxcompress import models
+from jaxcompress import lora, models
 from jaxcompress.quant import serialization as _serialization  # registers QArray for jax.export serialization
 from jaxcompress._version import __version__
 
@@ -172,6 +172,8 @@ __all__ = [
     "compress_checkpoint",
     "compressed",
     "export",
+    "lora",
+    "models",
     "CompressionMetrics",
     "CompressionTable",
     "constant",
