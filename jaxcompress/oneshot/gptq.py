@@ -26,6 +26,16 @@ computes every group's scale from the original weights before any update (the re
 ``static_groups=True``). Without groups the scale (per output channel or per tensor) is computed
 from the whole matrix before the first update, as in the reference.
 
+Groups need not divide the input width: ``group_size=128`` on 576 inputs gives 5 groups, the last
+of 64 columns (the `QArray` stores ``ceil(d_in / g)`` scales, `jaxcompress.quant.groups`).
+
+Clipping search (``clip_search=True``, the default): where a group's scale is chosen, 20 ratios
+in [0.5, 1) shrink its calibrated range and the one with the least ``diag(H)``-weighted
+rounding error of the group is kept (ratio 1 stays on the grid, so it is never worse by that
+measure). Measured (``benchmarks/llm_quality.py``, all-MiniLM-L6-v2, W4 g128 act-order, 256
+calibration sentences): mean cosine 0.9823 symmetric without the search, 0.9883 asymmetric with
+it; use ``symmetric=False`` rules at 4 bits and below.
+
 The scale / zero-point rule is the layer's `QuantRule` (bits 2..8, symmetric or asymmetric,
 ``calibration`` absmax / percentile / mse on the group's current values, ``scale_dtype``), using
 the same codec as `jaxcompress.quantize`, so the `QArray` built from GPTQ's codes dequantizes
