@@ -248,7 +248,8 @@ def wanda(
     ``masks`` is like `jaxcompress.prune_params`' (a bool array per pruned leaf,
     `optax.MaskedNode()` elsewhere); fine-tune with ``jaxcompress.prune(optimizer, masks=masks)``.
     A leaf whose calibration inputs are all zero falls back to magnitude (with a warning).
-    Measured on all-MiniLM-L6-v2 at 50%: see ``benchmarks/oneshot_prune.py``.
+    Measured on all-MiniLM-L6-v2 (``benchmarks/oneshot_prune.py``, mean cosine to fp32): 50%
+    0.867, with ``reconstruct=True`` 0.933; 2:4 0.735, with ``reconstruct=True`` 0.874.
 
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}

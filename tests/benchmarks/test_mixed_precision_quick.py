@@ -32,7 +32,7 @@ def test_mixed_precision_quick_writes_json(tmp_path):
     for row in mixed:
         assert row["bytes"] <= uniform["bytes"]
         assert 1.0 < row["quality"] < 10 * uniform["quality"]  # perplexity: sane, not broken
-    passes = {r["method"]: r["forward_passes"] for r in mixed if r["candidates"] == "group sizes"}
+    passes = {r["method"]: r["forward_passes"] for r in mixed if r["candidates"] == "default (group sizes)"}
     assert passes["mixed output"] == 0 < passes["mixed scaled"] < passes["mixed model"]
     for entry in data["correlations"]:
         assert -1.0 <= entry["spearman_vs_model"] <= 1.0

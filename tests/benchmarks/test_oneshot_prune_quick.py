@@ -46,3 +46,6 @@ def test_oneshot_prune_quick_writes_json(tmp_path):
         # re-fitting Wanda's kept weights recovers part of the loss
         assert rows[("wanda+ls", setting)]["cosine_mean"] > rows[("wanda", setting)]["cosine_mean"]
     assert set(data["goals"]) >= {"sparsegpt 50% unstructured", "sparsegpt 2:4"}
+    lm = {(row["method"], row["setting"]): row for row in data["tiny_lm"]["results"]}  # the quick decoder LM
+    assert lm[("sparsegpt", "50% unstructured")]["sparsity"] == 0.5 and lm[("sparsegpt", "2:4")]["sparsity"] == 0.5
+    assert all(1.0 < row["perplexity"] < 10 * lm[("fp32", "")]["perplexity"] for row in lm.values())

@@ -89,7 +89,8 @@ def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     uniform_rule = jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,), group_size=32)
     uniform, _ = jc.quantize_params(params, [uniform_rule])
     budget = _nbytes(uniform)
-    rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=budget)
+    rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=budget,
+                                    candidates=(2, 3, 4, 8))
     assert [r.pattern for r in rules] == [f"params/d{i}/kernel" for i in range(5)]
     assert sorted({r.bits for r in rules}) != [4]  # not simply uniform
     mixed, _ = jc.quantize_params(params, rules, on_unused="error")
@@ -102,7 +103,8 @@ def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     err = lambda q: float(jnp.mean((model.apply(jc.dequantize_params(q), x) - dense) ** 2))
     assert err(mixed) < err(uniform)
     # the average-bits budget: 4 + 32/32 bits per weight is exactly uniform int4 g32's size
-    _, by_bits = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bits_per_weight=5.0)
+    _, by_bits = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bits_per_weight=5.0,
+                                 candidates=(2, 4, 8))
     assert by_bits.budget_bytes == budget and by_bits.total_bytes <= budget
     assert by_bits.bits_per_weight <= 5.0
 
@@ -175,3 +177,6 @@ def test_scaled_is_the_model_error_at_the_probe_and_keeps_the_local_ratios():
     ratio = errors["scaled"] / errors["output"]
     np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-6)
     assert mixed_precision.__kwdefaults__["sensitivity"] == "scaled"
+    _, default = mixed_precision(model.apply, params, batches, ".*kernel", budget_bits_per_weight=5.0, group_size=32)
+    assert default.layers[0].candidates == ((4, None), (4, 32), (4, 16), (4, 8), (8, None))
+    assert default.total_bytes <= default.budget_bytes and default.total_error <= default.uniform["int4 g32"]["error"]
