@@ -33,6 +33,7 @@ import numpy as np
 from jaxcompress._errors import DestinationExistsError, DestinationIsDirectoryError, DestinationFolderMissingError, RuleMismatchError
 from jaxcompress.checkpoint import treemeta
 from jaxcompress.checkpoint.recipes import Recipe, RecipeError, load_recipe
+from jaxcompress.checkpoint.inspection import leaf_row
 from jaxcompress.checkpoint.report import CompressionTable, LeafRow
 from jaxcompress.checkpoint.safetensors_format import SafetensorsWriter
 from jaxcompress.checkpoint.safetensors_io import encode_leaf, file_metadata
@@ -207,17 +208,9 @@ def _hf_config(source: Any) -> str | None:
     return json.dumps(data, sort_keys=True) if isinstance(data, dict) else None
 
 
-def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
-    count = int(np.prod(shape, dtype=np.int64))
-    if mask is not None:
-        sparsity = 1.0 - float(np.count_nonzero(np.asarray(mask))) / max(count, 1)
-    else:
-        values = leaf.values if isinstance(leaf, QArray) else leaf
-        sparsity = 1.0 - float(np.count_nonzero(np.asarray(values))) / max(count, 1) if count else 0.0
-    if isinstance(leaf, QArray):
-        fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
-        return LeafRow(path, shape, dtype, fmt, leaf.bits, describe_granularity(leaf), sparsity, record["encoding"], nbytes, before)
-    return LeafRow(path, shape, dtype, dtype, None, "", sparsity, record.get("encoding", "dense"), nbytes, before)
+def _row(path: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
+    # one row definition for compress's report and `inspect`: pruned (masks) and rounding zeros apart
+    return leaf_row(path, leaf, mask, nbytes=nbytes, encoding=record.get("encoding", "dense"), bytes_before=before)
 
 
 def _progress_callback(progress: bool | Progress, total_bytes: int) -> tuple[Progress | None, Callable[[], None]]:
@@ -236,7 +229,7 @@ def _progress_callback(progress: bool | Progress, total_bytes: int) -> tuple[Pro
         bar.set_postfix_str(path[-40:], refresh=False)
         bar.update(sizes.get(path, 0))
 
-    update.sizes = sizes  # type: ignore[attr-defined]
+    update.sizes = sizes  # type: ignore[attr-defined]  # a function attribute read back by the caller
     return update, bar.close
 
 
@@ -318,7 +311,7 @@ def compress_checkpoint(
                 nbytes = sum(writer.add(name, tensor) for name, tensor in tensors)
                 del tensors
                 records.append(record)
-                rows.append(_row(leaf_info.path, leaf_info.shape, leaf_info.dtype, leaf, mask, record, nbytes, leaf_info.nbytes))
+                rows.append(_row(leaf_info.path, leaf, mask, record, nbytes, leaf_info.nbytes))
                 del leaf, mask
                 if callback is not None:
                     callback(done, len(source.leaves), leaf_info.path)

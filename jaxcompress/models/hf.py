@@ -124,8 +124,8 @@ def model_for(config: ModelConfig) -> Any:
     >>> type(model_for(BertConfig())).__name__
     'BertModel'
     """
-    if _config_arch(config) == "bert":
-        return BertModel(config)  # type: ignore[arg-type]
+    if _config_arch(config) == "bert" and isinstance(config, BertConfig):
+        return BertModel(config)
     from jaxcompress.models.llama import Llama, LlamaConfig
 
     assert isinstance(config, LlamaConfig)
@@ -188,7 +188,7 @@ def hf_to_flax(tensors: Mapping[str, Any], config: ModelConfig, *, where: str = 
     (4, 8)
     """
     arch = _config_arch(config)
-    entries = bert_names(config) if arch == "bert" else llama_names(config)  # type: ignore[arg-type]
+    entries = bert_names(config) if isinstance(config, BertConfig) else llama_names(config)
     canonical = _normalise_names(list(tensors), arch)
     by_name = {canonical(name): name for name in tensors}
     expected = _expected_shapes(config, arch)
@@ -231,7 +231,7 @@ def flax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]
     """
     tree = params.get("params", params)
     arch = _config_arch(config)
-    entries = bert_names(config) if arch == "bert" else llama_names(config)  # type: ignore[arg-type]
+    entries = bert_names(config) if isinstance(config, BertConfig) else llama_names(config)
     out = {}
     for hf, path, transpose in entries:
         node: Any = tree
