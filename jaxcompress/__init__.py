@@ -8,6 +8,7 @@ from jaxcompress._cpu_pool import ensure_cpu_pool as _ensure_cpu_pool
 
 _ensure_cpu_pool()  # before jax starts its CPU client: see jaxcompress/_cpu_pool.py (issue 21)
 
+from jaxcompress.checkpoint.analysis import pareto_figure
 from jaxcompress.checkpoint import (
     abstract_checkpoint,
     follow_sharding,
@@ -211,6 +212,7 @@ __all__ = [
     "n_m_mask",
     "one_shot",
     "pareto_front",
+    "pareto_figure",
     "pareto_plot",
     "ParetoPoint",
     "path_to_str",
