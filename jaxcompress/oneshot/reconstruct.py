@@ -24,7 +24,9 @@ unstructured, 128 calibration / 256 held-out sentences, mean cosine to the fp32 
 Wanda 0.867 -> 0.933 with ``reconstruct=True``, SparseGPT 0.920 -> 0.933, for about the time of
 the method itself again (Wanda) or a few percent more (SparseGPT). Each leaf is fit to the dense
 weight on the inputs it sees in the partly pruned model (``W0 X``), not to the dense model's
-outputs.
+outputs. It needs calibration rows: with fewer rows than a kernel's inputs ``X^T X`` is
+rank-deficient and the fit follows the calibration set (the 16-sentence quick run of the same
+benchmark, two layers, lost 0.004 cosine with it).
 """
 
 from __future__ import annotations
