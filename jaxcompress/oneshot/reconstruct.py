@@ -26,7 +26,7 @@ the method itself again (Wanda) or a few percent more (SparseGPT). Each leaf is 
 weight on the inputs it sees in the partly pruned model (``W0 X``), not to the dense model's
 outputs. It needs calibration rows: with fewer rows than a kernel's inputs ``X^T X`` is
 rank-deficient and the fit follows the calibration set (the 16-sentence quick run of the same
-benchmark, two layers, lost 0.004 cosine with it).
+benchmark, two layers: Wanda 0.973, with the re-fit 0.969).
 """
 
 from __future__ import annotations
