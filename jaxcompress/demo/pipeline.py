@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,6 @@ import numpy as np
 import optax
 
 from jaxcompress.checkpoint.safetensors_io import export_safetensors, import_safetensors
-from jaxcompress.quant import serialization as _serialization  # registers QArray for jax.export serialization
 from jaxcompress.execute.transform import compressed
 from jaxcompress.demo.data import Dataset, load_image_dataset
 from jaxcompress.demo.runtimes import runtime_rows_and_calls
@@ -39,7 +37,7 @@ from jaxcompress.demo.timing import Spread, interleaved_latency
 from jaxcompress.params import quantize_params
 from jaxcompress.pruning import PruneRule, polynomial, prune
 from jaxcompress.training import convert_qat, fake_quant, fake_quant_activations, qat, qat_activation_ranges, qat_ranges
-from jaxcompress.rules import QuantRule, path_to_str
+from jaxcompress.rules import QuantRule
 
 __all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table", "QUICK_SUBSET", "UNSTRUCTURED_NOTE"]
 
@@ -77,7 +75,7 @@ class CNN(nn.Module):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """Knobs of the pipeline. ``group_size`` applies to kernels whose input axis it divides."""
+    """Knobs of the pipeline. ``group_size`` groups every kernel's input axis (a shorter last group where it does not divide)."""
 
     fp32_steps: int = 1500
     prune_steps: int = 1000
@@ -119,19 +117,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _quant_rules(params: Any, config: PipelineConfig, activation: str | None = None) -> list[QuantRule]:
-    """Kernels to ``config.bits`` per output channel (groups where the input axis allows)."""
+    """Kernels to ``config.bits`` per output channel (in groups of ``config.group_size`` along the input axis when set)."""
     rule = QuantRule(
         pattern=r".*kernel", bits=config.bits, channel_axes=(-1,), activation=activation or config.activation,
         calibration="mse" if config.bits < 8 else "absmax",
     )
-    rules = []
-    if config.group_size:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            name = path_to_str(path)
-            if name.endswith("kernel") and leaf.shape[-2] % config.group_size == 0:
-                rules.append(dataclasses.replace(rule, pattern=re.escape(name), group_size=config.group_size))
-    rules.append(rule)
-    return rules
+    if config.group_size:  # any width: a group that does not divide the input axis is ragged
+        rule = dataclasses.replace(rule, group_size=config.group_size)
+    return [rule]
 
 
 class _Trainer:

@@ -91,7 +91,8 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
     def rebuild(sliced):
         values, scale, zero_point, input_scale = sliced
         return dataclasses.replace(
-            view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, permutation=layer_permutation
+            view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, permutation=layer_permutation,
+            ragged=None if view.ragged is None else (view.ragged[0] - 1, view.ragged[1]),  # the stacked axis 0 is gone
         )
 
     return arrays, rebuild
