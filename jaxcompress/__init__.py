@@ -87,7 +87,9 @@ from jaxcompress.pruning import (
     unstructured_mask,
 )
 from jaxcompress.oneshot import LayerStatistics, MatrixView, capture_statistics, from_matrix, sequential_groups, to_matrix
+from jaxcompress.oneshot.allocation import OWL
 from jaxcompress.oneshot.awq import awq
+from jaxcompress.oneshot.reconstruct import masked_least_squares
 from jaxcompress.oneshot.gptq import GPTQReport, GPTQResult, gptq, gptq_matrix
 from jaxcompress.oneshot.mixed import LayerChoice, MixedPrecisionReport, choose_bits, mixed_precision
 from jaxcompress.oneshot.smoothquant import smoothquant
@@ -137,6 +139,8 @@ __all__ = [
     "sequential_groups",
     "to_matrix",
     "awq",
+    "OWL",
+    "masked_least_squares",
     "GPTQReport",
     "GPTQResult",
     "gptq",
