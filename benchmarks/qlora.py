@@ -27,7 +27,6 @@ Reported per base:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from benchmarks._common import RESULTS_DIR, environment, format_table, time_calls, write_json  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
 from examples.tiny_lm import load_or_train_tiny_lm, make_apply, perplexity, train_tokens  # noqa: E402
 from jaxcompress.lora import LoraRule, lora_apply, lora_init, lora_train_step  # noqa: E402
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Any, Sequence

@@ -41,7 +41,7 @@ from jaxcompress.checkpoint.sliced import is_float as _is_float
 from jaxcompress.checkpoint.sliced import quantize_sliced as _quantize_in_chunks
 from jaxcompress.checkpoint.sliced import split_axis as _split_axis
 from jaxcompress.checkpoint.sources import open_source
-from jaxcompress.qarray import QArray, describe_granularity
+from jaxcompress.qarray import QArray
 from jaxcompress.rules import match_rules
 
 __all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning", "HF_CONFIG_KEY"]

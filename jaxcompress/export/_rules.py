@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import numpy as np
 
 from jaxcompress._program import call_body, source_line

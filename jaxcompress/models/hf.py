@@ -22,7 +22,6 @@ argument, or (for a file ``jaxcompress compress`` wrote) from the copy of the so
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcompress._errors import ArgumentError, CheckpointFormatError, CheckpointNotFoundError
 from jaxcompress.checkpoint import treemeta

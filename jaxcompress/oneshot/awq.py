@@ -31,14 +31,12 @@ import numpy as np
 from jaxcompress.oneshot.capture import from_matrix, to_matrix
 from jaxcompress.oneshot.smoothquant import (
     LayerSmoothing,
-    SmoothingReport,
     all_zero_inputs,
     input_scale_layout,
     matrix_quantizer,
     output_error,
     run_smoothing,
 )
-from jaxcompress.qarray import QArray
 from jaxcompress.quant.arrays import place_like_param, quantize
 from jaxcompress.quant.groups import merge_groups, split_groups
 from jaxcompress.rules import QuantRule

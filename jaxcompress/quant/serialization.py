@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 import jax
 

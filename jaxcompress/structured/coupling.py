@@ -34,7 +34,7 @@ mapping of a depthwise multiplier need no special cases: a channel's "class" is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np

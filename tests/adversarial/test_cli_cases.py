@@ -4,7 +4,6 @@ line on stderr naming the file / leaf / option."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -9,8 +9,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,6 @@ file and the leaf, and writes nothing."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil

@@ -1,6 +1,5 @@
 """Orbax save / restore of trees holding QArrays and masks (exact dtypes and metadata)."""
 
-import os
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,6 @@ Three independent checks of the conversion and the forward pass:
 
 import importlib.metadata
 import math
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -3,7 +3,6 @@ dividing the activation instead of the weight (dense, einsum, transposed, conv, 
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

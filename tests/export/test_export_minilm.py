@@ -5,7 +5,6 @@ softmax, gelu and layer norm in float; sentence embeddings match fp32.
 The exported function is the encoder (hidden states in, hidden states out): the token-embedding
 lookup (an integer ``gather``) and the padding mask stay with the caller."""
 
-import jax
 import numpy as np
 import pytest
 

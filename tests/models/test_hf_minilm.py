@@ -1,7 +1,6 @@
 """The real all-MiniLM-L6-v2: HF file -> compress (w8a8) -> load_hf -> compressed -> embeddings."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """AWQ: scales and error vs float64 NumPy references; never worse than round-to-nearest."""
 
-import warnings
 
 import flax.linen as nn
 import jax

@@ -1,7 +1,6 @@
 """SparseGPT: the blocked OBS algorithm against a float64 NumPy reference, its error against
 magnitude pruning on the calibration data, exact counts, degenerate calibration, the tree level."""
 
-import warnings
 
 import flax.linen as nn
 import jax
