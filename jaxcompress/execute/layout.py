@@ -40,6 +40,7 @@ __all__ = [
     "integer_layout",
     "default_contracting_axes",
     "default_layout",
+    "with_default_layout",
     "store_for_integer_dots",
     "supports_stored_layout",
 ]
@@ -100,6 +101,26 @@ def default_layout(path: str, q: QArray) -> tuple[int, ...] | None:
     if not _integer_mode(q) or len(q.shape) != 2 or path.rsplit("/", 1)[-1] != "kernel":
         return None
     return integer_layout(2, (0,))
+
+
+def with_default_layout(params: Any) -> Any:
+    """``params`` with every `QArray` re-stored in its `default_layout` (by its path string); the
+    one-shot quantizers (GPTQ, SmoothQuant, AWQ) give their results the layout
+    `jaxcompress.quantize_params` gives. Other leaves are returned unchanged.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
+    >>> with_default_layout({"Dense_0": {"kernel": q}})["Dense_0"]["kernel"].stored_permutation
+    (1, 0)
+    """
+    from jaxcompress.rules import path_to_str
+
+    def convert(path, leaf):
+        if not isinstance(leaf, QArray):
+            return leaf
+        return leaf.with_layout(default_layout(path_to_str(path), leaf))
+
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, QArray))
 
 
 def supports_stored_layout() -> bool:
