@@ -136,18 +136,11 @@ def store_for_integer_dots(params: Any, *, contracting_axes: Sequence[int] | Non
     ``contracting_axes`` for those) are returned unchanged.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> from jaxcompress.execute.layout import supports_stored_layout
     >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
-    >>> stored = store_for_integer_dots({"kernel": q})["kernel"] if supports_stored_layout() else None
-    >>> stored is None or (stored.shape == (8, 4) and stored.values.shape == (4, 8))
-    True
+    >>> stored = store_for_integer_dots({"kernel": q})["kernel"]
+    >>> stored.shape, stored.values.shape
+    ((8, 4), (4, 8))
     """
-    if not supports_stored_layout():
-        raise NotImplementedError(
-            "store_for_integer_dots: this QArray has no `stored_permutation` field (the layout it "
-            "writes); upgrade jaxcompress.qarray"
-        )
-
     def convert(leaf):
         if not _integer_mode(leaf):
             return leaf

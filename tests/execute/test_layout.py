@@ -13,7 +13,7 @@ import jaxcompress as jc
 from jaxcompress.execute.transform import compressed
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
-from jaxcompress.execute.layout import default_contracting_axes, integer_layout, store_for_integer_dots, supports_stored_layout
+from jaxcompress.execute.layout import default_contracting_axes, integer_layout, store_for_integer_dots
 from jaxcompress.execute.weight_view import WeightView
 from tests.execute.reference import dense_w8a8
 
@@ -90,7 +90,6 @@ def test_stored_stacked_layers_unstack_without_moving_codes():
     np.testing.assert_array_equal(np.asarray(layer.dequantize()), np.asarray(q.dequantize()[1]))
 
 
-@pytest.mark.skipif(not supports_stored_layout(), reason="QArray has no stored_permutation field yet")
 def test_store_for_integer_dots_keeps_values_and_speeds_the_layout():
     x = jax.random.normal(jax.random.key(0), (4, 16))
     params = {
@@ -105,12 +104,6 @@ def test_store_for_integer_dots_keeps_values_and_speeds_the_layout():
     fn = jax.jit(compressed(lambda p, x: x @ p["dense"] + x @ p["weight_only"] + p["bias"]))
     np.testing.assert_array_equal(np.asarray(fn(stored, x)), np.asarray(fn(params, x)))
     assert store_for_integer_dots(stored)["dense"] is stored["dense"]
-
-
-@pytest.mark.skipif(supports_stored_layout(), reason="QArray has the stored_permutation field")
-def test_store_for_integer_dots_says_the_field_is_missing():
-    with pytest.raises(NotImplementedError):
-        store_for_integer_dots({})
 
 
 @pytest.mark.parametrize("rows", [1, 16])
