@@ -1,21 +1,16 @@
-"""One-shot pruning (Wanda, SparseGPT) and mixed precision on the real all-MiniLM-L6-v2.
+"""One-shot pruning (magnitude, Wanda, SparseGPT and their variants) on the real all-MiniLM-L6-v2.
 
     python benchmarks/oneshot_prune.py            # full run: 128 calibration, 256 held-out sentences
-    python benchmarks/oneshot_prune.py --quick    # CI-sized
+    python benchmarks/oneshot_prune.py --quick    # CI-sized (two layers, fewer variants)
+    python benchmarks/oneshot_prune.py --methods sparsegpt "sparsegpt+ls"   # only these variants
 
 What it measures, side by side in one run, on the 36 encoder Dense kernels (the embeddings and
-the unused pooler stay fp32):
-
-* pruning at 50% unstructured and at 2:4 (along the input axis) with magnitude
-  (`jaxcompress.prune_params`, layer-wise), Wanda and SparseGPT (both sequential, layer by layer);
-* weight-only quantization: uniform int4 g128 (round-to-nearest, MSE clipping) against
-  `mixed_precision` at the SAME total size (budget = the uniform int4 g128 model's bytes of these
-  kernels, ``QArray.nbytes``), choosing per layer among int4 per-channel / g128 / g64 / g32 and
-  int8 per-channel (3-bit lives in an int4 container, so it is never cheaper than int4; int2 was
-  never worth it here). Two sensitivity measures: ``"model"`` (error of the encoder's output
-  with only that layer quantized, on the calibration sentences) and ``"output"`` (the local
-  ``tr(E H E^T)``), which loses to uniform on this model: local errors of a query and of an
-  attention-output projection are not in the same units.
+the unused pooler stay fp32): pruning at 50% unstructured and at 2:4 (along the input axis) with
+magnitude (`jaxcompress.prune_params`, layer-wise), Wanda and SparseGPT (both sequential, layer by
+layer), each also with ``reconstruct=True`` (``+ls``: masked least squares of the kept weights,
+`jaxcompress.oneshot.reconstruct`) and, for unstructured sparsity, ``allocation="owl"`` (per
+kernel, or ``owl-block``: one sparsity per encoder layer). Mixed precision has its own benchmark
+(``benchmarks/mixed_precision.py``).
 
 Quality: mean (and minimum) cosine similarity between the fp32 sentence embeddings and the
 compressed model's, on held-out sentences (the Lee corpus, from sentence ``--offset`` on, never
@@ -42,15 +37,14 @@ import numpy as np  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
-from jaxcompress.oneshot.mixed import candidate_label, mixed_precision  # noqa: E402
+from jaxcompress.oneshot.allocation import OWL  # noqa: E402
 from jaxcompress.oneshot.sparsegpt import sparsegpt  # noqa: E402
 from jaxcompress.oneshot.wanda import wanda  # noqa: E402
 
 KERNELS = r"params/encoder/layer_\d+/.*/kernel"
 QUICK_KERNELS = r"params/encoder/layer_[01]/.*/kernel"  # --quick: the first two layers only
-QUANT = dict(channel_axes=(-1,), calibration="mse")
-CANDIDATES = ((4, None), (4, 128), (4, 64), (4, 32), (8, None))
-GOALS = {"prune_cosine_min": 0.95}
+GOALS = {"prune_cosine_min": 0.95, "two_four_cosine_min": 0.90}
+QUICK_METHODS = ("magnitude", "wanda", "wanda+ls", "sparsegpt", "sparsegpt owl+ls")
 
 
 def parse_args(argv=None):
@@ -60,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--sentences", type=int, default=None, help="held-out sentences (default 256, quick 32)")
     parser.add_argument("--offset", type=int, default=2000, help="first held-out sentence of the corpus")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/oneshot_prune[_quick].json)")
+    parser.add_argument("--models", nargs="*", default=("minilm", "tiny_lm"), choices=("minilm", "tiny_lm"))
+    parser.add_argument("--settings", nargs="*", default=("50% unstructured", "2:4"), choices=("50% unstructured", "2:4"))
+    parser.add_argument("--methods", nargs="*", default=None, help="only these pruning variants (default all)")
     args = parser.parse_args(argv)
     args.calibration = args.calibration or (16 if args.quick else 128)
     args.sentences = args.sentences or (32 if args.quick else 256)
@@ -89,6 +86,64 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.sum(reference * other, axis=-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(other, axis=-1))
 
 
+def make_variants(fn, params, batches, block_group: str, **calib) -> dict:
+    """method -> prune(rule) -> (pruned params, masks); OWL applies to unstructured sparsity only."""
+    block_owl = OWL(group=block_group)
+    return {
+        "magnitude": lambda r: jc.prune_params(params, [r]),
+        "wanda": lambda r: wanda(fn, params, batches, [r], **calib),
+        "wanda+ls": lambda r: wanda(fn, params, batches, [r], reconstruct=True, **calib),
+        "wanda owl": lambda r: wanda(fn, params, batches, [r], allocation="owl", **calib),
+        "sparsegpt": lambda r: sparsegpt(fn, params, batches, [r], **calib),
+        "sparsegpt+ls": lambda r: sparsegpt(fn, params, batches, [r], reconstruct=True, **calib),
+        "sparsegpt owl": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", **calib),
+        "sparsegpt owl-block": lambda r: sparsegpt(fn, params, batches, [r], allocation=block_owl, **calib),
+        "sparsegpt owl+ls": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", reconstruct=True, **calib),
+    }
+
+
+def prune_variants(fn, params, batches, kernels, block_group, args, record, **calib) -> None:
+    """Every chosen variant at 50% unstructured and at 2:4; ``record(method, setting, pruned, seconds, sparsity=)``."""
+    variants = make_variants(fn, params, batches, block_group, **calib)
+    chosen = args.methods or (QUICK_METHODS if args.quick else list(variants))
+    unstructured = jc.PruneRule(pattern=kernels, sparsity=0.5)
+    two_four = jc.PruneRule(pattern=kernels, structure="n:m", n=2, m=4)
+    for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
+        for method, prune in variants.items():
+            if method not in chosen or setting not in args.settings or (setting == "2:4" and "owl" in method):
+                continue
+            start = time.perf_counter()
+            pruned, masks = prune(rule)
+            jax.block_until_ready(pruned)
+            seconds = time.perf_counter() - start
+            record(method, setting, pruned, seconds, sparsity=jc.mask_sparsity(masks)["total"])
+
+
+def run_lm(args) -> dict:
+    """The same variants on the tiny decoder LM (`examples/tiny_lm.py`): held-out perplexity."""
+    from examples.tiny_lm import calibration_batches, load_or_train_tiny_lm, make_apply, perplexity
+
+    config, params, _, eval_tokens = load_or_train_tiny_lm(quick=args.quick)
+    apply = make_apply(config)
+    params = jax.device_put(params)
+    batches = calibration_batches(count=16 if args.quick else 64, batch_size=8, quick=args.quick)
+    eval_tokens = eval_tokens[:16] if args.quick else eval_tokens
+    fp32 = perplexity(apply, params, eval_tokens)
+    rows = [{"method": "fp32", "setting": "", "perplexity": fp32}]
+    print(f"tiny LM: fp32 perplexity {fp32:.3f}")
+
+    def record(method, setting, pruned, seconds, **extra):
+        ppl = perplexity(apply, pruned, eval_tokens)
+        rows.append({"method": method, "setting": setting, "perplexity": ppl, "vs_fp32": ppl / fp32,
+                     "seconds": seconds, **extra})
+        print(f"{method:<20} {setting:<18} perplexity {ppl:8.3f} ({ppl / fp32:.3f} x fp32)  {seconds:6.1f} s", flush=True)
+
+    prune_variants(apply, params, batches, r"layers_\d+/.*/kernel", r"layers_\d+/", args, record)
+    goals = {f"tiny_lm {r['method']} {r['setting']} perplexity within 25% of fp32": r["vs_fp32"] <= 1.25
+             for r in rows if r["method"].startswith("sparsegpt") and r["setting"].startswith("50")}
+    return {"results": rows, "goals": goals, "calibration_rows": int(sum(b.shape[0] for b in batches))}
+
+
 def run(args) -> dict:
     from examples.bert import BertModel, embed, load_minilm, load_sentences
 
@@ -110,9 +165,6 @@ def run(args) -> dict:
     print(f"{len(calibration)} calibration / {len(held_out)} held-out sentences from {source}")
 
     kernels = args.kernels
-    unstructured = jc.PruneRule(pattern=kernels, sparsity=0.5)
-    two_four = jc.PruneRule(pattern=kernels, structure="n:m", n=2, m=4)
-    uniform_int4 = jc.QuantRule(pattern=kernels, bits=4, group_size=128, **QUANT)
     rows = []
 
     def record(method, setting, compressed, seconds, **extra):
@@ -123,61 +175,17 @@ def run(args) -> dict:
         print(f"{method:<10} {setting:<26} cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})  {seconds:6.1f} s")
         return row
 
-    for setting, rule in (("50% unstructured", unstructured), ("2:4", two_four)):
-        for method, prune in (
-            ("magnitude", lambda r: jc.prune_params(params, [r])),
-            ("wanda", lambda r: wanda(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
-            ("sparsegpt", lambda r: sparsegpt(model.apply, params, calib_batches, [r], row_mask=lambda batch: batch[1])),
-        ):
-            start = time.perf_counter()
-            pruned, masks = prune(rule)
-            jax.block_until_ready(pruned)
-            seconds = time.perf_counter() - start
-            sparsity = jc.mask_sparsity(masks)["total"]
-            record(method, setting, pruned, seconds, sparsity=sparsity)
-
-    nbytes = lambda tree: sum(q.nbytes for q in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, jc.QArray))
-                              if isinstance(q, jc.QArray))
-    start = time.perf_counter()
-    qparams, _ = jc.quantize_params(params, [uniform_int4])
-    uniform_bytes = nbytes(qparams)
-    record("uniform", "int4 g128 RTN", jc.dequantize_params(qparams), time.perf_counter() - start, bytes=uniform_bytes)
-
-    reports = {}
-    for sensitivity in ("model", "output"):
-        start = time.perf_counter()
-        rules, report = mixed_precision(model.apply, params, calib_batches, kernels, candidates=CANDIDATES,
-                                        budget_bytes=uniform_bytes, sensitivity=sensitivity, **QUANT)
-        seconds = time.perf_counter() - start
-        qmixed, _ = jc.quantize_params(params, rules, on_unused="error")
-        mixed_bytes = nbytes(qmixed)
-        assert mixed_bytes == report.total_bytes <= uniform_bytes, (mixed_bytes, report.total_bytes, uniform_bytes)
-        choices = {}
-        for layer in report.layers:
-            label = candidate_label(layer.chosen_bits, layer.chosen_group_size)
-            choices[label] = choices.get(label, 0) + 1
-        record("mixed", f"{sensitivity} @ int4 g128 size", jc.dequantize_params(qmixed), seconds, bytes=mixed_bytes,
-               choices=choices, exact=report.exact)
-        reports[sensitivity] = report
-        print(report.table())
-
+    prune_variants(model.apply, params, calib_batches, kernels, r"layer_\d+/", args, record,
+                   row_mask=lambda batch: batch[1])
     by = {(r["method"], r["setting"]): r for r in rows}
     goals = {}
-    for setting in ("50% unstructured", "2:4"):
-        magnitude = by[("magnitude", setting)]["cosine_mean"]
-        for method in ("wanda", "sparsegpt"):
-            cos = by[(method, setting)]["cosine_mean"]
-            goals[f"{method} {setting}"] = {"cosine": cos, "magnitude_cosine": magnitude,
-                                            "beats_magnitude": cos > magnitude,
-                                            **({"cosine>=0.95": cos >= GOALS["prune_cosine_min"]} if setting.startswith("50") else {})}
-    uniform = by[("uniform", "int4 g128 RTN")]
-    for sensitivity in reports:
-        mixed = by[("mixed", f"{sensitivity} @ int4 g128 size")]
-        goals[f"mixed ({sensitivity}) vs uniform int4 g128"] = {
-            "mixed_cosine": mixed["cosine_mean"], "uniform_cosine": uniform["cosine_mean"],
-            "beats_uniform": mixed["cosine_mean"] > uniform["cosine_mean"],
-            "mixed_bytes": mixed["bytes"], "uniform_bytes": uniform["bytes"],
-        }
+    for (method, setting), row in by.items():
+        if method == "magnitude":
+            continue
+        cos, magnitude = row["cosine_mean"], by.get(("magnitude", setting), {}).get("cosine_mean")
+        goal = GOALS["prune_cosine_min"] if setting.startswith("50") else GOALS["two_four_cosine_min"]
+        goals[f"{method} {setting}"] = {"cosine": cos, "magnitude_cosine": magnitude, f"cosine>={goal}": cos >= goal,
+                                        "beats_magnitude": None if magnitude is None else cos > magnitude}
     return {
         "benchmark": "oneshot_prune",
         "quick": args.quick,
@@ -185,22 +193,31 @@ def run(args) -> dict:
         "sentences": {"calibration": len(calibration), "held_out": len(held_out), "source": source, "offset": args.offset},
         "results": rows,
         "kernels": kernels,
-        "mixed_reports": {k: r.to_dict() for k, r in reports.items()},
         "goals": goals,
     }
 
 
 def main(argv=None):
     args = parse_args(argv)
-    data = run(args)
+    data = {"benchmark": "oneshot_prune", "quick": args.quick, "environment": environment(), "results": [], "goals": {}}
+    if "minilm" in args.models:
+        data.update(run(args))
+    if "tiny_lm" in args.models:
+        lm = run_lm(args)
+        data["tiny_lm"] = lm
+        data["goals"] = {**data["goals"], **lm["goals"]}
     path = write_json(args.out, data)
     print()
-    print(format_table(data["results"], [
-        ("method", "method", ""), ("setting", "setting", ""), ("cosine_mean", "cosine mean", ".5f"),
-        ("cosine_min", "cosine min", ".4f"), ("sparsity", "sparsity", ".3f"), ("bytes", "bytes", "d"),
-        ("choices", "choices", ""),
-        ("seconds", "seconds", ".1f"),
-    ]))
+    if data["results"]:
+        print(format_table(data["results"], [
+            ("method", "method", ""), ("setting", "setting", ""), ("cosine_mean", "cosine mean", ".5f"),
+            ("cosine_min", "cosine min", ".4f"), ("sparsity", "sparsity", ".3f"), ("seconds", "seconds", ".1f"),
+        ]))
+    if "tiny_lm" in data:
+        print(format_table(data["tiny_lm"]["results"], [
+            ("method", "method", ""), ("setting", "setting", ""), ("perplexity", "perplexity", ".3f"),
+            ("vs_fp32", "x fp32", ".3f"), ("sparsity", "sparsity", ".3f"), ("seconds", "seconds", ".1f"),
+        ]))
     for name, goal in data["goals"].items():
         print(f"goal {name}: {goal}")
     print(f"wrote {path}")

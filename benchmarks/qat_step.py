@@ -37,7 +37,11 @@ W8A8 variants (weights as above, activations int8 too):
     activation entering a conv / dense is fake-quantized with a per-tensor range that ``jc.qat``
     tracks (EMA of the observed ``max|x|``, passed to the update as ``activation_stats``).
     Evaluated as deployed: ``jc.convert_qat`` -> ``jc.compressed(model.apply)`` (int8 x int8 ->
-    int32 dots and convs with the tracked static activation scales).
+    int32 dots and convs with the tracked static activation scales). Its forward runs float ops on
+    the fake-quantized values.
+  * ``jaxcompress-w8a8-int``: the same with ``arithmetic="integer"``: the forward runs the integer
+    kernels ``jc.compressed`` deploys (int8 x int8 -> int32 dots and convs; the weight codes from
+    ``weight_ranges=jc.qat_ranges(state)``), the backward the same straight-through gradient.
   * ``qwix-w8a8``: ``QtRule(weight_qtype=int8, act_qtype=int8)`` (Qwix's activation fake-quant;
     its default activation calibration is the batch's own absmax per tensor). Evaluated with the
     same fake-quantized forward.
@@ -165,19 +169,20 @@ def jaxcompress_variant():
     return {"opt": opt, "step": step, "predict": predict, "mode": mode}
 
 
-def jaxcompress_w8a8_variant():
+def jaxcompress_w8a8_variant(arithmetic="float"):
     model = CNN()
     opt = jc.qat(optax.adam(LEARNING_RATE), W8A8_RULES, on_unused="error")
     # qat keys its ranges by the paths of the tree it was initialised with (the inner params), so
     # the wrapped forward takes that same tree.
-    apply = jc.fake_quant_activations(lambda p, x: model.apply({"params": p}, x), W8A8_RULES)
+    apply = jc.fake_quant_activations(lambda p, x: model.apply({"params": p}, x), W8A8_RULES, arithmetic=arithmetic)
 
     @jax.jit
     def step(params, opt_state, x, y):
         ranges, activation_ranges = jc.qat_ranges(opt_state), jc.qat_activation_ranges(opt_state)
+        extra = {"weight_ranges": ranges} if arithmetic == "integer" else {}
 
         def loss_fn(p):
-            logits, observed = apply(jc.fake_quant(p, W8A8_RULES, ranges=ranges), x, ranges=activation_ranges)
+            logits, observed = apply(jc.fake_quant(p, W8A8_RULES, ranges=ranges), x, ranges=activation_ranges, **extra)
             return cross_entropy(logits, y), observed
 
         (loss, observed), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -194,7 +199,15 @@ def jaxcompress_w8a8_variant():
         "W8A8 (weights int8 per output channel; activations int8 per tensor, ranges tracked by jc.qat "
         "as an EMA of max|x|); evaluated as deployed: jc.convert_qat -> jc.compressed (int8 ops)"
     )
+    if arithmetic == "integer":
+        mode += "; forward: int8 x int8 -> int32 dots and convs (arithmetic='integer'), STE backward"
+    else:
+        mode += "; forward: float ops on fake-quantized values"
     return {"opt": opt, "step": step, "predict": predict, "mode": mode}
+
+
+def jaxcompress_w8a8_integer_variant():
+    return jaxcompress_w8a8_variant("integer")
 
 
 def _aqt_classes(quantize_conv: bool):
@@ -269,12 +282,13 @@ VARIANTS = {
     "float": (float_variant, None),
     "jaxcompress": (jaxcompress_variant, None),
     "jaxcompress-w8a8": (jaxcompress_w8a8_variant, None),
+    "jaxcompress-w8a8-int": (jaxcompress_w8a8_integer_variant, None),
     "qwix-w8a8": (qwix_w8a8_variant, "qwix"),
     "aqt": (aqt_variant, "aqtp"),
     "aqt-all": (aqt_all_variant, "aqtp"),
     "qwix": (qwix_variant, "qwix"),
 }
-DEFAULT_VARIANTS = ("float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "qwix-w8a8")
+DEFAULT_VARIANTS = ("float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "jaxcompress-w8a8-int", "qwix-w8a8")
 
 
 def _version(package):
@@ -476,6 +490,13 @@ def run(args) -> dict:
         goals["w8a8_ratio_goal_met"] = w8a8_row["ratio_vs_float"] <= GOAL_RATIO
         if rows.get("qwix-w8a8", {}).get("step_median_s") is not None:
             goals["jaxcompress_w8a8_over_qwix_w8a8_median"] = w8a8_row["step_median_s"] / rows["qwix-w8a8"]["step_median_s"]
+    integer_row = rows.get("jaxcompress-w8a8-int", {})
+    if integer_row.get("ratio_vs_float") is not None:
+        # issue 17: the integer-arithmetic W8A8 step <= 1.05x float and <= Qwix's W8A8 step
+        goals["jaxcompress_w8a8_int_ratio_vs_float"] = integer_row["ratio_vs_float"]
+        goals["w8a8_int_ratio_goal_met"] = integer_row["ratio_vs_float"] <= 1.05
+        if rows.get("qwix-w8a8", {}).get("step_median_s") is not None:
+            goals["jaxcompress_w8a8_int_over_qwix_w8a8_median"] = integer_row["step_median_s"] / rows["qwix-w8a8"]["step_median_s"]
 
     return {
         "benchmark": "qat_step",

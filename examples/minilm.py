@@ -46,7 +46,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from examples.bert import BertModel, load_minilm, load_sentences, mean_pool, tokenize  # noqa: E402
+from examples.bert import load_minilm, load_sentences, tokenize  # noqa: E402
+from jaxcompress.models.bert import BertModel, mean_pool  # noqa: E402
 from jaxcompress.rules import path_to_str  # noqa: E402
 
 KERNELS = r"params/encoder/layer_\d+/.*/kernel"

@@ -8,6 +8,7 @@ from jaxcompress._cpu_pool import ensure_cpu_pool as _ensure_cpu_pool
 
 _ensure_cpu_pool()  # before jax starts its CPU client: see jaxcompress/_cpu_pool.py (issue 21)
 
+from jaxcompress.checkpoint.analysis import pareto_figure
 from jaxcompress.checkpoint import (
     abstract_checkpoint,
     follow_sharding,
@@ -124,6 +125,8 @@ from jaxcompress.quant import Calibration, QuantSpec, dequantize, quantize
 from jaxcompress.rules import QuantRule, Rule, match_rules, path_to_str
 
 from jaxcompress import export
+from jaxcompress import lora, models
+from jaxcompress.quant import serialization as _serialization  # registers QArray for jax.export serialization
 from jaxcompress._version import __version__
 
 __all__ = [
@@ -170,6 +173,8 @@ __all__ = [
     "compress_checkpoint",
     "compressed",
     "export",
+    "lora",
+    "models",
     "CompressionMetrics",
     "CompressionTable",
     "constant",
@@ -207,6 +212,7 @@ __all__ = [
     "n_m_mask",
     "one_shot",
     "pareto_front",
+    "pareto_figure",
     "pareto_plot",
     "ParetoPoint",
     "path_to_str",

@@ -150,6 +150,6 @@ def write_error(err: OSError, destination: str) -> CheckpointWriteError:
         _errno.EACCES: "permission denied",
         _errno.EPERM: "operation not permitted",
     }
-    reason = reasons.get(err.errno, err.strerror or str(err))
+    reason = reasons.get(err.errno, err.strerror or str(err)) if err.errno is not None else str(err)
     out = CheckpointWriteError(err.errno, f"{destination}: cannot write: {reason} (nothing was written)")
     return out

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 from jaxcompress._errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from jaxcompress.checkpoint.cli import COMMANDS as _CHECKPOINT_COMMANDS
 from jaxcompress.checkpoint.command import Command, run_command
 
-__all__ = ["Command", "COMMANDS", "build_parser", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["Command", "COMMANDS", "build_parser", "parse_arguments", "main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 
 # ---- demo --------------------------------------------------------------------------------------
@@ -43,11 +44,17 @@ The compression pipeline on a small CNN, end to end (jaxcompress.demo.pipeline):
   4. W8A8 quantization-aware training of the pruned model (weights and the activations the
      integer model quantizes are fake-quantized) with jaxcompress.qat around prune
      (masks frozen, pruned weights stay exactly zero), converted with the ranges QAT used;
-  5. every variant written as a compressed safetensors file, and the final integer model as a
-     standalone jax.export artifact (reloaded and checked).
-One table: test accuracy, size on disk, latency (median, batch 1 and 256). The int8 variants
-run through jaxcompress.compressed(model.apply): int8 x int8 -> int32 dots and convolutions.
-About 2-3 minutes on 2 CPU cores; --quick is a CI-sized smoke run."""
+  5. every variant written as a compressed safetensors file; the integer forward pass as a
+     jax.export artifact taking (params, images), reloaded and run on the params read back
+     from the file (checked against the same program in process); the pruned + QAT model as
+     model.tflite / model.onnx, measured in LiteRT / ONNX Runtime.
+One table: test accuracy, size on disk, latency at batch 1 and 256 (median and interquartile
+range over interleaved runs: every variant timed in the same rounds). The int8 variants run
+through jaxcompress.compressed(model.apply): int8 x int8 -> int32 dots and convolutions. The
+masks are unstructured, so the pruned variants are smaller on disk but not faster on CPU.
+The files go to a temporary folder that is removed at the end (--out DIR or --keep keeps them).
+The default run takes about 60-90 s on 2 idle CPU cores (about 140 s of CPU time; a machine
+busy with other work takes proportionally longer); --quick is a CI-sized smoke run."""
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +66,10 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out", default=None, help="folder for the compressed files and the export (default: a temp folder)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="keep the compressed files, the export and the runtime files in DIR (default: a "
+                             "temporary folder, removed at the end)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -90,8 +100,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        **(QUICK_SUBSET if args.quick else {}),
+        train_subset=QUICK_SUBSET["train_subset"] if args.quick else None,
+        test_subset=QUICK_SUBSET["test_subset"] if args.quick else None,
+        latency_repeats=QUICK_SUBSET["latency_repeats"] if args.quick else PipelineConfig.latency_repeats,
         out_dir=args.out,
+        keep=args.keep,
         progress=not args.no_progress,
     )
     print(f"dataset: {data.name}, {min(len(data.train_images), config.train_subset or 10**9)} train / "
@@ -100,13 +113,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(result))
     export = result["export"]
-    print(
-        f"\naccuracy on {result['test_images']} {result['dataset']} test images; file bytes = the compressed "
-        f"safetensors file of each variant; latency = median ms of the jitted forward pass.\n"
-        f"files: {os.path.dirname(result['rows'][0]['file'])}\n"
-        f"standalone export of the final integer model: {export['path']} ({export['bytes']:,} bytes; "
-        f"reloaded, max |difference| {export['max_abs_difference']:.1e}). Total {result['seconds']:.0f} s."
-    )
+    where = (f"files: {result['out_dir']}" if result["out_dir"] is not None
+             else "files: written to a temporary folder, now removed (--out DIR or --keep keeps them)")
+    paragraphs = [
+        f"accuracy on {result['test_images']} {result['dataset']} test images; file bytes = the compressed "
+        f"safetensors file of each variant (LiteRT / ONNX rows: the .tflite / .onnx file).",
+        where,
+        f"jax.export of the integer forward pass jit(compressed(model.apply))(params, images): "
+        f"{os.path.basename(export['path'] or 'pruned_qat_int.jaxexport')} ({export['bytes']:,} bytes); reloaded "
+        f"and run on the params read back from the safetensors file: max |difference| "
+        f"{export['max_abs_difference']:.1e} against the same program in process.",
+        f"Total {result['seconds']:.0f} s.",
+    ]
+    print()
+    print("\n".join(textwrap.fill(p, 100, break_long_words=False, break_on_hyphens=False) for p in paragraphs))
     return EXIT_OK
 
 
@@ -146,8 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(sub)
-        sub.set_defaults(_command=command)
+        sub.set_defaults(_command=command, _parser=sub)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an unrecognized argument after a subcommand is
+    reported with that subcommand's usage (``jaxcompress demo --x`` shows ``usage: jaxcompress
+    demo ...``), not the top-level one. Exits (``SystemExit``) like ``parse_args``.
+
+    >>> build_parser().parse_args(["demo", "--steps", "3"]).steps
+    3
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_arguments(parser, argv)
     except SystemExit as exit_:  # --help / --version (0) and usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_USAGE)
     command = getattr(args, "_command", None)

@@ -94,7 +94,7 @@ class CompressionMetrics:
 
     @property
     def median_sqnr_db(self) -> float | None:
-        values = [m.sqnr_db for m in self.quantized]
+        values = [m.sqnr_db for m in self.quantized if m.sqnr_db is not None]
         return float(np.median(values)) if values else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,15 +148,18 @@ def quantization_metrics(params: Any, qparams: Any) -> CompressionMetrics:
     >>> m.bytes_before, m.bytes_after
     (256, 68)
     """
-    flat_q, treedef = jax.tree_util.tree_flatten_with_path(
-        qparams, is_leaf=lambda x: isinstance(x, QArray)
-    )
-    try:
-        flat_p = treedef.flatten_up_to(params)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"params and qparams do not have the same tree structure: {err}") from None
+    flat_q = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QArray))[0]
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    q_paths, p_paths = [path for path, _ in flat_q], [path for path, _ in flat_p]
+    if q_paths != p_paths:
+        index = next((i for i, (a, b) in enumerate(zip(q_paths, p_paths)) if a != b), min(len(q_paths), len(p_paths)))
+        where = lambda paths: path_to_keystr(paths[index]) if index < len(paths) else "(no more leaves)"
+        raise ValueError(
+            f"params and qparams do not have the same tree structure: leaf {index} is {where(p_paths)} "
+            f"in params but {where(q_paths)} in qparams"
+        )
     leaves = []
-    for (path, qleaf), leaf in zip(flat_q, flat_p):
+    for (path, qleaf), (_, leaf) in zip(flat_q, flat_p):
         path_str = path_to_str(path)
         shape = tuple(getattr(leaf, "shape", ()))
         if isinstance(qleaf, QArray):

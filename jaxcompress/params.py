@@ -33,7 +33,7 @@ def quantize_params(
     rules: Sequence[QuantRule] | QuantRule,
     *,
     ranges: dict[str, tuple[Any, Any]] | None = None,
-    on_unused: str = "warn",
+    on_unused: Literal["warn", "error", "ignore"] = "warn",
     layout: Literal["auto", "logical"] = "auto",
 ) -> tuple[Any, QuantizeReport]:
     """Quantize the leaves of ``params`` that ``rules`` select.

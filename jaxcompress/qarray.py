@@ -14,10 +14,16 @@ Layout conventions (the same for every granularity, so consumers need no special
   metadata, `dequantize`. `QArray.logical_values` gives the codes in the logical order and
   `QArray.with_layout` re-stores them.
 * ``scale`` (and ``zero_point``) have the original rank. An axis the scale is shared over has
-  size 1; a per-channel axis keeps its full size; the group axis has size ``dim // group_size``.
-  Per-tensor quantization therefore has a scale of shape ``(1, ..., 1)``.
-* dequantization is ``(values - zero_point) * scale`` after splitting the group axis into
-  ``(dim // group_size, group_size)``, divided by ``input_scale`` when present.
+  size 1; a per-channel axis keeps its full size; the group axis has ``ceil(dim / group_size)``
+  entries: when ``group_size`` does not divide ``dim`` the LAST group is shorter (``dim mod
+  group_size`` elements, as llama.cpp / GPTQ do), and an axis shorter than the group is one
+  group. Element ``i`` of the group axis uses scale entry ``i // group_size``
+  (`jaxcompress.quant.groups` has the helpers). Per-tensor quantization therefore has a scale of
+  shape ``(1, ..., 1)``.
+* dequantization is ``(values - zero_point) * scale`` with the scale repeated over its group,
+  divided by ``input_scale`` when present. For ``qtype="nf4"`` (normal-float 4-bit, QLoRA's code
+  book) it is ``NF4_CODE[values + 8] * scale``: the int4 values index the 16 codes
+  (`jaxcompress.quant.nf4`).
 * ``input_scale`` (optional, ``None`` by default) is a per-input-channel smoothing factor ``s``
   (SmoothQuant / AWQ): the codes quantize ``W * s`` along the weight's input (contracting)
   axis or axes, and the `QArray` stands for ``W = dequant(codes) / s``. It has the original rank,
@@ -26,7 +32,7 @@ Layout conventions (the same for every granularity, so consumers need no special
 
 Storage dtypes: 8-bit (and 5..7-bit) integers use ``int8``; 3- and 4-bit use ``jnp.int4``
 (a 3-bit value occupies a 4-bit container); 2-bit uses ``jnp.int2``. fp8 uses
-``float8_e4m3fn`` or ``float8_e5m2``. `QArray.nbytes` counts the packed container bits of the
+``float8_e4m3fn`` or ``float8_e5m2``; nf4 uses ``jnp.int4`` (code index - 8). `QArray.nbytes` counts the packed container bits of the
 values (int4 = 0.5 B/element, int2 = 0.25 B/element) plus the bytes of scale and zero point:
 exactly what a packed file stores, not what an unpacked in-memory buffer happens to use.
 
@@ -46,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +61,12 @@ import numpy as np
 from jaxcompress._errors import InvalidQArrayError
 
 __all__ = [
-    "QArray", "INT_QTYPE", "FP8_QTYPES", "ACTIVATIONS", "storage_dtype", "storage_bits", "check_qarray",
+    "QArray", "INT_QTYPE", "NF4_QTYPE", "FP8_QTYPES", "ACTIVATIONS", "storage_dtype", "storage_bits", "check_qarray",
     "InvalidQArrayError", "logical_shape", "inverse_permutation",
 ]
 
 INT_QTYPE = "int"
+NF4_QTYPE = "nf4"  # normal-float 4-bit: 16 code values, an absmax scale per group (QLoRA)
 FP8_QTYPES = {
     "float8_e4m3fn": jnp.float8_e4m3fn,
     "float8_e5m2": jnp.float8_e5m2,
@@ -74,7 +81,11 @@ def storage_dtype(bits: int, qtype: str = INT_QTYPE) -> Any:
     dtype(int4)
     >>> storage_dtype(8, "float8_e4m3fn")
     dtype(float8_e4m3fn)
+    >>> storage_dtype(4, "nf4")
+    dtype(int4)
     """
+    if qtype == NF4_QTYPE:
+        return jnp.dtype(jnp.int4)
     if qtype in FP8_QTYPES:
         return jnp.dtype(FP8_QTYPES[qtype])
     if bits <= 2:
@@ -119,11 +130,12 @@ class QArray:
       scale: float32 scale, original rank (see the module docs for the layout).
       zero_point: ``None`` for symmetric quantization, else integers in the storage dtype with the
         scale's shape.
-      bits: bit width (2..8; 8 for fp8).
-      qtype: ``"int"``, ``"float8_e4m3fn"`` or ``"float8_e5m2"``.
+      bits: bit width (2..8; 8 for fp8, 4 for nf4).
+      qtype: ``"int"``, ``"float8_e4m3fn"``, ``"float8_e5m2"`` or ``"nf4"`` (symmetric, weight-only).
       channel_axes: axes that keep their own scale (sorted, non-negative). Every other axis is
         shared, except the group axis which is split into groups.
-      group_axis / group_size: per-group quantization along ``group_axis`` (``None`` if absent).
+      group_axis / group_size: per-group quantization along ``group_axis`` (``None`` if absent);
+        the last group may be shorter (``ceil(dim / group_size)`` scale entries).
       dtype: the dtype of the original array, returned by `dequantize`.
       activation: how `jaxcompress.compressed` runs a dot / conv with this weight:
         ``"weight_only"``, ``"dynamic"`` or ``"static"`` (see `QuantSpec`).
@@ -262,9 +274,10 @@ class QArray:
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(self.dtype)
         if self.stored_permutation is not None:
             return self.with_layout(None).dequantize(out_dtype)
-        if self.group_axis is not None:
+        if self.group_axis is not None or self.qtype == NF4_QTYPE:
             # Groups go through the blocked view of `jaxcompress.quant.arrays.dequantize`, which
-            # keeps a sharded group axis sharded (whole groups would gather straddling shards).
+            # keeps a sharded group axis sharded (whole groups would gather straddling shards);
+            # nf4 codes are looked up in its code book there.
             from jaxcompress.quant.arrays import dequantize
 
             return dequantize(self, out_dtype)
@@ -314,7 +327,7 @@ def logical_shape(stored_shape: tuple[int, ...], permutation: tuple[int, ...] | 
     return tuple(stored_shape[:lead]) + tuple(trailing[a] for a in inverse_permutation(permutation))
 
 
-def _checkable(x: Any) -> bool:
+def _checkable(x: Any) -> TypeGuard[jax.Array | np.ndarray | jax.ShapeDtypeStruct]:
     """A child whose shape and dtype may be checked: a concrete array or a ShapeDtypeStruct
     (never a tracer: inside vmap / scan its shape is not the stored one)."""
     if isinstance(x, jax.core.Tracer):
@@ -327,14 +340,16 @@ def _fail(message: str) -> None:
 
 
 def _check_static(q: QArray) -> None:
-    if q.qtype != INT_QTYPE and q.qtype not in FP8_QTYPES:
-        _fail(f"qtype {q.qtype!r} is not 'int' or one of {sorted(FP8_QTYPES)}")
+    if q.qtype not in (INT_QTYPE, NF4_QTYPE) and q.qtype not in FP8_QTYPES:
+        _fail(f"qtype {q.qtype!r} is not 'int', 'nf4' or one of {sorted(FP8_QTYPES)}")
     if isinstance(q.bits, bool) or not isinstance(q.bits, (int, np.integer)):
         _fail(f"bits must be an integer in 2..8, got {q.bits!r}")
     if q.qtype == INT_QTYPE and not 2 <= q.bits <= 8:
         _fail(f"bits {q.bits} is not in 2..8")
-    if q.qtype != INT_QTYPE and q.bits != 8:
+    if q.qtype in FP8_QTYPES and q.bits != 8:
         _fail(f"bits {q.bits} for {q.qtype}, expected 8")
+    if q.qtype == NF4_QTYPE and q.bits != 4:
+        _fail(f"bits {q.bits} for nf4, expected 4")
     if q.activation not in ACTIVATIONS:
         _fail(f"activation {q.activation!r} is not one of {ACTIVATIONS}")
     if q.activation != "weight_only" and q.qtype != INT_QTYPE:
@@ -405,6 +420,8 @@ def check_qarray(q: QArray, *, strict: bool = False) -> None:
         child = getattr(q, name)
         if _checkable(child) and not jnp.issubdtype(child.dtype, jnp.floating):
             _fail(f"{name} has dtype {jnp.dtype(child.dtype).name}, expected a floating dtype")
+    if q.qtype == NF4_QTYPE and _checkable(q.zero_point):
+        _fail("nf4 is symmetric (absmax scale per group): zero_point must be None")
     if _checkable(q.zero_point) and jnp.dtype(q.zero_point.dtype) != expected_dtype:
         _fail(f"zero_point has dtype {jnp.dtype(q.zero_point.dtype).name}, expected the values' {expected_dtype.name}")
     # A QArray returned by `jax.vmap` carries the batch axes in front of every child while its
@@ -456,10 +473,9 @@ def _layout_error(q: QArray, batch: int) -> str | None:
         group_axis = int(q.group_axis) % ndim
         if group_axis in axes:
             return f"group_axis {q.group_axis} is also a channel axis {q.channel_axes}; groups run along a shared axis"
-        if shape[group_axis] % q.group_size:
-            return f"group_size {q.group_size} does not divide axis {group_axis} of size {shape[group_axis]} (values of shape {shape})"
     expected = tuple(
-        dim if axis in axes else dim // q.group_size if axis == group_axis else 1 for axis, dim in enumerate(shape)
+        dim if axis in axes else -(-dim // int(q.group_size or 1)) if axis == group_axis else 1
+        for axis, dim in enumerate(shape)
     )
     layout = f"for values of shape {shape} with channel_axes {q.channel_axes}, group_axis {q.group_axis}, group_size {q.group_size}"
     if _checkable(q.scale):

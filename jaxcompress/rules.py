@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import jax
 
@@ -127,9 +127,19 @@ class QuantRule(Rule, QuantSpec):
         return QuantSpec(**fields)
 
 
+class _Decision(Protocol):
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def action(self) -> str: ...
+
+
 class LeafDecisions:
     """Mixin for reports whose ``leaves`` carry ``.path`` and ``.action`` (what a transform did
     with each leaf): the paths of each kind of decision."""
+
+    leaves: Sequence[_Decision]  # declared by the report dataclass that mixes this in
 
     def paths_with(self, action: str) -> tuple[str, ...]:
         """The paths of the leaves whose decision is ``action``, in flattening order."""

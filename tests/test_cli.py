@@ -71,13 +71,17 @@ def test_demo_quick_prints_the_table(tmp_path):
     out = proc.stdout
     assert "dataset: " in out
     rows = {}
+    # variant, accuracy, bytes, ratio, then b1 median and IQR, b256 median and IQR, sparsity
     row_pattern = re.compile(
-        r"^(fp32|PTQ int8|pruned 80%(?: \+ QAT int8)?)\s+([\d.]+)%\s+([\d,]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)\s+(\S+)$"
+        r"^(fp32|PTQ int8|pruned 80%(?: \+ QAT int8)?)\s+([\d.]+)%\s+([\d,]+)\s+([\d.]+)x"
+        r"\s+([\d.]+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)\s+([\d.]+)-([\d.]+)\s+(\S+)$"
     )
     for line in out.splitlines():
         match = row_pattern.match(line)
         if match:
             rows[match[1]] = {"accuracy": float(match[2]), "bytes": int(match[3].replace(",", "")), "ratio": float(match[4])}
+            for median, low, high in ((5, 6, 7), (8, 9, 10)):  # the median lies inside its IQR
+                assert float(match[low]) <= float(match[median]) <= float(match[high]), line
     assert set(rows) == {"fp32", "PTQ int8", "pruned 80%", "pruned 80% + QAT int8"}, out
     assert rows["fp32"]["accuracy"] > 50  # 60 steps are enough to learn something
     assert abs(rows["PTQ int8"]["accuracy"] - rows["fp32"]["accuracy"]) < 3
@@ -87,6 +91,39 @@ def test_demo_quick_prints_the_table(tmp_path):
         assert (tmp_path / f"{name}.safetensors").exists()
     assert (tmp_path / "fp32.safetensors").stat().st_size == rows["fp32"]["bytes"]
     assert (tmp_path / "pruned_qat_int.jaxexport").exists() and "reloaded" in out
+    assert "interleaved runs" in out and "no faster than the dense model" in out
+    assert re.search(r"max \|difference\| 0\.0e\+00 against the same program", out), out
+
+
+@pytest.mark.parametrize("command, args", [("demo", []), ("compress", ["a", "b", "-r", "w8a8"]), ("inspect", ["a"])])
+def test_unknown_flag_shows_the_subcommand_usage(command, args, capsys):
+    assert cli.main([command, *args, "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: jaxcompress {command} "), err
+    assert f"jaxcompress {command}: error: unrecognized arguments: --no-such-flag" in err
+
+
+def test_compress_help_lists_every_preset_and_alias(capsys):
+    from jaxcompress.checkpoint.recipes import PRESET_ALIASES, list_presets, load_recipe
+
+    assert cli.main(["compress", "--help"]) == 0
+    out = capsys.readouterr().out
+    presets = list_presets()
+    assert len(presets) >= 6
+    for name in presets:
+        line = next((line for line in out.splitlines() if re.match(re.escape(name) + r"[ :]", line.strip())), None)
+        assert line is not None, f"{name} missing from compress --help:\n{out}"
+        assert load_recipe(name).description.split()[0] in line
+    for alias, target in PRESET_ALIASES.items():
+        assert any(line.strip().startswith(target) and alias in line for line in out.splitlines()), alias
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_demo_help_documents_out_keep_and_the_measured_time(capsys):
+    assert cli.main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--out DIR" in out and "--keep" in out
+    assert "2-3 minutes" not in out and re.search(r"\d+ s on", out), out
 
 
 def test_exit_codes_are_one_table_keyed_by_type():

@@ -107,8 +107,8 @@ def test_unused_rule_is_reported_and_warned():
 
 def test_errors_name_the_leaf_path(cnn):
     _, params, _ = cnn
-    with pytest.raises(ValueError, match=r"params\['params'\]\['Conv_0'\]\['kernel'\]: group size 5 does not divide"):
-        jc.quantize_params(params, [jc.QuantRule(pattern=".*Conv_0/kernel", bits=4, group_size=5)])
+    with pytest.raises(ValueError, match=r"params\['params'\]\['Conv_0'\]\['kernel'\]: group axis 7 is out of range"):
+        jc.quantize_params(params, [jc.QuantRule(pattern=".*Conv_0/kernel", bits=4, group_size=5, group_axis=7)])
     bad = {"enc": [{"kernel": jnp.array([[1.0, jnp.nan]])}]}
     with pytest.raises(ValueError, match=r"params\['enc'\]\[0\]\['kernel'\]: contains NaN or Inf"):
         jc.quantize_params(bad, [jc.QuantRule(pattern=".*kernel")])

@@ -55,7 +55,7 @@ class FlatProgram:
     def carried(self, cut: int, end: int, last_uses: dict | None = None) -> tuple:
         """Keys computed by the steps before ``cut`` and read by a step in ``[cut, end)``."""
         last = self.last_uses(end) if last_uses is None else last_uses
-        out = []
+        out: list = []
         for _, _, outs in self.steps[:cut]:
             out.extend(k for k in outs if last.get(k, -1) >= cut)
         return tuple(out)
@@ -80,7 +80,7 @@ def flatten_call(fn: Callable, args: tuple, kwargs: dict | None = None, cache: T
     steps: list = []
     consts: dict = {}
 
-    def flatten(jaxpr, const_values, in_refs):
+    def flatten(jaxpr: Any, const_values: Any, in_refs: Any) -> list:
         scope: dict = {}
         ref = lambda var: var if isinstance(var, Literal) else scope[var]
         for var, value in zip(jaxpr.constvars, const_values):

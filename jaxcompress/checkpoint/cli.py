@@ -47,8 +47,10 @@ DST folder), 3 missing / truncated / corrupt / tampered / foreign checkpoint, 13
 _COMPRESS_DESCRIPTION = """\
 Compress a float checkpoint (a .safetensors file or an Orbax checkpoint directory) into one
 .safetensors file, leaf by leaf (memory stays near the largest leaf), atomically (an error or
-Ctrl-C leaves no DST). The recipe is a preset name or a TOML file of [[prune]] / [[quantize]]
-rules. Presets: w8a8, w4-g128, 2of4-int8 (2:4+int8), sparse90-int8 (90%-sparse+int8).
+Ctrl-C leaves no DST). The recipe is a preset name (or alias) or a TOML file of [[prune]] /
+[[quantize]] rules.
+
+{presets}
 
 example:
   jaxcompress compress model.safetensors model-w4.safetensors --recipe w4-g128
@@ -56,8 +58,20 @@ example:
 
 _INSPECT_DESCRIPTION = """\
 Print one row per leaf of a checkpoint (compressed or not; .safetensors or Orbax): path, shape,
-dtype, format, bits, granularity, sparsity, encoding, bytes on disk; with --against SRC also the
-bytes before, ratio and SQNR (dB) of each leaf against the original, and the file size ratio."""
+format, granularity, pruned (masked out), zeros (kept values that are zero, e.g. rounded to
+zero), encoding, bytes on disk; with --against SRC also the ratio and SQNR (dB) of each leaf
+against the original, and the file size ratio. --format markdown / json add dtype, bits and
+the bytes before."""
+
+
+def _presets_block() -> str:
+    """The ``presets:`` block of ``compress --help``: every shipped preset, its aliases and its
+    description (`jaxcompress.checkpoint.recipes.describe_presets`, read from the presets folder)."""
+    import textwrap
+
+    from jaxcompress.checkpoint.recipes import describe_presets
+
+    return "presets (--recipe NAME or an alias):\n" + textwrap.indent(describe_presets(98), "  ")
 
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +165,8 @@ def _guarded(command: Command) -> Command:
 
 
 COMMANDS: tuple[Command, ...] = tuple(
-    Command(name=name, help=help_, description=description + "\n\n" + _EPILOG, add_arguments=add, run=run)
+    Command(name=name, help=help_, description=description.format(presets=_presets_block()) + "\n\n" + _EPILOG,
+            add_arguments=add, run=run)
     for name, help_, description, add, run in _SPECS
 )
 
@@ -170,7 +185,7 @@ def add_subcommands(subparsers: Any) -> None:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
-        sub.set_defaults(_command=_guarded(command))
+        sub.set_defaults(_command=_guarded(command), _parser=sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_subcommands(parser.add_subparsers(dest="command", metavar="<command>", title="commands"))
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported with the subcommand's usage, not the top-level one
+            (getattr(args, "_parser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     if getattr(args, "_command", None) is None:

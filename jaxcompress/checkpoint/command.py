@@ -50,5 +50,21 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
         return EXIT_OK
     except Exception as err:  # one clear line, not a traceback
         code, kind = classify(err)
-        print(f"jaxcompress {command.name}: {kind}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"jaxcompress {command.name}: {kind}: {type(err).__name__}: {_message(err)}", file=sys.stderr)
         return code
+
+
+def _message(err: BaseException) -> str:
+    """``err``'s text. An ``OSError`` made as ``(errno, text)`` says its text (and file name),
+    also when another base class's ``__str__`` would print the argument tuple.
+
+    >>> from jaxcompress._errors import CheckpointNotFoundError
+    >>> _message(CheckpointNotFoundError(2, "m.safetensors: no such checkpoint"))
+    'm.safetensors: no such checkpoint'
+    """
+    if isinstance(err, OSError):
+        if err.strerror:
+            return f"{err.strerror}: {err.filename!r}" if err.filename else err.strerror
+        if len(err.args) == 2 and isinstance(err.args[0], int) and isinstance(err.args[1], str):
+            return err.args[1]  # OSError's (errno, text) parsing is skipped when ValueError comes first
+    return str(err)

@@ -33,6 +33,7 @@ import numpy as np
 from jaxcompress._errors import DestinationExistsError, DestinationIsDirectoryError, DestinationFolderMissingError, RuleMismatchError
 from jaxcompress.checkpoint import treemeta
 from jaxcompress.checkpoint.recipes import Recipe, RecipeError, load_recipe
+from jaxcompress.checkpoint.inspection import leaf_row
 from jaxcompress.checkpoint.report import CompressionTable, LeafRow
 from jaxcompress.checkpoint.safetensors_format import SafetensorsWriter
 from jaxcompress.checkpoint.safetensors_io import encode_leaf, file_metadata
@@ -43,7 +44,9 @@ from jaxcompress.checkpoint.sources import open_source
 from jaxcompress.qarray import QArray, describe_granularity
 from jaxcompress.rules import match_rules
 
-__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning"]
+__all__ = ["compress_checkpoint", "compress_leaf", "check_leaf_local", "NoLeafCompressedWarning", "HF_CONFIG_KEY"]
+
+HF_CONFIG_KEY = "jaxcompress.hf_config"  # __metadata__: the source's Hugging Face config.json (see _hf_config)
 
 Progress = Callable[[int, int, str], None]
 
@@ -158,7 +161,7 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     prune_index = _matched(stub, recipe.prune)
     quant_index = _matched(stub, recipe.quantize)
     prunes = prune_index is not None and not recipe.prune[prune_index].skip and _is_float(leaf_info.dtype) and leaf_info.shape
-    if (rows is not None and prunes and _bounded_magnitude(recipe.prune[prune_index]) and quant_index is not None
+    if (rows is not None and prunes and prune_index is not None and _bounded_magnitude(recipe.prune[prune_index]) and quant_index is not None
             and not recipe.quantize[quant_index].skip and leaf_info.nbytes > SLICE_MIN_BYTES):
         spec = recipe.quantize[quant_index].spec
         split = _split_axis(spec.resolve(tuple(leaf_info.shape), leaf_info.path), leaf_info.shape)
@@ -183,17 +186,31 @@ def _compress_streamed(leaf_info: Any, load: Callable, rows: Callable | None, re
     return compress_leaf(tokens, load(), recipe, used=used, chunk_bytes=chunk_bytes, consume=True)
 
 
-def _row(path: str, shape: tuple, dtype: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
-    count = int(np.prod(shape, dtype=np.int64))
-    if mask is not None:
-        sparsity = 1.0 - float(np.count_nonzero(np.asarray(mask))) / max(count, 1)
-    else:
-        values = leaf.values if isinstance(leaf, QArray) else leaf
-        sparsity = 1.0 - float(np.count_nonzero(np.asarray(values))) / max(count, 1) if count else 0.0
-    if isinstance(leaf, QArray):
-        fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
-        return LeafRow(path, shape, dtype, fmt, leaf.bits, describe_granularity(leaf), sparsity, record["encoding"], nbytes, before)
-    return LeafRow(path, shape, dtype, dtype, None, "", sparsity, record.get("encoding", "dense"), nbytes, before)
+def _hf_config(source: Any) -> str | None:
+    """The Hugging Face ``config.json`` of a safetensors source, so that the compressed file
+    alone is enough for `jaxcompress.models.load_hf`: the one beside the source file, else the
+    copy the source itself carries. ``None`` when there is none (or it is not a JSON object)."""
+    import json
+
+    if source.format != "safetensors":
+        return None
+    candidate = os.path.join(os.path.dirname(source.path), "config.json")
+    text = source._reader.metadata.get(HF_CONFIG_KEY)
+    if os.path.isfile(candidate) and os.path.getsize(candidate) < (1 << 20):
+        with open(candidate, encoding="utf-8") as f:
+            text = f.read()
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return json.dumps(data, sort_keys=True) if isinstance(data, dict) else None
+
+
+def _row(path: str, leaf: Any, mask: Any, record: dict, nbytes: int, before: int) -> LeafRow:
+    # one row definition for compress's report and `inspect`: pruned (masks) and rounding zeros apart
+    return leaf_row(path, leaf, mask, nbytes=nbytes, encoding=record.get("encoding", "dense"), bytes_before=before)
 
 
 def _progress_callback(progress: bool | Progress, total_bytes: int) -> tuple[Progress | None, Callable[[], None]]:
@@ -212,7 +229,7 @@ def _progress_callback(progress: bool | Progress, total_bytes: int) -> tuple[Pro
         bar.set_postfix_str(path[-40:], refresh=False)
         bar.update(sizes.get(path, 0))
 
-    update.sizes = sizes  # type: ignore[attr-defined]
+    update.sizes = sizes  # type: ignore[attr-defined]  # a function attribute read back by the caller
     return update, bar.close
 
 
@@ -229,9 +246,13 @@ def compress_checkpoint(
     """Compress the checkpoint ``src`` into the safetensors file ``dst`` with ``recipe``.
 
     Args:
-      src: a ``.safetensors`` file or an Orbax checkpoint directory of float weights.
+      src: a ``.safetensors`` file (e.g. a Hugging Face ``model.safetensors``, or one
+        `export_safetensors` wrote from a float tree) or an Orbax checkpoint directory of float
+        weights.
       dst: the compressed ``.safetensors`` file to create (see `export_safetensors` for its
-        tensor names); read it back with `import_safetensors`.
+        tensor names); read it back with `import_safetensors`, or run it as a Hugging Face
+        model with `jaxcompress.models.load_hf` (the ``config.json`` beside ``src`` is copied
+        into the file's metadata).
       recipe: a preset name (``"w8a8"``, ``"w4-g128"``, ``"2:4+int8"``, ``"90%-sparse+int8"``),
         a TOML path, or a `Recipe`.
       encoding: per-leaf storage, as in `export_safetensors`.
@@ -270,8 +291,9 @@ def compress_checkpoint(
     if os.path.abspath(source.path) == dst:
         raise DestinationExistsError(17, f"{dst}: source and destination are the same file")
     callback, finish = _progress_callback(progress, sum(leaf.nbytes for leaf in source.leaves))
-    if hasattr(callback, "sizes"):
-        callback.sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
+    sizes = getattr(callback, "sizes", None)
+    if sizes is not None:
+        sizes.update({leaf.path: leaf.nbytes for leaf in source.leaves})
     used: set = set()
     rows, records = [], []
     compressed_leaves = 0
@@ -289,14 +311,18 @@ def compress_checkpoint(
                 nbytes = sum(writer.add(name, tensor) for name, tensor in tensors)
                 del tensors
                 records.append(record)
-                rows.append(_row(leaf_info.path, leaf_info.shape, leaf_info.dtype, leaf, mask, record, nbytes, leaf_info.nbytes))
+                rows.append(_row(leaf_info.path, leaf, mask, record, nbytes, leaf_info.nbytes))
                 del leaf, mask
                 if callback is not None:
                     callback(done, len(source.leaves), leaf_info.path)
             unused = [f"{kind}[{i}] (pattern {rules[i].pattern!r})" for kind, rules in (("prune", recipe.prune), ("quantize", recipe.quantize)) for i in range(len(rules)) if (kind, i) not in used]
             if unused and on_unused == "error":
                 raise RecipeError(f"{recipe.source}: {len(unused)} rule(s) matched no leaf of {source.path}: {', '.join(unused)}")
-            writer.metadata = file_metadata(records, {"jaxcompress.recipe": recipe.name, "jaxcompress.source": os.path.basename(source.path)})
+            extra = {"jaxcompress.recipe": recipe.name, "jaxcompress.source": os.path.basename(source.path)}
+            hf_config = _hf_config(source)
+            if hf_config is not None:
+                extra[HF_CONFIG_KEY] = hf_config
+            writer.metadata = file_metadata(records, extra)
     finally:
         finish()
     if unused and on_unused == "warn":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,7 +42,10 @@ def _sqnr(source: Source | None, path: str, leaf: Any) -> float | None:
     return sqnr_db(reference.astype(np.float32), np.asarray(approx, np.float32))
 
 
-def leaf_row(path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, encoding: str = "dense", bytes_before: int | None = None, sqnr: float | None = None) -> LeafRow:
+def leaf_row(
+    path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, encoding: Literal["dense", "bitmap", "n:m"] = "dense",
+    bytes_before: int | None = None, sqnr: float | None = None,
+) -> LeafRow:
     """A `LeafRow` describing one (possibly quantized / masked) leaf.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
@@ -51,24 +54,42 @@ def leaf_row(path: str, leaf: Any, mask: Any, *, nbytes: int | None = None, enco
     ('int4', 'per-channel(1,)', 24, 64)
     """
     if isinstance(leaf, QArray):
-        shape, dtype = leaf.shape, np.dtype(leaf.dtype).name
-        values = leaf.values
+        shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype).name
         fmt = f"int{leaf.bits}" if leaf.qtype == "int" else leaf.qtype
         bits, granularity = leaf.bits, describe_granularity(leaf)
         storage = leaf.nbytes
     else:
         array = np.asarray(leaf)
-        shape, dtype, values = tuple(array.shape), array.dtype.name, array
+        shape, dtype = tuple(array.shape), array.dtype.name
         fmt, bits, granularity, storage = dtype, None, "", array.nbytes
     count = math.prod(shape)
+    zero = _zeros(leaf)
+    pruned = 0
     if mask is not None and not treemeta.is_masked_node(mask):
-        kept = int(np.count_nonzero(np.asarray(mask)))
-    else:
-        kept = int(np.count_nonzero(np.asarray(values)))
-    sparsity = 1.0 - kept / count if count else 0.0
+        keep = np.broadcast_to(np.asarray(mask, bool), shape)
+        pruned = count - int(np.count_nonzero(keep))
+        zero &= keep  # a pruned position is counted once, as pruned
+    sparsity = pruned / count if count else 0.0
+    zeros = int(np.count_nonzero(zero)) / count if count else 0.0
     if bytes_before is None:
         bytes_before = count * np.dtype(dtype).itemsize
-    return LeafRow(path, tuple(shape), dtype, fmt, bits, granularity, sparsity, encoding, storage if nbytes is None else nbytes, bytes_before, sqnr)
+    return LeafRow(path, shape, dtype, fmt, bits, granularity, sparsity, encoding, storage if nbytes is None else nbytes,
+                   bytes_before, sqnr, zeros=zeros)
+
+
+def _zeros(leaf: Any) -> np.ndarray:
+    """Where ``leaf``'s values are zero (bool, logical shape). For a symmetric integer `QArray`
+    that is where its codes are 0 (a bool per value, no float copy of the leaf); other formats
+    are dequantized."""
+    if not isinstance(leaf, QArray):
+        return np.asarray(leaf) == 0
+    if leaf.qtype == "int" and leaf.zero_point is None:
+        zero = np.asarray(leaf.values) == 0  # x = code * scale (/ input_scale): zero iff the code is
+        permutation = getattr(leaf, "stored_permutation", None)  # codes stored in another axis order
+        if permutation is not None:
+            zero = np.transpose(zero, np.argsort(np.asarray(permutation)))
+        return zero
+    return np.asarray(leaf.dequantize(np.float32)) == 0
 
 
 def _tensor_names(record: dict, reader: SafetensorsReader) -> list[str]:

@@ -103,7 +103,7 @@ def _install_hook() -> None:
         if not _late_read_of_a_closed_loop(unraisable):
             previous(unraisable)
 
-    hook._jaxcompress_closed_loop_filter = True  # type: ignore[attr-defined]
+    setattr(hook, "_jaxcompress_closed_loop_filter", True)  # a marker attribute on the function
     sys.unraisablehook = hook
 
 

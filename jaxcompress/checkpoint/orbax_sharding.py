@@ -36,7 +36,7 @@ def follow_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    kept = []
+    kept: list[Any] = []
     for dim, names in zip(shape, spec[: len(shape)]):
         if names is None:
             kept.append(None)

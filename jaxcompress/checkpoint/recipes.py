@@ -19,11 +19,16 @@ method name or a table of `jaxcompress.QuantSpec` calibration fields)::
     group_size = 128
     group_axis = -1
 
-Shipped presets (``jaxcompress/checkpoint/presets/*.toml``): ``w8a8``, ``w4-g128``,
+Shipped presets (``jaxcompress/checkpoint/presets/*.toml``, listed with their aliases by
+`describe_presets`): ``w8a8`` (alias ``int8``), ``w4-g128`` (alias ``int4``), ``w4-g128-bf16``,
 ``w4-g128-emb-row`` (embedding tables per row instead of g128), ``2of4-int8`` (alias
-``2:4+int8``) and ``sparse90-int8`` (alias ``90%-sparse+int8``). Their
-patterns cover PyTorch / Hugging Face ``*.weight`` (out, in) and Flax ``kernel`` (in, out) /
-``embedding`` layouts. `load_recipe` takes a preset name or a path.
+``2:4+int8``) and ``sparse90-int8`` (alias ``90%-sparse+int8``). They are name-robust: one
+model gets the same decision per leaf whether its leaves carry PyTorch / Hugging Face names
+(``*.weight`` (out, in); embeddings ``embeddings.word_embeddings.weight``,
+``embed_tokens.weight``, ``wte.weight``; ``LayerNorm.weight`` / ``bias``) or Flax names
+(``kernel`` (in, out), ``embedding``, ``LayerNorm/scale`` / ``bias``): the same bits, scale
+granularity along the same logical axes (output channels, input groups) and activation mode.
+`load_recipe` takes a preset name or a path.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
+import textwrap
 import tomllib
 from typing import Any
 
 from jaxcompress._errors import RecipeError
 from jaxcompress.rules import QuantRule
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "list_presets", "PRESET_ALIASES"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "list_presets", "describe_presets", "PRESET_ALIASES"]
 
 PRESET_ALIASES = {"2:4+int8": "2of4-int8", "90%-sparse+int8": "sparse90-int8", "int8": "w8a8", "int4": "w4-g128"}
 _TOP_LEVEL = {"name", "description", "quantize", "prune"}
@@ -79,6 +85,23 @@ def list_presets() -> list[str]:
     ['2of4-int8', 'sparse90-int8', 'w4-g128', 'w4-g128-bf16', 'w4-g128-emb-row', 'w8a8']
     """
     return sorted(entry.name[: -len(".toml")] for entry in _presets_dir().iterdir() if entry.name.endswith(".toml"))
+
+
+def describe_presets(width: int = 96) -> str:
+    """One entry per shipped preset: its name, its aliases and its description (for ``--help``),
+    wrapped at ``width`` (continuation lines indented).
+
+    >>> print(describe_presets(200).splitlines()[-1])
+    w8a8 (alias int8): int8 per-channel weights, int8 dynamic activations; norms and biases stay float
+    """
+    lines = []
+    for name in list_presets():
+        aliases = [alias for alias, target in PRESET_ALIASES.items() if target == name]
+        data = tomllib.loads(_presets_dir().joinpath(name + ".toml").read_text(encoding="utf-8"))
+        head = name + (f" (alias{'es' if len(aliases) > 1 else ''} {', '.join(aliases)})" if aliases else "")
+        line = f"{head}: {data.get('description', '')}".rstrip(": ")
+        lines.append(textwrap.fill(line, width, subsequent_indent="    ", break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 def _field_names(cls: type) -> list[str]:

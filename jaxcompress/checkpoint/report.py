@@ -1,7 +1,7 @@
 """The per-leaf compression table as data, and its renderers (terminal, Markdown, JSON).
 
 `CompressionTable` holds one `LeafRow` per leaf (path, shape, dtype, format, bits, granularity,
-sparsity, encoding, bytes on disk, bytes before, SQNR) plus totals; `render_text`,
+pruned fraction, zero fraction, encoding, bytes on disk, bytes before, SQNR) plus totals; `render_text`,
 `render_markdown` and `render_json` turn it into text. `compress_checkpoint` and
 `inspect_checkpoint` return one. Cost analysis, latency and Pareto plots live in
 `jaxcompress.checkpoint.analysis`.
@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import textwrap
 from typing import Any
 
-__all__ = ["LeafRow", "CompressionTable", "render_text", "render_markdown", "render_json", "format_bytes"]
+__all__ = ["LeafRow", "CompressionTable", "render_text", "render_markdown", "render_json", "format_bytes", "short_granularity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,10 @@ class LeafRow:
       format: storage format (``"int8"``, ``"int4"``, ``"float8_e4m3fn"``, or the float dtype).
       bits: bits per stored value (``None`` for unquantized leaves).
       granularity: ``per-tensor``, ``per-channel(0,)``, ``per-group(...)`` or ``""``.
-      sparsity: fraction of elements pruned (masked) or zero.
+      sparsity: fraction of elements pruned: masked out by the leaf's mask (a bitmap or n:m
+        encoding on disk); 0 for a leaf stored without a mask.
+      zeros: fraction of elements that are zero without being pruned (weights that round to
+        zero when quantized, or exact zeros of a float leaf).
       encoding: ``dense``, ``bitmap`` or ``n:m``.
       bytes: bytes this leaf occupies on disk (all its tensors).
       bytes_before: bytes of the uncompressed leaf (``None`` if unknown).
@@ -45,6 +50,7 @@ class LeafRow:
     bytes: int
     bytes_before: int | None = None
     sqnr_db: float | None = None
+    zeros: float = 0.0
 
     @property
     def ratio(self) -> float | None:
@@ -61,7 +67,7 @@ class CompressionTable:
     >>> table.bytes, table.bytes_before, round(table.ratio, 2)
     (20, 64, 3.2)
     >>> print(render_markdown(table).splitlines()[4])
-    | w | 4x4 | float32 | int8 | 8 | per-tensor | 0.0% | dense | 20 B | 64 B | 3.20x | - |
+    | w | 4x4 | float32 | int8 | 8 | per-tensor | 0.0% | 0.0% | dense | 20 B | 64 B | 3.20x | - |
     """
 
     rows: tuple[LeafRow, ...]
@@ -76,9 +82,10 @@ class CompressionTable:
 
     @property
     def bytes_before(self) -> int | None:
-        if any(row.bytes_before is None for row in self.rows):
+        before = [row.bytes_before for row in self.rows]
+        if any(b is None for b in before):
             return None
-        return sum(row.bytes_before for row in self.rows)
+        return sum(b for b in before if b is not None)
 
     @property
     def ratio(self) -> float | None:
@@ -118,7 +125,16 @@ def format_bytes(n: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-_HEADERS = ("path", "shape", "dtype", "format", "bits", "granularity", "sparsity", "encoding", "bytes", "before", "ratio", "SQNR dB")
+# Markdown / JSON: every field. The terminal table drops dtype, bits and bytes before (the
+# format, the ratio and the totals line say them) and abbreviates granularity to fit 100 columns.
+_HEADERS = ("path", "shape", "dtype", "format", "bits", "granularity", "pruned", "zeros", "encoding", "bytes", "before", "ratio", "SQNR dB")
+_TEXT_HEADERS = ("path", "shape", "format", "granularity", "pruned", "zeros", "enc", "bytes", "ratio", "SQNR")
+_TEXT_RIGHT = {1, 4, 5, 7, 8, 9}
+TEXT_WIDTH = 100
+
+
+def _sqnr_cell(row: LeafRow) -> str:
+    return "-" if row.sqnr_db is None else ("inf" if math.isinf(row.sqnr_db) else f"{row.sqnr_db:.1f}")
 
 
 def _cells(row: LeafRow) -> list[str]:
@@ -131,12 +147,81 @@ def _cells(row: LeafRow) -> list[str]:
         "-" if row.bits is None else str(row.bits),
         row.granularity or "-",
         f"{row.sparsity:.1%}",
+        f"{row.zeros:.1%}",
         row.encoding,
         format_bytes(row.bytes),
         format_bytes(row.bytes_before),
         "-" if ratio is None else f"{ratio:.2f}x",
-        "-" if row.sqnr_db is None else ("inf" if math.isinf(row.sqnr_db) else f"{row.sqnr_db:.1f}"),
+        _sqnr_cell(row),
     ]
+
+
+def short_granularity(text: str) -> str:
+    """`jaxcompress.describe_granularity`'s words, abbreviated for a terminal column.
+
+    >>> short_granularity("per-channel(0,) + per-group(axis=1, size=128)"), short_granularity("per-tensor")
+    ('ch0 g128@1', 'tensor')
+    """
+    parts = []
+    for part in text.split(" + "):
+        channel = re.fullmatch(r"per-channel\(([\d, ]*)\)", part)
+        group = re.fullmatch(r"per-group\(axis=(-?\d+), size=(\d+)\)", part)
+        if channel:
+            parts.append("ch" + ",".join(a.strip() for a in channel.group(1).split(",") if a.strip()))
+        elif group:
+            parts.append(f"g{group.group(2)}@{group.group(1)}")
+        elif part == "per-tensor":
+            parts.append("tensor")
+        else:
+            parts.append(part)
+    return " ".join(parts) if text else "-"
+
+
+def _text_cells(row: LeafRow) -> list[str]:
+    ratio = row.ratio
+    return [
+        row.path,
+        "x".join(str(d) for d in row.shape) or "()",
+        row.format,
+        short_granularity(row.granularity),
+        f"{row.sparsity:.1%}",
+        f"{row.zeros:.1%}",
+        "-" if row.encoding == "dense" else row.encoding,
+        format_bytes(row.bytes),
+        "-" if ratio is None else f"{ratio:.2f}x",
+        _sqnr_cell(row),
+    ]
+
+
+def _shorten_path(path: str, width: int) -> str:
+    """``path`` in at most ``width`` characters: its first and last components and its numeric
+    ones (layer indices) always, then as many of the others as fit, nearest the leaf first;
+    ``..`` stands for what was left out. Cut from the left if even that does not fit.
+
+    >>> _shorten_path("encoder/layer/0/attention/self/query/weight", 29)
+    'encoder/../0/../query/weight'
+    """
+    if len(path) <= width:
+        return path
+    tokens = path.split("/")
+    last = len(tokens) - 1
+    kept = {0, last} | {i for i, t in enumerate(tokens) if t.isdigit()}
+
+    def joined(indices: set[int]) -> str:
+        parts, previous = [], -1
+        for i in sorted(indices):
+            if i > previous + 1:
+                parts.append("..")
+            parts.append(tokens[i])
+            previous = i
+        return "/".join(parts)
+
+    if len(tokens) < 3 or len(joined(kept)) > width:
+        return "..." + path[-(width - 3):]
+    for i in range(last - 1, 0, -1):
+        if i not in kept and len(joined(kept | {i})) <= width:
+            kept.add(i)
+    return joined(kept)
 
 
 def _totals_line(table: CompressionTable) -> str:
@@ -152,23 +237,36 @@ def _totals_line(table: CompressionTable) -> str:
     return ", ".join(parts)
 
 
-def render_text(table: CompressionTable, max_path: int = 60) -> str:
-    """A fixed-width table for terminals (long paths are shortened from the left).
+def render_text(table: CompressionTable, width: int = TEXT_WIDTH) -> str:
+    """A fixed-width table for terminals, at most ``width`` columns wide where the paths can be
+    shortened to make it fit (long paths keep their first and last components). Columns: path,
+    shape, format, granularity (``ch0`` per channel of axis 0, ``g128@1`` groups of 128 along
+    axis 1), pruned (masked out), zeros (not pruned, but zero: weights that round to zero),
+    encoding, bytes on disk, ratio, SQNR (dB). `render_markdown` / `render_json` have every field.
 
     >>> row = LeafRow("w", (2, 2), "float32", "int8", 8, "per-tensor", 0.0, "dense", 8, 16)
-    >>> print(render_text(CompressionTable((row,))).splitlines()[-1])
+    >>> print(render_text(CompressionTable((row,))))
+    path  shape format granularity pruned zeros enc bytes ratio SQNR
+    ----  ----- ------ ----------- ------ ----- --- ----- ----- ----
+    w       2x2 int8   tensor        0.0%  0.0% -     8 B 2.00x    -
     1 leaves, leaf bytes 8 B, before 16 B, ratio 2.00x
     """
-    rows = [_cells(row) for row in table.rows]
-    for cells in rows:
-        if len(cells[0]) > max_path:
-            cells[0] = "..." + cells[0][-(max_path - 3):]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_HEADERS)]
-    right = {1, 4, 6, 8, 9, 10, 11}
-    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    lines = ([table.title] if table.title else []) + [fmt(_HEADERS), fmt(["-" * w for w in widths])]
+    rows = [_text_cells(row) for row in table.rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(_TEXT_HEADERS)]
+    others = sum(widths[1:]) + len(widths)  # one space between columns, two after the path
+    path_width = max(20, width - others)
+    if widths[0] > path_width:
+        for cells in rows:
+            cells[0] = _shorten_path(cells[0], path_width)
+        widths[0] = max([len(_TEXT_HEADERS[0])] + [len(r[0]) for r in rows])
+
+    def fmt(cells: list[str]) -> str:
+        padded = [c.rjust(w) if i in _TEXT_RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return (padded[0] + "  " + " ".join(padded[1:])).rstrip()
+
+    lines = ([table.title] if table.title else []) + [fmt(list(_TEXT_HEADERS)), fmt(["-" * w for w in widths])]
     lines += [fmt(cells) for cells in rows]
-    lines.append(_totals_line(table))
+    lines += textwrap.wrap(_totals_line(table), width, subsequent_indent="  ")
     return "\n".join(lines)
 
 

@@ -174,7 +174,7 @@ class SafetensorsReader:
             if os.fstat(f.fileno()).st_size != self.file_size:
                 raise HeaderError(f"{self.path}: the file changed size since its header was validated")
             f.seek(self.data_start + begin)
-            if f.readinto(memoryview(out)) != out.size:
+            if f.readinto(out.data) != out.size:
                 raise HeaderError(f"{self.path}: tensor {name!r}: short read (file truncated?)")
         return out.view(dtype).reshape(shape)
 
@@ -194,7 +194,7 @@ class SafetensorsReader:
             if os.fstat(f.fileno()).st_size != self.file_size:
                 raise HeaderError(f"{self.path}: the file changed size since its header was validated")
             f.seek(self.data_start + start + begin * row_bytes)
-            if f.readinto(memoryview(out)) != out.size:
+            if f.readinto(out.data) != out.size:
                 raise HeaderError(f"{self.path}: tensor {name!r}: short read (file truncated?)")
         return out.view(dtype).reshape((max(end - begin, 0),) + tuple(shape[1:]))
 
@@ -226,7 +226,7 @@ def remove_stale_scratch(directory: str) -> list[str]:
     >>> remove_stale_scratch(tempfile.mkdtemp())
     []
     """
-    removed = []
+    removed: list[Any] = []
     try:
         names = os.listdir(directory)
     except OSError:

@@ -77,7 +77,7 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
             raise ArgumentError(f"{name}: {encoding} encoding needs zeros where the mask is False (asymmetric quantization?); use encoding 'auto' or 'dense'")
         return "dense", None
     kept = int(np.count_nonzero(support))
-    options = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
+    options: list[tuple[str, Any, int]] = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
     for axis in sorted({max(values.ndim - 2, 0), values.ndim - 1}):
         pattern = sparse.n_m_pattern(support, axis)
         if pattern is not None:
@@ -173,7 +173,7 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
 def _as_array(values: np.ndarray) -> Any:
     """A JAX array, except 64-bit data while x64 is off: an exact NumPy array instead (JAX would
     truncate an int64 step counter ``2**40 + 5`` to ``5``)."""
-    if values.dtype.itemsize == 8 and values.dtype.kind in "iufc" and not jax.config.jax_enable_x64:
+    if values.dtype.itemsize == 8 and values.dtype.kind in "iufc" and not jax.config.read("jax_enable_x64"):
         return values
     return jnp.asarray(values)
 

@@ -73,28 +73,36 @@ def quantize_sliced(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, sh
     if array is not None:
         array = np.asarray(array)
         shape, dtype = tuple(array.shape), array.dtype
+    if shape is None or (array is None and rows is None):
+        raise TypeError("quantize_sliced: pass the array, or its shape, dtype and a rows(begin, end) reader")
+    read: Callable = rows if rows is not None else (lambda begin, end: array[begin:end])
     name = path_to_keystr([jax.tree_util.DictKey(t[1]) for t in tokens])
     if not is_float(dtype):
-        return array if array is not None else rows(0, shape[0])
+        return array if array is not None else read(0, shape[0])
     resolved = spec.resolve(tuple(shape), name)
     split = split_axis(resolved, shape)
     if split is None or (array is None and split[0] != 0):
-        return quantize(array if array is not None else rows(0, shape[0]), spec, name=name)
+        return quantize(array if array is not None else read(0, shape[0]), spec, name=name)
     axis, step = split
     length = shape[axis]
     slice_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // length * step
     # A fixed number of rows per slice (padded at the end) gives leaves of one width one compiled
     # shape, so fewer XLA compilations (each keeps some memory); fewer rows if slices get large.
     per_chunk = max(1, min(SLICE_ROWS // step, chunk_bytes // max(slice_bytes, 1))) * step
-    first, outputs = None, {}
+    # A ragged group axis (a shorter last group) is not padded: zeros would enter the last
+    # group's percentile. The last slice then compiles once more.
+    pad_last = not (axis == resolved.group_axis and length % step)
+    first: Any = None
+    outputs: dict[str, np.ndarray] = {}
+    full_size: dict[str, int] = {}
     for begin in range(0, length, per_chunk):
         if array is None:
-            chunk = rows(begin, begin + per_chunk)
+            chunk = read(begin, begin + per_chunk)
         else:
             index = [slice(None)] * len(shape)
             index[axis] = slice(begin, begin + per_chunk)
             chunk = array[tuple(index)]
-        if chunk.shape[axis] < per_chunk:  # pad the last slice so every slice has one shape (one compile)
+        if pad_last and chunk.shape[axis] < per_chunk:  # pad the last slice so every slice has one shape (one compile)
             pad = [(0, 0)] * len(shape)
             pad[axis] = (0, per_chunk - chunk.shape[axis])
             chunk = np.pad(chunk, pad)
@@ -107,14 +115,19 @@ def quantize_sliced(tokens: list, array: Any, spec: Any, chunk_bytes: int, *, sh
             if value.ndim != len(shape):  # not laid out along the axes (e.g. a scalar): keep the first
                 outputs.setdefault(field, value)
                 continue
-            size = value.shape[axis]  # per slice: per_chunk (values, channel scales) or per_chunk // step
-            total = length * size // per_chunk
             if field not in outputs:
+                # the first slice is a whole one unless it is the only one: per whole slice a
+                # field has per_chunk entries (values, channel scales) or per_chunk // step
+                # (group scales); a ragged group axis has ceil(length / step) groups in all
+                full_size[field] = value.shape[axis]
+                whole = q.shape[axis] == length  # the only slice, and not padded
+                total = value.shape[axis] if whole else -(-length * value.shape[axis] // per_chunk)
                 full_shape = list(value.shape)
                 full_shape[axis] = total
                 outputs[field] = np.empty(full_shape, value.dtype)
-            offset = begin * size // per_chunk
-            valid = min(size, total - offset)
+            total = outputs[field].shape[axis]
+            offset = begin * full_size[field] // per_chunk
+            valid = min(value.shape[axis], total - offset)
             target = [slice(None)] * len(shape)
             target[axis] = slice(offset, offset + valid)
             source = [slice(None)] * len(shape)

@@ -128,9 +128,11 @@ def _freeze(tokens: Any) -> tuple:
 
 def open_source(path: str | os.PathLike) -> Source:
     """Open a float checkpoint for `compress_checkpoint`: a ``.safetensors`` file or an Orbax
-    checkpoint directory. Raises a `CheckpointFormatError` (a ``ValueError``; for a missing path
-    `CheckpointNotFoundError`, also a ``FileNotFoundError``) naming the path and what was expected
-    for a missing, truncated, corrupt or foreign checkpoint, or one that is already compressed.
+    checkpoint directory. A file `jaxcompress.export_safetensors` wrote from a float tree (plain
+    dense arrays only) is a source too. Raises a `CheckpointFormatError` (a ``ValueError``; for a
+    missing path `CheckpointNotFoundError`, also a ``FileNotFoundError``) naming the path and what
+    was expected for a missing, truncated, corrupt or foreign checkpoint, or one that is already
+    compressed (a `QArray`, a mask or a sparse encoding in it).
 
     >>> import os, tempfile, numpy as np
     >>> from safetensors.numpy import save_file
@@ -146,9 +148,11 @@ def open_source(path: str | os.PathLike) -> Source:
     if os.path.isdir(path):
         return _open_orbax(path)
     reader = SafetensorsReader(path)
-    if read_records(reader) is not None:
-        raise CheckpointFormatError(f"{path}: already a jaxcompress-compressed file; compress the original float checkpoint")
-    leaves, names = [], {}
+    records = read_records(reader)
+    if records is not None:
+        return _open_plain_jaxcompress(path, reader, records)
+    leaves: list[SourceLeaf] = []
+    names: dict[tuple, str] = {}
     for name in sorted(reader.tensors, key=lambda n: reader.tensors[n][2]):
         dtype, shape, begin, end = reader.tensors[name]
         tokens = tuple(("key", part) for part in name.split("."))
@@ -156,6 +160,41 @@ def open_source(path: str | os.PathLike) -> Source:
             raise HeaderError(f"{path}: tensor names {name!r} and {names[tokens]!r} map to the same path")
         names[tokens] = name
         leaves.append(SourceLeaf(tokens, shape, dtype.name, end - begin))
+    _check_prefixes(path, [leaf.tokens for leaf in leaves])
+    return Source(path, "safetensors", leaves, os.path.getsize(path), reader, names)
+
+
+def _open_plain_jaxcompress(path: str, reader: SafetensorsReader, records: list[dict]) -> Source:
+    """A file `export_safetensors` wrote from a tree of plain dense arrays (a float tree) is a
+    source like any other, its leaves at the paths its records name (keys split on ``.``, as
+    for any safetensors file); one with a `QArray`, a
+    mask, a sparse encoding or a placeholder leaf is already compressed and refused."""
+    leaves: list[SourceLeaf] = []
+    names: dict[tuple, str] = {}
+    for record in records:
+        where = f"{path}: leaf {record['name']!r}"
+        if record["kind"] == "qarray" or record.get("mask") or record.get("encoding", "dense") != "dense":
+            raise CheckpointFormatError(f"{path}: already a jaxcompress-compressed file ({where[len(path) + 2:]} is quantized, masked or sparse-encoded); compress the original float checkpoint")
+        if record["kind"] != "array":
+            raise CheckpointFormatError(f"{where}: a {record['kind']!r} placeholder, not an array; a source checkpoint holds arrays only")
+        name = record["name"]
+        if name not in reader.tensors:
+            raise HeaderError(f"{where}: tensor {name!r} is missing from the file")
+        dtype, shape, begin, end = reader.tensors[name]
+        if dtype.name != record["dtype"] or list(shape) != record["shape"]:
+            raise CheckpointFormatError(f"{where}: stored as {dtype.name}{list(shape)}, recorded as {record['dtype']}{record['shape']} (packed sub-byte arrays are not a float source)")
+        # Keys split on "." as for any safetensors source: a flat {"encoder.dense.weight": ...}
+        # tree and a nested one get the same paths (the tensor names are the same); list
+        # indices stay indices.
+        tokens = tuple(("key", part) if kind == "key" else (kind, key)
+                       for kind, key in record["path"] for part in (str(key).split(".") if kind == "key" else [key]))
+        if tokens in names:
+            raise HeaderError(f"{where}: two records have the path {treemeta.path_name(tokens, '/')!r}")
+        names[tokens] = name
+        leaves.append(SourceLeaf(tokens, shape, dtype.name, end - begin))
+    extra = sorted(set(reader.tensors) - set(names.values()))
+    if extra:
+        raise HeaderError(f"{path}: tensors {extra[:4]} belong to no jaxcompress record")
     _check_prefixes(path, [leaf.tokens for leaf in leaves])
     return Source(path, "safetensors", leaves, os.path.getsize(path), reader, names)
 

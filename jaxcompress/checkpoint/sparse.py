@@ -48,11 +48,11 @@ _CHUNK = 1 << 20  # elements per slice: packing works slice by slice to bound te
 
 def _pack_chunk(codes: np.ndarray, bits: int) -> np.ndarray:
     per_byte = 8 // bits
-    padded = np.zeros(math.ceil(codes.size / per_byte) * per_byte, np.uint8)
-    padded[: codes.size] = codes
-    padded = padded.reshape(-1, per_byte)
+    flat = np.zeros(math.ceil(codes.size / per_byte) * per_byte, np.uint8)
+    flat[: codes.size] = codes
+    rows = flat.reshape(-1, per_byte)
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(padded << shifts, axis=1).astype(np.uint8)
+    return np.bitwise_or.reduce(rows << shifts, axis=1).astype(np.uint8)
 
 
 def pack_bits(codes: Any, bits: int) -> np.ndarray:

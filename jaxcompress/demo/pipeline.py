@@ -5,8 +5,11 @@ training of the pruned model (`qat` around `prune` with the masks frozen) -> int
 with the ranges QAT used -> compressed safetensors files and a standalone `jax.export` artifact.
 Every variant is evaluated on the test set the way it would be deployed: the int8 variants run
 through `compressed(model.apply)` (int8 x int8 -> int32 dots and convolutions), the float ones
-through ``model.apply``. Sizes are the sizes of the files written; latencies are medians of the
-jitted forward pass at batch 1 and 256.
+through ``model.apply``. Sizes are the sizes of the files written; latencies are the median and
+interquartile range of the jitted forward pass at batch 1 and 256 (the LiteRT / ONNX Runtime
+files in their runtimes), all variants timed in the same interleaved rounds
+(`jaxcompress.demo.timing`). The files go to ``out_dir``, or to a temporary folder that is
+removed when the run ends (``keep=True`` keeps it); a failed run removes a folder it created.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tempfile
+import textwrap
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal, TypedDict
 
 import flax.linen as nn
 import jax
@@ -25,18 +30,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcompress.checkpoint.safetensors_io import export_safetensors
+from jaxcompress.checkpoint.safetensors_io import export_safetensors, import_safetensors
+from jaxcompress.quant import serialization as _serialization  # registers QArray for jax.export serialization
 from jaxcompress.execute.transform import compressed
 from jaxcompress.demo.data import Dataset, load_image_dataset
+from jaxcompress.demo.runtimes import runtime_rows_and_calls
+from jaxcompress.demo.timing import Spread, interleaved_latency
 from jaxcompress.params import quantize_params
 from jaxcompress.pruning import PruneRule, polynomial, prune
 from jaxcompress.training import convert_qat, fake_quant, fake_quant_activations, qat, qat_activation_ranges, qat_ranges
 from jaxcompress.rules import QuantRule, path_to_str
 
-__all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table", "QUICK_SUBSET"]
+__all__ = ["PipelineConfig", "CNN", "run_pipeline", "format_table", "QUICK_SUBSET", "UNSTRUCTURED_NOTE"]
+
+
+class _Subset(TypedDict):
+    train_subset: int
+    test_subset: int
+    latency_repeats: int
+
 
 # What a --quick smoke run trains and evaluates on (the demo and the example share it).
-QUICK_SUBSET = dict(train_subset=3000, test_subset=1000, latency_repeats=5)
+QUICK_SUBSET: _Subset = {"train_subset": 3000, "test_subset": 1000, "latency_repeats": 10}
+
+UNSTRUCTURED_NOTE = (
+    "The pruned variants' masks are unstructured: their zeros are stored compactly but still "
+    "multiplied by dense kernels, so on CPU they run no faster than the dense model of the same "
+    "precision. Unstructured pruning buys file size here, not latency (for speed: structured "
+    "pruning + jaxcompress.shrink)."
+)
 
 
 class CNN(nn.Module):
@@ -63,16 +85,18 @@ class PipelineConfig:
     sparsity: float = 0.8
     bits: int = 8
     group_size: int | None = None
-    activation: str = "dynamic"
-    qat_activation: str | None = None  # None: "static" for int8 per-channel (a full-integer file), else `activation`
+    activation: Literal["dynamic", "static", "weight_only"] = "dynamic"
+    # None: "static" for int8 per-channel (a full-integer file), else `activation`
+    qat_activation: Literal["dynamic", "static", "weight_only"] | None = None
     export_files: bool = True
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 0
     train_subset: int | None = None
     test_subset: int | None = None
-    latency_repeats: int = 30
-    out_dir: str | None = None
+    latency_repeats: int = 50  # interleaved rounds at batch 1; batch 256 gets a third (at least 3)
+    out_dir: str | None = None  # None: a temporary folder, removed at the end unless `keep`
+    keep: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -96,16 +120,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _quant_rules(params: Any, config: PipelineConfig, activation: str | None = None) -> list[QuantRule]:
     """Kernels to ``config.bits`` per output channel (groups where the input axis allows)."""
-    options = dict(bits=config.bits, channel_axes=(-1,), activation=activation or config.activation)
-    if config.bits < 8:
-        options["calibration"] = "mse"
+    rule = QuantRule(
+        pattern=r".*kernel", bits=config.bits, channel_axes=(-1,), activation=activation or config.activation,
+        calibration="mse" if config.bits < 8 else "absmax",
+    )
     rules = []
     if config.group_size:
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             name = path_to_str(path)
             if name.endswith("kernel") and leaf.shape[-2] % config.group_size == 0:
-                rules.append(QuantRule(pattern=re.escape(name), group_size=config.group_size, **options))
-    rules.append(QuantRule(pattern=r".*kernel", **options))
+                rules.append(dataclasses.replace(rule, pattern=re.escape(name), group_size=config.group_size))
+    rules.append(rule)
     return rules
 
 
@@ -173,46 +198,68 @@ def _accuracy(apply: Callable, params: Any, images: np.ndarray, labels: np.ndarr
     return correct / len(images)
 
 
-def _latency_ms(apply: Callable, params: Any, images: np.ndarray, batch: int, repeats: int) -> float:
+def _timed_call(apply: Callable, params: Any, images: np.ndarray, batch: int) -> Callable[[], object]:
+    """One jitted forward pass of ``apply(params, x)`` on a batch of ``batch`` test images,
+    waiting for its result (compiled on the first call)."""
     fn = jax.jit(apply)
     x = jnp.asarray(np.resize(images, (batch,) + images.shape[1:]))
-    jax.block_until_ready(fn(params, x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(params, x))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return lambda: jax.block_until_ready(fn(params, x))
 
 
-def _export(apply: Callable, params: Any, sample: np.ndarray, path: str) -> tuple[int, float]:
-    """Serialize ``apply`` with ``params`` baked in (batch dimension symbolic); reload it and
-    return (file size, max |difference| of the reloaded artifact's output on ``sample``)."""
+def _export(apply: Callable, params: Any, file_params: Any, sample: np.ndarray, path: str) -> tuple[int, float]:
+    """Serialize ``jax.jit(apply)`` taking ``(params, images)`` (the batch dimension symbolic),
+    reload it and run it on ``file_params`` (the params read back from the variant's safetensors
+    file); return (file size, max |difference| against ``jax.jit(apply)(params, sample)``).
+    Both sides run the same compiled program, so the check cannot flip int8 activation codes
+    at rounding boundaries (a program with the weights baked in compiles differently)."""
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch,) + sample.shape[1:], jnp.float32)
-    exported = jax.export.export(jax.jit(lambda x: apply(params, x)))(spec)
-    blob = exported.serialize()
+    x_spec = jax.ShapeDtypeStruct((batch,) + sample.shape[1:], jnp.float32)
+    p_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    fn = jax.jit(apply)
+    blob = jax.export.export(fn)(p_spec, x_spec).serialize()
     with open(path, "wb") as f:
         f.write(blob)
     with open(path, "rb") as f:
         reloaded = jax.export.deserialize(bytearray(f.read()))
-    difference = float(jnp.max(jnp.abs(reloaded.call(jnp.asarray(sample)) - apply(params, jnp.asarray(sample)))))
+    x = jnp.asarray(sample)
+    difference = float(jnp.max(jnp.abs(reloaded.call(file_params, x) - fn(params, x))))
     return os.path.getsize(path), difference
 
 
 def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None = None) -> dict[str, Any]:
-    """Run every stage; return ``{"dataset", "rows", "export", "config", "seconds"}``.
+    """Run every stage; return ``{"dataset", "rows", "export", "config", "out_dir", "seconds", ...}``.
 
-    Each row: variant, accuracy, file bytes, ratio vs fp32, latency (ms) at batch 1 and 256,
-    and for pruned variants the measured kernel sparsity.
+    Each row: variant, accuracy, file bytes, ratio vs fp32, latency at batch 1 and 256 (median
+    ms ``latency_ms_b*`` and its interquartile range ``latency_iqr_ms_b*``), and for pruned
+    variants the measured kernel sparsity. The files go to ``config.out_dir``; without one to
+    a temporary folder removed before returning (``out_dir`` and the rows' ``file`` are then
+    ``None``) unless ``config.keep``. A run that fails removes the folder if it created it.
     """
+    temporary = config.out_dir is None
+    out_dir = tempfile.mkdtemp(prefix="jaxcompress-demo-") if config.out_dir is None else config.out_dir
+    created = temporary or not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        result = _run(config, data, out_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if temporary and not config.keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for row in result["rows"]:
+            row["file"] = None
+        result["export"]["path"] = None
+        result["out_dir"] = None
+    return result
+
+
+def _run(config: PipelineConfig, data: Dataset | None, out_dir: str) -> dict[str, Any]:
     start = time.perf_counter()
     data = data if data is not None else load_image_dataset()
     train_x, train_y = data.train_images[: config.train_subset], data.train_labels[: config.train_subset]
     test_x, test_y = data.test_images[: config.test_subset], data.test_labels[: config.test_subset]
     data = Dataset(data.name, train_x, train_y, test_x, test_y, data.num_classes)
-    out_dir = config.out_dir or tempfile.mkdtemp(prefix="jaxcompress-demo-")
-    os.makedirs(out_dir, exist_ok=True)
     model = CNN(data.num_classes)
     trainer = _Trainer(model, data, config)
     params = model.init(jax.random.key(config.seed), jnp.asarray(train_x[:1]))
@@ -253,7 +300,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
     )
     converted = convert_qat(qat_params, qat_rules, qat_state)
 
-    # 5. files, accuracy, latency.
+    # 5. files and accuracy; every variant's forward pass at batch 1 and 256, for the timing below.
     label = f"int{config.bits}" + (f" g{config.group_size}" if config.group_size else "")
     variants = [
         ("fp32", fp32, None, model.apply),
@@ -261,7 +308,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
         (f"pruned {config.sparsity:.0%}", pruned, masks, model.apply),
         (f"pruned {config.sparsity:.0%} + QAT {label}", converted, masks, int_apply),
     ]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    calls: list[dict[int, Callable[[], object]]] = []
     for name, tree, tree_masks, apply in variants:
         if config.sparsity == 0.0:
             tree_masks = None  # nothing pruned: a bitmap would only add bytes
@@ -272,73 +320,40 @@ def run_pipeline(config: PipelineConfig = PipelineConfig(), data: Dataset | None
             "accuracy": _accuracy(apply, tree, test_x, test_y),
             "file": filename,
             "bytes": size,
-            "latency_ms_b1": _latency_ms(apply, tree, test_x, 1, config.latency_repeats),
-            "latency_ms_b256": _latency_ms(apply, tree, test_x, 256, max(3, config.latency_repeats // 5)),
             "sparsity": _kernel_sparsity(tree_masks) if tree_masks is not None else None,
         })
+        calls.append({batch: _timed_call(apply, tree, test_x, batch) for batch in (1, 256)})
     for row in rows:
         row["ratio"] = rows[0]["bytes"] / row["bytes"]
     export_path = os.path.join(out_dir, "pruned_qat_int.jaxexport")
-    export_bytes, export_difference = _export(int_apply, converted, test_x[:8], export_path)
+    file_params, _ = import_safetensors(rows[3]["file"])
+    export_bytes, export_difference = _export(int_apply, converted, file_params, test_x[:8], export_path)
     if config.export_files and not exportable:
         print(f"  no LiteRT / ONNX files: the runtimes' integer kernels take per-channel int8, not {label}", flush=True)
     elif config.export_files:
-        rows.extend(_runtime_rows(model, fp32, converted, train_x, test_x, test_y, out_dir, config, label))
+        runtime_rows, runtime_calls = runtime_rows_and_calls(model, fp32, converted, train_x, test_x, test_y, out_dir, label)
+        rows += runtime_rows
+        calls += runtime_calls
+
+    # 6. latency: all variants in the same interleaved rounds (the machine's drift hits all alike).
+    repeats = {1: config.latency_repeats, 256: max(3, config.latency_repeats // 3)}
+    for batch, n in repeats.items():
+        spreads = interleaved_latency({str(i): c[batch] for i, c in enumerate(calls)}, repeats=n)
+        for i, row in enumerate(rows):
+            spread: Spread = spreads[str(i)]
+            row[f"latency_ms_b{batch}"] = spread.median_ms
+            row[f"latency_iqr_ms_b{batch}"] = [spread.p25_ms, spread.p75_ms]
     return {
         "dataset": data.name,
         "train_images": len(train_x),
         "test_images": len(test_x),
         "rows": rows,
+        "latency_repeats": {f"b{batch}": n for batch, n in repeats.items()},
         "export": {"path": export_path, "bytes": export_bytes, "max_abs_difference": export_difference},
         "config": dataclasses.asdict(config),
+        "out_dir": out_dir,
         "seconds": time.perf_counter() - start,
     }
-
-
-def _runtime_rows(model, fp32, converted, train_x, test_x, test_y, out_dir, config, label) -> list[dict]:
-    """``model.tflite`` / ``model.onnx`` of the pruned + QAT integer model (full-integer where the
-    QAT activations are static) next to the float32 files, measured IN LiteRT and ONNX Runtime
-    (accuracy on the test images, file bytes, median latency at batch 1 / 256 with its spread).
-    A runtime that is not installed is skipped, saying so."""
-    import importlib.util
-
-    from jaxcompress.export import evaluate_file, to_onnx, to_tflite
-
-    calibration = [train_x[i * 256 : (i + 1) * 256] for i in range(min(4, max(1, len(train_x) // 256)))]
-    sample = test_x[:1]
-    writers = []
-    if importlib.util.find_spec("ai_edge_litert") is not None:
-        writers.append(("LiteRT", to_tflite, "tflite"))
-    else:
-        print("  ai-edge-litert is not installed: no LiteRT rows (pip install 'jaxcompress[litert]')", flush=True)
-    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
-        writers.append(("ONNX Runtime", to_onnx, "onnx"))
-    else:
-        print("  onnx / onnxruntime are not installed: no ONNX rows (pip install 'jaxcompress[onnx]')", flush=True)
-    rows = []
-    for runtime, write, suffix in writers:
-        for name, tree, filename, options in (
-            (f"{runtime} fp32", fp32, f"model_fp32.{suffix}", {}),
-            (f"{runtime} pruned + QAT {label}", converted, f"model.{suffix}", {"calibration": calibration}),
-        ):
-            path = write(model.apply, tree, sample, path=os.path.join(out_dir, filename), **options)
-            report = evaluate_file(
-                path, test_x, test_y, batch_sizes=(1, 256), repeats=config.latency_repeats, threads=os.cpu_count()
-            )
-            rows.append({
-                "variant": name,
-                "accuracy": report.accuracy,
-                "file": path,
-                "bytes": report.bytes,
-                "latency_ms_b1": report.latency_ms[1],
-                "latency_ms_b256": report.latency_ms[256],
-                "sparsity": None,
-                "runtime": runtime,
-            })
-        baseline = rows[-2]["bytes"]  # the same runtime's float32 file
-        for row in rows[-2:]:
-            row["ratio"] = baseline / row["bytes"]
-    return rows
 
 
 def _kernel_sparsity(masks: Any) -> float:
@@ -348,21 +363,37 @@ def _kernel_sparsity(masks: Any) -> float:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The pipeline's result table.
+    """The pipeline's result table: latency as the median and interquartile range (ms) of the
+    interleaved rounds, and a note when pruned variants are listed (`UNSTRUCTURED_NOTE`).
 
-    >>> row = {"variant": "fp32", "accuracy": 0.9, "bytes": 4000, "ratio": 1.0,
-    ...        "latency_ms_b1": 0.5, "latency_ms_b256": 9.0, "sparsity": None}
-    >>> print(format_table({"rows": [row]}))
-    variant                          accuracy   file bytes    ratio  b1 ms  b256 ms  sparsity
-    -----------------------------------------------------------------------------------------
-    fp32                               90.00%        4,000    1.00x   0.50     9.00         -
+    >>> row = {"variant": "fp32", "accuracy": 0.9, "bytes": 4000, "ratio": 1.0, "sparsity": None,
+    ...        "latency_ms_b1": 0.5, "latency_iqr_ms_b1": [0.48, 0.53],
+    ...        "latency_ms_b256": 9.0, "latency_iqr_ms_b256": [8.5, 9.75]}
+    >>> print(format_table({"rows": [row], "latency_repeats": {"b1": 50, "b256": 16}}))
+    variant                          accuracy   file bytes    ratio  b1 ms     b1 IQR  b256 ms      b256 IQR  sparsity
+    ------------------------------------------------------------------------------------------------------------------
+    fp32                               90.00%        4,000    1.00x   0.50  0.48-0.53     9.00     8.50-9.75         -
+    latency: median and interquartile range (IQR) in ms of 50 (batch 1) / 16 (batch 256) interleaved runs
+    per variant on this machine (shared CPUs are noisy: compare ratios, not absolute times).
     """
-    header = f"{'variant':<30} {'accuracy':>10} {'file bytes':>12} {'ratio':>8} {'b1 ms':>6} {'b256 ms':>8} {'sparsity':>9}"
+    header = (f"{'variant':<30} {'accuracy':>10} {'file bytes':>12} {'ratio':>8} {'b1 ms':>6} {'b1 IQR':>10} "
+              f"{'b256 ms':>8} {'b256 IQR':>13} {'sparsity':>9}")
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
         sparsity = "-" if row["sparsity"] is None else f"{row['sparsity']:.1%}"
+        iqr = {b: "{:.2f}-{:.2f}".format(*row[f"latency_iqr_ms_b{b}"]) if f"latency_iqr_ms_b{b}" in row else "-"
+               for b in (1, 256)}
         lines.append(
             f"{row['variant']:<30} {row['accuracy']:>10.2%} {row['bytes']:>12,} {row['ratio']:>7.2f}x "
-            f"{row['latency_ms_b1']:>6.2f} {row['latency_ms_b256']:>8.2f} {sparsity:>9}"
+            f"{row['latency_ms_b1']:>6.2f} {iqr[1]:>10} {row['latency_ms_b256']:>8.2f} {iqr[256]:>13} {sparsity:>9}"
         )
+    repeats = result.get("latency_repeats")
+    if repeats:
+        lines.append(
+            f"latency: median and interquartile range (IQR) in ms of {repeats['b1']} (batch 1) / {repeats['b256']} "
+            f"(batch 256) interleaved runs\nper variant on this machine (shared CPUs are noisy: compare ratios, not "
+            f"absolute times)."
+        )
+    if any(row["sparsity"] for row in result["rows"]):
+        lines += textwrap.wrap(UNSTRUCTURED_NOTE, 100)
     return "\n".join(lines)

@@ -7,8 +7,8 @@ mode, and observes the activation each quantized weight meets in a ``dot_general
 bodies). Only what the method needs is computed, in ONE compiled program per batch signature:
 
 * ``"absmax"``: ``max|x|`` over every use and batch (no sort);
-* ``"percentile"``: the mean over batches and uses of the per-use percentile of ``|x|`` (this one
-  sorts, because a percentile is asked for);
+* ``"percentile"``: the mean over batches and uses of the per-use percentile of ``|x|`` (no
+  sort: `magnitude_percentile` bisects on the float bits with counting passes);
 * ``"mse"``: a first pass finds ``max|x|``, a second accumulates a histogram of ``|x|`` over
   ``[0, max|x|]`` (``bins`` bins); the clip value ``c = r * absmax``, ``r`` on a grid of
   ``grid_size`` ratios in ``[min_ratio, 1]``, minimises the int8 round-trip error of the histogram
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Iterable
 
 import jax
@@ -56,6 +57,38 @@ def _mse_clip(counts: np.ndarray, absmax: float, grid_size: int, min_ratio: floa
     return float(ratios[int(np.argmin(errors))] * absmax)
 
 
+_INF_BITS = 0x7F800000  # float32 +inf: the bit patterns of |x| (>= 0) sort as the values do
+
+
+def magnitude_percentile(magnitude: jax.Array, percentile: float) -> jax.Array:
+    """``jnp.percentile(magnitude, percentile)`` (linear interpolation) of a 1-D array of values
+    ``>= 0``, without sorting: the two order statistics it interpolates are found by bisection on
+    the float32 bit patterns (31 counting passes, each one compare and sum over the values).
+
+    >>> x = jnp.arange(1000.0)[::-1]
+    >>> float(magnitude_percentile(x, 99.9)), float(jnp.percentile(x, 99.9))
+    (998.0009765625, 998.0009765625)
+    """
+    n = magnitude.shape[0]
+    position = percentile / 100.0 * (n - 1)
+    lower = int(math.floor(position))
+    upper = min(lower + 1, n - 1)
+    # sorted[i] is the (n - i)-th largest value
+    ks = jnp.asarray([n - lower, n - upper], jnp.int32)
+    keys = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32), jnp.int32)
+
+    def bisect(_, bounds):
+        lo, hi = bounds  # count(keys >= lo) >= k > count(keys > hi)
+        mid = lo + (hi - lo + 1) // 2
+        enough = jnp.sum(keys[None, :] >= mid[:, None], axis=1, dtype=jnp.int32) >= ks
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    start = (jnp.zeros(2, jnp.int32), jnp.full(2, _INF_BITS, jnp.int32))
+    found, _ = jax.lax.fori_loop(0, 31, bisect, start)
+    low, high = jax.lax.bitcast_convert_type(found, jnp.float32)
+    return low + (high - low) * jnp.float32(position - lower)
+
+
 def _observer(method: str, percentile: float, bins: int):
     """``observe(evaluator, view, x, reduce_axes)`` recording what ``method`` needs per leaf."""
 
@@ -66,7 +99,7 @@ def _observer(method: str, percentile: float, bins: int):
         key = view.leaf_index
         ev.observe(("absmax", key), jnp.max(magnitude), "max")
         if method == "percentile":
-            ev.observe(("percentile", key), jnp.percentile(magnitude, percentile), "sum")
+            ev.observe(("percentile", key), magnitude_percentile(magnitude, percentile), "sum")
             ev.observe(("uses", key), jnp.ones((), jnp.float32), "sum")
         if method == "mse" and ev.context.limits is not None and key in ev.context.limits:
             limit = ev.context.limits[key]
@@ -142,7 +175,7 @@ def calibrate_activations(
         for batch in batches:
             _merge(totals, program(params, _as_args(batch), limits), only="histogram")
 
-    scales = []
+    scales: list[jax.Array | None] = []
     for index, leaf in enumerate(flat_params):
         if not isinstance(leaf, QArray) or ("absmax", index) not in totals:
             scales.append(None)

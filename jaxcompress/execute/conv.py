@@ -89,7 +89,7 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
         scale = scale.reshape((batch_shape[0],) + (1,) * (spatial_rank + (1 if groups == 1 else 2)))
     if groups == 1:
         patches = patches.reshape(batch_shape + (in_features * window,))
-        dims = (((spatial_rank + 1,), (0,)), ((), ()))
+        dims: tuple = (((spatial_rank + 1,), (0,)), ((), ()))
         out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
     else:
         patches = patches.reshape(batch_shape + (groups, in_features * window))

@@ -13,7 +13,8 @@ is an outer product of the activation's row sums with ``z``, computed by a secon
 
 Per-group weights (a scale that varies along one contracted axis in groups of ``group_size``)
 split that axis into ``(groups, group_size)`` on both operands and make ``groups`` a batch
-dimension of the integer dot; each group's int32 partial sum gets its own scale and the groups
+dimension of the integer dot (a shorter last group is completed with zero codes on both
+operands); each group's int32 partial sum gets its own scale and the groups
 are summed in float32. ``benchmarks/int8_matmul.py`` measures this against the alternative of
 dequantizing the weight and running a float dot ("group_int" vs "group_dequant" rows): on the
 shared 2-core CPU this was written on, with groups of 128, groups-as-batch ran at 1.3x float32 at
@@ -45,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.quant.codec import block_along
+from jaxcompress.quant.groups import group_span, is_ragged, pad_groups
 from jaxcompress.execute.activation import quantize_activation
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
@@ -139,12 +141,20 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
         # groups -> a leading batch dimension of the integer dot; summed after scaling.
         axis = grouped[0]
         x_axis = lhs_contract[rhs_contract.index(axis)]
-        groups = view.scale.shape[axis]
+        groups, dim = view.scale.shape[axis], codes.shape[axis]
+        group = view.ragged[1] if view.ragged is not None and view.ragged[0] == axis else dim // groups
         # Blocks of one scale rather than whole groups where the groups straddle the shards of a
         # sharded contracting axis (a group split would gather the codes): `block_along`.
-        parts = codes.shape[axis] // block_along(codes, axis, codes.shape[axis] // groups)
-        scale = jnp.repeat(scale, parts // groups, axis=axis)
-        zero_point = None if zero_point is None else jnp.repeat(zero_point, parts // groups, axis=axis)
+        block = block_along(codes, axis, group)
+        if block == group and is_ragged(dim, group):
+            # whole groups, the last one shorter: zero codes on both sides complete it
+            codes, x_codes = pad_groups(codes, axis, group), pad_groups(x_codes, x_axis, group)
+            parts, per_group = groups, 1
+        else:
+            parts, per_group = dim // block, group_span(dim, group) // block
+        scale = jax.lax.slice_in_dim(jnp.repeat(scale, per_group, axis=axis), 0, parts, axis=axis)
+        if zero_point is not None:
+            zero_point = jax.lax.slice_in_dim(jnp.repeat(zero_point, per_group, axis=axis), 0, parts, axis=axis)
         codes, scale = _split_axis(codes, axis, parts), _split_axis(scale, axis, parts)
         zero_point = None if zero_point is None else _split_axis(zero_point, axis, parts)
         x_codes = _split_axis(x_codes, x_axis, parts)
@@ -230,7 +240,7 @@ def weight_only_dot(x, view: WeightView, dimension_numbers, out_dtype, precision
         return jax.lax.dot_general(
             x, weight, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
         ).astype(out_dtype)
-    weight = view.values.astype(compute_dtype)
+    weight = view.float_values(compute_dtype)
     out = jax.lax.dot_general(x, weight, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type)
     scale, _ = view.full_scale([a for a in range(view.ndim) if a not in rhs_contract])
     n_lhs_free = len(_free(x.ndim, lhs_contract, lhs_batch))

@@ -95,19 +95,22 @@ class _HookContext:
     hook: Callable
     observes: bool
     step: int | None = None  # the flat-program step being run (`run_steps`)
+    replaces_op: bool = False  # the hook returns the contraction's output (`replace_op=True`)
 
 
-def _call_hook(ev: Evaluator, site: DotSite, x, weight):
+def _call_hook(ev: Evaluator, site: DotSite, x, weight, op: Callable):
+    """The hook's activation (or, with ``replace_op``, the contraction's output)."""
     context = ev.context
     hook = context.hook if context.step is None else functools.partial(context.hook, context.step)
+    args: tuple = (site, x, weight, op) if context.replaces_op else (site, x, weight)
     if not context.observes:
-        return hook(site, x, weight)
+        return hook(*args)
 
     def observe(key, value, combine="sum"):
         # "stack": one value per layer of a weight a scan slices (a plain sum where none does).
         ev.observe(key, value, combine, levels=site.stacked if combine == "stack" else 1)
 
-    return hook(site, x, weight, observe)
+    return hook(*args, observe)
 
 
 def _dot(ev: Evaluator, eqn, invals: list) -> list:
@@ -120,8 +123,12 @@ def _dot(ev: Evaluator, eqn, invals: list) -> list:
     else:
         side, x, weight, contract = "lhs", invals[1], invals[0], rhs_contract
     site = DotSite(weight.path, "dot_general", side, dict(eqn.params), weight.layout, tuple(contract), tuple(contract), weight.stacked)
-    x = _call_hook(ev, site, x, weight.value)
-    return bind(eqn, [x, weight.value] if side == "rhs" else [weight.value, x])
+
+    def op(activation, kernel):
+        return bind(eqn, [activation, kernel] if side == "rhs" else [kernel, activation])[0]
+
+    result = _call_hook(ev, site, x, weight.value, op)
+    return [result] if ev.context.replaces_op else [op(result, weight.value)]
 
 
 def _conv(ev: Evaluator, eqn, invals: list) -> list:
@@ -131,7 +138,12 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
     lhs_spec = eqn.params["dimension_numbers"].lhs_spec
     reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
     site = DotSite(weight.path, "conv_general_dilated", "rhs", dict(eqn.params), weight.layout, (lhs_spec[1],), reduce_axes, weight.stacked)
-    return bind(eqn, [_call_hook(ev, site, x, weight.value), weight.value])
+
+    def op(activation, kernel):
+        return bind(eqn, [activation, kernel])[0]
+
+    result = _call_hook(ev, site, x, weight.value, op)
+    return [result] if ev.context.replaces_op else [op(result, weight.value)]
 
 
 def _layout(ev: Evaluator, eqn, invals: list) -> list:
@@ -159,12 +171,13 @@ def call_with_dot_hook(
     fn: Callable,
     args: tuple,
     kwargs: dict | None,
-    hook: Callable[[DotSite, jax.Array, jax.Array], jax.Array],
+    hook: Callable[..., jax.Array],
     *,
     select: Callable[[str], bool],
     params_argnum: int = 0,
     cache: TraceCache | None = None,
     observations: bool = False,
+    replace_op: bool = False,
 ) -> Any:
     """Call ``fn(*args, **kwargs)`` with ``hook`` at each contraction a selected weight feeds.
 
@@ -183,6 +196,11 @@ def call_with_dot_hook(
         ``"max"``, ``"min"``, or ``"stack"``: stacked per layer at a site whose weight a ``scan``
         slices from its ``xs``, a plain sum elsewhere): they work inside loops and branches
         (carried out of the rebuilt bodies), and the call returns ``(outputs, observations)``.
+      replace_op: if true, the hook replaces the whole contraction: it is called as
+        ``hook(site, activation, weight, op)`` (``op(activation, weight)`` binds the original
+        dot / conv with the activation and the weight in their own places) and returns the
+        contraction's output (e.g. an integer kernel with a straight-through gradient, as
+        integer-arithmetic QAT does).
 
     Returns:
       ``fn``'s outputs (and the observations, see above).
@@ -203,7 +221,7 @@ def call_with_dot_hook(
         raise ValueError(f"params_argnum {params_argnum} is out of range for {len(args)} positional arguments")
     traced = trace_call(fn, tuple(args), dict(kwargs or {}), cache)
     inputs = _tagged_inputs(traced.paths, traced.leaves, traced.dynamic_positions, select, params_argnum)
-    evaluator = Evaluator(_RULES[observations], context=_HookContext(hook, observations))
+    evaluator = Evaluator(_RULES[observations], context=_HookContext(hook, observations, replaces_op=replace_op))
     outs = evaluator.run_plain(traced.closed.jaxpr, traced.closed.consts, inputs)
     outputs = jax.tree_util.tree_unflatten(traced.out_tree, outs)
     return (outputs, evaluator.observations) if observations else outputs

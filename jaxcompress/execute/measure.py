@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +213,8 @@ def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: 
                     entry = pool.submit(time_site, primitive, x_shape, x_dtype, view, params, weight_side, policy.rounds).result()
                 _write(path, key, entry)
                 source = "measured"
-            _MEMORY[memory_key] = entry
-    integer, weight_only = entry["integer_s"], entry["weight_only_s"]
+            _MEMORY[memory_key] = cast(dict, entry)  # read or measured just above
+    timings = cast(dict, entry)
+    integer, weight_only = timings["integer_s"], timings["weight_only_s"]
     chosen = "integer" if integer <= weight_only else "weight_only"
     return chosen, f"{source}: integer {1e3 * integer:.3f} ms, weight-only {1e3 * weight_only:.3f} ms"

@@ -14,7 +14,9 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
 * ``"rule"`` (default): the mode the quantizer stored on the weight, everywhere;
 * ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
   where it is known to win, the weight-only path (float activation, the weight converted from its
-  codes, float op) elsewhere. Depthwise convs run as a window sum either way
+  codes, float op) elsewhere: dots contracting at least `MIN_CONTRACTION` values into at least
+  `MIN_OUTPUTS` features, and ungrouped convs whose int8 im2col patches are at most
+  `MAX_PATCH_EXPANSION` times the input (a 3x3 window needs stride 2; 1x1 convs qualify). Depthwise convs run as a window sum either way
   (`jaxcompress.execute.depthwise`), which is faster than XLA's float convolution;
 * ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
   parameters) on this machine, the faster one kept; timings are cached on disk
@@ -33,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
@@ -44,6 +46,12 @@ DEFAULTS = ("rule", "auto", "measure") + PATHS
 MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
 MIN_OUTPUTS = 16  # ... and so do dots with fewer output features per row
 MIN_ROWS_MAJOR = 8  # a weight contracting its major stored axis needs this many rows
+# An ungrouped conv's int8 im2col patches hold window / prod(strides) values per input value; above
+# this the patches cost more than the int8 dot saves. Measured per site ("measure", cnn_speed.py,
+# 2-core Sapphire Rapids Xeon, shared): the MNIST CNN's second conv (3x3, stride 1, 32 -> 64, 9x)
+# ran 1.25x / 1.25x / 1.55x slower than weight-only at batch 1 / 32 / 256; the demo CNN's stride-2
+# conv of the same size (2.25x) 0.92x / 1.09x / 1.10x.
+MAX_PATCH_EXPANSION = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +117,8 @@ class ExecutionPolicy:
 
     def forced(self, path: str) -> str | None:
         """The path an override forces for the leaf ``path`` (``None``: no override matches)."""
-        for pattern, chosen in self.overrides:
+        pairs = cast("tuple[tuple[str, str], ...]", self.overrides)  # a tuple of pairs after __post_init__
+        for pattern, chosen in pairs:
             if re.fullmatch(pattern, path):
                 return chosen
         return None
@@ -155,7 +164,15 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
                 f"contracts {contraction} < {MIN_CONTRACTION} values (input channels x window): building int8 "
                 f"patches costs more than the int8 dot saves"
             )
-        return "integer", f"int8 im2col dot contracting {contraction} values"
+        window = math.prod(view.shape[a] for a in rhs_spec[2:])
+        strides = math.prod(int(s) for s in params.get("window_strides", ()) or (1,))
+        expansion = window / strides
+        if expansion > MAX_PATCH_EXPANSION:
+            return "weight_only", (
+                f"int8 im2col patches hold {expansion:g}x the input's values (window {window}, strides {strides}) "
+                f"> {MAX_PATCH_EXPANSION:g}x: building them costs more than the int8 dot saves"
+            )
+        return "integer", f"int8 im2col dot contracting {contraction} values ({expansion:g}x patches)"
     contraction, outputs, rows, minor = _dot_sizes(x_shape, view, params["dimension_numbers"], weight_side)
     if contraction < MIN_CONTRACTION:
         return "weight_only", f"contracts {contraction} < {MIN_CONTRACTION} values: the int8 dot loses to float32"

@@ -34,7 +34,7 @@ from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import InvalidQArrayError, QArray, check_qarray
 
-__all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "weight_rules", "run_with_qarrays", "unstack_view"]
+__all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "VIEW_LAYOUT", "follow_layout", "weight_rules", "run_with_qarrays", "unstack_view"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +169,32 @@ def _reshape(view: WeightView, params: dict) -> WeightView | None:
     return view.reshape(params["new_sizes"])
 
 
-WEIGHT_LAYOUT_RULES = {
-    ("copy", "weight"): _layout(lambda view, params: view),
-    ("copy_p", "weight"): _layout(lambda view, params: view),
-    ("transpose", "weight"): _layout(lambda view, params: view.transpose(params["permutation"])),
-    ("reshape", "weight"): _layout(_reshape),
-    ("broadcast_in_dim", "weight"): _layout(lambda view, p: view.broadcast_in_dim(p["shape"], p["broadcast_dimensions"])),
-    ("squeeze", "weight"): _layout(lambda view, params: view.squeeze(params["dimensions"])),
-    ("convert_element_type", "weight"): _layout(lambda view, params: view.astype(params["new_dtype"])),
-    ("slice", "weight"): _layout(lambda view, p: view.slice(p["start_indices"], p["limit_indices"], p.get("strides"))),
+# How a `WeightView` follows each layout op (``None``: it cannot; the weight is dequantized).
+VIEW_LAYOUT: dict[str, Callable[[WeightView, dict], WeightView | None]] = {
+    "copy": lambda view, params: view,
+    "copy_p": lambda view, params: view,
+    "transpose": lambda view, params: view.transpose(params["permutation"]),
+    "reshape": _reshape,
+    "broadcast_in_dim": lambda view, p: view.broadcast_in_dim(p["shape"], p["broadcast_dimensions"]),
+    "squeeze": lambda view, params: view.squeeze(params["dimensions"]),
+    "convert_element_type": lambda view, params: view.astype(params["new_dtype"]),
+    "slice": lambda view, p: view.slice(p["start_indices"], p["limit_indices"], p.get("strides")),
 }
+
+WEIGHT_LAYOUT_RULES = {(name, "weight"): _layout(apply) for name, apply in VIEW_LAYOUT.items()}
+
+
+def follow_layout(view: WeightView, layout) -> WeightView | None:
+    """``view`` through the layout ops ``((primitive name, params), ...)`` a weight met on its way
+    to a site (`jaxcompress.execute.hooks.DotSite.layout`); ``None`` if the view cannot follow
+    one of them."""
+    for name, params in layout:
+        apply = VIEW_LAYOUT.get(name)
+        result = None if apply is None else apply(view, params)
+        if result is None:
+            return None
+        view = result
+    return view
 
 
 def weight_rules(*, observes: bool = False) -> RuleSet:

@@ -106,5 +106,5 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
         jax.eval_shape(lambda a, k: run_with_qarrays(fn, a, k, recording, cache)[0], args, kwargs)
         return record
 
-    wrapped.sites = sites
+    setattr(wrapped, "sites", sites)  # a method of the returned function (see the docs above)
     return wrapped

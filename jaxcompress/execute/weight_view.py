@@ -13,6 +13,17 @@ axis has full size, a per-group axis has ``dim // group_size`` entries, which is
 `QArray` layout, so a `QArray` is a view with no ops applied. Every op below either keeps that
 form or returns ``None`` (the caller then dequantizes, which is always correct).
 
+Ragged groups: a `QArray` whose ``group_size`` does not divide its group axis (the last group
+shorter, ``ceil(dim / group_size)`` scale entries) does not fit block scaling along that axis.
+Its view records ``ragged = (stored axis, group_size)``: element ``i`` along that axis uses scale
+entry ``i // group_size``. Transposes, squeezes, broadcasts, converts, slices that keep the axis
+whole, and reshapes that keep the axes before it and merge it only with following shared axes
+(a conv kernel flattened to ``(in * window, out)``: the group becomes ``group_size * window``)
+carry it; the other ops return ``None``.
+
+nf4 codes (``qtype="nf4"``) are indices into the NF4 code book: `WeightView.float_values` looks
+them up; they have no integer path (`compressed` runs them weight-only).
+
 Input scale (SmoothQuant / AWQ smoothing, `QArray.input_scale`): an optional array of the
 values' rank, full size on the input axes and 1 elsewhere; the view stands for
 ``dequant(codes) / input_scale``. The layout ops carry it when it stays elementwise along whole
@@ -29,13 +40,16 @@ before folding the transpose), so materializing ``x @ w.T``'s transpose would lo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.execute.reshape_plan import reshaped_scale_shape, stored_reshape
-from jaxcompress.qarray import QArray
+from jaxcompress.qarray import NF4_QTYPE, QArray
+from jaxcompress.quant.groups import expand_groups, is_ragged
+from jaxcompress.quant.nf4 import nf4_decode
 
 __all__ = ["WeightView", "stored_permutation"]
 
@@ -83,6 +97,7 @@ class WeightView:
     permutation: tuple[int, ...] | None = None
     input_scale: jax.Array | None = None
     path: str | None = None  # the leaf's ``/``-joined path inside the first argument, as rules see it
+    ragged: tuple[int, int] | None = None  # (stored axis, group size) of a ragged group axis
 
     @classmethod
     def from_qarray(
@@ -96,6 +111,10 @@ class WeightView:
         stored = stored_permutation(q)
         scale, zero_point, input_scale = q.scale, q.zero_point, q.input_scale
         permutation = None
+        ragged = None
+        if q.group_axis is not None and q.group_size is not None and is_ragged(q.shape[q.group_axis], q.group_size):
+            axis = q.group_axis if stored is None else stored.index(q.group_axis)
+            ragged = (int(axis), int(q.group_size))
         if stored is not None:
             # Scales are kept in the logical layout by the QArray; the view wants them like
             # the stored codes (they are small).
@@ -117,6 +136,7 @@ class WeightView:
             permutation=permutation,
             input_scale=input_scale,
             path=path,
+            ragged=ragged,
         )
 
     # ---- shape -------------------------------------------------------------------------
@@ -138,7 +158,11 @@ class WeightView:
         return tuple(stored_shape[axis] for axis in self.permutation)
 
     def block(self, axis: int) -> int:
-        """How many consecutive elements along ``axis`` share one scale entry."""
+        """How many consecutive elements along ``axis`` share one scale entry (the last group of
+        a ragged axis has fewer)."""
+        stored = axis if self.permutation is None else self.permutation[axis]
+        if self.ragged is not None and stored == self.ragged[0]:
+            return self.ragged[1]
         return self.shape[axis] // self.scale_shape[axis]
 
     def materialize(self) -> "WeightView":
@@ -148,6 +172,7 @@ class WeightView:
         permutation = self.permutation
         scale, zero_point = self._map_scales(lambda a: jnp.transpose(a, permutation))
         input_scale = None if self.input_scale is None else jnp.transpose(self.input_scale, permutation)
+        ragged = None if self.ragged is None else (permutation.index(self.ragged[0]), self.ragged[1])
         return dataclasses.replace(
             self,
             values=jnp.transpose(self.values, permutation),
@@ -155,6 +180,7 @@ class WeightView:
             zero_point=zero_point,
             permutation=None,
             input_scale=input_scale,
+            ragged=ragged,
         )
 
     def fold(self, contract, batch):
@@ -179,7 +205,7 @@ class WeightView:
             None if fixup == sorted(fixup) else tuple(fixup),
         )
 
-    def _with(self, values, scale, zero_point, dtype=None, input_scale=None) -> "WeightView":
+    def _with(self, values, scale, zero_point, dtype=None, input_scale=None, ragged: Any = "keep") -> "WeightView":
         return dataclasses.replace(
             self,
             values=values,
@@ -187,6 +213,7 @@ class WeightView:
             zero_point=zero_point,
             dtype=self.dtype if dtype is None else dtype,
             input_scale=input_scale,
+            ragged=self.ragged if ragged == "keep" else ragged,
         )
 
     # ---- input scale -------------------------------------------------------------------
@@ -209,6 +236,8 @@ class WeightView:
         if any(a not in weight_axes for a in axes):
             return None
         logical = self.input_scale
+        if logical is None:
+            return None
         if self.permutation is not None:
             logical = jnp.transpose(logical, self.permutation)
         kept = logical.reshape(tuple(logical.shape[a] for a in axes))  # weight-axis order
@@ -228,12 +257,25 @@ class WeightView:
         """The codes as int8 (int4 / int2 containers widened; XLA's integer dots want s8)."""
         return self.materialize().values.astype(jnp.int8)
 
+    def float_values(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The stored values as floats before the scale (in stored layout): the integer codes,
+        or for nf4 their code-book values."""
+        if self.qtype == NF4_QTYPE:
+            return nf4_decode(self.values).astype(dtype)
+        return self.values.astype(dtype)
+
     def full_scale(self, axes) -> tuple[jax.Array, jax.Array | None]:
         """Scale and zero point with the block-scaled ``axes`` repeated to one entry per element
         (axes of scale size 1 stay 1)."""
         scale, zero_point = self.scale, self.zero_point
         for axis in axes:
             size = scale.shape[axis]
+            if self.ragged is not None and axis == self.ragged[0] and size != 1:
+                group, dim = self.ragged[1], int(self.values.shape[axis])
+                scale = expand_groups(scale, axis, group, dim)
+                if zero_point is not None:
+                    zero_point = expand_groups(zero_point, axis, group, dim)
+                continue
             if size != 1 and size != self.shape[axis]:
                 repeat = self.shape[axis] // size
                 scale = jnp.repeat(scale, repeat, axis=axis)
@@ -246,7 +288,7 @@ class WeightView:
         out_dtype = jnp.dtype(self.dtype if dtype is None else dtype)
         self = self.materialize()
         scale, zero_point = self.full_scale(range(self.ndim))
-        values = self.values.astype(jnp.float32)
+        values = self.float_values(jnp.float32)
         if zero_point is not None:
             values = values - zero_point.astype(jnp.float32)
         out = values * scale.astype(jnp.float32)
@@ -271,7 +313,10 @@ class WeightView:
         dimensions = tuple(dimensions)
         scale, zero_point = self._map_scales(lambda a: jnp.squeeze(a, dimensions))
         input_scale = None if self.input_scale is None else jnp.squeeze(self.input_scale, dimensions)
-        return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point, input_scale=input_scale)
+        ragged = self.ragged
+        if ragged is not None:
+            ragged = (ragged[0] - sum(1 for d in dimensions if d % self.ndim < ragged[0]), ragged[1])
+        return self._with(jnp.squeeze(self.values, dimensions), scale, zero_point, input_scale=input_scale, ragged=ragged)
 
     def broadcast_in_dim(self, shape, broadcast_dimensions) -> "WeightView":
         self = self.materialize()
@@ -290,7 +335,8 @@ class WeightView:
                 input_shape[out_axis] = self.input_scale.shape[in_axis]
             input_scale = jax.lax.broadcast_in_dim(self.input_scale, tuple(input_shape), broadcast_dimensions)
         values = jax.lax.broadcast_in_dim(self.values, shape, broadcast_dimensions)
-        return self._with(values, scale, zero_point, input_scale=input_scale)
+        ragged = None if self.ragged is None else (broadcast_dimensions[self.ragged[0]], self.ragged[1])
+        return self._with(values, scale, zero_point, input_scale=input_scale, ragged=ragged)
 
     def reshape(self, new_sizes) -> "WeightView | None":
         new_sizes = tuple(int(d) for d in new_sizes)
@@ -304,6 +350,8 @@ class WeightView:
                 return None
             identity = permutation == tuple(range(len(permutation)))
             return dataclasses.replace(view, permutation=None if identity else permutation)
+        if self.ragged is not None:
+            return self._ragged_reshape(new_sizes)
         scale_shape = reshaped_scale_shape(self.shape, tuple(self.scale.shape), new_sizes)
         if scale_shape is None:
             return None
@@ -316,18 +364,48 @@ class WeightView:
         scale, zero_point = self._map_scales(lambda a: a.reshape(scale_shape))
         return self._with(self.values.reshape(new_sizes), scale, zero_point, input_scale=input_scale)
 
+    def _ragged_reshape(self, new_sizes: tuple[int, ...]) -> "WeightView | None":
+        """`reshape` of a view with a ragged group axis ``r`` (no pending transpose): the axes
+        before ``r`` unchanged, ``r`` merged with following axes whose scale has size 1 (the
+        group grows by their product), the rest unchanged; otherwise ``None``."""
+        assert self.ragged is not None
+        axis, group = self.ragged
+        shape = tuple(self.values.shape)
+        if self.input_scale is not None or tuple(new_sizes[:axis]) != shape[:axis] or len(new_sizes) <= axis:
+            return None
+        for last in range(axis, len(shape)):
+            merged = math.prod(shape[axis : last + 1])
+            if merged == new_sizes[axis] and tuple(new_sizes[axis + 1 :]) == shape[last + 1 :]:
+                break
+        else:
+            return None
+        if any(self.scale.shape[a] != 1 for a in range(axis + 1, last + 1)):
+            return None
+        scale_shape = tuple(self.scale.shape[: axis + 1]) + tuple(self.scale.shape[last + 1 :])
+        scale, zero_point = self._map_scales(lambda a: a.reshape(scale_shape))
+        trailing = math.prod(shape[axis + 1 : last + 1])
+        return self._with(self.values.reshape(new_sizes), scale, zero_point, ragged=(axis, group * trailing))
+
     def slice(self, start_indices, limit_indices, strides=None) -> "WeightView | None":
         self = self.materialize()
         strides = (1,) * self.ndim if strides is None else tuple(strides)
         scale_start, scale_limit = [], []
         for axis, (start, limit, stride) in enumerate(zip(start_indices, limit_indices, strides)):
             size, block = self.scale.shape[axis], self.block(axis)
-            if size == 1:
-                scale_start.append(0), scale_limit.append(1)
+            if self.ragged is not None and axis == self.ragged[0]:
+                if (start, limit, stride) != (0, self.values.shape[axis], 1):
+                    return None  # only a ragged axis kept whole
+                scale_start.append(0)
+                scale_limit.append(size)
+            elif size == 1:
+                scale_start.append(0)
+                scale_limit.append(1)
             elif block == 1:
-                scale_start.append(start), scale_limit.append(limit)
+                scale_start.append(start)
+                scale_limit.append(limit)
             elif stride == 1 and start % block == 0 and limit % block == 0:
-                scale_start.append(start // block), scale_limit.append(limit // block)
+                scale_start.append(start // block)
+                scale_limit.append(limit // block)
             else:
                 return None
         scale_strides = tuple(s if self.block(a) == 1 and self.scale.shape[a] != 1 else 1 for a, s in enumerate(strides))

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["Quant", "Tensor", "Op", "Graph", "OP_KINDS", "FUSABLE", "SAME_QUANT", "FIXED_OUTPUT_QUANT", "ExportError"]
 
@@ -54,17 +55,19 @@ SAME_QUANT = ("reshape", "transpose", "max_pool2d", "avg_pool2d", "pad", "slice"
 FIXED_OUTPUT_QUANT = {"softmax": (1 / 256, -128), "logistic": (1 / 256, -128), "tanh": (1 / 128, 0)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(init=False)
 class Quant:
-    """Affine quantization: ``x = (q - zero_point) * scale``; per-channel along ``axis`` if set."""
+    """Affine quantization: ``x = (q - zero_point) * scale``; per-channel along ``axis`` if set.
+    ``scale`` / ``zero_point`` may be given as scalars; they are stored as 1-D arrays."""
 
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None = None
 
-    def __post_init__(self):
-        self.scale = np.atleast_1d(np.asarray(self.scale, np.float32))
-        self.zero_point = np.atleast_1d(np.asarray(self.zero_point, np.int64))
+    def __init__(self, scale: ArrayLike, zero_point: ArrayLike, axis: int | None = None) -> None:
+        self.scale = np.atleast_1d(np.asarray(scale, np.float32))
+        self.zero_point = np.atleast_1d(np.asarray(zero_point, np.int64))
+        self.axis = axis
         if not np.all(self.scale > 0) or not np.all(np.isfinite(self.scale)):
             raise ExportError(f"quantization scales must be positive and finite, got {self.scale[:4]}")
 
@@ -116,7 +119,7 @@ class Op:
 class Graph:
     """Tensors and ops in execution order; ``inputs`` / ``outputs`` are float activations."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ops: list[Op] = []
         self.inputs: list[Tensor] = []
         self.outputs: list[Tensor] = []

@@ -176,7 +176,7 @@ def build_graph(
     values = []
     for position, arg, leaf, path in positions:
         if arg == 0:
-            values.append(WeightView.from_qarray(leaf, name=params_path(path, 0), leaf_index=position)
+            values.append(WeightView.from_qarray(leaf, name=params_path(path, 0) or "weight", leaf_index=position)
                           if isinstance(leaf, QArray) else leaf)
         else:
             tensor = graph.input(f"input_{arg - 1}", builder.shape(np.shape(leaf)))

@@ -96,8 +96,8 @@ def evaluate_file(
         run(x)
         times = []
         for _ in range(max(1, repeats if batch < 64 else max(3, repeats // 4))):
-            start = time.perf_counter()
+            began = time.perf_counter()
             run(x)
-            times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - began)
         latency[batch] = 1e3 * float(np.median(times))
     return FileReport(os.fspath(path), os.path.getsize(path), correct / max(1, len(images)), latency)

@@ -169,7 +169,7 @@ class _Writer:
             else:
                 y = self.node("ReduceMean" if kind == "mean" else "ReduceMax", [x], kind, axes=axes, keepdims=keep)
             return self.produce(out, y, layout if keep else "nhwc")
-        x = None if kind == "concat" else self.get(op.inputs[0])
+        x = "" if kind == "concat" else self.get(op.inputs[0])  # concat reads all its inputs below
         source = self.stored.get(id(op.inputs[0]))
         if kind in SAME_QUANT and source is not None and out.quant is not None and \
                 np.array_equal(source.scale, out.quant.scale):
@@ -238,6 +238,8 @@ class _Writer:
         bias = np.asarray(op.inputs[2].data, np.float64) if len(op.inputs) > 2 else np.zeros(channels)
         if not integer:
             return self.init(op.outputs[0].name + "_bias", bias.astype(np.float32))
+        if weight.quant is None:
+            raise ExportError(f"{op.where}: integer {op.kind} needs an int8 weight")
         scale = float(op.attrs["input_quant"].scale[0]) * np.broadcast_to(weight.quant.scale.astype(np.float64), (channels,))
         codes = np.round(bias / scale)
         if np.max(np.abs(codes), initial=0) >= 2**31:
@@ -280,6 +282,8 @@ class _Writer:
         the int32 result. (``DynamicQuantizeLinear`` would share one scale over all rows, which
         costs a transformer's tokens most of their precision.)"""
         weight = op.inputs[1]
+        if weight.quant is None:
+            raise ExportError(f"{op.where}: dynamic-range {op.kind} needs an int8 weight")
         absmax = self.node("ReduceMax", [self.node("Abs", [x_name], "abs")], "absmax", axes=[1], keepdims=1)
         scale = self.node("Div", [self.node("Max", [absmax, self.init("tiny", np.float32(1e-30))], "nonzero"),
                                   self.init("qmax", np.float32(127))], "row_scale")

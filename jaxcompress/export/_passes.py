@@ -49,7 +49,7 @@ def fold_affine(graph: Graph) -> None:
             producer is None or producer.kind not in ("conv2d", "fully_connected") or producer.activation is not None
             or len(consumers.get(id(x), [])) != 1 or id(x) in outputs
             or (op.kind in ("sub", "div") and op.inputs[0] is not x)
-            or np.ndim(constant.data) > len(x.shape)
+            or constant.data is None or np.ndim(constant.data) > len(x.shape)
         ):
             continue
         weight = producer.inputs[1]

@@ -193,6 +193,8 @@ class _Writer:
         else:
             w_index = self.const(weight.name, weight_data, np.float32)
         if integer:
+            if in_quant is None or weight.quant is None:
+                raise ExportError(f"{op.where}: integer {op.kind} needs a quantized input and int8 weight")
             bias_scale = in_quant.scale[0].astype(np.float64) * weight.quant.scale.astype(np.float64)
             bias_scale = np.broadcast_to(bias_scale, (out_channels,))
             codes = np.round(bias / bias_scale)
@@ -311,7 +313,7 @@ class _Writer:
         raise ExportError(f"{op.where}: graph op {kind!r} has no LiteRT translation")
 
     def _const_quant(self, tensor: Tensor, out_quant: Quant | None) -> Quant | None:
-        if out_quant is None:
+        if out_quant is None or tensor.data is None:
             return None
         return Quant.from_range(float(np.min(tensor.data)), float(np.max(tensor.data)))
 

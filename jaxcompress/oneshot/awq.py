@@ -40,6 +40,7 @@ from jaxcompress.oneshot.smoothquant import (
 )
 from jaxcompress.qarray import QArray
 from jaxcompress.quant.arrays import place_like_param, quantize
+from jaxcompress.quant.groups import merge_groups, split_groups
 from jaxcompress.rules import QuantRule
 
 __all__ = ["awq", "awq_scales", "awq_matrix", "row_errors", "fake_quant_rows"]
@@ -81,22 +82,25 @@ def _row_errors(delta, hessian):
 
 def fake_quant_rows(weight: Any, bits: int, group_size: int | None = None) -> jax.Array:
     """Symmetric absmax round-to-nearest of a ``(d_out, d_in)`` matrix, one scale per row (per
-    group of ``group_size`` columns when given): the default quantizer of `awq_matrix`.
+    group of ``group_size`` columns when given; a last group shorter when it does not divide
+    ``d_in``): the default quantizer of `awq_matrix`.
 
     >>> import jax.numpy as jnp
     >>> fake_quant_rows(jnp.array([[1.0, 0.6, 0.3, 0.0]]), bits=2).tolist()
     [[1.0, 1.0, 0.0, 0.0]]
+    >>> fake_quant_rows(jnp.array([[1.0, 0.6, 0.5, 0.2, 0.25]]), bits=2, group_size=2).tolist()
+    [[1.0, 1.0, 0.5, 0.0, 0.25]]
     """
     weight = jnp.asarray(weight, jnp.float32)
     d_out, d_in = weight.shape
-    group = d_in if group_size is None else group_size
-    if d_in % group:
-        raise ValueError(f"group size {group} does not divide d_in {d_in}")
-    grouped = weight.reshape(d_out, d_in // group, group)
+    group = d_in if group_size is None else min(group_size, d_in)
+    if group < 1:
+        raise ValueError(f"group size must be a positive int, got {group_size!r}")
+    padded = split_groups(weight, 1, group, "zero")  # (d_out, n_groups, group); zeros change no absmax
     qmax = 2 ** (bits - 1) - 1
-    scale = jnp.max(jnp.abs(grouped), axis=-1, keepdims=True) / qmax
+    scale = jnp.max(jnp.abs(padded), axis=-1, keepdims=True) / qmax
     scale = jnp.where(scale > 0, scale, 1.0)
-    return (jnp.clip(jnp.round(grouped / scale), -qmax, qmax) * scale).reshape(d_out, d_in)
+    return merge_groups(jnp.clip(jnp.round(padded / scale), -qmax, qmax) * scale, 1, d_in)
 
 
 def awq_matrix(

@@ -231,13 +231,15 @@ def sequential_capture(
     >>> type(capture).__name__, first["a"].hessian.tolist(), second["b"].hessian.tolist()
     ('SegmentedCapture', [[3.0, 3.0], [3.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]])
     """
-    kwargs = dict(params_argnum=params_argnum, hessian=hessian, row_mask=row_mask, compile_ahead=compile_ahead)
     if len(groups) == 1:  # one program: nothing to cut, nothing to compile ahead
-        return GroupCapture(fn, params, groups, batches, **dict(kwargs, compile_ahead=False))
+        return GroupCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
+                            row_mask=row_mask, compile_ahead=False)
     try:
-        return SegmentedCapture(fn, params, groups, batches, **kwargs)
+        return SegmentedCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
+                                row_mask=row_mask, compile_ahead=compile_ahead)
     except _NotSegmentable:
-        return GroupCapture(fn, params, groups, batches, **kwargs)
+        return GroupCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
+                            row_mask=row_mask, compile_ahead=compile_ahead)
 
 
 def sequential_groups(fn: Callable, params: Any, sample_batch: Any, select: Any, *, params_argnum: int = 0) -> list[tuple[str, ...]]:

@@ -17,7 +17,7 @@ import numpy as np
 from jaxcompress.qarray import INT_QTYPE
 from jaxcompress.quant.calibrate import calibrate_range
 from jaxcompress.quant.codec import int_range, scale_from_range
-from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
+from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec, as_calibration
 
 __all__ = ["GPTQResult", "gptq_matrix"]
 
@@ -45,16 +45,47 @@ def _matrix_spec(bits: int, symmetric: bool, calibration: Any, scale_dtype: str)
     spec = QuantSpec(bits=bits, symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
     return ResolvedSpec(
         bits=spec.bits, qtype=INT_QTYPE, symmetric=spec.symmetric, channel_axes=(0,), group_axis=None,
-        group_size=None, calibration=spec.calibration, allow_nonfinite=False, scale_dtype=spec.scale_dtype,
+        group_size=None, calibration=as_calibration(spec.calibration), allow_nonfinite=False, scale_dtype=spec.scale_dtype,
     )
 
 
-def _group_scale(values: jax.Array, spec: ResolvedSpec, per_channel: bool):
-    """Scale and zero point, each ``(d_out,)``, of one column group's ``(d_out, n)`` values."""
+def _group_scale(values: jax.Array, valid: jax.Array, importance: jax.Array, spec: ResolvedSpec,
+                 per_channel: bool, clip_ratios: jax.Array | None):
+    """Scale and zero point, each ``(d_out,)``, of one column group's ``(d_out, span)`` values.
+
+    ``valid`` (``(span,)``) marks the group's columns (a ragged group is padded to the common
+    span); padded columns are zero, which no range rule is changed by (an asymmetric range
+    always contains 0; absmax and the MSE search are unaffected by exact zeros). Percentile
+    ranges see the padding as copies of the group's first column. ``clip_ratios``: the clipping
+    search -- every ratio ``r`` shrinks the range to ``r * [lo, hi]`` and the ratio with the
+    least ``sum_j importance_j (w_j - q(w_j))^2`` (per row, or over the group when scales are
+    per tensor) wins; 1.0 (no clipping) is always on the grid.
+    """
     reduce_axes = (1,) if per_channel else (0, 1)
+    if spec.calibration.method == "percentile":
+        values = jnp.where(valid[None, :], values, values[:, :1])
+    else:
+        values = jnp.where(valid[None, :], values, 0.0)
     lo, hi = calibrate_range(values, spec, reduce_axes)
     scale, zero = scale_from_range(lo, hi, spec)
     zero = jnp.zeros_like(scale) if zero is None else zero
+    if clip_ratios is not None:
+        qmin, qmax = int_range(spec.bits, spec.symmetric)
+        weight = jnp.where(valid, importance, 0.0)[None, :]
+
+        def error(scale, zero):
+            _, q = _round(values, scale, zero, qmin, qmax)
+            return jnp.sum(weight * (q - values) ** 2, axis=reduce_axes, keepdims=True)
+
+        def body(i, carry):
+            best, best_scale, best_zero = carry
+            s, z = scale_from_range(lo * clip_ratios[i], hi * clip_ratios[i], spec)
+            z = jnp.zeros_like(s) if z is None else z
+            err = error(s, z)
+            better = err < best
+            return jnp.where(better, err, best), jnp.where(better, s, best_scale), jnp.where(better, z, best_zero)
+
+        _, scale, zero = jax.lax.fori_loop(0, clip_ratios.shape[0], body, (error(scale, zero), scale, zero))
     d_out = values.shape[0]
     return jnp.broadcast_to(scale.reshape(-1), (d_out,)), jnp.broadcast_to(zero.reshape(-1), (d_out,))
 
@@ -71,7 +102,8 @@ def _largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
-def _core(W, U, perm, group_of, group_positions, first_in_group, scales, zeros, *, spec, per_channel, block, static_groups):
+def _core(W, U, perm, importance, group_of, group_positions, first_in_group, scales, zeros, clip_ratios, *,
+          spec, per_channel, block, static_groups):
     d_out, d_in = W.shape
     qmin, qmax = int_range(spec.bits, spec.symmetric)
     n_blocks = d_in // block
@@ -93,12 +125,14 @@ def _core(W, U, perm, group_of, group_positions, first_in_group, scales, zeros, 
 
                 def new_scale(operands):
                     scales, zeros = operands
-                    positions = group_positions[g]  # permuted positions of the group's columns, all >= j
+                    # Permuted positions of the group's columns, all >= j; -1 pads a short group.
+                    valid = group_positions[g] >= 0
+                    positions = jnp.where(valid, group_positions[g], j)
                     in_block = positions < start + block
                     from_block = jnp.take(W1, jnp.clip(positions - start, 0, block - 1), axis=1)
                     later = jnp.take(W, positions, axis=1) - Err1 @ jnp.take(U_rows, positions, axis=1)
                     current = jnp.where(in_block[None, :], from_block, later)
-                    scale, zero = _group_scale(current, spec, per_channel)
+                    scale, zero = _group_scale(current, valid, importance[positions], spec, per_channel, clip_ratios)
                     return scales.at[g].set(scale), zeros.at[g].set(zero)
 
                 scales, zeros = jax.lax.cond(first_in_group[j], new_scale, lambda o: o, (scales, zeros))
@@ -120,6 +154,15 @@ def _core(W, U, perm, group_of, group_positions, first_in_group, scales, zeros, 
     return codes, scales, zeros
 
 
+def _padded_members(counts: tuple[int, ...]) -> np.ndarray:
+    """``(n_groups, max count)`` indices into a list of columns sorted by group, ``-1`` padding
+    the shorter (ragged) groups."""
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    span = max(counts)
+    k = np.arange(span)[None, :]
+    return np.where(k < np.asarray(counts)[:, None], offsets[:, None] + k, -1)
+
+
 def _upper_cholesky_of_inverse(H: jax.Array) -> jax.Array:
     """Upper ``U`` with ``H^-1 = U^T U`` from ONE Cholesky and one triangular inverse: with
     ``J`` the reversal, ``chol(J H J) = L`` gives ``H = R R^T``, ``R = J L J`` upper, so
@@ -129,10 +172,12 @@ def _upper_cholesky_of_inverse(H: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("spec", "per_channel", "block", "act_order", "static_groups", "zero_dead", "n_groups")
+    jax.jit, static_argnames=("spec", "per_channel", "block", "act_order", "static_groups", "zero_dead", "counts")
 )
-def _gptq_all(W, H, col_group, damp, *, spec, per_channel, block, act_order, static_groups, zero_dead, n_groups):
+def _gptq_all(W, H, col_group, damp, clip_ratios, *, spec, per_channel, block, act_order, static_groups, zero_dead,
+              counts):
     d_out, d_in = W.shape
+    n_groups = len(counts)
     W = W.astype(jnp.float32)
     H = H.astype(jnp.float32)
     diag = jnp.diag(H)
@@ -141,24 +186,31 @@ def _gptq_all(W, H, col_group, damp, *, spec, per_channel, block, act_order, sta
     if zero_dead:
         W = jnp.where(dead[None, :], 0.0, W)
     H = H + damp * jnp.mean(jnp.diag(H)) * jnp.eye(d_in, dtype=H.dtype)
-    perm = jnp.argsort(-jnp.diag(H), stable=True) if act_order else jnp.arange(d_in)
-    # Group bookkeeping in the processing order.
+    importance = jnp.diag(H)  # the clipping search's per-column weight: x_j's energy
+    perm = jnp.argsort(-importance, stable=True) if act_order else jnp.arange(d_in)
+    # Group bookkeeping in the processing order; groups may differ in size (a ragged last one).
+    members = jnp.asarray(_padded_members(counts))
+    valid = members >= 0
     group_of = col_group[perm]
-    group_size = d_in // n_groups
-    positions = jnp.argsort(group_of, stable=True).reshape(n_groups, group_size)  # ascending within a group
+    by_group = jnp.argsort(group_of, stable=True)  # permuted positions, ascending within a group
+    positions = jnp.where(valid, by_group[jnp.maximum(members, 0)], -1)
     first = jnp.zeros(d_in, bool).at[positions[:, 0]].set(True)
     # Static groups: every scale from the original weights now; otherwise each group's scale is
     # set in the loop when its first column (in processing order) is reached.
     scales = jnp.ones((n_groups, d_out), jnp.float32)
     zeros = jnp.zeros((n_groups, d_out), jnp.float32)
     if static_groups:
-        members = jnp.argsort(col_group, stable=True).reshape(n_groups, group_size)
-        scales, zeros = jax.vmap(lambda cols: _group_scale(jnp.take(W, cols, axis=1), spec, per_channel))(members)
+        original = jnp.where(valid, jnp.argsort(col_group, stable=True)[jnp.maximum(members, 0)], 0)
+
+        def static_scale(cols, ok):
+            return _group_scale(jnp.take(W, cols, axis=1), ok, importance[cols], spec, per_channel, clip_ratios)
+
+        scales, zeros = jax.vmap(static_scale)(original, valid)
     Wp = W[:, perm]
     Hp = H[perm][:, perm]
     U = _upper_cholesky_of_inverse(Hp)
     codes, scales, zeros = _core(
-        Wp, U, perm, group_of, positions, first, scales, zeros,
+        Wp, U, perm, importance[perm], group_of, positions, first, scales, zeros, clip_ratios,
         spec=spec, per_channel=per_channel, block=block, static_groups=static_groups,
     )
     scale_cols = scales[col_group].T  # (d_out, d_in)
@@ -181,6 +233,9 @@ def gptq_matrix(
     act_order: bool = False,
     static_groups: bool = False,
     zero_dead: bool = True,
+    clip_search: bool = False,
+    clip_grid: int = 20,
+    clip_min_ratio: float = 0.5,
     calibration: str | Calibration = "absmax",
     scale_dtype: str = "float32",
     name: str = "matrix",
@@ -191,16 +246,23 @@ def gptq_matrix(
       W: ``(d_out, d_in)`` weights (rows = outputs, columns = inputs).
       H: ``(d_in, d_in)`` input Gram matrix.
       bits: 2..8.
-      group_size: consecutive input columns sharing one scale (``None``: all of them).
+      group_size: consecutive input columns sharing one scale (``None``: all of them); when it
+        does not divide ``d_in`` the last group is shorter.
       symmetric: symmetric codes (no zero point) or asymmetric.
       per_channel: one scale per output row (else one per column group, shared by all rows).
-      column_groups: ``(d_in,)`` int group index of every column, overriding ``group_size``
-        (equal-sized groups; used for matrix views whose groups are not contiguous columns).
+      column_groups: ``(d_in,)`` int group index of every column (``0 .. n_groups - 1``, each
+        used), overriding ``group_size`` (used for matrix views whose groups are not contiguous
+        columns; groups may differ in size).
       damp: relative damping, ``damp * mean(diag H)`` is added to the diagonal.
       block_size: columns per lazy-update block (the largest divisor of ``d_in`` not above it).
       act_order: process columns by decreasing ``H_ii``.
       static_groups: group scales from the original weights (see the module docs).
       zero_dead: zero the weights of inputs never active in calibration (``H_ii = 0``).
+      clip_search: choose each group's clipping range by search: ``clip_grid`` ratios ``r`` evenly
+        in ``[clip_min_ratio, 1]`` shrink the calibrated range to ``r * [lo, hi]``, and the one with
+        the least ``sum_j H_jj (w_j - q(w_j))^2`` (the group's rounding error weighted by each
+        input's energy) is kept; done where the group's scale is set (its first column, or
+        before the column loop with ``static_groups``).
       calibration, scale_dtype: as in `jaxcompress.QuantSpec`.
       name: what warnings and errors call the matrix.
 
@@ -224,14 +286,19 @@ def gptq_matrix(
     if column_groups is None:
         if group_size is None:
             group_size = d_in
-        if d_in % group_size:
-            raise ValueError(f"{name}: group size {group_size} does not divide the input dimension {d_in}")
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+            raise ValueError(f"{name}: group_size must be a positive int, got {group_size!r}")
         column_groups = np.arange(d_in) // group_size
     column_groups = np.asarray(column_groups)
-    n_groups = int(column_groups.max()) + 1
-    counts = np.bincount(column_groups, minlength=n_groups)
-    if column_groups.shape != (d_in,) or not np.all(counts == counts[0]):
-        raise ValueError(f"{name}: column groups must give every one of {d_in} columns a group, all of equal size")
+    if column_groups.shape != (d_in,) or not np.issubdtype(column_groups.dtype, np.integer) or column_groups.min() < 0:
+        raise ValueError(f"{name}: column_groups must give every one of {d_in} columns a group index >= 0")
+    counts = np.bincount(column_groups)
+    if not np.all(counts > 0):
+        raise ValueError(f"{name}: column_groups must use every group index 0..{len(counts) - 1}")
+    if isinstance(clip_grid, bool) or not isinstance(clip_grid, int) or clip_grid < 1 or not 0 < clip_min_ratio <= 1:
+        raise ValueError(f"{name}: expected clip_grid >= 1 and 0 < clip_min_ratio <= 1, got {clip_grid!r}, "
+                         f"{clip_min_ratio!r}")
+    clip_ratios = jnp.linspace(1.0, clip_min_ratio, clip_grid + 1)[1:] if clip_search else None
     spec = _matrix_spec(bits, symmetric, calibration, scale_dtype)
     block = _largest_divisor(d_in, block_size)
     diag = np.asarray(jnp.diag(H))
@@ -249,9 +316,9 @@ def gptq_matrix(
     used = float(damp)
     for _ in range(6):
         weights, codes, scales, zeros, finite = _gptq_all(
-            W, H, jnp.asarray(column_groups, jnp.int32), jnp.float32(used),
+            W, H, jnp.asarray(column_groups, jnp.int32), jnp.float32(used), clip_ratios,
             spec=spec, per_channel=per_channel, block=block, act_order=act_order,
-            static_groups=static_groups, zero_dead=zero_dead, n_groups=n_groups,
+            static_groups=static_groups, zero_dead=zero_dead, counts=tuple(int(c) for c in counts),
         )
         if bool(finite) and bool(jnp.all(jnp.isfinite(weights))):
             break

@@ -162,7 +162,7 @@ def from_matrix(matrix: jax.Array, leaf: Any, site: DotSite | MatrixView | "Laye
     if tuple(matrix.shape) != view.shape:
         raise ValueError(f"{view.path}: matrix shape {tuple(matrix.shape)} is not the view's {view.shape}")
     permuted_shape = tuple(view.operand_shape[a] for a in view.permutation)
-    operand = jnp.transpose(jnp.reshape(matrix.astype(jnp.float32), permuted_shape), np.argsort(view.permutation))
+    operand = jnp.transpose(jnp.reshape(matrix.astype(jnp.float32), permuted_shape), tuple(int(a) for a in np.argsort(view.permutation)))
     forward = lambda l: _apply_layout(l, view.layout, view.path)
     (restored,) = jax.linear_transpose(forward, jax.ShapeDtypeStruct(view.leaf_shape, jnp.float32))(operand)
     return restored.astype(leaf.dtype)

@@ -6,8 +6,7 @@ For every selected weight and every candidate bit-width ``b`` the weight is quan
 * its size, ``QArray.nbytes`` (packed values + scales; int3 lives in an int4 container so it
   costs as much as int4, and int2 is packed four per byte), and
 * its sensitivity: with ``E = W_q - W`` in the matrix view and ``H = X^T X`` of the calibration
-  inputs, the output error ``||E X^T||^2 / rows = tr(E H E^T) / rows`` (``sensitivity="output"``,
-  the default), or the Hessian-trace proxy ``tr(H) / (d_in * rows) * ||E||_F^2``
+  inputs, the output error ``||E X^T||^2 / rows = tr(E H E^T) / rows`` (``sensitivity="output"``), or the Hessian-trace proxy ``tr(H) / (d_in * rows) * ||E||_F^2``
   (``sensitivity="trace"``, HAWQ-style: mean curvature times perturbation size; ignores the
   correlation between inputs), or the layer's relative output error
   ``tr(E H E^T) / tr(W H W^T)`` (``sensitivity="relative"``: a noise-to-signal ratio, comparable
@@ -17,6 +16,12 @@ For every selected weight and every candidate bit-width ``b`` the weight is quan
   above cost none). In a transformer the local errors are in different units (a query error goes
   through a softmax, an attention-output error straight into the residual stream); measuring at
   the output puts every layer on the same scale.
+* ``sensitivity="scaled"`` (the default): the local ``tr(E H E^T)`` of every candidate, put in the
+  units of ``"model"`` by ONE end-to-end measurement per weight: each layer's local errors are
+  multiplied by its ``model error / local error`` at one probe candidate (the one whose uniform
+  use comes closest to the budget from below, `probe_candidate`). It costs one forward pass over
+  the calibration batches per weight instead of one per weight and candidate, is exact at the
+  probe, and keeps the local measure's ordering of a layer's candidates.
 
 The choice minimises the SUM of the layers' errors subject to the sum of their sizes being at most
 the budget: a multiple-choice knapsack, solved by dynamic programming over the byte budget. Sizes
@@ -25,12 +30,13 @@ are divided by their greatest common divisor first; if the budget still has more
 then near-optimal, and ``report.exact`` says so) and every uniform assignment that fits is checked
 too, so the result is never worse than the best uniform choice within the budget.
 
-Measured on all-MiniLM-L6-v2 (``benchmarks/oneshot_prune.py``: 36 encoder kernels, budget = the
-bytes of uniform int4 g128, candidates int4 per-channel / g128 / g64 / g32 and int8 per-channel,
-256 held-out sentences): mean cosine to the fp32 embeddings 0.9538 with ``"model"``, 0.9472 with
-``"output"``, 0.9451 for uniform int4 g128. With bit-width candidates alone (2/3/4/8 at g128) the
-knapsack cannot beat uniform int4 there: int3 costs int4's container and int2 ruins any layer, so
-let the group size be part of the choice.
+Measured (``benchmarks/mixed_precision.py``; budget = the bytes of uniform int4 g128 per output
+channel): on the tiny decoder LM of ``examples/tiny_lm.py`` (28 kernels, held-out perplexity;
+fp32 201.34, uniform 201.43) the defaults (``"scaled"``, `default_candidates`) reach 201.39 in 28
+forward passes, ``"output"`` 201.42; with int2/3/4/8 at g128 instead, ``"scaled"`` gave 201.67
+(the int2 layers it chose cost more than their scaled local error said) and ``"output"`` chose
+int4 everywhere. Earlier on all-MiniLM-L6-v2 (36 kernels, candidates as the default): mean
+cosine 0.9538 with ``"model"``, 0.9472 with ``"output"``, 0.9451 for uniform int4 g128.
 
 The result is a list of `jaxcompress.QuantRule` (one per weight, ``pattern=re.escape(path)``)
 to pass to `quantize_params` (or a one-shot quantizer such as GPTQ) and a `MixedPrecisionReport`.
@@ -41,20 +47,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.oneshot.capture import capture_statistics, make_selector, to_matrix
+from jaxcompress.oneshot.knapsack import choose_bits
 from jaxcompress.quant.arrays import quantize
 from jaxcompress.quant.spec import QuantSpec
 from jaxcompress.rules import QuantRule, path_to_keystr, path_to_str
 
-__all__ = ["candidate_label", "LayerChoice", "MixedPrecisionReport", "choose_bits", "layer_sensitivity", "mixed_precision"]
+__all__ = ["candidate_label", "LayerChoice", "MixedPrecisionReport", "choose_bits", "layer_sensitivity", "probe_candidate", "default_candidates", "mixed_precision"]
 
-SENSITIVITIES = ("output", "relative", "trace", "model")
+SENSITIVITIES = ("scaled", "output", "relative", "trace", "model")
+Sensitivity = Literal["scaled", "output", "relative", "trace", "model"]
 
 
 def candidate_label(bits: int, group_size: int | None) -> str:
@@ -149,7 +157,7 @@ class MixedPrecisionReport:
 
 
 def layer_sensitivity(
-    delta: jax.Array, hessian: np.ndarray, count: int, sensitivity: str = "output", weight: jax.Array | None = None
+    delta: Any, hessian: Any, count: int, sensitivity: str = "output", weight: Any = None
 ) -> float:
     """The error of a matrix-view change ``delta`` ``(d_out, d_in)`` given ``hessian = X^T X`` over
     ``count`` rows: ``tr(E H E^T) / count`` (``"output"``), ``tr(H) / (d_in count) ||E||^2``
@@ -160,21 +168,23 @@ def layer_sensitivity(
     >>> layer_sensitivity(np.array([[1.0, 1.0]]), h, 2), layer_sensitivity(np.array([[1.0, 1.0]]), h, 2, "trace")
     (3.0, 3.0)
     """
-    delta = np.asarray(delta, np.float64)
-    hessian = np.asarray(hessian, np.float64)
+    e = np.asarray(delta, np.float64)
+    h = np.asarray(hessian, np.float64)
     rows = max(int(count), 1)
     if sensitivity == "output":
-        return float(np.sum((delta @ hessian) * delta) / rows)
+        return float(np.sum((e @ h) * e) / rows)
     if sensitivity == "relative":
-        weight = np.asarray(weight, np.float64)
-        signal = float(np.sum((weight @ hessian) * weight))
-        return float(np.sum((delta @ hessian) * delta) / max(signal, np.finfo(np.float64).tiny))
+        if weight is None:
+            raise ValueError("sensitivity='relative' needs the matrix-view weight")
+        w = np.asarray(weight, np.float64)
+        signal = float(np.sum((w @ h) * w))
+        return float(np.sum((e @ h) * e) / max(signal, np.finfo(np.float64).tiny))
     if sensitivity == "trace":
-        return float(np.trace(hessian) / (hessian.shape[0] * rows) * np.sum(delta * delta))
+        return float(np.trace(h) / (h.shape[0] * rows) * np.sum(e * e))
     raise ValueError(f"sensitivity must be one of {SENSITIVITIES[:3]}, got {sensitivity!r}")
 
 
-def _model_error(fn: Callable, params_argnum: int) -> Callable:
+def _model_error(fn: Callable, params_argnum: int) -> tuple[Callable, Callable]:
     """``(params, reference outputs, batch) -> sum of squared output differences`` (jitted)."""
     from jaxcompress.oneshot.capture import batch_args
 
@@ -191,58 +201,44 @@ def _model_error(fn: Callable, params_argnum: int) -> Callable:
     return jax.jit(error), jax.jit(reference)
 
 
-def choose_bits(
-    errors: np.ndarray, nbytes: np.ndarray, budget: int, *, max_states: int = 200_000
-) -> tuple[np.ndarray, bool]:
-    """Multiple-choice knapsack: per row (layer) pick one column (candidate) minimising the summed
-    ``errors`` with the summed ``nbytes`` at most ``budget``. Returns ``(choice per layer, exact)``.
+def probe_candidate(errors: np.ndarray, nbytes: np.ndarray, budget: int) -> int:
+    """The candidate ``"scaled"`` measures end to end: the one whose uniform use comes closest to
+    the budget from below (the knapsack's answer lies around it), else the smallest.
 
-    >>> errors = np.array([[9.0, 1.0], [5.0, 4.0]])
-    >>> nbytes = np.array([[10, 20], [10, 20]])
-    >>> choose_bits(errors, nbytes, 30)
-    (array([1, 0]), True)
+    >>> probe_candidate(np.array([[1.0, 0.1], [2.0, 0.2]]), np.array([[10, 20], [10, 20]]), 35)
+    0
     """
-    errors = np.asarray(errors, np.float64)
-    nbytes = np.asarray(nbytes, np.int64)
-    layers, choices = errors.shape
-    base = nbytes.min(axis=1)
-    room = int(budget) - int(base.sum())
-    if room < 0:
-        raise ValueError(f"size budget {int(budget)} B is below the smallest possible total {int(base.sum())} B")
-    extra = nbytes - base[:, None]
-    step = int(np.gcd.reduce(extra[extra > 0])) if np.any(extra > 0) else 1
-    exact = room // step <= max_states
-    if not exact:
-        step = math.ceil(room / max_states)
-    units = -(-extra // step)  # rounded up: whatever the DP accepts fits in bytes
-    exact = exact or bool(np.all(extra % step == 0))
-    capacity = room // step
-    best = np.zeros(capacity + 1)  # best[c]: least error of the layers so far within c units
-    picks = np.zeros((layers, capacity + 1), np.int32)
-    for layer in range(layers):
-        new = np.full(capacity + 1, np.inf)
-        for choice in range(choices):
-            u = int(units[layer, choice])
-            if u > capacity:
-                continue
-            candidate = np.full(capacity + 1, np.inf)
-            candidate[u:] = best[: capacity + 1 - u] + errors[layer, choice]
-            better = candidate < new
-            new[better] = candidate[better]
-            picks[layer, better] = choice
-        best = new
-    chosen = np.zeros(layers, np.int64)
-    c = capacity
-    for layer in range(layers - 1, -1, -1):
-        chosen[layer] = picks[layer, c]
-        c -= int(units[layer, chosen[layer]])
-    if not exact:  # never worse than a uniform choice that fits
-        total = lambda pick: errors[np.arange(layers), pick].sum()
-        for choice in range(choices):
-            uniform = np.full(layers, choice)
-            if nbytes[np.arange(layers), uniform].sum() <= budget and total(uniform) < total(chosen):
-                chosen = uniform
-    return chosen, exact
+    totals = np.where(np.isfinite(errors), nbytes, 0).sum(axis=0)
+    fits = np.flatnonzero(totals <= budget)
+    return int(fits[np.argmax(totals[fits])]) if fits.size else int(np.argmin(totals))
+
+
+def _scale_by_probes(errors: np.ndarray, nbytes: np.ndarray, budget: int, measure: Callable) -> np.ndarray:
+    """``"scaled"``: each layer's local errors times (its model error / its local error) at the
+    probe candidate, ``measure(layer, candidate)``: one pass over the calibration batches per layer."""
+    column = probe_candidate(errors, nbytes, budget)
+    factors = np.full(errors.shape[0], np.nan)
+    for row in range(errors.shape[0]):
+        finite = np.flatnonzero(np.isfinite(errors[row]))
+        c = column if np.isfinite(errors[row, column]) else int(finite[np.argmin(np.abs(nbytes[row, finite] - nbytes[row, column]))])
+        if errors[row, c] > 0:
+            factors[row] = measure(row, c) / errors[row, c]
+    known = factors[np.isfinite(factors)]
+    fallback = float(np.median(known)) if known.size else 1.0  # a layer its probe left exact
+    factors = np.where(np.isfinite(factors), factors, fallback)
+    return errors * factors[:, None]
+
+
+def default_candidates(group_size: int | None) -> tuple[tuple[int, int | None], ...]:
+    """`mixed_precision`'s default candidates: where to spend scale bytes at 4 bits, and int8.
+
+    >>> default_candidates(128)
+    ((4, None), (4, 128), (4, 64), (4, 32), (8, None))
+    """
+    if group_size is None:
+        return ((4, None), (8, None))
+    groups = sorted({g for g in (group_size, group_size // 2, group_size // 4) if g >= 1}, reverse=True)
+    return ((4, None),) + tuple((4, g) for g in groups) + ((8, None),)
 
 
 def _candidates(candidates: Sequence[Any], group_size: int | None) -> tuple[tuple[int, int | None], ...]:
@@ -261,7 +257,7 @@ def mixed_precision(
     batches: Iterable[Any],
     select: Any,
     *,
-    candidates: Sequence[int | tuple[int, int | None]] = (2, 3, 4, 8),
+    candidates: Sequence[int | tuple[int, int | None]] | None = None,
     group_size: int | None = 128,
     budget_bytes: int | None = None,
     budget_bits_per_weight: float | None = None,
@@ -269,7 +265,7 @@ def mixed_precision(
     symmetric: bool = True,
     calibration: Any = "absmax",
     scale_dtype: str = "float32",
-    sensitivity: str = "output",
+    sensitivity: Sensitivity = "scaled",
     row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
     max_states: int = 200_000,
@@ -285,7 +281,10 @@ def mixed_precision(
         `jaxcompress.oneshot.capture.make_selector`). Each must meet a dot / conv in ``fn``.
       candidates: what to choose from: bit-widths (with ``group_size``) or ``(bits, group_size)``
         pairs (``None``: per channel only), e.g. ``((4, None), (4, 128), (4, 32), (8, 128))``:
-        the group size is part of the size / accuracy trade-off. NOTE: 3-bit values are stored
+        the group size is part of the size / accuracy trade-off. Default: `default_candidates`
+        (int4 per channel and at ``group_size``, ``/2``, ``/4``; int8 per channel): measured
+        better than uniform int4 at its size on MiniLM and the tiny LM, where int2/3/4/8 at one
+        group size was not (int2 ruins the layers it is given). NOTE: 3-bit values are stored
         in int4 containers, so int3 costs what int4 costs and is never chosen over it.
       group_size, channel_axes, symmetric, calibration, scale_dtype: the rest of the
         `QuantSpec` every returned rule uses (defaults: int-b per output channel in groups of 128
@@ -295,11 +294,13 @@ def mixed_precision(
       budget_bits_per_weight: the same as average stored bits per weight, scales included
         (``budget_bytes = floor(bits * elements / 8)``); e.g. 4 + 32/128 = 4.25 is the size of
         uniform int4 g128 with float32 scales.
-      sensitivity: ``"output"`` (``tr(E H E^T)``), ``"relative"`` (divided by
+      sensitivity: ``"scaled"`` (``tr(E H E^T)`` scaled per weight to the error of ``fn``'s
+        outputs measured at one probe candidate: one forward pass per weight), ``"output"``
+        (``tr(E H E^T)``), ``"relative"`` (divided by
         ``tr(W H W^T)``), ``"trace"`` (Hessian-trace proxy) or ``"model"`` (error of ``fn``'s
         outputs with only that weight quantized); see the module docs.
       row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 (e.g. padding
-        tokens) are left out of the input statistics (see `capture_statistics`); ``"model"``
+        tokens) are left out of the input statistics (see `capture_statistics`); ``"model"`` / ``"scaled"``
         compares ``fn``'s whole outputs, so give it an ``fn`` whose outputs ignore padding (e.g.
         a masked mean-pooled embedding).
       params_argnum: where params go among ``fn``'s positional arguments.
@@ -326,7 +327,7 @@ def mixed_precision(
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if (budget_bytes is None) == (budget_bits_per_weight is None):
         raise ValueError("pass exactly one of budget_bytes or budget_bits_per_weight")
-    candidates = _candidates(candidates, group_size)
+    candidates = _candidates(default_candidates(group_size) if candidates is None else candidates, group_size)
     options = dict(channel_axes=tuple(channel_axes), symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
     specs = [QuantSpec(bits=b, group_size=g, **options) for b, g in candidates]  # validates the options once
     batches = list(batches)
@@ -334,14 +335,14 @@ def mixed_precision(
         raise ValueError("mixed_precision needs at least one calibration batch")
     params = jax.device_put(params)  # NumPy leaves would be copied to the device at every call
     stats = capture_statistics(fn, params, batches, select, params_argnum=params_argnum, row_mask=row_mask,
-                               hessian=sensitivity in ("output", "relative"))
+                               hessian=sensitivity in ("scaled", "output", "relative"))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     predicate = make_selector(select)
     leaves, names = {}, {}
-    for path, leaf in flat:
-        path_str = path_to_str(path)
+    for key_path, leaf in flat:
+        path_str = path_to_str(key_path)
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and predicate(path_str):
-            leaves[path_str], names[path_str] = leaf, path_to_keystr(path)
+            leaves[path_str], names[path_str] = leaf, path_to_keystr(key_path)
     missing = [p for p in leaves if p not in stats]
     if missing:
         raise ValueError(
@@ -351,11 +352,19 @@ def mixed_precision(
     if not stats:
         raise ValueError("select picked no float weight that meets a dot / conv in fn")
 
-    if sensitivity == "model":
+    probe: Callable[[str, Any], float] | None = None
+    if sensitivity in ("model", "scaled"):
         model_error, model_reference = _model_error(fn, params_argnum)
         references = [model_reference(params, batch) for batch in batches]
-        flat_paths = [path_to_str(path) for path, _ in flat]
+        flat_paths = [path_to_str(key_path) for key_path, _ in flat]
         treedef = jax.tree_util.tree_structure(params)
+
+        def probe(path: str, q: Any) -> float:
+            """``fn``'s output error with only ``path`` replaced by ``q`` (one pass over the batches)."""
+            position = flat_paths.index(path)
+            replaced = [q.dequantize() if i == position else leaf_i for i, (_, leaf_i) in enumerate(flat)]
+            trial = jax.tree_util.tree_unflatten(treedef, replaced)
+            return float(sum(model_error(trial, ref, b) for ref, b in zip(references, batches)))
 
     errors, sizes, paths = [], [], list(stats)
     for path in paths:
@@ -373,14 +382,12 @@ def mixed_precision(
                 row_errors.append(np.inf)
                 row_sizes.append(-1)
                 continue
-            delta = np.asarray(to_matrix(q.dequantize(jnp.float32), leaf_stats)) - np.asarray(matrix, np.float64)
-            if sensitivity == "model":
-                position = flat_paths.index(path)
-                replaced = [q.dequantize() if i == position else leaf_i for i, (_, leaf_i) in enumerate(flat)]
-                trial = jax.tree_util.tree_unflatten(treedef, replaced)
-                row_errors.append(float(sum(model_error(trial, ref, b) for ref, b in zip(references, batches))))
+            if probe is not None and sensitivity == "model":
+                row_errors.append(probe(path, q))
             else:
-                row_errors.append(layer_sensitivity(delta, hessian, leaf_stats.count, sensitivity, matrix))
+                delta = np.asarray(to_matrix(q.dequantize(jnp.float32), leaf_stats)) - np.asarray(matrix, np.float64)
+                local = "output" if sensitivity == "scaled" else sensitivity
+                row_errors.append(layer_sensitivity(delta, hessian, leaf_stats.count, local, matrix))
             row_sizes.append(int(q.nbytes))
         if len(failures) == len(specs):
             raise failures[0]
@@ -391,7 +398,10 @@ def mixed_precision(
     errors_arr, sizes_arr = np.asarray(errors), np.asarray(sizes, np.int64)
     elements = sum(int(np.prod(leaves[p].shape)) for p in paths)
     if budget_bytes is None:
-        budget_bytes = int(math.floor(float(budget_bits_per_weight) * elements / 8))
+        budget_bytes = int(math.floor(float(budget_bits_per_weight or 0.0) * elements / 8))
+    if probe is not None and sensitivity == "scaled":
+        measure = lambda row, c: probe(paths[row], quantize(jnp.asarray(leaves[paths[row]]), specs[c], name=names[paths[row]]))
+        errors_arr = _scale_by_probes(errors_arr, sizes_arr, int(budget_bytes), measure)
     chosen, exact = choose_bits(errors_arr, sizes_arr, int(budget_bytes), max_states=max_states)
 
     layers, rules = [], []

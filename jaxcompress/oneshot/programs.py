@@ -63,6 +63,8 @@ class _Programs:
 class _BatchCapture:
     """What the captures share: the batches, their row masks and shape signatures, closing."""
 
+    _programs: "_Programs"  # set by each subclass's __init__
+
     def _init_batches(self, batches: Iterable[Any], row_mask: Callable[[Any], Any] | None) -> None:
         self.batches = list(batches)
         if not self.batches:

@@ -132,7 +132,7 @@ class SegmentedCapture(_BatchCapture):
         self._carried: list = [None] * len(self.batches)
         self._next = 0
         if compile_ahead:
-            shapes = {signature: {} for signature in self.first}
+            shapes: dict[Any, dict] = {signature: {} for signature in self.first}
             for k in range(len(self.groups)):
                 for signature, index in self.first.items():
                     stats_fns, advance_fns = self.jitted[signature]

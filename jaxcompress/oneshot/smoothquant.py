@@ -224,9 +224,8 @@ def run_smoothing(
     batches = list(batches)
     if not batches:
         raise ValueError(f"{method} needs at least one calibration batch")
-    options = {} if row_mask is None else {"row_mask": row_mask}
     stats = capture_statistics(
-        fn, params, batches, plan.__contains__, params_argnum=params_argnum, hessian=hessian, **options
+        fn, params, batches, plan.__contains__, params_argnum=params_argnum, hessian=hessian, row_mask=row_mask
     )
     layers, uncalibrated, new_leaves = [], [], list(plan.leaves)
     for leaf in plan:
@@ -313,7 +312,7 @@ def smoothquant(
     >>> bool(jnp.abs(y - fn(params, x)).max() < 0.02 * jnp.abs(fn(params, x)).max())
     True
     """
-    alphas = (float(alpha),) if np.ndim(alpha) == 0 else tuple(float(a) for a in alpha)
+    alphas = tuple(float(a) for a in np.ravel(np.asarray(alpha, np.float64)))  # a value or a grid
     if not alphas:
         raise ValueError("alpha grid is empty")
     for a in alphas:

@@ -26,12 +26,13 @@ it a magnitude decision), then ``damp * mean(diag(H))`` is added to the diagonal
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcompress.oneshot.allocation import Allocation, resolve_allocation
 from jaxcompress.oneshot.wanda import check_pattern, n_m_keep_mask, pruned_count
 
 __all__ = ["damped_hessian", "inverse_cholesky_upper", "sparsegpt_matrix", "output_error", "sparsegpt"]
@@ -195,7 +196,7 @@ def sparsegpt_matrix(
     check_pattern(sparsity, n, m, d_in, name)
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{name}: block_size must be a positive integer, got {block_size!r}")
-    if n is not None and block_size % m:
+    if n is not None and m is not None and block_size % m:
         raise ValueError(f"{name}: N:M with M={m} needs block_size divisible by M, got block_size={block_size}")
     if damp < 0:
         raise ValueError(f"{name}: damp must be >= 0, got {damp}")
@@ -204,12 +205,15 @@ def sparsegpt_matrix(
     return _sparsegpt(weight, upper, sparsity=sparsity, n=n, m=m, block_size=block_size)
 
 
-def _sparsegpt_from_statistics(matrix, stats, *, sparsity, n, m, name, damp, block_size):
+def _sparsegpt_from_statistics(matrix, stats, *, sparsity, n, m, name, damp, block_size, count=None):
     import warnings
 
     import numpy as np
 
-    from jaxcompress.oneshot.wanda import check_statistics
+    from jaxcompress.oneshot.prune_driver import check_statistics
+
+    if count is not None and pruned_count(sparsity, matrix.size) != count:  # count / size round-trips
+        raise AssertionError(f"{name}: sparsity {sparsity!r} does not give the allocated count {count}")
 
     check_statistics(stats, name, "SparseGPT", uses_hessian=True)
     hessian = np.asarray(stats.hessian, np.float32)
@@ -240,10 +244,12 @@ def sparsegpt(
     damp: float = 0.01,
     block_size: int = 128,
     sequential: bool = True,
+    allocation: Allocation = "uniform",
+    reconstruct: bool = False,
     step: int | None = None,
     row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
-    on_unused: str = "warn",
+    on_unused: Literal["warn", "error", "ignore"] = "warn",
 ) -> tuple[Any, Any]:
     """Prune ``params`` with SparseGPT from calibration batches; returns ``(pruned_params, masks)``.
 
@@ -261,6 +267,12 @@ def sparsegpt(
       block_size: columns per lazy-update block (128 as the paper).
       sequential: prune group by group in program order with the earlier groups already pruned
         (as the paper); ``False``: all statistics from the dense model in one pass.
+      allocation: ``"uniform"`` (every leaf at its rule's sparsity) or ``"owl"`` / an
+        `jaxcompress.oneshot.allocation.OWL` (outlier-weighted per-leaf sparsities within
+        ``+-spread`` of the rule's, exactly the rule's total count; unstructured rules only, N:M
+        stays exact). Costs one extra calibration pass of the dense model.
+      reconstruct: after each leaf's OBS sweep, re-fit its kept weights jointly by masked least
+        squares on the same ``X^T X`` (`jaxcompress.oneshot.reconstruct`).
       step: where a rule's sparsity schedule is evaluated (required if a rule has a schedule).
       row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
         padding tokens: ``lambda batch: batch[1]``); see
@@ -279,7 +291,7 @@ def sparsegpt(
     >>> masks["w"].reshape(2, 4, 4).sum(axis=1).tolist()   # 2 of every 4 inputs, per output
     [[2, 2, 2, 2], [2, 2, 2, 2]]
     """
-    from jaxcompress.oneshot.wanda import prune_with_statistics
+    from jaxcompress.oneshot.prune_driver import prune_with_statistics
 
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
@@ -297,4 +309,7 @@ def sparsegpt(
         params_argnum=params_argnum,
         on_unused=on_unused,
         row_mask=row_mask,
+        allocation=resolve_allocation(allocation),
+        reconstruct=reconstruct,
+        reconstruct_damp=max(damp, 1e-3),
     )

@@ -14,7 +14,7 @@ float64, so 10k+ rows lose nothing to float32 summation order.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ class LayerStatistics(NamedTuple):
     sq_norms: np.ndarray
     abs_sums: np.ndarray
     absmax: np.ndarray
-    count: int
+    count: Any  # int; an int array (one per layer) for a scanned weight
     site: DotSite
     view: MatrixView
     num_sites: int = 1

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxcompress._checks import runtime_check
-from jaxcompress.qarray import QArray
+from jaxcompress.qarray import NF4_QTYPE, QArray
 from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
@@ -67,6 +67,14 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
     ((2, 2), dtype(int4))
     >>> bool(jnp.abs(jc.dequantize(q4) - w).max() <= q4.scale.max() / 2)
     True
+
+    A group size need not divide its axis (the last group is shorter), and ``qtype="nf4"``
+    stores QLoRA's normal-float 4-bit codes:
+
+    >>> jc.quantize(w, bits=4, channel_axes=(-1,), group_size=3).scale.shape  # groups of 3 + 1
+    (2, 2)
+    >>> jc.quantize(w, qtype="nf4", group_size=64).scale.shape  # one group of 4 per column
+    (1, 1)
     """
     spec = make_spec(spec, options)
     if not hasattr(x, "dtype"):
@@ -142,7 +150,7 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
     """
     entries = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     mesh_shape = dict(sharding.mesh.shape)
-    out = []
+    out: list[Any] = []
     for axis, entry in enumerate(entries):
         if entry is None or (axis not in spec.channel_axes and axis != spec.group_axis):
             out.append(None)
@@ -150,7 +158,7 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
         names = entry if isinstance(entry, tuple) else (entry,)
         shards = math.prod(int(mesh_shape[name]) for name in names)
         if axis == spec.group_axis:
-            aligned = shape[axis] % shards == 0 and (shape[axis] // shards) % spec.group_size == 0
+            aligned = shape[axis] % shards == 0 and (shape[axis] // shards) % int(spec.group_size or 1) == 0
             out.append(entry if aligned else None)
         else:
             out.append(entry if shape[axis] % shards == 0 else None)
@@ -222,7 +230,7 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
-    if q.group_axis is None or q.stored_permutation is not None:
+    if (q.group_axis is None and q.qtype != NF4_QTYPE) or q.stored_permutation is not None:
         return q.dequantize(dtype)
     out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(q.dtype)
     if q.input_scale is not None:
@@ -285,4 +293,5 @@ def group_spec(q: QArray) -> ResolvedSpec:
         group_size=q.group_size,
         calibration=Calibration(),
         allow_nonfinite=True,
+        group_dim=None if q.group_axis is None else int(q.shape[q.group_axis]),
     )

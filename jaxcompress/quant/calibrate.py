@@ -9,6 +9,11 @@ sharded (see `jaxcompress.quant.codec`): absmax and mse reduce each block of the
 combine the per-block results into groups; only those small arrays cross shard boundaries.
 Percentile needs every element of a group in one place: a group that straddles a shard boundary
 is gathered for it (a copy for calibration; the codes still keep the param's sharding).
+
+A ragged last group (`jaxcompress.quant.groups`) is calibrated on its own elements only: the
+grouped view pads it with its last element for min / max (which that leaves unchanged), with NaN
+for percentiles (nan-aware), and with zeros for the MSE search (zero round-trips exactly, so the
+padding adds no error).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.quant.codec import blocks_to_groups, groups_to_blocks, round_trip, to_blocks
+from jaxcompress.quant.codec import block_size, blocks_to_groups, groups_to_blocks, round_trip, to_blocks
+from jaxcompress.quant.groups import is_ragged
 from jaxcompress.quant.spec import ResolvedSpec
 
 __all__ = ["absmax_range", "percentile_range", "mse_range", "calibrate_range", "calibrate_array"]
@@ -42,26 +48,28 @@ def absmax_range(x: jax.Array, reduce_axes: tuple[int, ...], symmetric: bool):
     )
 
 
-def _percentile_over(x: jax.Array, q: float, reduce_axes: tuple[int, ...]) -> jax.Array:
-    """Percentile over several axes at once, keeping them as size 1."""
+def _percentile_over(x: jax.Array, q: float, reduce_axes: tuple[int, ...], ignore_nan: bool = False) -> jax.Array:
+    """Percentile over several axes at once, keeping them as size 1 (``ignore_nan``: NaN
+    elements, the padding of a ragged group, are left out)."""
     kept = [a for a in range(x.ndim) if a not in reduce_axes]
     moved = jnp.transpose(x, kept + list(reduce_axes))
     flat = moved.reshape(tuple(x.shape[a] for a in kept) + (-1,))
-    result = jnp.percentile(flat, q, axis=-1)
+    result = (jnp.nanpercentile if ignore_nan else jnp.percentile)(flat, q, axis=-1)
     out_shape = tuple(1 if a in reduce_axes else x.shape[a] for a in range(x.ndim))
     return result.reshape(out_shape)
 
 
 def percentile_range(
-    x: jax.Array, reduce_axes: tuple[int, ...], symmetric: bool, percentile: float
+    x: jax.Array, reduce_axes: tuple[int, ...], symmetric: bool, percentile: float, ignore_nan: bool = False
 ):
-    """Clip at the ``percentile``-th percentile of ``|x|`` (symmetric) or of ``x`` at both ends."""
+    """Clip at the ``percentile``-th percentile of ``|x|`` (symmetric) or of ``x`` at both ends
+    (``ignore_nan``: NaN elements are not counted)."""
     if symmetric:
-        hi = _percentile_over(jnp.abs(x), percentile, reduce_axes)
+        hi = _percentile_over(jnp.abs(x), percentile, reduce_axes, ignore_nan)
         return -hi, hi
     return (
-        _percentile_over(x, 100.0 - percentile, reduce_axes),
-        _percentile_over(x, percentile, reduce_axes),
+        _percentile_over(x, 100.0 - percentile, reduce_axes, ignore_nan),
+        _percentile_over(x, percentile, reduce_axes, ignore_nan),
     )
 
 
@@ -128,13 +136,25 @@ def calibrate_array(x: jax.Array, spec: ResolvedSpec, block: int | None = None):
     [3.0, 2.0]
     """
     reduce_axes = spec.reduce_axes(x.ndim)
-    blocked, block = to_blocks(x, spec, block)
-    if spec.group_axis is None or block == spec.group_size:
-        return calibrate_range(blocked, spec, reduce_axes)
-    if spec.calibration.method == "percentile":
-        return calibrate_range(x.reshape(spec.grouped_shape(tuple(x.shape))), spec, reduce_axes)
+    if spec.group_axis is None or spec.group_size is None:
+        return calibrate_range(x, spec, reduce_axes)
     if spec.allow_nonfinite:
-        blocked = _finite_or_zero(blocked)
+        x = _finite_or_zero(x)
+    if block is None:
+        block = block_size(x, spec)
+    ragged = is_ragged(int(x.shape[spec.group_axis]), spec.group_size)
+    method = spec.calibration.method
+    if method == "percentile":  # whole groups (gathered where they straddle shards)
+        grouped, _ = to_blocks(x, spec, spec.group_size, "nan" if ragged else "zero")
+        return percentile_range(grouped, reduce_axes, spec.symmetric, spec.calibration.percentile, ignore_nan=ragged)
+    if block == spec.group_size:
+        edge, _ = to_blocks(x, spec, block, "edge")
+        lo, hi = absmax_range(edge, reduce_axes, spec.symmetric)
+        if method == "absmax":
+            return lo, hi
+        zero = to_blocks(x, spec, block, "zero")[0] if ragged else edge
+        return _mse_search(zero, lo, hi, reduce_axes, spec, lambda a: a, lambda a: a)
+    blocked, block = to_blocks(x, spec, block)
     lo, hi = absmax_range(blocked, reduce_axes, spec.symmetric)
     hi = blocks_to_groups(hi, spec, block, "max")
     lo = -hi if spec.symmetric else blocks_to_groups(lo, spec, block, "min")

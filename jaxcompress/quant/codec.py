@@ -15,19 +15,29 @@ keeps the param's sharding (every shard holds whole blocks), the scale is expand
 blocks (`groups_to_blocks`, a small array) and group reductions run as a block reduction followed
 by a regrouping of the per-block results (`blocks_to_groups`, 1/block of the param). When groups
 align with shards (the usual case) ``block == group_size`` and both steps are no-ops.
+
+Ragged groups (``group_size`` not dividing the axis, `jaxcompress.quant.groups`): with
+``block == group_size`` the grouped view pads the axis at its end to whole groups (zeros for
+the codes and MSE errors, the edge value for min / max, NaN for percentiles) and the padding is
+cut off again; a sharded ragged axis uses blocks that divide the axis, the group size and the
+shard length (`block_along`), so the param itself is never padded, and only the small
+per-block arrays are padded when they are regrouped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
 
-from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, storage_dtype
+from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, NF4_QTYPE, storage_dtype
+from jaxcompress.quant.groups import group_span, merge_groups, num_groups, split_groups
+from jaxcompress.quant.nf4 import nf4_decode, nf4_encode
 from jaxcompress.quant.spec import ResolvedSpec
 
 __all__ = [
@@ -42,6 +52,7 @@ __all__ = [
     "block_along",
     "blocked_spec",
     "to_blocks",
+    "from_blocks",
     "groups_to_blocks",
     "blocks_to_groups",
     "encode_array",
@@ -69,6 +80,8 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: ResolvedSpec):
     A degenerate range (all zeros, or a range that underflows) gets scale 1.0: never 0 or NaN,
     and zeros still encode to exact zeros.
     """
+    if spec.qtype == NF4_QTYPE:  # the code book spans [-1, 1]
+        return _stored_scale(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), spec), None
     if spec.qtype != INT_QTYPE:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = absmax / fp8_max(spec.qtype)
@@ -105,6 +118,8 @@ def encode(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec) -> ja
     """Float (grouped view) -> stored codes, in the storage dtype."""
     if spec.allow_nonfinite:
         x = jnp.where(jnp.isnan(x), 0.0, x)
+    if spec.qtype == NF4_QTYPE:
+        return nf4_encode(x / scale)
     if spec.qtype != INT_QTYPE:
         limit = fp8_max(spec.qtype)
         return jnp.clip(x / scale, -limit, limit).astype(storage_dtype(8, spec.qtype))
@@ -115,8 +130,10 @@ def encode(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec) -> ja
     return jnp.clip(codes, qmin, qmax).astype(storage_dtype(spec.bits, spec.qtype))
 
 
-def decode(values: jax.Array, scale: jax.Array, zero_point) -> jax.Array:
-    """Stored codes (grouped view) -> float32."""
+def decode(values: jax.Array, scale: jax.Array, zero_point, qtype: str = INT_QTYPE) -> jax.Array:
+    """Stored codes (grouped view) -> float32 (nf4: looked up in the code book)."""
+    if qtype == NF4_QTYPE:
+        return nf4_decode(values) * scale
     out = values.astype(jnp.float32)
     if zero_point is not None:
         out = out - zero_point.astype(jnp.float32)
@@ -126,7 +143,7 @@ def decode(values: jax.Array, scale: jax.Array, zero_point) -> jax.Array:
 def round_trip(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> jax.Array:
     """``decode(encode(x))`` with the scale implied by the clip range ``[lo, hi]``."""
     scale, zero_point = scale_from_range(lo, hi, spec)
-    return decode(encode(x, scale, zero_point, spec), scale, zero_point)
+    return decode(encode(x, scale, zero_point, spec), scale, zero_point, spec.qtype)
 
 
 def to_grouped(array: jax.Array, spec: ResolvedSpec) -> jax.Array:
@@ -175,26 +192,34 @@ def block_size(x: Any, spec: ResolvedSpec) -> int | None:
     >>> block_size(jax.numpy.zeros((192, 8)), spec)  # one device: whole groups
     64
     """
-    if spec.group_axis is None:
+    if spec.group_axis is None or spec.group_size is None:
         return None
     return block_along(x, spec.group_axis, int(spec.group_size))
 
 
 def block_along(x: Any, axis: int, group_size: int) -> int:
-    """The largest divisor of ``group_size`` that divides the shard length of ``x`` along
-    ``axis``. When the sharding is not known at trace time (``jit`` over auto mesh axes), any
-    even split of the axis over a divisor of the device count is allowed for. (Also for callers
-    outside `quant`, e.g. the grouped integer dot of `compressed`.)
+    """The block length for groups of ``group_size`` along ``axis`` of ``x``: ``group_size``
+    itself (whole groups: the grouped view) when the axis is not split or every shard holds
+    whole groups; otherwise the largest length that divides the shard length, the axis and
+    every group boundary (``group_size``, or the axis alone when it is one short group), so
+    that every block lies in one group and one shard. When the sharding is not known at trace
+    time (``jit`` over auto mesh axes), any even split of the axis over a divisor of the device
+    count is allowed for. (Also for callers outside `quant`, e.g. the grouped integer dot of
+    `compressed`.)
 
-    >>> block_along(jax.numpy.zeros((192, 8)), 0, 64)
-    64
+    >>> block_along(jax.numpy.zeros((192, 8)), 0, 64), block_along(jax.numpy.zeros((576, 8)), 0, 128)
+    (64, 128)
     """
-    dim = int(x.shape[axis])
+    dim, group_size = int(x.shape[axis]), int(group_size)
     shards = _shards_along(x, axis)
     if shards is None:
         shards = math.gcd(dim, jax.device_count())
-    shard_dim = -(-dim // max(shards, 1))
-    return math.gcd(int(group_size), shard_dim) or int(group_size)
+    if shards <= 1:
+        return group_size
+    shard_dim = -(-dim // shards)
+    boundary = group_size if dim > group_size else 0  # one short group: only its end matters
+    block = math.gcd(math.gcd(boundary, shard_dim), dim)
+    return block or group_size
 
 
 def blocked_spec(spec: ResolvedSpec, block: int | None) -> ResolvedSpec:
@@ -204,21 +229,50 @@ def blocked_spec(spec: ResolvedSpec, block: int | None) -> ResolvedSpec:
     return dataclasses.replace(spec, group_size=int(block))
 
 
-def to_blocks(x: jax.Array, spec: ResolvedSpec, block: int | None = None) -> tuple[jax.Array, int | None]:
-    """``x`` in the blocked view (the grouped view when ``block == group_size``) and the block
-    used (`block_size` of ``x`` unless given). The within-block axis is ``group_axis + 1``, so
-    ``spec.reduce_axes`` applies unchanged."""
+def to_blocks(
+    x: jax.Array, spec: ResolvedSpec, block: int | None = None, fill: Literal["zero", "edge", "nan"] = "zero"
+) -> tuple[jax.Array, int | None]:
+    """``x`` in the blocked view (the grouped view when ``block == group_size``: a ragged axis
+    is padded at its end with ``fill``, see `jaxcompress.quant.groups.pad_groups`) and the
+    block used (`block_size` of ``x`` unless given). The within-block axis is ``group_axis +
+    1``, so ``spec.reduce_axes`` applies unchanged. `from_blocks` undoes it."""
     if block is None:
         block = block_size(x, spec)
+    if spec.group_axis is None or spec.group_size is None:
+        return x, block
+    if block == spec.group_size:
+        return split_groups(x, spec.group_axis, spec.group_size, fill), block
     return x.reshape(blocked_spec(spec, block).grouped_shape(tuple(x.shape))), block
+
+
+def from_blocks(blocked: jax.Array, spec: ResolvedSpec, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of `to_blocks`: back to ``shape`` (the original), padding dropped."""
+    if spec.group_axis is None:
+        return blocked
+    return merge_groups(blocked, spec.group_axis, shape[spec.group_axis]).reshape(shape)
+
+
+def _group_geometry(spec: ResolvedSpec, block: int, blocks: int) -> tuple[int, int]:
+    """``(groups, blocks per group)`` for ``blocks`` blocks of ``block`` along the group axis."""
+    dim = spec.group_dim if spec.group_dim is not None else blocks * block
+    assert spec.group_size is not None
+    return num_groups(dim, spec.group_size), group_span(dim, spec.group_size) // block
 
 
 def groups_to_blocks(array: Any, spec: ResolvedSpec, block: int | None) -> Any:
     """A per-group array in the grouped layout (``(..., groups, 1, ...)``) repeated onto the
-    blocked layout (``(..., blocks, 1, ...)``); ``None`` passes through."""
+    blocked layout (``(..., blocks, 1, ...)``; a shorter last group gets fewer blocks);
+    ``None`` passes through."""
     if array is None or spec.group_axis is None or block is None or block == spec.group_size:
         return array
-    return jnp.repeat(array, spec.group_size // block, axis=spec.group_axis)
+    assert spec.group_size is not None
+    dim = spec.group_dim if spec.group_dim is not None else array.shape[spec.group_axis] * spec.group_size
+    per_group = group_span(dim, spec.group_size) // block
+    if dim % spec.group_size == 0 or dim <= spec.group_size:
+        return jnp.repeat(array, per_group, axis=spec.group_axis)
+    # the group of every block (a shorter last group has fewer): exactly ``dim // block`` entries
+    index = np.arange(dim // block) // per_group
+    return jnp.take(array, jnp.asarray(index, jnp.int32), axis=spec.group_axis)
 
 
 def _explicit_unsharded(array: jax.Array, axis: int) -> tuple[jax.Array, Any]:
@@ -231,7 +285,7 @@ def _explicit_unsharded(array: jax.Array, axis: int) -> tuple[jax.Array, Any]:
     except (AttributeError, TypeError):
         return array, None
     spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
-    if spec is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    if spec is None or mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return array, None
     entries = list(spec) + [None] * (array.ndim - len(spec))
     if entries[axis] is not None:
@@ -246,16 +300,27 @@ def blocks_to_groups(partial: jax.Array, spec: ResolvedSpec, block: int | None, 
     arrays cross shard boundaries, never the param."""
     if spec.group_axis is None or block is None or block == spec.group_size:
         return partial
-    axis, per_group = spec.group_axis, spec.group_size // block
+    axis = spec.group_axis
+    groups, per_group = _group_geometry(spec, block, int(partial.shape[axis]))
     partial, out_sharding = _explicit_unsharded(partial, axis)
-    shape = tuple(partial.shape)
-    split = shape[:axis] + (shape[axis] // per_group, per_group) + shape[axis + 2 :]
-    if out_sharding is None:
-        regrouped = partial.reshape(split)
-    else:
-        regrouped = jax.lax.reshape(partial, split, out_sharding=out_sharding)
-    reducer = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}[reduce]
-    return reducer(regrouped, axis=axis + 1, keepdims=True)
+    reducers: dict[str, Callable[..., Any]] = {"max": jnp.max, "min": jnp.min, "sum": jnp.sum}
+    reducer = reducers[reduce]
+    blocks = int(partial.shape[axis])
+    whole = blocks // per_group  # groups with all their blocks (all but a shorter last one)
+    parts = []
+    if whole:
+        head = partial if whole * per_group == blocks else jax.lax.slice_in_dim(partial, 0, whole * per_group, axis=axis)
+        shape = tuple(head.shape)
+        split = shape[:axis] + (whole, per_group) + shape[axis + 2 :]
+        if out_sharding is None:
+            regrouped = head.reshape(split)
+        else:
+            regrouped = jax.lax.reshape(head, split, out_sharding=out_sharding)
+        parts.append(reducer(regrouped, axis=axis + 1, keepdims=True))
+    if whole < groups:  # the shorter last group: its few blocks reduced on their own
+        tail = jax.lax.slice_in_dim(partial, whole * per_group, blocks, axis=axis)
+        parts.append(jnp.expand_dims(reducer(tail, axis=axis, keepdims=False), axis))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def encode_array(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:
@@ -263,7 +328,7 @@ def encode_array(x: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec,
     the grouped layout; works in the blocked view, so the codes keep ``x``'s sharding."""
     blocked, block = to_blocks(x.astype(jnp.float32), spec, block)
     scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
-    return encode(blocked, scale, zero_point, spec).reshape(x.shape)
+    return from_blocks(encode(blocked, scale, zero_point, spec), spec, tuple(x.shape))
 
 
 def decode_array(values: jax.Array, scale: jax.Array, zero_point, spec: ResolvedSpec, block: int | None = None) -> jax.Array:
@@ -271,4 +336,4 @@ def decode_array(values: jax.Array, scale: jax.Array, zero_point, spec: Resolved
     layout; the result keeps the codes' sharding."""
     blocked, block = to_blocks(values, spec, block)
     scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
-    return decode(blocked, scale, zero_point).reshape(values.shape)
+    return from_blocks(decode(blocked, scale, zero_point, spec.qtype), spec, tuple(values.shape))

@@ -173,6 +173,7 @@ def plan_quantization(params: Any, rules: Sequence[QuantRule] | QuantRule, *, on
             decisions.append(LeafDecision(path_str, shape, dtype, "skipped", index, reason))
             continue
         name = path_to_keystr(path)
+        assert shape is not None  # a leaf with no reason to skip is an array
         resolved = rule.spec.resolve(shape, name)  # validates the spec against the leaf, naming it
         planned.append(PlannedLeaf(position, path_str, name, rule, resolved))
         decisions.append(LeafDecision(path_str, shape, dtype, "quantized", index, spec=rule.spec.describe()))

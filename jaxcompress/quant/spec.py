@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 
 from jaxcompress._errors import RuleMismatchError
-from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE
+from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, NF4_QTYPE
+from jaxcompress.quant.groups import group_span, num_groups
 
 __all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "ACTIVATION_MODES"]
 
@@ -82,14 +83,19 @@ class QuantSpec:
     """How to quantize one array.
 
     Attributes:
-      bits: integer bit width, 2..8 (ignored for fp8 formats, which are 8-bit).
-      qtype: ``"int"`` or an fp8 format: ``"float8_e4m3fn"`` / ``"float8_e5m2"``.
+      bits: integer bit width, 2..8 (ignored for fp8 formats, which are 8-bit, and for nf4,
+        which is 4-bit).
+      qtype: ``"int"``, an fp8 format (``"float8_e4m3fn"`` / ``"float8_e5m2"``) or ``"nf4"``
+        (normal-float 4-bit, QLoRA's code book `jaxcompress.quant.nf4.NF4_CODE` times an absmax
+        scale per group; symmetric and weight-only; QLoRA uses ``group_size=64``).
       symmetric: symmetric (no zero point, range ``[-(2^(b-1)-1), 2^(b-1)-1]``) or asymmetric
         (a zero point, full range ``[-2^(b-1), 2^(b-1)-1]``, zero exactly representable).
       channel_axes: axes that keep their own scale. ``()`` is per-tensor; ``(-1,)`` is
         per-output-channel for Flax ``Dense`` (in, out) and ``Conv`` (H, W, I, O) kernels.
       group_size: if set, the scale is also split into groups of this many consecutive elements
-        along ``group_axis`` (per-group quantization along a contracting axis).
+        along ``group_axis`` (per-group quantization along a contracting axis). It need not
+        divide the axis: the last group is then shorter (``ceil(dim / group_size)`` groups), and
+        an axis shorter than ``group_size`` is one group.
       group_axis: the axis the groups run along; defaults to -2, the input-feature
         (contracting) axis of Flax ``Dense`` and ``Conv`` kernels.
       calibration: a method name (``"absmax"``, ``"percentile"``, ``"mse"``) or a `Calibration`.
@@ -124,11 +130,17 @@ class QuantSpec:
     def __post_init__(self):
         object.__setattr__(self, "channel_axes", _axes(self.channel_axes))
         object.__setattr__(self, "calibration", as_calibration(self.calibration))
-        if self.qtype != INT_QTYPE and self.qtype not in FP8_QTYPES:
+        if self.qtype not in (INT_QTYPE, NF4_QTYPE) and self.qtype not in FP8_QTYPES:
             raise ValueError(
-                f"qtype {self.qtype!r} is not 'int' or one of {sorted(FP8_QTYPES)}"
+                f"qtype {self.qtype!r} is not 'int', 'nf4' or one of {sorted(FP8_QTYPES)}"
             )
-        if self.qtype == INT_QTYPE:
+        if self.qtype == NF4_QTYPE:
+            if self.bits not in (4, 8):  # 8: the default when only qtype="nf4" is given
+                raise ValueError(f"nf4 is a 4-bit format, got bits={self.bits!r}")
+            object.__setattr__(self, "bits", 4)
+            if not self.symmetric:
+                raise ValueError("nf4 quantization is symmetric only (symmetric=False given)")
+        elif self.qtype == INT_QTYPE:
             if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
                 raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
             if not 2 <= self.bits <= 8:
@@ -151,15 +163,16 @@ class QuantSpec:
         if self.activation != "weight_only" and self.qtype != INT_QTYPE:
             raise ValueError(
                 f"activation={self.activation!r} runs int8 x int8 dots and needs qtype='int', "
-                f"got qtype={self.qtype!r} (use activation='weight_only' for fp8 weights)"
+                f"got qtype={self.qtype!r} (use activation='weight_only' for fp8 and nf4 weights)"
             )
 
     def resolve(self, shape: tuple[int, ...], name: str = "array") -> "ResolvedSpec":
         """Check this spec against ``shape`` and return it with non-negative axes.
 
         Raises `RuleMismatchError` (a ``ValueError``) naming ``name`` (a pytree path) when an
-        axis is out of range, an axis repeats, the group axis is also a channel axis, the group
-        size does not divide the group axis, or the array is empty.
+        axis is out of range, an axis repeats, the group axis is also a channel axis, or the
+        array is empty. A group size that does not divide its axis is fine (a shorter last
+        group).
         """
         ndim = len(shape)
         if 0 in tuple(shape):
@@ -184,12 +197,6 @@ class QuantSpec:
                     f"{name}: group axis {group_axis} is also a channel axis {channel_axes}; "
                     f"groups run along a shared (contracting) axis"
                 )
-            dim = shape[group_axis]
-            if dim % self.group_size:
-                raise RuleMismatchError(
-                    f"{name}: group size {self.group_size} does not divide axis {group_axis} "
-                    f"of size {dim} (shape {tuple(shape)})"
-                )
         return ResolvedSpec(
             bits=int(self.bits),
             qtype=self.qtype,
@@ -197,10 +204,11 @@ class QuantSpec:
             channel_axes=channel_axes,
             group_axis=group_axis,
             group_size=None if self.group_size is None else int(self.group_size),
-            calibration=self.calibration,
+            calibration=as_calibration(self.calibration),
             allow_nonfinite=self.allow_nonfinite,
             activation=self.activation,
             scale_dtype=self.scale_dtype,
+            group_dim=None if group_axis is None else int(shape[group_axis]),
         )
 
     def describe(self) -> str:
@@ -211,12 +219,14 @@ class QuantSpec:
         sym = "sym" if self.symmetric else "asym"
         activation = "" if self.activation == "weight_only" else f" a8-{self.activation}"
         scale = "" if self.scale_dtype == "float32" else f" scale={self.scale_dtype}"
-        return f"{fmt} {gran} {sym} {self.calibration.method}{activation}{scale}"
+        return f"{fmt} {gran} {sym} {as_calibration(self.calibration).method}{activation}{scale}"
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedSpec:
-    """A `QuantSpec` checked against one shape: all axes non-negative (internal)."""
+    """A `QuantSpec` checked against one shape: all axes non-negative (internal).
+    ``group_dim`` is the length of the group axis (``None``: not recorded, read from the shape
+    passed to `grouped_shape`)."""
 
     bits: int
     qtype: str
@@ -228,13 +238,25 @@ class ResolvedSpec:
     allow_nonfinite: bool
     activation: str = "weight_only"
     scale_dtype: str = "float32"
+    group_dim: int | None = None
 
     def grouped_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """``shape`` with the group axis split into ``(dim // group_size, group_size)``."""
-        if self.group_axis is None:
+        """``shape`` with the group axis split into ``(num_groups, group_span)`` (see
+        `jaxcompress.quant.groups`: a ragged axis is padded at its end to whole groups)."""
+        if self.group_axis is None or self.group_size is None:
             return tuple(shape)
-        axis = self.group_axis
-        return tuple(shape[:axis]) + (shape[axis] // self.group_size, self.group_size) + tuple(shape[axis + 1 :])
+        axis, dim = self.group_axis, int(shape[self.group_axis])
+        split = (num_groups(dim, self.group_size), group_span(dim, self.group_size))
+        return tuple(shape[:axis]) + split + tuple(shape[axis + 1 :])
+
+    def num_groups(self, dim: int | None = None) -> int:
+        """Groups along the group axis (of length ``dim``, default ``group_dim``); 1 without one."""
+        if self.group_axis is None or self.group_size is None:
+            return 1
+        dim = self.group_dim if dim is None else dim
+        if dim is None:
+            raise ValueError("ResolvedSpec.num_groups: the length of the group axis is not known")
+        return num_groups(dim, self.group_size)
 
     def reduce_axes(self, ndim: int) -> tuple[int, ...]:
         """Axes of the GROUPED view that one scale is shared over."""

@@ -34,7 +34,7 @@ mapping of a depthwise multiplier need no special cases: a channel's "class" is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -60,7 +60,7 @@ class ChannelCoupling:
     reasons: dict[int, list[str]]
     treedef: Any
 
-    def members(self, classes: Sequence[int]) -> list[str]:
+    def members(self, classes: Iterable[int]) -> list[str]:
         """``path[axis]`` strings of every leaf axis that holds one of ``classes``."""
         wanted = np.asarray(sorted(set(int(c) for c in classes)), np.int64)
         found = []

@@ -22,7 +22,7 @@ Labels = tuple  # per axis: np.ndarray of node ids, or None
 class _UnionFind:
     """Union-find over channel nodes; a root may carry the reasons its class cannot be shrunk."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.parent: list[int] = []
         self.reasons: dict[int, list[str]] = {}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jaxcompress.structured.coupling import ChannelCoupling, analyze_channels
 __all__ = ["ShrinkResult", "shrink", "channel_masks", "ALIGNMENTS"]
 
 ALIGNMENTS = (None, "union", "intersection")
+Alignment = Literal["union", "intersection"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +86,9 @@ def _as_keep_vector(path: str, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 def _mask_items(masks: Any, coupling: ChannelCoupling) -> dict[str, np.ndarray]:
     """``{full leaf path: keep vector}`` from a ``{path: mask}`` mapping or a masks pytree."""
+    items: list[tuple[str, Any]]
     if isinstance(masks, Mapping) and masks and all(isinstance(k, str) and "/" in k or k in coupling.shapes for k in masks):
-        items = masks.items()
+        items = list(masks.items())
     else:
         flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
         items = [(path_to_str(p), m) for p, m in flat if m is not None and hasattr(m, "shape")]
@@ -101,14 +103,14 @@ def _decide(keeps: dict[str, np.ndarray], coupling: ChannelCoupling, align: str 
     """Class ids to remove, after checking agreement within coupled groups."""
     if align not in ALIGNMENTS:
         raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
-    classes, votes, owners = [], [], []
+    class_parts, vote_parts, owner_parts = [], [], []
     for index, (path, keep) in enumerate(keeps.items()):
-        classes.append(coupling.out_classes(path))
-        votes.append(keep)
-        owners.append(np.full(keep.shape, index))
-    if not classes:
+        class_parts.append(coupling.out_classes(path))
+        vote_parts.append(keep)
+        owner_parts.append(np.full(keep.shape, index))
+    if not class_parts:
         return np.zeros(0, np.int64)
-    classes, votes, owners = np.concatenate(classes), np.concatenate(votes), np.concatenate(owners)
+    classes, votes, owners = np.concatenate(class_parts), np.concatenate(vote_parts), np.concatenate(owner_parts)
     unique, inverse = np.unique(classes, return_inverse=True)
     any_keep = np.zeros(unique.shape, bool)
     any_drop = np.zeros(unique.shape, bool)
@@ -128,21 +130,21 @@ def _decide(keeps: dict[str, np.ndarray], coupling: ChannelCoupling, align: str 
         )
     drop = any_drop & ~any_keep if align in (None, "union") else any_drop
     dropped = unique[drop]
-    bad = [int(c) for c in dropped if int(c) in coupling.reasons]
-    if bad:
+    blocked = [int(c) for c in dropped if int(c) in coupling.reasons]
+    if blocked:
         names = list(keeps)
-        involved = sorted({names[o] for o in owners[np.isin(classes, bad) & ~votes]})
-        reasons = sorted({r for c in bad for r in coupling.reasons[c]})
+        involved = sorted({names[o] for o in owners[np.isin(classes, blocked) & ~votes]})
+        reasons = sorted({r for c in blocked for r in coupling.reasons[c]})
         raise ValueError(
             f"cannot remove channels of {', '.join(involved)}: they are coupled with "
-            f"{', '.join(coupling.members(bad[:1]))}, and that channel group "
+            f"{', '.join(coupling.members(blocked[:1]))}, and that channel group "
             + "; ".join(reasons)
         )
     return dropped
 
 
 def shrink(
-    fn: Callable, variables: Any, masks: Any, *args: Any, align: str | None = None, **kwargs: Any
+    fn: Callable, variables: Any, masks: Any, *args: Any, align: Alignment | None = None, **kwargs: Any
 ) -> ShrinkResult:
     """Remove the masked-out channels from ``variables``; returns a `ShrinkResult`.
 
@@ -165,7 +167,7 @@ def shrink(
     return shrink_with(coupling, variables, masks, align=align)
 
 
-def shrink_with(coupling: ChannelCoupling, variables: Any, masks: Any, *, align: str | None = None) -> ShrinkResult:
+def shrink_with(coupling: ChannelCoupling, variables: Any, masks: Any, *, align: Alignment | None = None) -> ShrinkResult:
     """`shrink` with a precomputed `analyze_channels` result (no retracing).
 
     >>> import jax.numpy as jnp

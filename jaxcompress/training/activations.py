@@ -34,16 +34,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.execute.activation import ACTIVATION_QMAX, quantize_activation
 from jaxcompress.execute.hooks import DotSite, call_with_dot_hook
+from jaxcompress.execute.weight_view import WeightView
 from jaxcompress._program import TraceCache
+from jaxcompress.qarray import QArray
 from jaxcompress.quant.plan import plan_quantization
-from jaxcompress.rules import QuantRule
+from jaxcompress.rules import QuantRule, path_to_str
+from jaxcompress.training.integer_qat import ARITHMETICS, run_site
 
 __all__ = ["fake_quant_activations", "activation_fake_quant", "init_activation_steps", "activation_modes", "static_scale"]
 
@@ -183,6 +186,7 @@ def fake_quant_activations(
     *,
     params_argnum: int = 0,
     on_unused: str = "warn",
+    arithmetic: Literal["float", "integer", "auto"] = "float",
 ) -> Callable:
     """Wrap ``fn`` so the activations `compressed` would quantize are fake-quantized.
 
@@ -192,12 +196,23 @@ def fake_quant_activations(
       rules: the `QuantRule`\\ s (their ``activation`` mode says what to do per weight).
       params_argnum: which positional argument holds the params.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
+      arithmetic: ``"float"``: each quantized site runs the float op on the fake-quantized
+        activation and weight; ``"integer"``: it runs the integer kernel `compressed` deploys
+        (int8 x int8 -> int32), with the same straight-through gradient
+        (`jaxcompress.training.integer_qat`): the forward is then what `convert_qat` +
+        `compressed` compute. Pass the weight clip ranges the weights were fake-quantized
+        with (``weight_ranges=qat_ranges(state)``); without them each weight's range is its
+        fake-quantized absmax. ``"auto"``: the integer kernel where `compressed`'s cost model
+        (`jaxcompress.execute.policy.auto_choice`) says it is the faster one, the float
+        fake-quantized op elsewhere (equal up to float rounding).
 
     Returns:
-      ``wrapped(*args, ranges=None, steps=None, **kwargs) -> (outputs, observed)``: ``ranges``
-      ``{path: absmax}`` (tracked, e.g. `qat_activation_ranges`) or ``steps`` ``{path: step}``
-      (LSQ) for the ``"static"`` leaves; ``observed`` is ``{path: max|x|}`` of this call. Works
-      under ``jit``, ``grad`` and ``vmap``; compose with `fake_quant` for the weights.
+      ``wrapped(*args, ranges=None, steps=None, weight_ranges=None, **kwargs) -> (outputs,
+      observed)``: ``ranges`` ``{path: absmax}`` (tracked, e.g. `qat_activation_ranges`) or
+      ``steps`` ``{path: step}`` (LSQ) for the ``"static"`` leaves; ``weight_ranges`` (integer
+      arithmetic only): the weights' clip ranges; ``observed`` is ``{path: max|x|}`` of this
+      call. Works under ``jit``, ``grad`` and ``vmap``; compose with `fake_quant` for the
+      weights.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxcompress as jc
     >>> model = nn.Dense(3)
@@ -210,15 +225,25 @@ def fake_quant_activations(
     ((4, 3), ['params/kernel'])
     >>> bool(observed["params/kernel"] == jnp.max(jnp.abs(x)))
     True
+    >>> integer = jc.fake_quant_activations(model.apply, rules, arithmetic="integer")
+    >>> ranges = {"params/kernel": jnp.float32(2.0)}
+    >>> y, _ = integer(jc.fake_quant(params, rules), x, ranges=ranges)
+    >>> deployed = jc.compressed(model.apply)(jc.convert_qat(params, rules, activation_ranges=ranges), x)
+    >>> bool(jnp.array_equal(y, deployed))
+    True
     """
     from jaxcompress.training.fake_quantize import _quant_rules
 
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"fake_quant_activations: arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
     rules = _quant_rules(rules)
     cache = TraceCache()
 
-    def wrapped(*args, ranges: dict | None = None, steps: dict | None = None, **kwargs):
+    def wrapped(*args, ranges: dict | None = None, steps: dict | None = None, weight_ranges: dict | None = None, **kwargs):
         if ranges is not None and steps is not None:
             raise TypeError("pass tracked activation ranges or LSQ steps, not both")
+        if weight_ranges is not None and arithmetic == "float":
+            raise TypeError("weight_ranges is only used with integer arithmetic (the float forward takes fake_quant's weights as given)")
         if not 0 <= params_argnum < len(args):
             raise ValueError(f"params_argnum {params_argnum} is out of range for {len(args)} positional arguments")
         modes = activation_modes(args[params_argnum], rules, on_unused=on_unused)
@@ -250,15 +275,64 @@ def fake_quant_activations(
                 if site.path not in steps:
                     raise ValueError(f"{site.path}: no LSQ activation step (see init_activation_steps)")
                 return activation_fake_quant(x, "static", site.activation_reduce_axes, step=steps[site.path])
-            tracked = ranges.get(site.path, 0.0) if ranges is not None else 0.0
+            tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32)
             return activation_fake_quant(x, "static", site.activation_reduce_axes, absmax=tracked)
 
+        if arithmetic == "float":
+            outputs, observed = call_with_dot_hook(
+                fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache, observations=True
+            )
+            return outputs, dict(observed)
+        views = integer_views(args[params_argnum], rules, modes, weight_ranges)
+
+        def integer_hook(site: DotSite, x: jax.Array, weight: jax.Array, op: Callable, observe) -> jax.Array:
+            mode = modes[site.path]
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                return op(x, weight)
+            observe(site.path, jax.lax.stop_gradient(jnp.max(jnp.abs(x.astype(jnp.float32)))), "max")
+            axes = site.activation_reduce_axes
+            if mode == "dynamic":
+                return run_site(site, x, weight, op, views.get(site.path), mode,
+                                lambda a, p: activation_fake_quant(a, "dynamic", axes), jnp.zeros((), jnp.float32), None, arithmetic)
+            if steps is not None:
+                if site.path not in steps:
+                    raise ValueError(f"{site.path}: no LSQ activation step (see init_activation_steps)")
+                step = jnp.asarray(steps[site.path], jnp.float32).reshape(())
+                return run_site(site, x, weight, op, views.get(site.path), mode,
+                                lambda a, p: activation_fake_quant(a, "static", axes, step=p), step, lambda a, p: p, arithmetic)
+            tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32).reshape(())
+            return run_site(site, x, weight, op, views.get(site.path), mode,
+                            lambda a, p: activation_fake_quant(a, "static", axes, absmax=p), tracked, _tracked_scale, arithmetic)
+
         outputs, observed = call_with_dot_hook(
-            fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache, observations=True
+            fn, args, kwargs, integer_hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache,
+            observations=True, replace_op=True,
         )
         return outputs, dict(observed)
 
     return wrapped
+
+
+def _tracked_scale(x: jax.Array, absmax: jax.Array) -> jax.Array:
+    # as activation_fake_quant: a range of 0 (nothing observed yet) uses the batch's own max|x|
+    observed = jax.lax.stop_gradient(jnp.max(jnp.abs(x.astype(jnp.float32))))
+    return static_scale(jnp.where(absmax > 0, absmax, observed))
+
+
+def integer_views(params: Any, rules: Sequence[QuantRule], modes: dict[str, str], weight_ranges: dict | None) -> dict[str, WeightView]:
+    """``{path: WeightView}``: the integer codes and scales of the W8A8 leaves of the
+    fake-quantized ``params`` (quantized with ``weight_ranges``, as `convert_qat` does), for the
+    integer-arithmetic forward; no gradient flows through them."""
+    from jaxcompress.params import quantize_params
+
+    qparams, _ = quantize_params(jax.lax.stop_gradient(params), rules, ranges=weight_ranges, on_unused="ignore")
+    flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda leaf: isinstance(leaf, QArray))[0]
+    views = {}
+    for path, leaf in flat:
+        name = path_to_str(path)
+        if isinstance(leaf, QArray) and name in modes:
+            views[name] = WeightView.from_qarray(leaf, name=name, path=name)
+    return views
 
 
 def init_activation_steps(

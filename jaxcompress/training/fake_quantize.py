@@ -25,13 +25,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.qarray import INT_QTYPE
+from jaxcompress.qarray import INT_QTYPE, NF4_QTYPE
 from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import (
     blocks_to_groups,
     decode,
     encode,
     fp8_max,
+    from_blocks,
     from_grouped,
     groups_to_blocks,
     int_range,
@@ -39,6 +40,7 @@ from jaxcompress.quant.codec import (
     to_blocks,
     to_grouped,
 )
+from jaxcompress.quant.groups import group_lengths
 from jaxcompress.quant.spec import QuantSpec, ResolvedSpec
 from jaxcompress.quant.plan import as_quant_rules, plan_quantization
 from jaxcompress.rules import QuantRule, path_to_keystr
@@ -56,7 +58,8 @@ def _resolve(x: jax.Array, spec: QuantSpec | ResolvedSpec, name: str) -> Resolve
 
 def _blocked(x: jax.Array, spec: ResolvedSpec) -> tuple[jax.Array, int | None]:
     """``x`` as float32 in the blocked view of `jaxcompress.quant.codec` (the grouped view when
-    groups align with the shards), which keeps a sharded group axis sharded."""
+    groups align with the shards, a ragged axis zero-padded to whole groups), which keeps a
+    sharded group axis sharded. `from_blocks` maps results back to ``x``'s shape."""
     return to_blocks(x.astype(jnp.float32), spec)
 
 
@@ -70,16 +73,19 @@ def _ste_forward(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec)
     grouped, block = _blocked(x, spec)
     scale, zero_point = scale_from_range(to_grouped(lo, spec), to_grouped(hi, spec), spec)
     scale, zero_point = groups_to_blocks(scale, spec, block), groups_to_blocks(zero_point, spec, block)
-    out = decode(encode(grouped, scale, zero_point, spec), scale, zero_point)
+    out = decode(encode(grouped, scale, zero_point, spec), scale, zero_point, spec.qtype)
     codes = grouped / scale
-    if spec.qtype == INT_QTYPE:
+    if spec.qtype == NF4_QTYPE:
+        inside = jnp.abs(codes) <= 1.0  # the code book spans [-1, 1]
+    elif spec.qtype == INT_QTYPE:
         qmin, qmax = int_range(spec.bits, spec.symmetric)
         if zero_point is not None:
             codes = codes + zero_point
         inside = (codes >= qmin) & (codes <= qmax)
     else:
         inside = jnp.abs(codes) <= fp8_max(spec.qtype)
-    return out.reshape(x.shape).astype(x.dtype), inside.reshape(x.shape)
+    shape = tuple(x.shape)
+    return from_blocks(out, spec, shape).astype(x.dtype), from_blocks(inside, spec, shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -158,9 +164,19 @@ def _check_lsq(spec: ResolvedSpec, name: str) -> None:
         raise ValueError(f"{name}: LSQ supports symmetric integer quantization only (got {spec.qtype}, symmetric={spec.symmetric})")
 
 
-def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> int:
+def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> Any:
+    """Elements per scale group: an int, or for a ragged group axis an array in the grouped
+    layout (the last group has fewer)."""
     grouped_shape = spec.grouped_shape(shape)
-    return int(math.prod(grouped_shape[a] for a in spec.reduce_axes(len(shape))))
+    reduce_axes = spec.reduce_axes(len(shape))
+    if spec.group_axis is None or spec.group_size is None:
+        return int(math.prod(grouped_shape[a] for a in reduce_axes))
+    axis = spec.group_axis
+    others = int(math.prod(grouped_shape[a] for a in reduce_axes if a != axis + 1))
+    lengths = jnp.asarray(group_lengths(shape[axis], spec.group_size), jnp.float32) * others
+    layout = [1] * len(grouped_shape)
+    layout[axis] = len(group_lengths(shape[axis], spec.group_size))
+    return lengths.reshape(layout)
 
 
 def _lsq_parts(x, step, spec):
@@ -175,7 +191,7 @@ def _lsq_parts(x, step, spec):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _lsq(x: jax.Array, step: jax.Array, spec: ResolvedSpec) -> jax.Array:
     _, s, _, rounded, _, _ = _lsq_parts(x, step, spec)
-    return (rounded * s).reshape(x.shape).astype(x.dtype)
+    return from_blocks(rounded * s, spec, tuple(x.shape)).astype(x.dtype)
 
 
 def _lsq_fwd(x, step, spec):
@@ -186,13 +202,13 @@ def _lsq_bwd(spec, residuals, g):
     x, step = residuals
     grouped, s, v, rounded, qmin, qmax = _lsq_parts(x, step, spec)
     _, block = _blocked(x, spec)
-    g = g.astype(jnp.float32).reshape(grouped.shape)
+    g = to_blocks(g.astype(jnp.float32), spec, block)[0]
     below, above = v < qmin, v > qmax
     inside = ~(below | above)
-    grad_x = jnp.where(inside, g, 0.0).reshape(x.shape).astype(x.dtype)
+    grad_x = from_blocks(jnp.where(inside, g, 0.0), spec, tuple(x.shape)).astype(x.dtype)
     d_step = jnp.where(below, float(qmin), jnp.where(above, float(qmax), rounded - v))
     reduce_axes = spec.reduce_axes(x.ndim)
-    grad_scale = 1.0 / math.sqrt(_group_count(spec, tuple(x.shape)) * qmax)
+    grad_scale = 1.0 / jnp.sqrt(_group_count(spec, tuple(x.shape)) * qmax)
     per_block = jnp.sum(g * d_step, axis=reduce_axes, keepdims=True)
     grad_step = from_grouped(blocks_to_groups(per_block, spec, block, "sum") * grad_scale, spec)
     return grad_x, grad_step.reshape(step.shape).astype(step.dtype)
@@ -209,13 +225,13 @@ def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "a
     >>> step.shape, [round(float(v), 4) for v in step[0]]  # 2 * mean|x| / sqrt(7)
     ((1, 2), [1.5119, 2.2678])
     """
-    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
-    _check_lsq(spec, name)
-    _, qmax = int_range(spec.bits, spec.symmetric)
-    grouped, block = _blocked(x, spec)
-    per_block = jnp.sum(jnp.abs(grouped), axis=spec.reduce_axes(x.ndim), keepdims=True)
-    mean_abs = blocks_to_groups(per_block, spec, block, "sum") / _group_count(spec, tuple(x.shape))
-    return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), spec)
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(resolved, name)
+    _, qmax = int_range(resolved.bits, resolved.symmetric)
+    grouped, block = _blocked(x, resolved)
+    per_block = jnp.sum(jnp.abs(grouped), axis=resolved.reduce_axes(x.ndim), keepdims=True)
+    mean_abs = blocks_to_groups(per_block, resolved, block, "sum") / _group_count(resolved, tuple(x.shape))
+    return from_grouped(jnp.where(mean_abs > 0, 2.0 * mean_abs / math.sqrt(qmax), 1.0), resolved)
 
 
 def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None, *, name: str = "array", **options) -> jax.Array:
@@ -230,12 +246,12 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None,
     >>> gx.tolist()  # 3.0 / 0.5 = 6 > qmax = 3: clipped
     [[1.0, 1.0, 0.0]]
     """
-    spec = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
-    _check_lsq(spec, name)
-    expected = _scale_shape(spec, tuple(x.shape))
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    _check_lsq(resolved, name)
+    expected = _scale_shape(resolved, tuple(x.shape))
     if tuple(step.shape) != tuple(expected):
         raise ValueError(f"{name}: LSQ step has shape {tuple(step.shape)}, expected {tuple(expected)} for this spec")
-    return _lsq(x, step, spec)
+    return _lsq(x, step, resolved)
 
 
 # ---- pytrees ---------------------------------------------------------------------------------

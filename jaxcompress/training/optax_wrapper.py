@@ -89,7 +89,7 @@ class QATState(NamedTuple):
     `qat_ranges` / `qat_activation_ranges`, which return what `fake_quant`, `quantize_params`
     and `fake_quant_activations` take."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count (kept: the state's public layout)
     ranges: ClipRanges
     inner_state: Any
     activation_ranges: Any
@@ -304,7 +304,7 @@ def convert_qat(
     if activation_steps is not None:
         scales_by_path = {path: jnp.asarray(step, jnp.float32) for path, step in activation_steps.items()}
     else:
-        scales_by_path = {path: static_scale(value) for path, value in activation_ranges.items()}
+        scales_by_path = {path: static_scale(value) for path, value in (activation_ranges or {}).items()}
 
     if activation_ranges is not None:
         missing = sorted(path for path, value in activation_ranges.items() if not float(value) > 0)

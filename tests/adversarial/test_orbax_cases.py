@@ -51,7 +51,9 @@ METADATA = {
     "bits-99": (_static("dense/kernel", bits=99), "dense/kernel"),
     "bits-4-on-int8": (_static("dense/kernel", bits=4), "dense/kernel"),
     "channel-axes-contradict-scale": (_static("dense/kernel", channel_axes=[0]), "dense/kernel"),
-    "group-size-not-dividing": (_static("grouped/kernel", group_size=3), "grouped/kernel"),
+    # group size 3 on the 16-long group axis: a valid ragged layout (6 groups) that contradicts the 4-group scale
+    "group-size-ragged-contradicts-scale": (_static("grouped/kernel", group_size=3), "grouped/kernel"),
+    "qtype-nf4-on-int8": (_static("dense/kernel", qtype="nf4"), "dense/kernel"),
     "group-size-contradicts-scale": (_static("grouped/kernel", group_size=8), "grouped/kernel"),
     "qtype-unknown": (_static("dense/kernel", qtype="int7"), "dense/kernel"),
     "unknown-static-field": (_static("dense/kernel", foo=3), "dense/kernel"),
@@ -72,7 +74,7 @@ def test_tampered_metadata_load(ckpt, case):
     expect_clear(lambda: jc.load_checkpoint(ckpt), FORMAT_ERROR, "ckpt", needle)
 
 
-@pytest.mark.parametrize("case", ["bits-99", "channel-axes-contradict-scale", "group-size-not-dividing"])
+@pytest.mark.parametrize("case", ["bits-99", "channel-axes-contradict-scale", "group-size-ragged-contradicts-scale"])
 def test_tampered_metadata_inspect(ckpt, case):
     change, needle = METADATA[case]
     tamper.tamper_orbax_metadata(ckpt, change)

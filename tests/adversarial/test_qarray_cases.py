@@ -50,7 +50,7 @@ BAD = {
     "channel-axis-out-of-range": (_per_channel(channel_axes=(2,)), ("channel_axes", "2")),
     "channel-axes-repeat": (_per_channel(channel_axes=(1, 1)), ("channel_axes", "repeat")),
     "channel-axes-not-tuple": (_per_channel(channel_axes="1"), ("channel_axes",)),
-    "group-size-not-dividing": (_grouped(group_size=3, scale=jnp.ones((2, 4), jnp.float32)), ("group_size", "3", "8")),
+    "group-size-ragged-contradicts-scale": (_grouped(group_size=3, scale=jnp.ones((2, 4), jnp.float32)), ("group_size", "3", "(3, 4)")),
     "group-size-without-axis": (_grouped(group_axis=None), ("group_axis", "group_size")),
     "group-axis-without-size": (_grouped(group_size=None), ("group_axis", "group_size")),
     "group-axis-is-channel": (_grouped(group_axis=1, scale=jnp.ones((8, 1), jnp.float32)), ("group_axis", "channel")),
@@ -65,6 +65,11 @@ BAD = {
     "activation-scale-not-scalar": (_per_channel(activation_scale=jnp.ones((4,), jnp.float32)), ("activation_scale", "scalar")),
     "original-dtype-int": (_per_channel(dtype=jnp.dtype(jnp.int32)), ("dtype", "int32")),
     "fp8-bits-4": (_per_channel(values=jnp.ones((8, 4), jnp.float8_e4m3fn), qtype="float8_e4m3fn", bits=4), ("bits", "8")),
+    "nf4-bits-8": (_grouped(qtype="nf4", bits=8), ("bits", "nf4")),
+    "nf4-int8-values": (_per_channel(qtype="nf4", bits=4), ("int4", "int8")),
+    "nf4-zero-point": (_grouped(qtype="nf4", zero_point=jnp.zeros((2, 4), jnp.int4)), ("nf4", "zero_point")),
+    "nf4-dynamic-activation": (_grouped(qtype="nf4", activation="dynamic"), ("activation", "qtype")),
+    "group-ragged-scale-too-few": (_grouped(values=jnp.ones((10, 4), jnp.int4)), ("scale", "(3, 4)")),
     "fp8-dynamic-activation": (_per_channel(values=jnp.ones((8, 4), jnp.float8_e4m3fn), qtype="float8_e4m3fn", activation="dynamic"), ("activation", "qtype")),
 }
 

@@ -20,6 +20,9 @@ SPECS = {
     "calibration": (dict(calibration="best"), ValueError, ("calibration", "best")),
     "activation": (dict(activation="int4"), ValueError, ("activation", "int4")),
     "fp8-asymmetric": (dict(qtype="float8_e5m2", symmetric=False), ValueError, ("symmetric",)),
+    "nf4-asymmetric": (dict(qtype="nf4", symmetric=False), ValueError, ("nf4", "symmetric")),
+    "nf4-bits-3": (dict(qtype="nf4", bits=3), ValueError, ("nf4", "4-bit")),
+    "nf4-dynamic": (dict(qtype="nf4", activation="dynamic"), ValueError, ("activation", "nf4")),
     "channel-axes-str": (dict(channel_axes="x"), TypeError, ("channel_axes",)),
     "channel-axes-float": (dict(channel_axes=(1.5,)), TypeError, ("channel_axes",)),
 }
@@ -41,11 +44,18 @@ def test_channel_axes_int_is_accepted():
 
 
 LEAF_MISFITS = {
-    "group-size-does-not-divide": (dict(bits=4, group_size=5), ("['dense']['kernel']", "group size 5", "16")),
+    "group-axis-out-of-range": (dict(bits=4, group_size=5, group_axis=2), ("['dense']['kernel']", "group axis 2")),
     "axis-out-of-range": (dict(channel_axes=(3,)), ("['dense']['kernel']", "channel axis 3")),
     "group-axis-is-channel": (dict(channel_axes=(0,), group_size=4, group_axis=0), ("['dense']['kernel']", "group axis 0")),
     "channel-axes-repeat": (dict(channel_axes=(1, -1)), ("['dense']['kernel']", "repeat")),
 }
+
+
+def test_ragged_group_fits_every_width():
+    # issue 19: a group size that does not divide its axis is a shorter last group, not an error
+    params = {"params": {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}}
+    q, _ = expect_ok(lambda: jc.quantize_params(params, [jc.QuantRule(pattern=".*kernel", bits=4, group_size=5)]))
+    assert q["params"]["dense"]["kernel"].scale.shape == (4, 1)
 
 
 @pytest.mark.parametrize("case", sorted(LEAF_MISFITS))

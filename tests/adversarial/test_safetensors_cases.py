@@ -82,7 +82,9 @@ METADATA = {
     "channel-axes-contradict-scale": (_static("dense.kernel", channel_axes=[0]), "dense.kernel"),
     "channel-axes-out-of-range": (_static("dense.kernel", channel_axes=[5]), "dense.kernel"),
     "channel-axes-string": (_static("dense.kernel", channel_axes="x"), "dense.kernel"),
-    "group-size-not-dividing": (_static("grouped.kernel", group_size=3), "grouped.kernel"),
+    # group size 3 on the 16-long group axis: a valid ragged layout (6 groups) that contradicts the 4-group scale
+    "group-size-ragged-contradicts-scale": (_static("grouped.kernel", group_size=3), "grouped.kernel"),
+    "qtype-nf4-on-int8": (_static("dense.kernel", qtype="nf4"), "dense.kernel"),
     "group-size-contradicts-scale": (_static("grouped.kernel", group_size=8), "grouped.kernel"),
     "group-axis-dropped": (_static("grouped.kernel", group_axis=None), "grouped.kernel"),
     "original-dtype-int": (_static("dense.kernel", dtype={"dtype": "int32"}), "dense.kernel"),
@@ -118,7 +120,7 @@ def test_tampered_metadata_import(model, case):
     expect_clear(lambda: jc.import_safetensors(model), FORMAT_ERROR, "model.safetensors", leaf)
 
 
-INSPECTED = ["bits-99", "channel-axes-contradict-scale", "group-size-not-dividing", "scale-shape-vs-bytes", "kept-count-wrong", "original-dtype-nonsense"]
+INSPECTED = ["bits-99", "channel-axes-contradict-scale", "group-size-ragged-contradicts-scale", "scale-shape-vs-bytes", "kept-count-wrong", "original-dtype-nonsense"]
 
 
 @pytest.mark.parametrize("case", INSPECTED)

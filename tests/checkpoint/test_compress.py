@@ -17,6 +17,7 @@ import jaxcompress as jc
 from jaxcompress.checkpoint import compress, recipes, safetensors_io
 from jaxcompress.checkpoint.compress import compress_checkpoint
 from jaxcompress.checkpoint.safetensors_format import HeaderError
+from jaxcompress._errors import CheckpointFormatError
 from jaxcompress.pruning import prune_params
 from jaxcompress.qarray import QArray
 
@@ -170,8 +171,8 @@ def test_recipe_errors_name_the_key(model, tmp_path):
         compress_checkpoint(model, tmp_path / "o.safetensors", path, on_unused="error")
     with pytest.warns(UserWarning, match="matched no leaf"), pytest.warns(compress.NoLeafCompressedWarning, match="no leaf compressed"):
         compress_checkpoint(model, tmp_path / "o.safetensors", path)
-    path.write_text('[[quantize]]\npattern = ".*weight"\nbits = 4\ngroup_size = 100\ngroup_axis = -1\n')
-    with pytest.raises(recipes.RecipeError, match="weight.*group size 100 does not divide"):
+    path.write_text('[[quantize]]\npattern = ".*weight"\nbits = 4\nchannel_axes = [5]\n')  # (ragged groups fit any width now)
+    with pytest.raises(recipes.RecipeError, match="weight.*channel axis 5 is out of range"):
         compress_checkpoint(model, tmp_path / "o2.safetensors", path)
     assert not (tmp_path / "o2.safetensors").exists()
 
@@ -262,5 +263,35 @@ def test_half_precision_sources(tmp_path, dtype, monkeypatch):
         q = params["dense"]["weight"]
         assert q.dtype == dtype and q.dequantize().dtype == dtype
         expected = jc.quantize(jnp.asarray(w) if masks is None else jnp.where(masks["dense"]["weight"], jnp.asarray(w), 0),
-                               recipes.load_recipe(preset).quantize[1].spec)
+                               recipes.load_recipe(preset).quantize[2].spec)
         _assert_same({"w": expected}, {"w": q})
+
+
+def test_float_tree_from_export_safetensors_is_a_source(tmp_path):
+    # a float tree jc.export_safetensors wrote is a plain source (issue 19); compressed ones are refused
+    rng = np.random.default_rng(0)
+    tree = {"dense": {"kernel": rng.standard_normal((16, 8)).astype(np.float32), "bias": np.zeros(8, np.float32)},
+            "blocks": [{"kernel": rng.standard_normal((8, 8)).astype(np.float32)}]}
+    jc.export_safetensors(tmp_path / "float.safetensors", tree)
+    table = compress_checkpoint(tmp_path / "float.safetensors", tmp_path / "w8.safetensors", "w8a8")
+    assert {row.path: row.format for row in table.rows} == {"blocks/0/kernel": "int8", "dense/bias": "float32", "dense/kernel": "int8"}
+    params, _ = safetensors_io.import_safetensors(tmp_path / "w8.safetensors")
+    assert isinstance(params["blocks"], list)  # the records' path tokens (an index) survive
+    _assert_same({"w": jc.quantize(jnp.asarray(tree["dense"]["kernel"]), recipes.load_recipe("w8a8").quantize[3].spec)},
+                 {"w": params["dense"]["kernel"]})
+    jc.export_safetensors(tmp_path / "q.safetensors", {"w": jc.quantize(jnp.ones((4, 4)), bits=8), "b": jnp.zeros(4)})
+    with pytest.raises(CheckpointFormatError, match="already a jaxcompress-compressed file.*'w'"):
+        compress_checkpoint(tmp_path / "q.safetensors", tmp_path / "o.safetensors", "w8a8")
+    jc.export_safetensors(tmp_path / "m.safetensors", {"w": jnp.ones((4, 4))}, {"w": jnp.eye(4, dtype=bool)})
+    with pytest.raises(CheckpointFormatError, match="already a jaxcompress-compressed file"):
+        compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "o.safetensors", "w8a8")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_leaf_with_fewer_rows_than_one_slice_keeps_its_shape(tmp_path):
+    # a regression since 449c57a (checkpoint/sliced.py): the only, padded slice kept its padded length
+    w = np.random.default_rng(0).standard_normal((192, 128)).astype(np.float32)  # 96 KiB: quantized in slices
+    save_file({"mlp.up.weight": w}, str(tmp_path / "m.safetensors"))
+    compress_checkpoint(tmp_path / "m.safetensors", tmp_path / "w8.safetensors", "w8a8")
+    params, _ = safetensors_io.import_safetensors(tmp_path / "w8.safetensors")
+    assert params["mlp"]["up"]["weight"].shape == (192, 128)

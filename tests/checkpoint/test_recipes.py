@@ -15,7 +15,7 @@ def test_presets_load_and_aliases():
         assert recipes.load_recipe(alias).name == name
     w8a8 = recipes.load_recipe("w8a8")
     assert all(isinstance(r, QuantRule) for r in w8a8.quantize) and w8a8.prune == ()
-    assert w8a8.quantize[1].activation == "dynamic"
+    assert w8a8.quantize[2].pattern == ".*weight" and w8a8.quantize[2].activation == "dynamic"
     nm = recipes.load_recipe("2:4+int8")
     assert isinstance(nm.prune[1], PruneRule) and (nm.prune[1].n, nm.prune[1].m, nm.prune[1].axis) == (2, 4, -1)
     assert "prune[1]" in nm.describe()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from examples import bert
+from jaxcompress import CheckpointFormatError
 
 from tests.minilm import MINILM_FILES as FILES
 from tests.minilm import needs_minilm
@@ -154,11 +155,11 @@ def test_param_tree_matches_model_init_and_paths(minilm, state_dict):
 
 @needs_minilm
 def test_convert_rejects_unknown_and_missing_tensors(state_dict):
-    with pytest.raises(KeyError, match="not used"):
+    with pytest.raises(CheckpointFormatError, match="does not use.*classifier.weight"):
         bert.convert_hf_params({**state_dict, "classifier.weight": np.zeros((2, 384), np.float32)})
     incomplete = dict(state_dict)
     del incomplete["encoder.layer.3.attention.self.key.bias"]
-    with pytest.raises(KeyError, match="encoder.layer.3.attention.self.key.bias"):
+    with pytest.raises(CheckpointFormatError, match="encoder.layer.3.attention.self.key.bias"):
         bert.convert_hf_params(incomplete)
 
 

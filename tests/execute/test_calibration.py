@@ -3,6 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import flax.linen as nn
 import jax
 
@@ -94,3 +96,18 @@ def test_attach_can_switch_mode_and_validates():
         attach_activation_scales(qparams, scales, activation="int8")
     with pytest.raises(ValueError, match="at least one batch"):
         calibrate_activations(model.apply, qparams, [])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.0, 100.0), st.integers(0, 2**31 - 1), st.floats(0.0, 0.9))
+def test_magnitude_percentile_matches_numpy_without_sorting(n, percentile, seed, zero_fraction):
+    from jaxcompress.execute.calibration import magnitude_percentile
+
+    rng = np.random.default_rng(seed)
+    values = np.abs(rng.standard_normal(n) * rng.choice([1e-3, 1.0, 1e3])).astype(np.float32)
+    values[: int(zero_fraction * n)] = 0.0  # ties
+    got = float(magnitude_percentile(jnp.asarray(values), percentile))
+    expected = np.percentile(values.astype(np.float64), percentile)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
+    hlo = jax.jit(lambda v: magnitude_percentile(v, percentile)).lower(jnp.asarray(values)).as_text()
+    assert "sort" not in hlo

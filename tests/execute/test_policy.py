@@ -58,6 +58,22 @@ def test_cost_model_decisions():
     assert auto_choice("dot_general", (1, 4096), stored, DENSE)[0] == "integer"
 
 
+def _conv_site(strides, window=(3, 3), in_features=32):
+    shape = (*window, in_features, 64)
+    dnums = jax.lax.conv_dimension_numbers((1, 14, 14, in_features), shape, ("NHWC", "HWIO", "NHWC"))
+    return _view(shape), {"dimension_numbers": dnums, "window_strides": strides, "feature_group_count": 1}
+
+
+def test_cost_model_counts_the_im2col_expansion():
+    x_shape = (32, 14, 14, 32)
+    # 3x3 stride 1: patches 9x the input (MNIST's second conv, measured slower than weight-only)
+    path, reason = auto_choice("conv_general_dilated", x_shape, *_conv_site((1, 1)))
+    assert path == "weight_only" and "9x" in reason
+    # 3x3 stride 2: 2.25x; 1x1: 1x
+    assert auto_choice("conv_general_dilated", x_shape, *_conv_site((2, 2)))[0] == "integer"
+    assert auto_choice("conv_general_dilated", (32, 14, 14, 128), *_conv_site((1, 1), (1, 1), 128))[0] == "integer"
+
+
 def test_site_report_and_paths(net):
     model, params, qparams, x = net
     auto = compressed(model.apply, policy="auto")

@@ -33,6 +33,14 @@ CASES = {
     "conv-g32": ((3, 3, 96, 64), P(None, None, "model", "data"), dict(bits=4, channel_axes=(-1,), group_size=32, group_axis=2)),
     "int2-g64-bf16": ((192, 192), P("model", "data"), dict(bits=2, channel_axes=(-1,), group_size=64, group_axis=0,
                                                            scale_dtype="bfloat16")),
+    # ragged last groups (issue 19): 576 = 4.5 x 128, with 144 / 72 rows per shard; g100 on 192
+    # (48 per shard); a conv's 96 input channels in groups of 40 (24 per shard); nf4 on 576.
+    "g128-ragged-576-model": ((576, 64), P("model", "data"), dict(bits=4, channel_axes=(-1,), group_size=128, group_axis=0)),
+    "g128-ragged-576-8way": ((576, 32), P(("data", "model"), None), dict(bits=4, channel_axes=(-1,), group_size=128, group_axis=0)),
+    "g100-ragged-asym-mse": ((192, 64), P("model", "data"), dict(bits=4, channel_axes=(-1,), group_size=100, group_axis=0,
+                                                                  symmetric=False, calibration="mse")),
+    "conv-g40-ragged": ((3, 3, 96, 64), P(None, None, "model", "data"), dict(bits=4, channel_axes=(-1,), group_size=40, group_axis=2)),
+    "nf4-g128-ragged": ((576, 64), P("model", "data"), dict(qtype="nf4", channel_axes=(-1,), group_size=128, group_axis=0)),
 }
 
 _COLLECTIVE = re.compile(r"=\s*\(?\s*\w+\[([\d,]*)\][^=]*?\b(all-gather|all-to-all)(-start)?\(")
@@ -147,7 +155,8 @@ def test_dequantize_params_on_a_sharded_tree(mesh):
     assert not shard_sized_gathers(hlo, *jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("case", ["g64-straddles-model", "g64-straddles-8way", "g64-asym-mse", "conv-g32"])
+@pytest.mark.parametrize("case", ["g64-straddles-model", "g64-straddles-8way", "g64-asym-mse", "conv-g32",
+                                  "g128-ragged-576-model", "g100-ragged-asym-mse"])
 def test_explicit_mesh_axes_straddling_groups(case):
     """Explicit axes refuse reshapes that move elements between shards: the blocked view and the
     regrouping of the (small) per-block ranges must satisfy them."""
@@ -160,3 +169,18 @@ def test_explicit_mesh_axes_straddling_groups(case):
         _check_one_device(q, param, options)
     dense = jax.jit(jc.dequantize)(q)
     assert _same(dense, param)
+
+
+@pytest.mark.parametrize("case", ["g128-ragged-576-model", "g128-ragged-576-8way"])
+def test_compressed_integer_dot_with_a_sharded_ragged_weight(mesh, case):
+    """`compressed`'s grouped int8 dot on a weight whose ragged groups straddle the shards of
+    its contracting axis: per-block scales, the same numbers as one device, an s8 dot."""
+    shape, spec, options = CASES[case]
+    param = _param(mesh, shape, spec)
+    q = jax.jit(lambda w: jc.quantize(w, **dict(options, activation="dynamic")))(param)
+    x = np.random.default_rng(7).standard_normal((16, shape[0])).astype(np.float32)
+    f = jc.compressed(lambda w, a: a @ w)
+    out = jax.jit(f)(q, x)
+    single = f(jax.device_get(q), x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single), rtol=1e-5, atol=1e-5)
+    assert "s8" in jax.jit(f).lower(q, x).compile().as_text()

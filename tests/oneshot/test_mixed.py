@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxcompress as jc
-from jaxcompress.oneshot.mixed import choose_bits, layer_sensitivity, mixed_precision
+from jaxcompress.oneshot.mixed import choose_bits, layer_sensitivity, mixed_precision, probe_candidate
 
 
 def _brute_force(errors, nbytes, budget):
@@ -89,7 +89,8 @@ def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     uniform_rule = jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,), group_size=32)
     uniform, _ = jc.quantize_params(params, [uniform_rule])
     budget = _nbytes(uniform)
-    rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=budget)
+    rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=budget,
+                                    candidates=(2, 3, 4, 8))
     assert [r.pattern for r in rules] == [f"params/d{i}/kernel" for i in range(5)]
     assert sorted({r.bits for r in rules}) != [4]  # not simply uniform
     mixed, _ = jc.quantize_params(params, rules, on_unused="error")
@@ -102,7 +103,8 @@ def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     err = lambda q: float(jnp.mean((model.apply(jc.dequantize_params(q), x) - dense) ** 2))
     assert err(mixed) < err(uniform)
     # the average-bits budget: 4 + 32/32 bits per weight is exactly uniform int4 g32's size
-    _, by_bits = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bits_per_weight=5.0)
+    _, by_bits = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bits_per_weight=5.0,
+                                 candidates=(2, 4, 8))
     assert by_bits.budget_bytes == budget and by_bits.total_bytes <= budget
     assert by_bits.bits_per_weight <= 5.0
 
@@ -121,21 +123,22 @@ def test_errors():
         mixed_precision(model.apply, params, batches, ".*kernel")
     with pytest.raises(ValueError, match="below the smallest possible total"):
         mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=10)
-    with pytest.raises(ValueError, match="group size 48 does not divide"):
-        mixed_precision(model.apply, params, batches, ".*kernel", group_size=48, budget_bits_per_weight=4.0)
+    with pytest.raises(ValueError, match="sensitivity must be one of"):
+        mixed_precision(model.apply, params, batches, ".*kernel", budget_bits_per_weight=4.0, sensitivity="hessian")
     table = {"table": jnp.ones((10, 4)), "w": jnp.ones((4, 4))}
     fn = lambda p, ids: p["table"][ids] @ p["w"]
     with pytest.raises(ValueError, match=r"params\['table'\]: selected for mixed precision but it never meets"):
         mixed_precision(fn, table, [jnp.arange(6)], ".*", group_size=None, budget_bits_per_weight=8.0)
 
 
-def test_group_size_candidates_and_leaves_they_do_not_fit():
+def test_group_size_candidates_with_ragged_groups():
     model, params, batches = _setup()
-    candidates = ((4, None), (4, 64), (4, 16), (8, 64), (8, 48))  # 48 does not divide 64: never offered
+    candidates = ((4, None), (4, 64), (4, 16), (8, 64), (8, 48))  # 48 on 64 inputs: groups of 48 and 16
     rules, report = mixed_precision(model.apply, params, batches, ".*kernel", candidates=candidates,
-                                    budget_bits_per_weight=5.0)
+                                    budget_bits_per_weight=5.0, sensitivity="output")
     for layer in report.layers:
-        assert layer.candidates[layer.chosen] != (8, 48) and np.isinf(layer.errors[layer.candidates.index((8, 48))])
+        assert np.all(np.isfinite(layer.errors))
+        assert layer.nbytes[layer.candidates.index((8, 48))] == 64 * 64 + 2 * 64 * 4  # ceil(64 / 48) scales
     assert {(r.bits, r.group_size) for r in rules} <= set(candidates)
     mixed, _ = jc.quantize_params(params, rules, on_unused="error")
     assert _nbytes(mixed) == report.total_bytes <= report.budget_bytes
@@ -154,8 +157,26 @@ def test_row_mask_leaves_padding_out_of_the_sensitivities():
     x = jax.random.normal(keys[2], (2, 6, 16)) * jnp.concatenate([jnp.full(8, 10.0), jnp.full(8, 0.1)])
     mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     x = jnp.where(mask[..., None] > 0, x, jnp.concatenate([jnp.zeros(8), jnp.full(8, 1000.0)]))  # loud padding in "b"
-    options = dict(candidates=(2, 8), group_size=None, budget_bits_per_weight=5.0 + 32 / 8)
+    options = dict(candidates=(2, 8), group_size=None, budget_bits_per_weight=5.0 + 32 / 8, sensitivity="output")
     rules, report = mixed_precision(fn, params, [(x, mask)], ".*", row_mask=lambda batch: batch[1], **options)
     assert [(r.pattern, r.bits) for r in rules] == [("a", 8), ("b", 2)]
     rules, _ = mixed_precision(fn, params, [(x, mask)], ".*", **options)
     assert [(r.pattern, r.bits) for r in rules] == [("a", 2), ("b", 8)]
+
+
+def test_scaled_is_the_model_error_at_the_probe_and_keeps_the_local_ratios():
+    model, params, batches = _setup()
+    options = dict(group_size=32, candidates=(2, 4, 8), budget_bits_per_weight=5.0)
+    reports = {s: mixed_precision(model.apply, params, batches, ".*kernel", sensitivity=s, **options)[1]
+               for s in ("scaled", "output", "model")}
+    errors = {s: np.array([layer.errors for layer in r.layers]) for s, r in reports.items()}
+    probe = probe_candidate(errors["output"], np.array([layer.nbytes for layer in reports["output"].layers]),
+                            reports["output"].budget_bytes)
+    assert reports["output"].layers[0].candidates[probe] == (4, 32)  # uniform int4 g32 is exactly the budget
+    np.testing.assert_allclose(errors["scaled"][:, probe], errors["model"][:, probe], rtol=1e-4)
+    ratio = errors["scaled"] / errors["output"]
+    np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-6)
+    assert mixed_precision.__kwdefaults__["sensitivity"] == "scaled"
+    _, default = mixed_precision(model.apply, params, batches, ".*kernel", budget_bits_per_weight=5.0, group_size=32)
+    assert default.layers[0].candidates == ((4, None), (4, 32), (4, 16), (4, 8), (8, None))
+    assert default.total_bytes <= default.budget_bytes and default.total_error <= default.uniform["int4 g32"]["error"]

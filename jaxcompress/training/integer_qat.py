@@ -1,0 +1,183 @@
+"""Integer arithmetic in the W8A8 QAT forward: the contraction `compressed` deploys, STE backward.
+
+With ``fake_quant_activations(fn, rules, arithmetic="integer")`` each dot / conv a W8A8 weight
+feeds runs, in the forward pass, the SAME integer kernel `jaxcompress.compressed` runs after
+`jaxcompress.convert_qat` (`dot_with_weight` / `conv_with_weight` with the policy ``"rule"``:
+int8 activation codes x int8 weight codes -> int32, the scales applied to the output), so the
+trained forward is the deployed forward: the same codes, the same int32 sums, the same float32
+rescaling. The backward pass is the float straight-through gradient of the fake-quantized op
+(`integer_contraction`: a `jax.custom_vjp` over the whole contraction whose backward is the VJP
+of ``op(activation_fake_quant(x), w_fake_quant)``), exactly the gradient of the float QAT
+forward; that float forward is never computed (XLA drops its unused primal).
+
+The weight codes come from quantizing the fake-quantized weight the forward is given with the
+clip ranges `qat` tracks (``weight_ranges=jc.qat_ranges(state)``): those are the codes
+`convert_qat` produces, because a fake-quantized value divided by its scale rounds back to its
+own code. The static activation scale is ``static_scale(range)`` as `convert_qat` attaches it
+(the batch's own ``max|x|`` while nothing has been observed, as in the float forward; the LSQ
+step itself with ``steps=``).
+
+Sites where the integer kernel cannot run keep the float fake-quantized op: a weight a ``scan``
+slices from its ``xs`` (one layer of a stacked leaf), a layout the weight view cannot follow, a
+non-float activation, and what `compressed` itself reports as `UnsupportedQuantizedOp` (e.g. an
+fp8 weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.execute.conv import conv_with_weight
+from jaxcompress.execute.dot import UnsupportedQuantizedOp, dot_with_weight
+from jaxcompress.execute.hooks import DotSite
+from jaxcompress.execute.policy import auto_choice
+from jaxcompress.execute.rules import follow_layout
+from jaxcompress.execute.weight_view import WeightView
+
+__all__ = ["integer_contraction", "run_site", "site_view", "ARITHMETICS"]
+
+ARITHMETICS = ("float", "integer", "auto")
+
+
+def site_view(site: DotSite, view: WeightView | None) -> WeightView | None:
+    """The weight view at ``site`` (the leaf's view through the site's layout ops), or ``None``
+    where the integer kernel cannot take it (a stacked weight, a layout the view cannot follow)."""
+    if view is None or site.stacked:
+        return None
+    return follow_layout(view, site.layout)
+
+
+def _zero_cotangent(array: jax.Array) -> Any:
+    if jnp.issubdtype(array.dtype, jnp.inexact):
+        return jnp.zeros_like(array)
+    return np.zeros(array.shape, jax.dtypes.float0)
+
+
+def _integer_op(site: DotSite, x: jax.Array, view: WeightView, mode: str, out_dtype: Any) -> jax.Array:
+    if site.primitive == "dot_general":
+        return dot_with_weight(
+            x,
+            view,
+            site.params["dimension_numbers"],
+            weight_side=site.weight_side,
+            out_dtype=out_dtype,
+            mode=mode,
+            precision=site.params.get("precision"),
+            preferred_element_type=site.params.get("preferred_element_type"),
+        )
+    return conv_with_weight(x, view, site.params, out_dtype=out_dtype, mode=mode)
+
+
+def integer_contraction(
+    site: DotSite,
+    x: jax.Array,
+    weight: jax.Array,
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+    view: WeightView,
+    mode: str,
+    activation_quant: Callable[[jax.Array, jax.Array], jax.Array],
+    activation_param: jax.Array,
+    activation_scale: Callable[[jax.Array, jax.Array], jax.Array] | None,
+) -> jax.Array:
+    """``op(x, weight)`` computed by the integer kernel, with the float STE gradient.
+
+    Args:
+      site: the contraction (`DotSite`).
+      x: the float activation.
+      weight: the fake-quantized float weight at the site (receives the gradient).
+      op: the original contraction, ``op(activation, weight)``.
+      view: the weight's integer codes and scales at the site (`site_view`).
+      mode: ``"dynamic"`` or ``"static"``.
+      activation_quant: ``activation_quant(x, activation_param)``: the float fake-quantized
+        activation with its straight-through gradient (the backward pass differentiates
+        ``op(activation_quant(x, p), weight)``).
+      activation_param: the static range / LSQ step (differentiable for LSQ); a dummy scalar
+        for dynamic mode.
+      activation_scale: static mode: ``activation_scale(x, activation_param)``, the float32
+        per-tensor scale the integer kernel quantizes ``x`` with.
+
+    Raises `UnsupportedQuantizedOp` where `compressed` would.
+
+    >>> import jax, jax.numpy as jnp, jaxcompress as jc
+    >>> from jaxcompress.execute.weight_view import WeightView
+    >>> from jaxcompress.training.activations import activation_fake_quant
+    >>> x = jax.random.normal(jax.random.key(0), (4, 16))
+    >>> q = jc.quantize(jax.random.normal(jax.random.key(1), (16, 8)), channel_axes=(-1,))
+    >>> dims = (((1,), (0,)), ((), ()))
+    >>> site = DotSite("w", "dot_general", "rhs", {"dimension_numbers": dims}, (), (1,), (1,))
+    >>> op = lambda a, b: jax.lax.dot_general(a, b, dims)
+    >>> fq = lambda a, p: activation_fake_quant(a, "dynamic", (1,))
+    >>> f = lambda x, w: integer_contraction(site, x, w, op, WeightView.from_qarray(q), "dynamic",
+    ...                                      fq, jnp.float32(0), None)
+    >>> w = q.dequantize()
+    >>> bool(jnp.array_equal(f(x, w), jc.quantized_dot_general(x, q, dims, activation="dynamic")))
+    True
+    >>> g = jax.grad(lambda w: f(x, w).sum())(w)            # the float STE gradient
+    >>> bool(jnp.allclose(g, jax.grad(lambda w: op(fq(x, 0), w).sum())(w)))
+    True
+    """
+    out_dtype = jax.eval_shape(op, x, weight).dtype
+    arrays = (view.values, view.scale, view.zero_point, view.input_scale)
+
+    def forward(x, weight, param, arrays):
+        values, scale, zero_point, input_scale = arrays
+        at_site = dataclasses.replace(
+            view,
+            values=values,
+            scale=scale,
+            zero_point=zero_point,
+            input_scale=input_scale,
+            activation=mode,
+            activation_scale=None if activation_scale is None else activation_scale(x, param),
+        )
+        return _integer_op(site, x, at_site, mode, out_dtype)
+
+    def reference(x, weight, param):
+        return op(activation_quant(x, param), weight)
+
+    contraction = jax.custom_vjp(forward)
+
+    def forward_with_residuals(x, weight, param, arrays):
+        return forward(x, weight, param, arrays), (x, weight, param, arrays)
+
+    def backward(residuals, g):
+        x, weight, param, arrays = residuals
+        _, vjp = jax.vjp(reference, x, weight, param)
+        grad_x, grad_weight, grad_param = vjp(g)
+        return grad_x, grad_weight, grad_param, jax.tree.map(_zero_cotangent, arrays)
+
+    contraction.defvjp(forward_with_residuals, backward)
+    return contraction(x, weight, activation_param, arrays)
+
+
+def run_site(
+    site: DotSite,
+    x: jax.Array,
+    weight: jax.Array,
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+    view: WeightView | None,
+    mode: str,
+    activation_quant: Callable[[jax.Array, jax.Array], jax.Array],
+    activation_param: jax.Array,
+    activation_scale: Callable[[jax.Array, jax.Array], jax.Array] | None,
+    arithmetic: str = "integer",
+) -> jax.Array:
+    """One site of the integer-arithmetic forward: `integer_contraction` where it can run (with
+    ``arithmetic="auto"``: where `compressed`'s cost model, `auto_choice`, says the integer
+    kernel is the faster one), the float fake-quantized op elsewhere (see the module docs)."""
+    at_site = site_view(site, view)
+    if at_site is not None and arithmetic == "auto":
+        path, _ = auto_choice(site.primitive, tuple(x.shape), at_site, site.params, site.weight_side)
+        if path != "integer":
+            at_site = None
+    if at_site is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        try:
+            return integer_contraction(site, x, weight, op, at_site, mode, activation_quant, activation_param, activation_scale)
+        except UnsupportedQuantizedOp:
+            pass  # what compressed cannot run as integers either: the float fake-quantized op
+    return op(activation_quant(x, activation_param), weight)

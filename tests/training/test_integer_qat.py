@@ -1,0 +1,195 @@
+"""Integer-arithmetic W8A8 QAT (`fake_quant_activations(..., arithmetic="integer")`): the forward
+is what `compressed(convert_qat(...))` deploys, the gradient is the float STE gradient, the
+compiled step runs s8 x s8 -> s32 contractions, and sites the integer kernel cannot take keep the
+float fake-quantized op."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxcompress as jc
+from jaxcompress.execute.transform import compressed
+
+
+class SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))  # one input channel: contracts 9 values
+        x = nn.Conv(8, (3, 3), feature_group_count=8)(x)  # depthwise
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(10)(x)
+
+
+class SmallMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(64)(x))
+        x = nn.relu(nn.DenseGeneral((4, 8))(x).reshape(x.shape[0], 32))  # a kernel reshaped on its way
+        return nn.Dense(10, use_bias=False)(x)
+
+
+MODELS = {"cnn": (SmallCNN(), (2, 8, 8, 1)), "mlp": (SmallMLP(), (5, 24))}
+
+
+def _trained(model, shape, rules, steps=2):
+    """Params and a qat state after a few W8A8 QAT steps (tracked ranges, EMA activation ranges)."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = model.init(jax.random.key(1), x)["params"]
+    opt = jc.qat(optax.adam(1e-2), rules)
+    state = opt.init(params)
+    apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules)
+
+    @jax.jit
+    def step(params, state):
+        def loss(p):
+            y, observed = apply(jc.fake_quant(p, rules, ranges=jc.qat_ranges(state)), x,
+                                ranges=jc.qat_activation_ranges(state))
+            return jnp.mean(y**2), observed
+
+        grads, observed = jax.grad(loss, has_aux=True)(params)
+        updates, state = opt.update(grads, state, params, activation_stats=observed)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return x, params, state
+
+
+def _loss_fn(model, rules, arithmetic):
+    apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules, arithmetic=arithmetic)
+
+    def loss(params, state, x):
+        ranges = jc.qat_ranges(state)
+        extra = {} if arithmetic == "float" else {"weight_ranges": ranges}
+        y, observed = apply(jc.fake_quant(params, rules, ranges=ranges), x, ranges=jc.qat_activation_ranges(state), **extra)
+        return jnp.sum(jnp.sin(y)), (y, observed)
+
+    return loss
+
+
+@pytest.mark.parametrize("name, activation", [("cnn", "static"), ("mlp", "dynamic")])
+def test_integer_forward_is_the_deployed_forward_and_gradient_is_the_float_ste(name, activation):
+    model, shape = MODELS[name]
+    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation=activation)]
+    x, params, state = _trained(model, shape, rules)
+    deployed = jax.jit(compressed(model.apply))({"params": jc.convert_qat(params, rules, state)}, x)
+
+    grad = jax.value_and_grad(_loss_fn(model, rules, "integer"), has_aux=True)
+    (_, (y_int, observed_int)), g_int = jax.jit(grad)(params, state, x)
+    # the integer forward runs the deployed kernels: bit for bit
+    np.testing.assert_array_equal(np.asarray(y_int), np.asarray(deployed))
+
+    float_grad = jax.value_and_grad(_loss_fn(model, rules, "float"), has_aux=True)
+    (_, (y_float, observed_float)), g_float = jax.jit(float_grad)(params, state, x)
+    # the float forward differs from it by float rounding only (a few output steps at most)
+    scale = np.abs(np.asarray(deployed)).max()
+    assert np.abs(np.asarray(y_float) - np.asarray(deployed)).max() <= 1e-5 * scale
+    # the backward is the float fake-quant STE gradient (the cotangent differs by that rounding)
+    for a, b in zip(jax.tree.leaves(g_int), jax.tree.leaves(g_float)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    assert sorted(observed_int) == sorted(observed_float)
+    for path in observed_int:  # max|x| of activations that differ by that rounding
+        np.testing.assert_allclose(float(observed_int[path]), float(observed_float[path]), rtol=1e-5)
+
+
+def test_lsq_steps_get_the_float_gradient():
+    model, shape = MODELS["mlp"]
+    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="static")]
+    x = jax.random.normal(jax.random.key(0), shape)
+    params = model.init(jax.random.key(1), x)["params"]
+    steps = jc.init_activation_steps(lambda p, v: model.apply({"params": p}, v), rules, params, x)
+
+    def loss(arithmetic):
+        apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules, arithmetic=arithmetic)
+
+        def value(params, steps):
+            fq = jc.fake_quant(params, rules)
+            extra = {} if arithmetic == "float" else {"weight_ranges": jc.weight_ranges(params, rules)}
+            return jnp.sum(jnp.cos(apply(fq, x, steps=steps, **extra)[0]))
+
+        return jax.jit(jax.grad(value, argnums=(0, 1)))(params, steps)
+
+    (gp_int, gs_int), (gp_float, gs_float) = loss("integer"), loss("float")
+    assert sorted(gs_int) == sorted(steps)
+    for a, b in zip(jax.tree.leaves((gp_int, gs_int)), jax.tree.leaves((gp_float, gs_float))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max()))
+    deployed = compressed(model.apply)({"params": jc.convert_qat(params, rules, activation_steps=steps)}, x)
+    apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules, arithmetic="integer")
+    y, _ = apply(jc.fake_quant(params, rules), x, steps=steps, weight_ranges=jc.weight_ranges(params, rules))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(deployed))
+
+
+def _contractions(hlo: str):
+    """(integer contractions on s8 operands, float convolutions) in a compiled HLO text."""
+    integer = float_convs = 0
+    for line in hlo.splitlines():
+        match = re.search(r"= (\w+)\[[^\]]*\][^ ]* (dot|convolution)\(", line)
+        if match is None:
+            continue
+        if match.group(1) == "s32":
+            integer += 1
+        elif match.group(2) == "convolution":
+            float_convs += 1
+    return integer, float_convs
+
+
+def test_compiled_step_runs_integer_contractions_and_drops_the_float_forward():
+    model, shape = MODELS["cnn"]
+    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="static")]
+    x, params, state = _trained(model, shape, rules, steps=1)
+
+    def compiled(arithmetic):
+        grad = jax.grad(lambda p: _loss_fn(model, rules, arithmetic)(p, state, x)[0])
+        return jax.jit(grad).lower(params).compile().as_text()
+
+    integer, integer_convs = _contractions(compiled("integer"))
+    none, float_convs = _contractions(compiled("float"))
+    assert none == 0
+    # conv 1, conv 3 (im2col) and the two dense layers on s8 x s8 -> s32 (the depthwise conv is
+    # an integer window sum, no dot)
+    assert integer >= 4
+    # two ungrouped convs no longer run a float forward convolution
+    assert integer_convs <= float_convs - 2
+
+
+def test_auto_keeps_the_float_op_where_the_cost_model_says_integer_loses():
+    model, shape = MODELS["cnn"]
+    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="dynamic")]
+    x, params, state = _trained(model, shape, rules, steps=1)
+    outs = {}
+    for arithmetic in ("float", "integer", "auto"):
+        outs[arithmetic] = jax.jit(lambda p: _loss_fn(model, rules, arithmetic)(p, state, x)[1][0])(params)
+    # "auto" runs conv 1 (9 values contracted) in float, so it is neither all-integer nor all-float
+    assert not np.array_equal(outs["auto"], outs["integer"]) or not np.array_equal(outs["auto"], outs["float"])
+    scale = float(jnp.abs(outs["integer"]).max())
+    assert float(jnp.abs(outs["auto"] - outs["integer"]).max()) <= 1e-5 * scale
+
+
+def test_stacked_weight_under_scan_keeps_the_float_fake_quantized_op():
+    rules = [jc.QuantRule(pattern="w", channel_axes=(-1,), activation="dynamic")]
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 6, 6))}
+
+    def fn(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    x = jax.random.normal(jax.random.key(1), (2, 6))
+    fq = jc.fake_quant(params, rules)
+    y_float, _ = jc.fake_quant_activations(fn, rules)(fq, x)
+    y_int, _ = jc.fake_quant_activations(fn, rules, arithmetic="integer")(fq, x, weight_ranges=jc.weight_ranges(params, rules))
+    np.testing.assert_array_equal(np.asarray(y_int), np.asarray(y_float))
+
+
+def test_misuse_is_reported():
+    rules = [jc.QuantRule(pattern="w", activation="dynamic")]
+    with pytest.raises(ValueError, match="arithmetic"):
+        jc.fake_quant_activations(lambda p, x: x @ p["w"], rules, arithmetic="int8")
+    apply = jc.fake_quant_activations(lambda p, x: x @ p["w"], rules)
+    with pytest.raises(TypeError, match="weight_ranges"):
+        apply({"w": jnp.ones((2, 2))}, jnp.ones((1, 2)), weight_ranges={"w": (jnp.zeros(()), jnp.ones(()))})
