@@ -47,11 +47,11 @@ def drop_and_grow_many(masks, weights, grow_scores, fraction: Any) -> list[jax.A
     active = [count_true(m) for m in masks]
     drops = [jnp.floor(fraction * a.astype(jnp.float32)).astype(jnp.int32) for a in active]
     # Lazy scores: recomputed (fused) inside the counting passes, never materialised.
-    survivors = select_top_k(
+    kept = select_top_k(
         [[LazyScore(_active_magnitude, (m, w))] for m, w in zip(masks, weights)],
         [a - k for a, k in zip(active, drops)],
     )
-    survivors = [group[0] for group in survivors]
+    survivors = [group[0] for group in kept]
     grown = select_top_k([[_inactive(s, _as_lazy(g))] for s, g in zip(survivors, grow_scores)], drops)
     return [s | group[0] for s, group in zip(survivors, grown)]
 

@@ -37,7 +37,7 @@ def map_param_trees(fn: Callable[[Any], Any], state: Any, params: Any) -> Any:
         if node is None:
             return False
         leaves, treedef = jax.tree_util.tree_flatten(node, is_leaf=is_masked_node)
-        if treedef != param_def:
+        if treedef != param_def:  # type: ignore[operator]  # jax ships PyTreeDef without a typed __ne__
             return False
         return all(
             is_masked_node(leaf) or (hasattr(leaf, "shape") and tuple(leaf.shape) == tuple(shape))

@@ -139,7 +139,9 @@ def _expand_like(keep: jax.Array, scores: jax.Array) -> jax.Array:
     return jnp.zeros_like(scores, dtype=bool) | keep
 
 
-def _block(block_size: int | Sequence[int]) -> tuple[int, int]:
+def _block(block_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if block_size is None:
+        raise ValueError("structure='block' needs block_size (an int or (rows, cols))")
     if isinstance(block_size, int):
         return block_size, block_size
     block = tuple(int(b) for b in block_size)

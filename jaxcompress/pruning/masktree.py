@@ -32,7 +32,7 @@ def check_masks(params: Any, masks: Any) -> None:
     """
     param_flat, param_def = jax.tree_util.tree_flatten_with_path(params)
     mask_flat, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_masked_node)
-    if param_def != mask_def:
+    if param_def != mask_def:  # type: ignore[operator]  # jax ships PyTreeDef without a typed __ne__
         param_paths = [path_to_keystr(p, "") for p, _ in param_flat]
         mask_paths = [path_to_keystr(p, "") for p, _ in mask_flat]
         missing = [p for p in param_paths if p not in mask_paths]

@@ -58,7 +58,7 @@ class PruneState(NamedTuple):
     """State of `prune`: step ``count``, the ``masks`` tree (params' shapes, `optax.MaskedNode()`
     for unpruned leaves), the PRNG ``key`` for random scores / SET, and the ``inner_state``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count (kept: the state's public layout)
     masks: Any
     key: jax.Array
     inner_state: Any
@@ -82,7 +82,8 @@ def _zero_where_pruned(params: Any, masks: Any) -> jax.Array:
     """Per pruned leaf (in flattening order), whether its params are zero wherever ``masks``
     prune them (a bool vector; scalars reduced over the leaf)."""
     flat_masks = jax.tree_util.tree_leaves(masks, is_leaf=is_masked_node)
-    flat_params = jax.tree_util.tree_structure(masks, is_leaf=is_masked_node).flatten_up_to(params)
+    structure: Any = jax.tree_util.tree_structure(masks, is_leaf=is_masked_node)
+    flat_params = structure.flatten_up_to(params)
     flags = [
         count_true(~mask & (jnp.asarray(param) != 0)) == 0
         for mask, param in zip(flat_masks, flat_params)

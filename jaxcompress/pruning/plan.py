@@ -10,7 +10,7 @@ both built on it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ def _check_leaf(rule: PruneRule, shape: tuple[int, ...], name: str) -> None:
         axis = masks_lib.contracting_axis(ndim, name) if rule.axis is None else rule.axis
         if not -ndim <= axis < ndim:
             raise ValueError(f"{name}: N:M axis {axis} is out of range for shape {shape}")
-        masks_lib.check_n_m(rule.n, rule.m, shape[axis], name)
+        masks_lib.check_n_m(*rule.n_of_m, shape[axis], name)
     elif rule.structure == "channel":
         masks_lib.contracting_axis(ndim, name)
     elif rule.structure == "block":
@@ -143,12 +143,13 @@ class PrunePlan(LeafDecisions):
                 continue
             if rule.structure == "n:m":
                 for i in group:
-                    out[i] = jnp.float32(1.0 - rule.n / rule.m)
+                    n, m = rule.n_of_m
+                    out[i] = jnp.float32(1.0 - n / m)
                 continue
             target = jnp.asarray(rule.sparsity_at(step), jnp.float32)
             if callable(rule.sparsity):
                 _check_scheduled(rule, target, step)
-            shapes = [self.leaves[i].shape for i in group]
+            shapes = [cast("tuple[int, ...]", self.leaves[i].shape) for i in group]  # pruned: arrays
             spread = erk_sparsities if rule.distribution == "erk" else uniform_sparsities
             for i, value in zip(group, spread(shapes, target)):
                 out[i] = value
@@ -173,7 +174,7 @@ class PrunePlan(LeafDecisions):
             scores = [self._scores(rule, i, leaves, grad_leaves, key) for i in group]
             if rule.structure == "n:m":
                 for i, score in zip(group, scores):
-                    out[i] = masks_lib.n_m_mask(score.evaluate(), rule.n, rule.m, axis=rule.axis, name=self.names[i])
+                    out[i] = masks_lib.n_m_mask(score.evaluate(), *rule.n_of_m, axis=rule.axis, name=self.names[i])
             elif rule.scope == "global":
                 if rule.normalize is not None:
                     # multiply by a reciprocal: a product rounds the same in every fusion that
@@ -282,7 +283,7 @@ def plan_pruning(params: Any, rules: Any, *, on_unused: str = "warn") -> PrunePl
         if reason is not None:
             decisions.append(PruneDecision(path_str, shape, dtype, "skipped", index, reason))
             continue
-        _check_leaf(rule, shape, name)
+        _check_leaf(rule, tuple(leaf.shape), name)  # not skipped: an array (see _skip_reason)
         groups[index].append(i)
         decisions.append(PruneDecision(path_str, shape, dtype, "pruned", index, method=rule.describe()))
     return PrunePlan(

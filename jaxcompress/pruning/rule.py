@@ -110,6 +110,17 @@ class PruneRule(Rule):
             return self.sparsity(step)
         return self.sparsity
 
+    @property
+    def n_of_m(self) -> tuple[int, int]:
+        """``(n, m)`` of an ``"n:m"`` rule (validated at construction).
+
+        >>> PruneRule(pattern="w", structure="n:m", n=2, m=4).n_of_m
+        (2, 4)
+        """
+        if self.n is None or self.m is None:
+            raise ValueError(f"PruneRule(pattern={self.pattern!r}): structure={self.structure!r} has no n:m")
+        return self.n, self.m
+
     def describe(self) -> str:
         """A short human-readable summary for reports."""
         if self.skip:

@@ -198,13 +198,13 @@ def select_top_k(groups: Sequence[Sequence[LazyScore]], ks: Sequence[Any]) -> li
     totals = [sum(s) for s in sizes]
     if max(totals) >= 2**31 - 1:
         raise ValueError(f"top-k over {max(totals)} elements: more than 2**31 - 2 elements is not supported")
-    ks = jnp.stack([jnp.clip(jnp.asarray(k, jnp.int32), 0, t) for k, t in zip(ks, totals)])
-    thresholds, n_ge, n_above = _kth_largest_keys(groups, ks, totals)
+    k_array = jnp.stack([jnp.clip(jnp.asarray(k, jnp.int32), 0, t) for k, t in zip(ks, totals)])
+    thresholds, n_ge, n_above = _kth_largest_keys(groups, k_array, totals)
     n_ties = n_ge - n_above
-    wanted = jnp.where(ks > 0, ks - n_above, 0)  # ties to keep, 0 <= wanted <= n_ties
+    wanted = jnp.where(k_array > 0, k_array - n_above, 0)  # ties to keep, 0 <= wanted <= n_ties
 
     def all_ties(_):
-        return [[(_keys(s) >= thresholds[g]) & (ks[g] > 0) for s in scores] for g, scores in enumerate(groups)]
+        return [[(_keys(s) >= thresholds[g]) & (k_array[g] > 0) for s in scores] for g, scores in enumerate(groups)]
 
     def first_ties(_):
         offsets = [[sum(size[:i]) for i in range(len(size))] for size in sizes]
@@ -234,7 +234,7 @@ def select_top_k(groups: Sequence[Sequence[LazyScore]], ks: Sequence[Any]) -> li
         cut, _ = lax.fori_loop(0, steps, body, start)
         return [
             [
-                ((_keys(groups[g][i]) > thresholds[g]) | (ties(g, i) & below(g, i, cut[g]))) & (ks[g] > 0)
+                ((_keys(groups[g][i]) > thresholds[g]) | (ties(g, i) & below(g, i, cut[g]))) & (k_array[g] > 0)
                 for i in range(len(groups[g]))
             ]
             for g in range(len(groups))
