@@ -58,6 +58,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
 from jaxcompress.checkpoint.orbax_io import load_checkpoint, save_checkpoint  # noqa: E402
+from jaxcompress.quant.arrays import stored_sharding  # noqa: E402
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -307,7 +308,9 @@ def main(argv=None) -> int:
     int8 = mean_loss(evaluate_int8, qparams)
     int8_hlo = evaluate_int8.as_text()
     kernel = qparams["block_0"]["up"]["kernel"]
-    placement_kept = bool(kernel.values.sharding.is_equivalent_to(params["block_0"]["up"]["kernel"].sharding, 2))
+    # quantize_params stores W8A8 Dense codes (out, in): the param's sharding with its axes moved
+    expected = stored_sharding(params["block_0"]["up"]["kernel"].sharding, kernel.stored_permutation)
+    placement_kept = bool(kernel.values.sharding.is_equivalent_to(expected, 2))
 
     directory = args.checkpoint or os.path.join(tempfile.mkdtemp(), "sharded_lm_int8")
     save_checkpoint(directory, qparams, masks, force=True)

@@ -6,7 +6,13 @@ arithmetic that *produces* one lives in `jaxcompress.quant`.
 
 Layout conventions (the same for every granularity, so consumers need no special cases):
 
-* ``values`` has the ORIGINAL shape of the array.
+* ``values`` has the ORIGINAL shape of the array, unless ``stored_permutation`` is set: then the
+  codes are stored in another axis order, ``values == transpose(logical codes,
+  stored_permutation)`` (e.g. ``(1, 0)``: a Flax ``(in, out)`` Dense kernel kept ``(out, in)``,
+  the layout XLA's integer dot runs fastest, see `jaxcompress.execute.layout`). Everything else
+  stays logical: `QArray.shape`, the scale / zero point / input scale layout, the axes in the
+  metadata, `dequantize`. `QArray.logical_values` gives the codes in the logical order and
+  `QArray.with_layout` re-stores them.
 * ``scale`` (and ``zero_point``) have the original rank. An axis the scale is shared over has
   size 1; a per-channel axis keeps its full size; the group axis has ``ceil(dim / group_size)``
   entries: when ``group_size`` does not divide ``dim`` the LAST group is shorter (``dim mod
@@ -54,7 +60,10 @@ import numpy as np
 
 from jaxcompress._errors import InvalidQArrayError
 
-__all__ = ["QArray", "INT_QTYPE", "NF4_QTYPE", "FP8_QTYPES", "ACTIVATIONS", "storage_dtype", "storage_bits", "check_qarray", "InvalidQArrayError"]
+__all__ = [
+    "QArray", "INT_QTYPE", "NF4_QTYPE", "FP8_QTYPES", "ACTIVATIONS", "storage_dtype", "storage_bits", "check_qarray",
+    "InvalidQArrayError", "logical_shape", "inverse_permutation",
+]
 
 INT_QTYPE = "int"
 NF4_QTYPE = "nf4"  # normal-float 4-bit: 16 code values, an absmax scale per group (QLoRA)
@@ -137,6 +146,10 @@ class QArray:
       input_scale: ``None``, or the float32 per-input-channel smoothing factor ``s`` (original
         rank; full size on the input axes, 1 elsewhere): the array is ``dequant(codes) / s``.
         Set by `jaxcompress.oneshot.smoothquant.smoothquant` and `jaxcompress.oneshot.awq.awq`.
+      stored_permutation: ``None`` (codes in the logical axis order), or the axis order the codes
+        are stored in: ``values == transpose(logical codes, stored_permutation)``. Only the storage
+        of ``values`` changes (see the module docs); `jaxcompress.quantize_params` stores
+        integer-mode Flax Dense kernels ``(1, 0)``, i.e. ``(out, in)``.
     """
 
     values: jax.Array
@@ -151,6 +164,9 @@ class QArray:
     activation: str = dataclasses.field(default="weight_only", metadata=dict(static=True))
     activation_scale: jax.Array | None = None
     input_scale: jax.Array | None = None
+    stored_permutation: tuple[int, ...] | None = dataclasses.field(
+        default=None, metadata=dict(static=True, omit_when_default=True)
+    )
 
     def __post_init__(self):
         check_qarray(self)
@@ -170,7 +186,8 @@ class QArray:
     # ---- array-like surface -------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
+        """The logical shape (that of the array this `QArray` stands for)."""
+        return logical_shape(tuple(self.values.shape), self.stored_permutation)
 
     @property
     def ndim(self) -> int:
@@ -197,6 +214,46 @@ class QArray:
         return tuple(axis for axis, size in enumerate(self.input_scale.shape) if size != 1)
 
     @property
+    def logical_values(self) -> jax.Array:
+        """The codes in the logical axis order (``values`` itself unless ``stored_permutation``).
+
+        >>> import jax.numpy as jnp, jaxcompress as jc
+        >>> q = jc.quantize(jnp.arange(6.0).reshape(3, 2), channel_axes=(1,)).with_layout((1, 0))
+        >>> q.shape, q.values.shape, q.logical_values.shape
+        ((3, 2), (2, 3), (3, 2))
+        """
+        permutation = self.stored_permutation
+        if permutation is None:
+            return self.values
+        lead = len(self.values.shape) - len(permutation)
+        inverse = inverse_permutation(permutation)
+        return jnp.transpose(self.values, tuple(range(lead)) + tuple(lead + a for a in inverse))
+
+    def with_layout(self, permutation: tuple[int, ...] | None) -> "QArray":
+        """The same `QArray` with its codes stored in axis order ``permutation`` (``None`` or the
+        identity: the logical order); shape, scales and `dequantize` are unchanged.
+
+        >>> import jax.numpy as jnp, jaxcompress as jc
+        >>> q = jc.quantize(jnp.arange(6.0).reshape(3, 2), channel_axes=(1,))
+        >>> stored = q.with_layout((1, 0))
+        >>> stored.values.shape, stored.stored_permutation, bool((stored.dequantize() == q.dequantize()).all())
+        ((2, 3), (1, 0), True)
+        >>> stored.with_layout(None).values.shape
+        (3, 2)
+        """
+        if permutation is not None:
+            permutation = tuple(int(a) for a in permutation)
+            if sorted(permutation) != list(range(len(self.shape))):
+                raise InvalidQArrayError(f"QArray.with_layout: {permutation} is not a permutation of the axes of shape {self.shape}")
+            if permutation == tuple(range(len(permutation))):
+                permutation = None
+        if permutation == self.stored_permutation:
+            return self
+        logical = self.logical_values
+        values = logical if permutation is None else jnp.transpose(logical, permutation)
+        return dataclasses.replace(self, values=values, stored_permutation=permutation)
+
+    @property
     def symmetric(self) -> bool:
         return self.zero_point is None
 
@@ -215,6 +272,8 @@ class QArray:
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The float array this `QArray` stands for, in ``dtype`` (default: the original dtype)."""
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(self.dtype)
+        if self.stored_permutation is not None:
+            return self.with_layout(None).dequantize(out_dtype)
         if self.group_axis is not None or self.qtype == NF4_QTYPE:
             # Groups go through the blocked view of `jaxcompress.quant.arrays.dequantize`, which
             # keeps a sharded group axis sharded (whole groups would gather straddling shards);
@@ -236,8 +295,36 @@ class QArray:
         return (
             f"QArray(shape={self.shape}, {self.qtype}{self.bits if self.qtype == INT_QTYPE else ''}, "
             f"{granularity}, {'symmetric' if self.symmetric else 'asymmetric'}, "
-            f"{'input-scaled, ' if self.input_scale is not None else ''}dtype={jnp.dtype(self.dtype).name})"
+            f"{'input-scaled, ' if self.input_scale is not None else ''}"
+            f"{f'stored {self.stored_permutation}, ' if self.stored_permutation is not None else ''}"
+            f"dtype={jnp.dtype(self.dtype).name})"
         )
+
+
+def inverse_permutation(permutation: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``permutation``.
+
+    >>> inverse_permutation((2, 0, 1))
+    (1, 2, 0)
+    """
+    inverse = [0] * len(permutation)
+    for position, axis in enumerate(permutation):
+        inverse[axis] = position
+    return tuple(inverse)
+
+
+def logical_shape(stored_shape: tuple[int, ...], permutation: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The logical shape of codes stored as ``stored_shape`` in axis order ``permutation`` (which
+    applies to the trailing axes: leading ones are `jax.vmap` batch axes).
+
+    >>> logical_shape((8, 4), (1, 0)), logical_shape((3, 8, 4), (1, 0))
+    ((4, 8), (3, 4, 8))
+    """
+    if permutation is None or len(permutation) > len(stored_shape):
+        return tuple(stored_shape)
+    lead = len(stored_shape) - len(permutation)
+    trailing = stored_shape[lead:]
+    return tuple(stored_shape[:lead]) + tuple(trailing[a] for a in inverse_permutation(permutation))
 
 
 def _checkable(x: Any) -> TypeGuard[jax.Array | np.ndarray | jax.ShapeDtypeStruct]:
@@ -280,6 +367,14 @@ def _check_static(q: QArray) -> None:
             _fail(f"group_size must be a positive integer, got {q.group_size!r}")
         if isinstance(q.group_axis, bool) or not isinstance(q.group_axis, (int, np.integer)):
             _fail(f"group_axis must be an integer, got {q.group_axis!r}")
+    permutation = q.stored_permutation
+    if permutation is not None:
+        if not isinstance(permutation, (tuple, list)) or not all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in permutation
+        ) or sorted(int(a) for a in permutation) != list(range(len(permutation))):
+            _fail(f"stored_permutation must be None or a permutation of 0..ndim-1, got {permutation!r}")
+        permutation = tuple(int(a) for a in permutation)
+        object.__setattr__(q, "stored_permutation", None if permutation == tuple(range(len(permutation))) else permutation)
     try:
         dtype = jnp.dtype(q.dtype)
     except (TypeError, ValueError):
@@ -331,6 +426,17 @@ def check_qarray(q: QArray, *, strict: bool = False) -> None:
         _fail(f"zero_point has dtype {jnp.dtype(q.zero_point.dtype).name}, expected the values' {expected_dtype.name}")
     # A QArray returned by `jax.vmap` carries the batch axes in front of every child while its
     # metadata describes one element: accept leading axes shared by every child.
+    permutation = q.stored_permutation
+    if permutation is not None:
+        batch = len(values.shape) - len(permutation)
+        if batch < 0:
+            _fail(f"stored_permutation {permutation} has {len(permutation)} axes, the values {len(values.shape)} (shape {tuple(values.shape)})")
+        error = _layout_error(q, batch)
+        if error is not None:
+            _fail(error)
+        if batch == 0:
+            _normalize_axes(q)
+        return
     first = _layout_error(q, 0)
     if first is None:
         _normalize_axes(q)
@@ -350,7 +456,7 @@ def _normalize_axes(q: QArray) -> None:
 
 def _layout_error(q: QArray, batch: int) -> str | None:
     """What is wrong with the shapes of ``q`` read with ``batch`` leading batch axes (None: fine)."""
-    full = tuple(q.values.shape)
+    full = logical_shape(tuple(q.values.shape), q.stored_permutation)
     lead, shape = full[:batch], full[batch:]
     ndim = len(shape)
     axes = []

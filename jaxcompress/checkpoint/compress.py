@@ -144,7 +144,8 @@ def compress_leaf(tokens: Any, array: Any, recipe: Recipe, *, used: set | None =
             else:
                 from jaxcompress.params import quantize_params
 
-                qtree, _ = quantize_params(tree, recipe.quantize, on_unused="ignore")
+                # logical layout, as the sliced path above: every leaf of a file is recorded alike
+                qtree, _ = quantize_params(tree, recipe.quantize, on_unused="ignore", layout="logical")
                 (_, array), = treemeta.flatten_leaves(qtree)
                 del qtree
     return array, mask

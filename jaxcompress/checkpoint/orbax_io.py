@@ -5,6 +5,10 @@
 checkpoint's ``custom_metadata["jaxcompress"]`` (see `jaxcompress.checkpoint.treemeta`): which
 leaves are `QArray`s and their static metadata (bits, qtype, axes, group size, dtype, ...), and
 which mask leaves are ``optax.MaskedNode()`` sentinels (Orbax itself stores those as ``None``).
+Arrays are written as they are in memory: a `QArray` whose codes are stored in another axis order
+(`QArray.stored_permutation`, e.g. an integer-mode Dense kernel kept ``(out, in)``) is saved in that
+stored layout, with the permutation in the metadata (no transpose of a sharded array on save or
+restore); checkpoints without it restore in the logical layout.
 
 `load_checkpoint` restores it:
 

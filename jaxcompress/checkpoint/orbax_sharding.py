@@ -1,7 +1,9 @@
 """Shardings for restoring a compressed checkpoint onto a mesh (part of `orbax_io`).
 
-A `QArray`'s values take its param's sharding; its scale / zero point `follow_sharding` (keep
-a mesh axis only on the dims it divides); masks shard like their param.
+A `QArray`'s values take its param's sharding (the param's LOGICAL shape is what the
+``shardings`` callable sees; codes stored in another axis order, `QArray.stored_permutation`,
+get that sharding with its axes moved the same way); its scale / zero point `follow_sharding`
+(keep a mesh axis only on the dims it divides); masks shard like their param.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from jaxcompress.checkpoint import treemeta
 from jaxcompress.qarray import QArray
+from jaxcompress.quant.arrays import stored_sharding
 
 __all__ = ["follow_sharding", "shard_abstract"]
 
@@ -71,6 +74,7 @@ def shard_abstract(tree: Any, shardings: Any, root: str) -> Any:
         if isinstance(leaf, QArray):
             sharding = _sharding_for(shardings, name, leaf.shape)
             fields = {k: _with_sharding(v, sharding) for k, v in treemeta.qarray_array_fields(leaf).items()}
+            fields["values"] = _with_sharding(leaf.values, stored_sharding(sharding, leaf.stored_permutation))
             return dataclasses.replace(leaf, **fields)
         return _with_sharding(leaf, _sharding_for(shardings, name, tuple(leaf.shape)))
 

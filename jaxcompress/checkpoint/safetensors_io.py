@@ -5,7 +5,7 @@ Tensor names (``<name>`` is the leaf's pytree path joined with ``.``, e.g.
 
 ==============================  ==================================================================
 ``<name>``                      a plain (unquantized, dense) array, in its own dtype
-``<name>.values``               a `QArray`'s values, or a sparse plain array's kept values
+``<name>.values``               a `QArray`'s values (logical layout), or a sparse plain array's kept values
 ``<name>.scale``                a `QArray`'s float32 scale (original rank, see `jaxcompress.QArray`)
 ``<name>.zero_point``           asymmetric `QArray`s only; same container as the values
 ``<name>.<field>``              any other array field of `QArray` (e.g. ``activation_scale``)
@@ -19,7 +19,11 @@ Tensor names (``<name>`` is the leaf's pytree path joined with ``.``, e.g.
 ``int4`` / ``int2`` containers (no safetensors dtype exists) are stored as ``U8`` with two /
 four values per byte (two's complement, low bits first). With the bitmap encoding ``.values``
 holds only the kept elements (C order); with N:M the kept elements group by group (``axis``
-moved last). Everything needed to rebuild the tree exactly (path keys, logical dtype and shape,
+moved last). A `QArray` whose codes are stored in another axis order
+(`QArray.stored_permutation`) is written in its LOGICAL layout (the tensor has the param's shape,
+like its scale and mask; any reader sees the usual layout) and the permutation is recorded; import
+stores the codes that way again. Files without it (older ones) load in the logical layout.
+Everything needed to rebuild the tree exactly (path keys, logical dtype and shape,
 encoding, `QArray` static metadata, which leaves carry a mask) is JSON in
 ``__metadata__["jaxcompress"]``; ``__metadata__["format"]`` is ``"jaxcompress"``.
 
@@ -141,7 +145,9 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
         return record, []
     if isinstance(leaf, QArray):
         record["kind"] = "qarray"
-        arrays = {k: np.asarray(v) for k, v in treemeta.qarray_array_fields(leaf).items()}
+        # The file holds the codes in the LOGICAL layout (the param's own shape, like the scale
+        # and the mask); `QArray.stored_permutation` is recorded and re-applied on import.
+        arrays = {k: np.asarray(v) for k, v in treemeta.qarray_array_fields(leaf.with_layout(None)).items()}
         record["qarray"] = {
             "static": treemeta.qarray_static(leaf),
             "arrays": {k: {"dtype": v.dtype.name, "shape": list(v.shape)} for k, v in arrays.items()},
@@ -277,7 +283,19 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
     for field, spec in info.items():
         if field != "values":
             arrays[field] = jnp.asarray(_read_values(read, f"{name}.{field}", _dtype(spec["dtype"], where), _shape(spec["shape"], where), where))
-    return treemeta.qarray_from_parts(record["qarray"]["static"], arrays, where), mask_out
+    static = dict(record["qarray"]["static"])
+    permutation = static.pop("stored_permutation", None)
+    logical = treemeta.qarray_from_parts(static, arrays, where)
+    if permutation is None:
+        return logical, mask_out
+    return treemeta.qarray_from_parts(record["qarray"]["static"], {**treemeta.qarray_array_fields(logical), "values": _stored_values(logical, permutation, where)}, where), mask_out
+
+
+def _stored_values(logical: QArray, permutation: Any, where: str) -> Any:
+    """The codes of ``logical`` in the recorded axis order (files keep the logical layout)."""
+    if not isinstance(permutation, list) or sorted(p for p in permutation if type(p) is int) != list(range(logical.ndim)):
+        raise HeaderError(f"{where}: stored_permutation {permutation!r} is not a permutation of the {logical.ndim} axes"[:300])
+    return jnp.transpose(logical.values, tuple(permutation))
 
 
 def _mask_lookup(params_leaves: list, masks: Any, path: str) -> dict[str, Any]:

@@ -14,7 +14,10 @@ A leaf record is a dict::
 `QArray` fields are handled generically through `dataclasses.fields`: a field whose metadata
 says ``static=True`` is recorded by value, any other field is an array (or ``None``). A reader
 therefore keeps working when `QArray` gains an optional field; a record naming a field this
-version's `QArray` lacks is an error that names the leaf.
+version's `QArray` lacks is an error that names the leaf. A static field marked
+``omit_when_default`` (``stored_permutation``) is recorded only when it is not its default, so a
+`QArray` in the logical layout is written exactly as before the field existed and older readers
+still read it.
 """
 
 from __future__ import annotations
@@ -134,7 +137,11 @@ def qarray_static(q: QArray) -> dict[str, Any]:
     >>> qarray_static(jc.quantize(jnp.ones((2, 2)), bits=4))["bits"]
     4
     """
-    return {f.name: _json_static(getattr(q, f.name)) for f in dataclasses.fields(q) if _is_static(f)}
+    return {
+        f.name: _json_static(getattr(q, f.name))
+        for f in dataclasses.fields(q)
+        if _is_static(f) and not (f.metadata.get("omit_when_default") and getattr(q, f.name) == f.default)
+    }
 
 
 def qarray_array_fields(q: QArray) -> dict[str, Any]:

@@ -15,6 +15,14 @@ of the original array; `jaxcompress.compressed` then sees the weight as a lazily
 `WeightView` and the dot folds the transpose into its dimension numbers, so nothing moves at run
 time. `integer_layout` says which permutation a kernel wants; `store_for_integer_dots` applies it
 to every integer-mode `QArray` of a params tree.
+
+The default (`default_layout`, what `jaxcompress.quantize_params` applies unless
+``layout="logical"``): an integer-mode (``activation`` ``"dynamic"`` / ``"static"``, int codes)
+2-D leaf named ``kernel`` (a Flax ``Dense`` / nnx ``Linear`` kernel, ``(in, out)``) is stored
+``(out, in)``. Convolution and ``DenseGeneral`` kernels and weight-only leaves keep the logical
+layout (nothing measured says their integer op is faster transposed: weight-only dots convert the
+codes to float, which XLA folds into the float dot either way); `store_for_integer_dots` stores
+those too when asked.
 """
 
 from __future__ import annotations
@@ -28,7 +36,14 @@ import jax.numpy as jnp
 from jaxcompress.execute.weight_view import stored_permutation
 from jaxcompress.qarray import QArray
 
-__all__ = ["integer_layout", "default_contracting_axes", "store_for_integer_dots", "supports_stored_layout"]
+__all__ = [
+    "integer_layout",
+    "default_contracting_axes",
+    "default_layout",
+    "with_default_layout",
+    "store_for_integer_dots",
+    "supports_stored_layout",
+]
 
 
 def default_contracting_axes(shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -67,6 +82,47 @@ def integer_layout(ndim: int, contracting_axes: Sequence[int]) -> tuple[int, ...
     return None if order == tuple(range(ndim)) else order
 
 
+def _integer_mode(leaf: Any) -> bool:
+    return isinstance(leaf, QArray) and leaf.activation != "weight_only" and leaf.qtype == "int"
+
+
+def default_layout(path: str, q: QArray) -> tuple[int, ...] | None:
+    """The stored axis order `jaxcompress.quantize_params` gives ``q`` at leaf ``path`` (a
+    ``/``-joined path string) by default: ``(1, 0)`` for an integer-mode 2-D Flax kernel (last
+    path key ``kernel``), else ``None`` (logical order). See the module docs.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
+    >>> default_layout("params/Dense_0/kernel", q), default_layout("embedding", q)
+    ((1, 0), None)
+    >>> default_layout("params/Dense_0/kernel", jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,))) is None
+    True
+    """
+    if not _integer_mode(q) or len(q.shape) != 2 or path.rsplit("/", 1)[-1] != "kernel":
+        return None
+    return integer_layout(2, (0,))
+
+
+def with_default_layout(params: Any) -> Any:
+    """``params`` with every `QArray` re-stored in its `default_layout` (by its path string); the
+    one-shot quantizers (GPTQ, SmoothQuant, AWQ) give their results the layout
+    `jaxcompress.quantize_params` gives. Other leaves are returned unchanged.
+
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
+    >>> with_default_layout({"Dense_0": {"kernel": q}})["Dense_0"]["kernel"].stored_permutation
+    (1, 0)
+    """
+    from jaxcompress.rules import path_to_str
+
+    def convert(path, leaf):
+        if not isinstance(leaf, QArray):
+            return leaf
+        return leaf.with_layout(default_layout(path_to_str(path), leaf))
+
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, QArray))
+
+
 def supports_stored_layout() -> bool:
     """Whether this `QArray` has the ``stored_permutation`` field (see the module docs)."""
     return any(field.name == "stored_permutation" for field in dataclasses.fields(QArray))
@@ -80,20 +136,13 @@ def store_for_integer_dots(params: Any, *, contracting_axes: Sequence[int] | Non
     ``contracting_axes`` for those) are returned unchanged.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> from jaxcompress.execute.layout import supports_stored_layout
     >>> q = jc.quantize(jnp.ones((8, 4)), channel_axes=(-1,), activation="dynamic")
-    >>> stored = store_for_integer_dots({"kernel": q})["kernel"] if supports_stored_layout() else None
-    >>> stored is None or (stored.shape == (8, 4) and stored.values.shape == (4, 8))
-    True
+    >>> stored = store_for_integer_dots({"kernel": q})["kernel"]
+    >>> stored.shape, stored.values.shape
+    ((8, 4), (4, 8))
     """
-    if not supports_stored_layout():
-        raise NotImplementedError(
-            "store_for_integer_dots: this QArray has no `stored_permutation` field (the layout it "
-            "writes); upgrade jaxcompress.qarray"
-        )
-
     def convert(leaf):
-        if not isinstance(leaf, QArray) or leaf.activation == "weight_only" or leaf.qtype != "int":
+        if not _integer_mode(leaf):
             return leaf
         if stored_permutation(leaf) is not None:
             return leaf
@@ -103,6 +152,6 @@ def store_for_integer_dots(params: Any, *, contracting_axes: Sequence[int] | Non
         order = integer_layout(leaf.ndim, axes)
         if order is None:
             return leaf
-        return dataclasses.replace(leaf, values=jnp.transpose(leaf.values, order), stored_permutation=order)
+        return leaf.with_layout(order)
 
     return jax.tree_util.tree_map(convert, params, is_leaf=lambda x: isinstance(x, QArray))

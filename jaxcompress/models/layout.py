@@ -44,6 +44,7 @@ def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str =
         raise ValueError(f"{where}: axes {tuple(axes or ())} are not a permutation of the {ndim} axes of shape {tuple(leaf.shape)}")
     if not isinstance(leaf, QArray):
         return np.transpose(leaf, perm) if isinstance(leaf, np.ndarray) else jnp.transpose(leaf, perm)
+    leaf = leaf.with_layout(None)  # codes in the logical order first (`QArray.stored_permutation`)
     new_axis = {old: new for new, old in enumerate(perm)}
     changes: dict[str, Any] = {}
     for field in dataclasses.fields(leaf):

@@ -67,6 +67,7 @@ from jaxcompress.oneshot.capture import (
     to_matrix,
 )
 from jaxcompress.oneshot.capture import like_leaf as _like
+from jaxcompress.execute.layout import with_default_layout
 from jaxcompress.oneshot.gptq_core import GPTQResult, gptq_matrix
 from jaxcompress.qarray import INT_QTYPE, QArray, storage_dtype
 from jaxcompress.quant.arrays import place_like_param, quantize
@@ -353,4 +354,4 @@ def gptq(
         capture_seconds=capture_seconds,
         gptq_seconds=gptq_seconds,
     )
-    return matched.unflatten(new_leaves), report
+    return with_default_layout(matched.unflatten(new_leaves)), report

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.execute.calibration import attach_activation_scales, calibrate_activations
+from jaxcompress.execute.layout import with_default_layout
 from jaxcompress.oneshot.capture import LayerStatistics, capture_statistics, from_matrix, to_matrix
 from jaxcompress.quant.plan import QuantizeReport, plan_quantization
 from jaxcompress.qarray import QArray
@@ -238,7 +239,7 @@ def run_smoothing(
         new_leaves[leaf.position] = qarray
     quantize_report = plan.report()
     treedef = plan.match.treedef
-    qparams = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    qparams = with_default_layout(jax.tree_util.tree_unflatten(treedef, new_leaves))  # as quantize_params
     if any(isinstance(q, QArray) and q.activation == "static" for q in new_leaves):
         scales = treedef.flatten_up_to(calibrate_activations(fn, qparams, batches))
         scales = [s if isinstance(q, QArray) and q.activation == "static" else None for q, s in zip(new_leaves, scales)]

@@ -24,7 +24,16 @@ from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
 from jaxcompress.quant.spec import Calibration, QuantSpec, ResolvedSpec
 
-__all__ = ["quantize", "dequantize", "quantize_with_spec", "quantize_with_range", "make_spec", "scale_sharding", "place_like_param"]
+__all__ = [
+    "quantize",
+    "dequantize",
+    "quantize_with_spec",
+    "quantize_with_range",
+    "make_spec",
+    "scale_sharding",
+    "stored_sharding",
+    "place_like_param",
+]
 
 
 def make_spec(spec: QuantSpec | None, kwargs: dict[str, Any]) -> QuantSpec:
@@ -156,6 +165,24 @@ def scale_sharding(sharding: NamedSharding, shape: tuple[int, ...], spec: Resolv
     return NamedSharding(sharding.mesh, PartitionSpec(*out))
 
 
+def stored_sharding(sharding: Any, permutation: tuple[int, ...] | None) -> Any:
+    """The sharding of codes stored in axis order ``permutation`` (`QArray.stored_permutation`)
+    for a param placed by ``sharding``: a `NamedSharding`'s spec entries move with their axes
+    (a ``P('data', 'model')`` ``(in, out)`` kernel stored ``(out, in)`` is ``P('model', 'data')``).
+    Other shardings, and ``permutation=None``, are returned unchanged.
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> stored_sharding(NamedSharding(mesh, P("data", "model")), (1, 0)).spec
+    P('model', 'data')
+    """
+    if permutation is None or not isinstance(sharding, NamedSharding):
+        return sharding
+    entries = tuple(sharding.spec) + (None,) * (len(permutation) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(entries[axis] for axis in permutation)))
+
+
 def quantize_with_range(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: ResolvedSpec) -> QArray:
     """Quantize with a GIVEN clip range instead of calibrating (internal: QAT conversion uses the
     ranges training tracked). ``lo`` / ``hi`` are in the grouped layout with reduced axes kept."""
@@ -203,7 +230,7 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
-    if q.group_axis is None and q.qtype != NF4_QTYPE:
+    if (q.group_axis is None and q.qtype != NF4_QTYPE) or q.stored_permutation is not None:
         return q.dequantize(dtype)
     out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(q.dtype)
     if q.input_scale is not None:
@@ -218,7 +245,9 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
 def place_like_param(param: Any, q: QArray) -> QArray:
     """``q`` with its arrays where ``param`` (the array it quantizes) lives: the values with the
     param's sharding, scale and zero point by `scale_sharding`, an input scale split like the
-    param along the axes it has in full. For results computed off the mesh (the one-shot methods
+    param along the axes it has in full (codes stored in another axis order,
+    `QArray.stored_permutation`, get the param's sharding with its axes moved the same way:
+    `stored_sharding`). For results computed off the mesh (the one-shot methods
     run their per-matrix algorithm on the whole matrix). A param that is not a `jax.Array`
     (NumPy) leaves ``q`` as it is.
 
@@ -243,7 +272,7 @@ def place_like_param(param: Any, q: QArray) -> QArray:
 
     return dataclasses.replace(
         q,
-        values=jax.device_put(q.values, sharding),
+        values=jax.device_put(q.values, stored_sharding(sharding, q.stored_permutation)),
         scale=jax.device_put(q.scale, scale_placement),
         zero_point=None if q.zero_point is None else jax.device_put(q.zero_point, scale_placement),
         activation_scale=None if q.activation_scale is None else jax.device_put(

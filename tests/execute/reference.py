@@ -28,7 +28,7 @@ def activation_codes(x, reduce_axes=None, static_scale=None):
 
 def weight_parts(q):
     """(codes int64, scale float64, zero point int64 or None) of a QArray, original layout."""
-    values = np.asarray(q.values.astype(jnp.int32)).astype(np.int64)
+    values = np.asarray(q.logical_values.astype(jnp.int32)).astype(np.int64)
     scale = np.asarray(q.scale, np.float64)
     zero = None if q.zero_point is None else np.asarray(q.zero_point.astype(jnp.int32)).astype(np.int64)
     return values, scale, zero

@@ -13,7 +13,7 @@ import jaxcompress as jc
 from jaxcompress.execute.transform import compressed
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
-from jaxcompress.execute.layout import default_contracting_axes, integer_layout, store_for_integer_dots, supports_stored_layout
+from jaxcompress.execute.layout import default_contracting_axes, integer_layout, store_for_integer_dots
 from jaxcompress.execute.weight_view import WeightView
 from tests.execute.reference import dense_w8a8
 
@@ -90,7 +90,6 @@ def test_stored_stacked_layers_unstack_without_moving_codes():
     np.testing.assert_array_equal(np.asarray(layer.dequantize()), np.asarray(q.dequantize()[1]))
 
 
-@pytest.mark.skipif(not supports_stored_layout(), reason="QArray has no stored_permutation field yet")
 def test_store_for_integer_dots_keeps_values_and_speeds_the_layout():
     x = jax.random.normal(jax.random.key(0), (4, 16))
     params = {
@@ -107,7 +106,26 @@ def test_store_for_integer_dots_keeps_values_and_speeds_the_layout():
     assert store_for_integer_dots(stored)["dense"] is stored["dense"]
 
 
-@pytest.mark.skipif(supports_stored_layout(), reason="QArray has the stored_permutation field")
-def test_store_for_integer_dots_says_the_field_is_missing():
-    with pytest.raises(NotImplementedError):
-        store_for_integer_dots({})
+@pytest.mark.parametrize("rows", [1, 16])
+def test_flax_dense_quantized_by_default_runs_the_out_in_integer_dot(rows):
+    """A user's path: a linen Dense, `quantize_params` with W8A8 rules, `compressed(apply)`: the
+    kernel's codes are stored (out, in), the s8 dot contracts their minor axis, nothing transposes
+    the codes at run time, and the result is the float64 reference."""
+    import flax.linen as nn
+
+    model = nn.Dense(12)
+    x = jax.random.normal(jax.random.key(0), (rows, 24))
+    params = model.init(jax.random.key(1), x)
+    rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
+    qparams, _ = jc.quantize_params(params, rules)
+    q = qparams["params"]["kernel"]
+    assert q.stored_permutation == (1, 0) and q.values.shape == (12, 24)
+    run = jax.jit(compressed(model.apply))
+    out = run(qparams, x)
+    np.testing.assert_allclose(np.asarray(out), dense_w8a8(x, q, bias=params["params"]["bias"]), rtol=2e-5, atol=2e-5)
+    logical, _ = jc.quantize_params(params, rules, layout="logical")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(run(logical, x)))
+    lines = run.lower(qparams, x).compile().as_text().splitlines()
+    dots = [line for line in lines if " dot(" in line and "= s32[" in line]
+    assert dots and all("lhs_contracting_dims={1}, rhs_contracting_dims={1}" in line for line in dots)
+    assert not [line for line in lines if "transpose(" in line and "= s8[" in line]

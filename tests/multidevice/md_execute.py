@@ -38,7 +38,7 @@ def test_sharded_qparams_keep_shardings_and_avoid_all_gathers():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32)), jnp.float32)
     params = model.init(jax.random.key(0), x)
     rules = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
-    qparams, _ = jc.quantize_params(params, rules)
+    qparams, _ = jc.quantize_params(params, rules, layout="logical")  # placed by logical specs below
     p = qparams["params"]
     # Megatron-style: "up" column-parallel (output axis), "down" row-parallel (input axis).
     sharded = {
