@@ -31,7 +31,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from jaxcompress.execute.weight_view import stored_permutation
 from jaxcompress.qarray import QArray

@@ -82,7 +82,6 @@ def test_safetensors_rejects_a_bad_recorded_permutation():
 
 def test_orbax_round_trip_keeps_the_stored_layout(tmp_path):
     qparams, masks = _qparams()
-    q = qparams["dense"]["kernel"]
     path = tmp_path / "ckpt"
     jc.save_checkpoint(path, qparams, masks)
     restored, restored_masks = jc.load_checkpoint(path)

@@ -16,11 +16,11 @@ from jaxcompress.oneshot.mixed import choose_bits, layer_sensitivity, mixed_prec
 
 
 def _brute_force(errors, nbytes, budget):
-    best, best_pick = np.inf, None
+    best = np.inf
     for pick in itertools.product(range(errors.shape[1]), repeat=errors.shape[0]):
         rows = np.arange(errors.shape[0])
         if nbytes[rows, pick].sum() <= budget and errors[rows, pick].sum() < best:
-            best, best_pick = errors[rows, pick].sum(), pick
+            best = errors[rows, pick].sum()
     return best
 
 
