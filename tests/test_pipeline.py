@@ -58,7 +58,7 @@ def test_written_integer_model_keeps_pruned_zeros_and_reloads(result):
         q, mask = leaves["kernel"], masks["params"][layer]["kernel"]
         assert isinstance(q, jc.QArray)
         if hasattr(mask, "shape"):
-            assert np.all(np.asarray(q.values.astype(jnp.int8))[~np.asarray(mask)] == 0)
+            assert np.all(np.asarray(q.logical_values.astype(jnp.int8))[~np.asarray(mask)] == 0)
             checked += 1
     assert checked == 3  # Conv_1, Dense_0, Dense_1 (Conv_0 stays dense)
 

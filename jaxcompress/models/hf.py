@@ -305,7 +305,7 @@ def load_hf(
       dtype: float leaves are cast to it (``None`` keeps the stored dtype); `QArray` leaves
         are returned as stored.
 
-    >>> import os, tempfile, json, jax, numpy as np, jaxcompress as jc
+    >>> import dataclasses, os, tempfile, json, jax, numpy as np, jaxcompress as jc
     >>> config = BertConfig(vocab_size=8, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
     ...                     intermediate_size=8, max_position_embeddings=4)
     >>> params = BertModel(config).init(jax.random.PRNGKey(0), np.zeros((1, 2), int), np.ones((1, 2), int))

@@ -71,8 +71,10 @@ def deserialize_static(data: bytes) -> tuple:
     A field the data lacks takes the `QArray` default; an unknown one, or data that is not a
     serialized `QArray` node, is a `jaxcompress.CheckpointFormatError`.
 
-    >>> deserialize_static(serialize_static((4, "int", (0,), None, None, jax.numpy.dtype("float32"), "weight_only")))[:3]
-    (4, 'int', (0,))
+    >>> import jax.numpy as jnp, jaxcompress as jc
+    >>> aux = jax.tree_util.tree_structure(jc.quantize(jnp.ones((2, 2)), bits=4)).node_data()[1]
+    >>> deserialize_static(serialize_static(aux)) == aux
+    True
     """
     try:
         document = json.loads(bytes(data).decode("utf-8"))
