@@ -92,7 +92,8 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
         values, scale, zero_point, input_scale = sliced
         return dataclasses.replace(
             view, values=values, scale=scale, zero_point=zero_point, input_scale=input_scale, permutation=layer_permutation,
-            ragged=None if view.ragged is None else (view.ragged[0] - 1, view.ragged[1]),  # the stacked axis 0 is gone
+            # the stacked axis 0 is gone (a ragged axis 0 itself was expanded by full_scale above)
+            ragged=None if view.ragged is None or view.ragged[0] == 0 else (view.ragged[0] - 1, view.ragged[1]),
         )
 
     return arrays, rebuild

@@ -4,7 +4,7 @@ Layerwise Sparsity").
 A layer's outlier ratio is the fraction of its Wanda scores ``|W_ij| * ||X_j||_2`` that exceed
 ``threshold`` times the layer's mean score. Layers with more outliers are pruned LESS: with ``r``
 the outlier ratios, each layer's sparsity is ``target - d`` where ``d`` is ``r`` minus its mean
-weighted by the layers' sizes, scaled (if needed) so that ``max |d| == spread``. The weighted mean
+weighted by the layers' sizes, scaled so that ``max |d| == spread``. The weighted mean
 of ``d`` is zero, so the sizes-weighted mean sparsity is the target; the per-layer counts are then
 rounded to whole weights by largest remainder so that the total number of pruned weights is
 EXACTLY ``round(target * total size)``.

@@ -2,6 +2,7 @@
 degenerate calibration, and the tree-level function's QArrays."""
 
 import dataclasses
+import re
 import warnings
 
 import flax.linen as nn
@@ -125,7 +126,9 @@ def test_matches_numpy_reference(bits, group_size, symmetric, act_order, static_
     Q_ref, codes_ref = reference_gptq(W, H, bits, group_size, symmetric, act_order, static_groups,
                                       clip_ratios=ratios)
     agree = np.mean(np.asarray(result.codes) == codes_ref)
-    assert agree >= 0.95, agree  # float32 vs float64: an occasional tie flips a code (or a clip ratio)
+    # float32 vs float64: an occasional tie flips a code; with the clipping search a flipped ratio
+    # moves a whole group's codes, hence the lower bound there
+    assert agree >= (0.95 if clip else 0.97), agree
     np.testing.assert_allclose(_error(result.weights, W, X), _error(Q_ref, W, X), rtol=0.05)
     assert np.all(np.asarray(result.codes) == np.round(np.asarray(result.codes)))
     groups = np.arange(32) // group_size
@@ -180,11 +183,11 @@ def test_degenerate_calibration_warns_and_stays_finite():
         warnings.simplefilter("ignore")
         tiny = gptq_matrix(W, 2 * X[:3].T @ X[:3], 4, 8, damp=1e-9)
     assert np.all(np.isfinite(np.asarray(tiny.weights)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group_size must be a positive int, got 0"):
         gptq_matrix(W, np.eye(32), 4, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="column_groups must use every group index"):
         gptq_matrix(W, np.eye(32), 4, column_groups=np.arange(32) // 8 * 2)  # groups 1, 3, 5 unused
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="0 < clip_min_ratio <= 1"):
         gptq_matrix(W, np.eye(32), 4, 8, clip_search=True, clip_min_ratio=0.0)
 
 
@@ -284,7 +287,7 @@ def test_tree_level_ragged_asymmetric_through_compressed(activation):
     assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
     if activation == "dynamic":
         hlo = jax.jit(jc.compressed(model.apply)).lower(qparams, x).compile().as_text()
-        assert "s8" in hlo and "s32" in hlo
+        assert re.search(r"= s32\[[^\]]*\][^ ]* dot\(", hlo), "no s8 x s8 -> s32 dot"
         dropped = jc.dequantize_params(jax.tree.map(  # the same codes, zero points ignored
             lambda q: dataclasses.replace(q, zero_point=jnp.zeros_like(q.zero_point)) if isinstance(q, jc.QArray) else q,
             qparams, is_leaf=lambda v: isinstance(v, jc.QArray)))
