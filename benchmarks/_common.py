@@ -43,6 +43,17 @@ def time_calls(fn: Callable[[], Any], repeats: int, block: Callable[[Any], Any] 
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the tables that quote a machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
     """Where the numbers came from: host, CPU count, Python / jax versions, backend."""
     info = {

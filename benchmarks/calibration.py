@@ -120,16 +120,6 @@ def _run_worker(source: Path, methods, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round, no baseline (CI)")
@@ -143,7 +133,7 @@ def main(argv=None) -> dict:
         print(json.dumps(worker(args.methods)))
         return {}
 
-    from benchmarks._common import RESULTS_DIR, environment, format_table, write_json
+    from benchmarks._common import RESULTS_DIR, cpu_model, environment, format_table, write_json
 
     rounds = args.rounds or (1 if args.quick else 3)
     baseline_ref = args.baseline or ("none" if args.quick else DEFAULT_BASELINE)
@@ -192,7 +182,7 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "note": "medians over rounds; each version in its own subprocess, rounds alternate the versions; shared CPU: read ratios",
         "environment": environment(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "results": rows,
         "runs": runs,
         "goals": goals,
@@ -200,7 +190,7 @@ def main(argv=None) -> dict:
     }
     path = write_json(out, data)
     env = data["environment"]
-    print(f"\nCPU: {_cpu_model()}, load average {env.get('load_average_1_5_15_min')}")
+    print(f"\nCPU: {cpu_model()}, load average {env.get('load_average_1_5_15_min')}")
     columns = [("method", "method", "")]
     for name in names:
         columns += [(f"{name}_first_s", f"{name} 1st call s", ".2f"), (f"{name}_second_s", f"{name} 2nd call s", ".3f")]

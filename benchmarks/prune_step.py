@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import resource
 import sys
 import time
@@ -45,22 +44,12 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 import jaxcompress.pruning as jp  # noqa: E402
-from benchmarks._common import RESULTS_DIR, environment, format_table, write_json  # noqa: E402
+from benchmarks._common import RESULTS_DIR, cpu_model, environment, format_table, write_json  # noqa: E402
 
 MLP_SIZES = (784, 2048, 1792, 10)
 FINAL_SPARSITY = 0.9
 SCHEDULE_UPDATES = 100  # the schedule reaches its final sparsity after this many mask updates
 CHUNK_STEPS = 10  # steps per variant before switching to the next one (interleaving grain)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---- models ------------------------------------------------------------------------------------
