@@ -12,8 +12,11 @@ Models (step time does not depend on the data: a fixed random batch):
 The pruned optimizer is gradual magnitude pruning (polynomial schedule to 90%), masks recomputed
 every ``update_every`` steps inside the jitted update (`lax.switch`), so each timed block of
 ``update_every`` steps contains exactly one mask update. JaxPruner's ``MagnitudePruning`` with
-the same schedule shape runs side by side when ``jaxpruner`` is importable (it is not on PyPI:
-install it from its source); otherwise the benchmark says "jaxpruner not installed: skipped".
+the same schedule shape runs side by side when ``jaxpruner`` is importable. It is not on PyPI and
+its published source targets older jax: ``benchmarks/envs/jaxpruner.sh`` builds a venv with a
+documented source port (``jax.tree_map`` -> ``jax.tree.map``, ...), and the benchmark run with that
+venv's python records the ported commit and the port in its JSON (``"jaxpruner"``). Without it the
+benchmark says "jaxpruner not installed: skipped".
 
 Every variant is compiled first, then timed SIDE BY SIDE: a round is ``update_every`` steps of
 each variant, run in chunks of 10 steps that alternate between the variants (order rotating),
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import resource
 import sys
 import time
@@ -178,7 +182,21 @@ def build_variants(pruned, update_every):
         functools.partial(_jaxpruner_step, pruner),
         lambda state: jax.tree.map(lambda m: m if m is None else m.astype(bool), state.masks),
     )
-    return variants, f"jaxpruner {getattr(jaxpruner, '__version__', '(version unknown)')}"
+    return variants, f"jaxpruner {_jaxpruner_version()}" + (f"; {port}" if (port := jaxpruner_port()) else "")
+
+
+def _jaxpruner_version() -> str:
+    try:
+        return importlib.metadata.version("jaxpruner")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def jaxpruner_port() -> str | None:
+    """What `benchmarks/envs/jaxpruner.sh` recorded next to the interpreter: which commit of
+    JaxPruner's source was ported to this jax, and how (None when it was installed otherwise)."""
+    path = Path(sys.prefix) / "PORT.txt"
+    return " ".join(path.read_text().split()) if path.is_file() else None
 
 
 # ---- timing ------------------------------------------------------------------------------------
