@@ -9,7 +9,10 @@ and returns ``({"params": tree}, config)`` for `jaxcompress.models.bert.BertMode
 The name mapping (`bert_names`, `llama_names`, `hf_to_flax`) works on any leaf: torch
 ``Linear`` weights ``(out, in)`` become Flax kernels ``(in, out)`` by `transpose_leaf`, which
 transposes a `QArray`'s values, scale, zero point and input scale and renumbers its channel /
-group axes (and masks, when a masks tree is mapped). LayerNorm / RMSNorm ``weight`` become
+group axes (and masks, when a masks tree is mapped). An integer-mode (W8A8) `QArray` kernel keeps
+its codes where the file has them, ``(out, in)``, and records ``stored_permutation=(1, 0)``: the
+layout `jaxcompress.quantize_params` gives such kernels by default, the one XLA's integer dot runs
+fast, loaded without a copy. LayerNorm / RMSNorm ``weight`` become
 ``scale``, embedding ``weight`` become ``embedding``. Every tensor of the file must be used
 (except buffers: ``position_ids``, ``rotary_emb.inv_freq``, a tied ``lm_head``), and the tree
 must have exactly the shapes the model's ``init`` creates: anything else is a
@@ -168,6 +171,20 @@ def _expected_shapes(config: ModelConfig, arch: Arch) -> dict[tuple[str, ...], t
     return {tuple(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def _to_flax_kernel(leaf: Any, path: tuple[str, ...], *, where: str) -> Any:
+    """A torch ``(out, in)`` weight as a Flax ``(in, out)`` kernel. A `QArray` that
+    `jaxcompress.quantize_params` would store ``(out, in)`` by default (an integer-mode Dense
+    kernel: `jaxcompress.execute.layout.default_layout`) keeps its codes where they are (zero-copy,
+    ``stored_permutation=(1, 0)``); every other leaf is transposed into the logical layout."""
+    from jaxcompress.execute.layout import default_layout
+
+    if isinstance(leaf, QArray) and len(leaf.shape) == 2:
+        wanted = default_layout("/".join(("params",) + path), leaf)
+        if wanted is not None:
+            return transpose_leaf(leaf, where=where, move_codes=False).with_layout(wanted)
+    return transpose_leaf(leaf, where=where)
+
+
 def hf_to_flax(tensors: Mapping[str, Any], config: ModelConfig, *, where: str = "checkpoint") -> dict:
     """``{"params": tree}`` for the model of ``config`` from ``{hf_name: leaf}``.
 
@@ -198,7 +215,7 @@ def hf_to_flax(tensors: Mapping[str, Any], config: ModelConfig, *, where: str = 
         name = by_name.pop(hf)
         leaf = tensors[name]
         if transpose:
-            leaf = transpose_leaf(leaf, where=f"{where}: {name}")
+            leaf = _to_flax_kernel(leaf, path, where=f"{where}: {name}")
         shape = expected.get(path)
         if shape is None:
             raise CheckpointFormatError(f"{where}: {name} maps to params/{'/'.join(path)}, which the {arch} model does not have")
@@ -237,7 +254,10 @@ def flax_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]
             if not isinstance(node, Mapping) or key not in node:
                 raise KeyError(f"params/{'/'.join(path)}: missing from the {arch} tree")
             node = node[key]
-        out[hf] = transpose_leaf(node, where="params/" + "/".join(path)) if transpose else node
+        if transpose:  # codes already stored (out, in) stay where they are
+            stored = isinstance(node, QArray) and node.stored_permutation is not None
+            node = transpose_leaf(node, where="params/" + "/".join(path), move_codes=not stored)
+        out[hf] = node
     return out
 
 

@@ -25,8 +25,14 @@ __all__ = ["transpose_leaf"]
 _AXIS_FIELDS = ("channel_axes", "group_axis")
 
 
-def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str = "leaf") -> Any:
+def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str = "leaf", move_codes: bool = True) -> Any:
     """``leaf`` with its axes permuted by ``axes`` (default: reversed), `QArray`s included.
+
+    With ``move_codes=False`` a `QArray`'s integer codes stay where they are: the result's
+    logical shape, scales and axes are transposed, and its ``stored_permutation`` records the
+    order the unchanged codes are in (zero-copy; see `jaxcompress.QArray.with_layout`). Loading a
+    PyTorch ``(out, in)`` weight this way gives a Flax kernel already in the layout the integer
+    dot wants.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> q = jc.quantize(jnp.arange(12.0).reshape(3, 4), bits=8, channel_axes=(0,))
@@ -34,6 +40,11 @@ def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str =
     >>> t.shape, t.channel_axes, t.scale.shape
     ((4, 3), (1,), (1, 3))
     >>> bool(jnp.array_equal(t.dequantize(), q.dequantize().T))
+    True
+    >>> z = transpose_leaf(q, move_codes=False)
+    >>> z.shape, z.values.shape, z.stored_permutation, z.values is q.values
+    ((4, 3), (3, 4), (1, 0), True)
+    >>> bool(jnp.array_equal(z.dequantize(), q.dequantize().T))
     True
     """
     if leaf is None or is_masked_node(leaf):
@@ -44,9 +55,16 @@ def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str =
         raise ValueError(f"{where}: axes {tuple(axes or ())} are not a permutation of the {ndim} axes of shape {tuple(leaf.shape)}")
     if not isinstance(leaf, QArray):
         return np.transpose(leaf, perm) if isinstance(leaf, np.ndarray) else jnp.transpose(leaf, perm)
-    leaf = leaf.with_layout(None)  # codes in the logical order first (`QArray.stored_permutation`)
     new_axis = {old: new for new, old in enumerate(perm)}
     changes: dict[str, Any] = {}
+    if move_codes:
+        leaf = leaf.with_layout(None)  # codes in the logical order first (`QArray.stored_permutation`)
+    else:
+        # values == transpose(codes, p0); the new codes are transpose(codes, perm), so the
+        # unchanged values are those new codes in the order new_axis[p0[j]].
+        p0 = leaf.stored_permutation or tuple(range(ndim))
+        stored = tuple(new_axis[a] for a in p0)
+        changes["stored_permutation"] = None if stored == tuple(range(ndim)) else stored
     for field in dataclasses.fields(leaf):
         value = getattr(leaf, field.name)
         if field.metadata.get("static", False):
@@ -55,7 +73,7 @@ def transpose_leaf(leaf: Any, axes: Sequence[int] | None = None, *, where: str =
             elif field.name == "group_axis" and value is not None:
                 changes[field.name] = new_axis[value]
             continue
-        if value is None or len(value.shape) == 0:
+        if value is None or len(value.shape) == 0 or (field.name == "values" and not move_codes):
             continue
         if len(value.shape) != ndim:
             raise ValueError(f"{where}: QArray field {field.name!r} has shape {tuple(value.shape)}, expected rank {ndim} like the values {leaf.shape}")

@@ -83,6 +83,13 @@ def test_transpose_leaf_is_exact(rows, cols, bits, layout, symmetric, seed):
     if layout == "group":
         assert t.group_axis == 0 and t.channel_axes == (1,)
     assert transpose_leaf(transpose_leaf(w)).tolist() == w.tolist()
+    # move_codes=False: the codes stay put, the permutation records their order; the same QArray logically
+    z = transpose_leaf(q, move_codes=False)
+    assert z.values is q.values and z.stored_permutation == (1, 0)
+    _assert_trees_equal({"z": z.with_layout(None)}, {"z": t})
+    back = transpose_leaf(z, move_codes=False)
+    assert back.values is q.values and back.stored_permutation is None
+    _assert_trees_equal({"q": back}, {"q": q})
 
 
 def test_transpose_leaf_input_scale_masks_and_errors():
@@ -173,10 +180,10 @@ def test_presets_decide_the_same_in_hf_and_flax_names(preset, config):
 
     hf_q, hf_masks = compress(hf_tree)
     flax_q, flax_masks = compress(flax_tree)
-    # the same decisions and codes; quantize_params stores W8A8 Flax kernels (out, in) (compare logically)
-    logical = jax.tree_util.tree_map(lambda x: x.with_layout(None) if isinstance(x, QArray) else x, flax_q,
-                                     is_leaf=lambda x: isinstance(x, QArray))
-    _assert_trees_equal(hf.hf_to_flax(_flat(hf_q), config), logical)
+    # the same decisions and codes, and the same stored layout: quantize_params stores W8A8 Flax kernels
+    # (out, in), which is where hf_to_flax leaves the codes of HF weights (zero-copy)
+    _assert_trees_equal(hf.hf_to_flax(_flat(hf_q), config), flax_q)
+    _assert_trees_equal(hf.flax_to_hf(flax_q, config), _flat(hf_q))
     if recipe.prune:
         _assert_trees_equal(hf.hf_to_flax(_flat(hf_masks), config), flax_masks)
     kinds = {name: (leaf.bits, leaf.activation) if isinstance(leaf, QArray) else None for name, leaf in _flat(flax_q).items()}
@@ -195,8 +202,9 @@ def test_compressed_file_loads_with_its_config_and_runs_in_int8(tmp_path):
     jc.compress_checkpoint(tmp_path / "hf" / "model.safetensors", tmp_path / "w8a8.safetensors", "w8a8")
     loaded, loaded_config = hf.load_hf(tmp_path / "w8a8.safetensors")  # config from the file's metadata
     assert loaded_config == config
-    expected, _ = jc.quantize_params(params, recipes.load_recipe("w8a8").quantize, on_unused="ignore", layout="logical")
-    _assert_trees_equal(loaded, expected)  # load_hf gives the logical layout (transposed from the HF (out, in) file)
+    expected, _ = jc.quantize_params(params, recipes.load_recipe("w8a8").quantize, on_unused="ignore")
+    _assert_trees_equal(loaded, expected)  # W8A8 kernels come back in quantize_params' default (out, in) layout
+    assert loaded["params"]["layers_0"]["mlp"]["down_proj"]["kernel"].stored_permutation == (1, 0)
     ids = jnp.array([[3, 9, 1, 4, 4, 2]], jnp.int32)
     model = hf.model_for(config)
     logits = jax.jit(jc.compressed(model.apply))(loaded, ids)
