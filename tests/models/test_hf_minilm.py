@@ -48,8 +48,8 @@ def test_minilm_presets_decide_the_same_on_hf_file_and_flax_tree(compressed_file
     # the Flax tree from load_hf quantized by name (encoder/layer_0/attention/query/kernel, ...)
     float_params, _ = hf.load_hf(FILES.model.parent)
     from_file, _ = hf.load_hf(compressed_file)
-    # compress writes (and load_hf returns) the logical layout: compare in it
-    from_tree, _ = jc.quantize_params(float_params, recipes.load_recipe("w8a8").quantize, on_unused="ignore", layout="logical")
+    # load_hf leaves W8A8 kernels' codes (out, in), where quantize_params stores them by default
+    from_tree, _ = jc.quantize_params(float_params, recipes.load_recipe("w8a8").quantize, on_unused="ignore")
     flat_file = dict(jax.tree_util.tree_flatten_with_path(from_file, is_leaf=lambda x: isinstance(x, QArray))[0])
     flat_tree = dict(jax.tree_util.tree_flatten_with_path(from_tree, is_leaf=lambda x: isinstance(x, QArray))[0])
     assert flat_file.keys() == flat_tree.keys()
@@ -65,3 +65,5 @@ def test_minilm_presets_decide_the_same_on_hf_file_and_flax_tree(compressed_file
         else:
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other))
     assert quantized == 3 + 6 * 6 + 1  # embedding tables, 6 kernels per layer, pooler
+    query = from_file["params"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    assert query.stored_permutation == (1, 0) and query.values.shape == (384, 384)
