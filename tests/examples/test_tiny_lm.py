@@ -1,8 +1,10 @@
-"""examples/tiny_lm.py: the perplexity helper against a float64 reference, and the quick config
-trained, cached, reloaded (not retrained) and run from the command line."""
+"""examples/tiny_lm.py: the perplexity helper against a float64 reference; the splits never overlap;
+a micro config trained, cached, reloaded (not retrained) and resumed from a checkpoint into exactly
+the uninterrupted result; the shared QUICK model (one training run per cache) learned something."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -11,6 +13,10 @@ import numpy as np
 import pytest
 
 from examples import tiny_lm
+
+# one layer of width 32: compiles and trains in a second or two (the cache and resume mechanics)
+MICRO = dataclasses.replace(tiny_lm.QUICK, vocab_size=300, hidden_size=32, intermediate_size=48, num_layers=1,
+                            num_heads=2, num_kv_heads=1, seq_len=32, batch_size=4, steps=3, warmup_steps=1)
 
 
 def test_perplexity_matches_float64_reference():
@@ -28,32 +34,66 @@ def test_perplexity_matches_float64_reference():
         tiny_lm.perplexity(apply, jnp.asarray(table), tokens.astype(np.float32))
 
 
-def test_quick_trains_caches_and_reloads(tmp_path, capsys):
-    config, params, tokenizer, eval_tokens = tiny_lm.load_or_train_tiny_lm(quick=True, cache_root=tmp_path)
-    folder = tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path)
-    assert (folder / "done").is_file() and not list(tmp_path.glob(".staging-*"))
-    assert config == tiny_lm.QUICK.model_config() and config.hidden_size % 64  # ragged at g64
-    assert eval_tokens.dtype == np.int32 and eval_tokens.shape[1] == tiny_lm.QUICK.seq_len
-    apply = tiny_lm.make_apply(config)
-    ppl = tiny_lm.perplexity(apply, params, eval_tokens[:8])
-    assert 1.0 < ppl < 0.5 * config.vocab_size  # learned something: well below a uniform guess
-    # the held-out split is lee.cor, not the training text, and the tokenizer round-trips it
-    held_out = tiny_lm.corpus_files()[1].read_text(encoding="latin-1")
-    assert tokenizer.decode([int(t) for t in eval_tokens[0, 1:30]]) in held_out
-    assert tokenizer.decode(tokenizer.encode("The bushfire spread.").ids) == "The bushfire spread."
+@pytest.mark.parametrize("corpus", ["lee", "lee+wiki"])
+def test_splits_are_disjoint_documents(corpus):
+    splits = tiny_lm.split_documents(corpus)
+    assert set(splits) == {"train", "tune", "eval"} and all(splits.values())
+    seen: dict[str, str] = {}
+    for name, documents in splits.items():
+        for doc in documents:
+            assert seen.setdefault(doc, name) == name, f"a document is in both {seen[doc]} and {name}"
+    lee = tiny_lm._documents(tiny_lm.corpus_files(corpus)["lee"])
+    assert splits["eval"][: len(lee)] == lee  # lee.cor is held out whole
+    if corpus == "lee+wiki":
+        wiki = tiny_lm._documents(tiny_lm.corpus_files(corpus)["wiki"])
+        assert sum(doc in wiki for docs in splits.values() for doc in docs) == len(wiki) == 250  # every article used once
+    with pytest.raises(ValueError):
+        tiny_lm.corpus_files("wiki")  # type: ignore[arg-type]
+
+
+def test_micro_trains_caches_reloads_and_resumes(tmp_path):
+    whole = tiny_lm.load_or_train_tiny_lm(train=MICRO, cache_root=tmp_path / "whole")
+    folder = tiny_lm.cache_dir_for(MICRO, tmp_path / "whole")
+    assert (folder / "done").is_file() and not list((tmp_path / "whole").glob(".staging-*"))
+    assert whole.config == MICRO.model_config()
+    assert whole.eval_tokens.dtype == np.int32 and whole.eval_tokens.shape[1] == MICRO.seq_len
+    eval_text = "".join(tiny_lm.split_documents("lee")["eval"])
+    assert whole.tokenizer.decode([int(t) for t in whole.eval_tokens[0, 1:30]]) in eval_text
+    assert whole.tokenizer.decode(whole.tokenizer.encode("The bushfire spread.").ids) == "The bushfire spread."
+    tune = tiny_lm.tune_tokens(train=MICRO, cache_root=tmp_path / "whole")
+    tune_text = "".join(tiny_lm.split_documents("lee")["tune"])
+    assert tune.dtype == np.int32 and whole.tokenizer.decode([int(t) for t in tune[1:30]]) in tune_text
     stamp = (folder / "params.npz").stat().st_mtime_ns
-    again = tiny_lm.load_or_train_tiny_lm(quick=True, cache_root=tmp_path)
+    again = tiny_lm.load_or_train_tiny_lm(train=MICRO, cache_root=tmp_path / "whole")
     assert (folder / "params.npz").stat().st_mtime_ns == stamp  # loaded, not retrained
-    jax.tree.map(np.testing.assert_array_equal, again.params, params)
-    batches = tiny_lm.calibration_batches(count=12, batch_size=8, quick=True, cache_root=tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, again.params, whole.params)
+
+    # the same run in chunks of one step: each call pauses with a checkpoint, the last one finishes
+    root = tmp_path / "chunks"
+    for step in range(1, MICRO.steps):
+        with pytest.raises(tiny_lm.TrainingPaused) as paused:
+            tiny_lm.load_or_train_tiny_lm(train=MICRO, cache_root=root, max_train_seconds=0.0)
+        assert paused.value.step == step and paused.value.steps == MICRO.steps
+    chunked = tiny_lm.load_or_train_tiny_lm(train=MICRO, cache_root=root, max_train_seconds=0.0)
+    jax.tree.map(np.testing.assert_array_equal, chunked.params, whole.params)  # bit for bit
+    assert sorted(p.name for p in root.iterdir()) == [folder.name]  # no checkpoint or staging left behind
+
+
+def test_quick_model_is_shared_and_learned_something(capsys):
+    """The QUICK model through the default cache (trained once, then shared by every quick test)."""
+    config, params, tokenizer, eval_tokens = tiny_lm.load_or_train_tiny_lm(quick=True)
+    assert config == tiny_lm.QUICK.model_config() and config.hidden_size % 64  # ragged at g64
+    ppl = tiny_lm.perplexity(tiny_lm.make_apply(config), params, eval_tokens[:8])
+    assert 1.0 < ppl < 0.5 * config.vocab_size  # well below a uniform guess
+    batches = tiny_lm.calibration_batches(count=12, batch_size=8, quick=True)
     assert [b.shape for b in batches] == [(8, 64), (4, 64)]
-    assert tiny_lm.main(["--quick", "--cache-dir", str(tmp_path)]) == 0
+    assert tiny_lm.main(["--quick"]) == 0
     assert "loaded" in capsys.readouterr().out
 
 
 def test_cache_key_depends_on_the_config(tmp_path):
-    import dataclasses
-
     other = dataclasses.replace(tiny_lm.QUICK, steps=41)
     assert tiny_lm.cache_dir_for(other, tmp_path) != tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path)
     assert tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path) == tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path)
+    assert tiny_lm.cache_dir_for(tiny_lm.FULL, tmp_path) != tiny_lm.cache_dir_for(
+        dataclasses.replace(tiny_lm.FULL, corpus="lee"), tmp_path)
