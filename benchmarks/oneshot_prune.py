@@ -1,6 +1,6 @@
 """One-shot pruning (magnitude, Wanda, SparseGPT and their variants) on the real all-MiniLM-L6-v2.
 
-    python benchmarks/oneshot_prune.py            # full run: 128 calibration, 256 held-out sentences
+    python benchmarks/oneshot_prune.py            # full run: 256 calibration, 256 held-out sentences
     python benchmarks/oneshot_prune.py --quick    # CI-sized (two layers, fewer variants)
     python benchmarks/oneshot_prune.py --methods sparsegpt "sparsegpt+ls"   # only these variants
 
@@ -8,8 +8,10 @@ What it measures, side by side in one run, on the 36 encoder Dense kernels (the 
 the unused pooler stay fp32): pruning at 50% unstructured and at 2:4 (along the input axis) with
 magnitude (`jaxcompress.prune_params`, layer-wise), Wanda and SparseGPT (both sequential, layer by
 layer), each also with ``reconstruct=True`` (``+ls``: masked least squares of the kept weights,
-`jaxcompress.oneshot.reconstruct`) and, for unstructured sparsity, ``allocation="owl"`` (per
-kernel, or ``owl-block``: one sparsity per encoder layer). Mixed precision has its own benchmark
+`jaxcompress.oneshot.reconstruct`), with ``dense_target=True`` too (``+ls+dense``: each leaf fit
+to the dense model's outputs, `jaxcompress.oneshot.targets`; SparseGPT's default) and, for
+unstructured sparsity, ``allocation="owl"`` (per kernel, or ``owl-block``: one sparsity per
+encoder layer). Every variant passes ``reconstruct`` / ``dense_target`` explicitly. Mixed precision has its own benchmark
 (``benchmarks/mixed_precision.py``).
 
 Quality: mean (and minimum) cosine similarity between the fp32 sentence embeddings and the
@@ -50,7 +52,7 @@ QUICK_METHODS = ("magnitude", "wanda", "wanda+ls", "sparsegpt", "sparsegpt owl+l
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
-    parser.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 128, quick 16)")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration sentences (default 256, quick 16)")
     parser.add_argument("--sentences", type=int, default=None, help="held-out sentences (default 256, quick 32)")
     parser.add_argument("--offset", type=int, default=2000, help="first held-out sentence of the corpus")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/oneshot_prune[_quick].json)")
@@ -58,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--settings", nargs="*", default=("50% unstructured", "2:4"), choices=("50% unstructured", "2:4"))
     parser.add_argument("--methods", nargs="*", default=None, help="only these pruning variants (default all)")
     args = parser.parse_args(argv)
-    args.calibration = args.calibration or (16 if args.quick else 128)
+    args.calibration = args.calibration or (16 if args.quick else 256)
     args.sentences = args.sentences or (32 if args.quick else 256)
     args.kernels = QUICK_KERNELS if args.quick else KERNELS
     args.out = args.out or RESULTS_DIR / ("oneshot_prune_quick.json" if args.quick else "oneshot_prune.json")
@@ -89,16 +91,21 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 def make_variants(fn, params, batches, block_group: str, **calib) -> dict:
     """method -> prune(rule) -> (pruned params, masks); OWL applies to unstructured sparsity only."""
     block_owl = OWL(group=block_group)
+    plain = dict(reconstruct=False, dense_target=False, **calib)
+    ls = dict(reconstruct=True, dense_target=False, **calib)
+    dense = dict(reconstruct=True, dense_target=True, **calib)
     return {
         "magnitude": lambda r: jc.prune_params(params, [r]),
-        "wanda": lambda r: wanda(fn, params, batches, [r], **calib),
-        "wanda+ls": lambda r: wanda(fn, params, batches, [r], reconstruct=True, **calib),
-        "wanda owl": lambda r: wanda(fn, params, batches, [r], allocation="owl", **calib),
-        "sparsegpt": lambda r: sparsegpt(fn, params, batches, [r], **calib),
-        "sparsegpt+ls": lambda r: sparsegpt(fn, params, batches, [r], reconstruct=True, **calib),
-        "sparsegpt owl": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", **calib),
-        "sparsegpt owl-block": lambda r: sparsegpt(fn, params, batches, [r], allocation=block_owl, **calib),
-        "sparsegpt owl+ls": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", reconstruct=True, **calib),
+        "wanda": lambda r: wanda(fn, params, batches, [r], **plain),
+        "wanda+ls": lambda r: wanda(fn, params, batches, [r], **ls),
+        "wanda+ls+dense": lambda r: wanda(fn, params, batches, [r], **dense),
+        "wanda owl": lambda r: wanda(fn, params, batches, [r], allocation="owl", **plain),
+        "sparsegpt": lambda r: sparsegpt(fn, params, batches, [r], **plain),
+        "sparsegpt+ls": lambda r: sparsegpt(fn, params, batches, [r], **ls),
+        "sparsegpt+ls+dense": lambda r: sparsegpt(fn, params, batches, [r], **dense),
+        "sparsegpt owl": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", **plain),
+        "sparsegpt owl-block": lambda r: sparsegpt(fn, params, batches, [r], allocation=block_owl, **plain),
+        "sparsegpt owl+ls": lambda r: sparsegpt(fn, params, batches, [r], allocation="owl", **ls),
     }
 
 

@@ -57,6 +57,7 @@ from jaxcompress.oneshot.selection import _call, _float_paths, batch_args, make_
 from jaxcompress.oneshot.statistics import (
     LayerStatistics,
     _accumulate,
+    _DenseRows,
     _Recorder,
     _statistics,
 )
@@ -94,8 +95,13 @@ class _Capture:
         self.fn = fn
         self.batch_fn = jax.jit(self._batch)
 
-    def _batch(self, params, batch, mask):
-        recorder = _Recorder(self.shapes, self.with_hessian, mask)
+    def _batch(self, params, batch, mask, dense_params=None):
+        dense = None
+        if dense_params is not None:  # the dense model's rows of the same sites first (cross terms)
+            dense = _DenseRows(self.shapes, mask)
+            call_with_dot_hook(self.fn, _call(self.fn, dense_params, batch, self.params_argnum), None, dense.hook,
+                               select=self.select, params_argnum=self.params_argnum, cache=self.cache)
+        recorder = _Recorder(self.shapes, self.with_hessian, mask, dense)
         args = _call(self.fn, params, batch, self.params_argnum)
         _, observations = call_with_dot_hook(
             self.fn, args, None, recorder.hook, select=self.select, params_argnum=self.params_argnum, cache=self.cache, observations=True
@@ -172,6 +178,9 @@ class GroupCapture(_BatchCapture):
       groups: one selection per group (see `make_selector`: a callable on path strings, a path,
         or a sequence of paths / rules).
       compile_ahead: compile every group's programs in background threads up front.
+      dense_params: the DENSE params (same tree): each group's statistics then also hold
+        ``cross = sum_rows x x_d^T`` (`LayerStatistics.cross`), ``x_d`` the input the dense
+        model gives the same site on the same row (the dense function runs alongside).
     """
 
     def __init__(
@@ -186,22 +195,25 @@ class GroupCapture(_BatchCapture):
         row_mask: Callable[[Any], Any] | None = None,
         trace_cache: TraceCache | None = None,
         compile_ahead: bool = True,
+        dense_params: Any = None,
     ):
         self._init_batches(batches, row_mask)
         cache = TraceCache(size=max(32, 4 * len(self.first))) if trace_cache is None else trace_cache
         self.captures = [_Capture(fn, params, make_selector(group), params_argnum, hessian, cache) for group in groups]
         self._programs = _Programs(compile_ahead and len(self.captures) > 0)
+        self._dense = () if dense_params is None else (dense_params,)
         if compile_ahead:
             for group_index, capture in enumerate(self.captures):
                 for signature, index in self.first.items():
-                    self._programs.lower((group_index, signature), capture.batch_fn, params, self.batches[index], self.masks[index])
+                    self._programs.lower((group_index, signature), capture.batch_fn, params, self.batches[index],
+                                         self.masks[index], *self._dense)
 
     def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
         """The statistics of group ``index`` with ``params`` (see the class docs)."""
         capture = self.captures[index]
         totals: dict[str, list] = {}
         for batch, mask, signature in zip(self.batches, self.masks, self.signatures):
-            result = self._programs.call((index, signature), capture.batch_fn, params, batch, mask)
+            result = self._programs.call((index, signature), capture.batch_fn, params, batch, mask, *self._dense)
             _accumulate(totals, jax.device_get(result))
         return _statistics(totals, capture.sites)
 
@@ -217,10 +229,13 @@ def sequential_capture(
     hessian: bool = True,
     row_mask: Callable[[Any], Any] | None = None,
     compile_ahead: bool = True,
+    dense_params: Any = None,
 ) -> "SegmentedCapture | GroupCapture":
     """The capture a sequential method should use for ``groups`` (called in order, once each):
     `SegmentedCapture` (one pass of ``fn`` over all groups) when the groups follow one another
     in program order, else `GroupCapture` (one pass up to each group; also for a single group).
+    ``dense_params``: also capture the cross terms against the dense model (`GroupCapture`;
+    `SegmentedCapture` then carries the dense model's values across the cuts too).
 
     >>> import jax.numpy as jnp
     >>> params = {"a": jnp.eye(2), "b": 2 * jnp.eye(2)}
@@ -233,13 +248,13 @@ def sequential_capture(
     """
     if len(groups) == 1:  # one program: nothing to cut, nothing to compile ahead
         return GroupCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
-                            row_mask=row_mask, compile_ahead=False)
+                            row_mask=row_mask, compile_ahead=False, dense_params=dense_params)
     try:
         return SegmentedCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
-                                row_mask=row_mask, compile_ahead=compile_ahead)
+                                row_mask=row_mask, compile_ahead=compile_ahead, dense_params=dense_params)
     except _NotSegmentable:
         return GroupCapture(fn, params, groups, batches, params_argnum=params_argnum, hessian=hessian,
-                            row_mask=row_mask, compile_ahead=compile_ahead)
+                            row_mask=row_mask, compile_ahead=compile_ahead, dense_params=dense_params)
 
 
 def sequential_groups(fn: Callable, params: Any, sample_batch: Any, select: Any, *, params_argnum: int = 0) -> list[tuple[str, ...]]:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.oneshot.allocation import OWL, layer_keys, largest_remainder, owl_counts
+from jaxcompress.oneshot.targets import dense_target_weight
 
 __all__ = ["leaf_patterns", "check_statistics", "prune_with_statistics", "owl_allocation"]
 
@@ -92,8 +93,10 @@ def _channels_last_order(stats: Any) -> np.ndarray | None:
 
 def _permute_statistics(stats: Any, order: np.ndarray) -> Any:
     hessian = None if stats.hessian is None else np.asarray(stats.hessian)[np.ix_(order, order)]
+    cross = None if stats.cross is None else np.asarray(stats.cross)[np.ix_(order, order)]
     return stats._replace(
         hessian=hessian,
+        cross=cross,
         sq_norms=np.asarray(stats.sq_norms)[order],
         abs_sums=np.asarray(stats.abs_sums)[order],
         absmax=np.asarray(stats.absmax)[order],
@@ -129,6 +132,8 @@ def prune_with_statistics(
     allocation: OWL | None = None,
     reconstruct: bool = False,
     reconstruct_damp: float = 0.01,
+    dense_target: bool = False,
+    target_damp: float = 1.0,
 ) -> tuple[Any, Any]:
     """The tree-level driver of the one-shot pruning methods.
 
@@ -140,7 +145,10 @@ def prune_with_statistics(
     order (`sequential_groups`), each group's statistics captured with the earlier groups already
     pruned (`sequential_capture`: one pass of ``fn`` for all groups when they follow one another);
     otherwise all statistics come from the dense model in one capture. ``row_mask`` as for
-    `capture_statistics`.
+    `capture_statistics`. With ``dense_target`` (and ``sequential``) the dense model runs
+    alongside the capture and each leaf is pruned (and re-fit) towards
+    `jaxcompress.oneshot.targets.dense_target_weight` (the dense model's outputs on the
+    calibration rows) instead of its own dense weight.
     """
     from optax import MaskedNode
 
@@ -153,6 +161,7 @@ def prune_with_statistics(
     if not batches:
         raise ValueError(f"{method} needs at least one calibration batch")
     leaves = list(plan.leaves_of(jax.device_put(params)))  # on the device once, not per capture
+    dense_params = plan.unflatten(list(leaves)) if dense_target and sequential else None
     masks: list[Any] = [MaskedNode()] * len(leaves)
     if not patterns:
         return params, plan.unflatten(masks)
@@ -180,6 +189,9 @@ def prune_with_statistics(
             leaf = leaves[index]
             leaf_stats = stats[path]
             matrix = to_matrix(jnp.asarray(leaf), leaf_stats)
+            if dense_params is not None and leaf_stats.cross is not None and leaf_stats.hessian is not None:
+                target = dense_target_weight(matrix, leaf_stats.hessian, leaf_stats.cross, damp=target_damp, name=name)
+                matrix = jnp.asarray(target, matrix.dtype)
             order = _channels_last_order(leaf_stats) if n is not None else None
             if order is not None:  # N:M runs along input channels: make them the fastest column index
                 matrix, leaf_stats = matrix[:, order], _permute_statistics(leaf_stats, order)
@@ -195,7 +207,8 @@ def prune_with_statistics(
             masks[index] = place_like(leaf, from_matrix(keep.astype(jnp.float32), mask_like, stats[path]))
 
     captures = sequential_capture(fn, plan.unflatten(leaves), [frozenset(g).__contains__ for g in groups], batches,
-                                  params_argnum=params_argnum, hessian=hessian or reconstruct, row_mask=row_mask)
+                                  params_argnum=params_argnum, hessian=hessian or reconstruct or dense_target,
+                                  row_mask=row_mask, dense_params=dense_params)
     with captures:
         for group_index, group in enumerate(groups):
             stats = captures(group_index, plan.unflatten(leaves))

@@ -23,8 +23,10 @@ Measured (``benchmarks/oneshot_prune.py``, all-MiniLM-L6-v2, 36 encoder kernels 
 unstructured, 128 calibration / 256 held-out sentences, mean cosine to the fp32 embeddings):
 Wanda 0.867 -> 0.933 with ``reconstruct=True``, SparseGPT 0.920 -> 0.933, for about the time of
 the method itself again (Wanda) or a few percent more (SparseGPT). Each leaf is fit to the dense
-weight on the inputs it sees in the partly pruned model (``W0 X``), not to the dense model's
-outputs. It needs calibration rows: with fewer rows than a kernel's inputs ``X^T X`` is
+weight on the inputs it sees in the partly pruned model (``W0 X``); with ``dense_target=True``
+(SparseGPT's default) the driver passes the drift-aware target ``W*`` of
+`jaxcompress.oneshot.targets` as ``dense`` instead, which fits the dense model's outputs (same
+``H``, same solver). It needs calibration rows: with fewer rows than a kernel's inputs ``X^T X`` is
 rank-deficient and the fit follows the calibration set (the 16-sentence quick run of the same
 benchmark, two layers: Wanda 0.973, with the re-fit 0.969).
 """

@@ -19,6 +19,7 @@ from jaxcompress.oneshot.selection import _call, _float_paths, make_selector
 from jaxcompress.oneshot.statistics import (
     LayerStatistics,
     _accumulate,
+    _DenseRows,
     _Recorder,
     _statistics,
 )
@@ -98,6 +99,11 @@ class SegmentedCapture(_BatchCapture):
     the previous call's only in already-captured groups. Raises `_NotSegmentable` (caught by
     `sequential_capture`) when the groups do not follow one another in program order (a group
     with a site after the next group's first site, e.g. a tied weight used again later).
+
+    With ``dense_params`` (the params before any compression) the dense model's values are
+    carried across the cuts as well (advanced by the same programs with ``dense_params``) and
+    each group's statistics program runs the group's segment on both, recording the cross term
+    ``sum_rows x x_d^T`` of each site (`LayerStatistics.cross`).
     """
 
     def __init__(
@@ -111,8 +117,10 @@ class SegmentedCapture(_BatchCapture):
         hessian: bool = True,
         row_mask: Callable[[Any], Any] | None = None,
         compile_ahead: bool = True,
+        dense_params: Any = None,
     ):
         self.fn = fn
+        self._dense = () if dense_params is None else (dense_params,)
         self.params_argnum = params_argnum
         self.hessian = hessian
         self._init_batches(batches, row_mask)
@@ -130,6 +138,7 @@ class SegmentedCapture(_BatchCapture):
         }
         self._programs = _Programs(compile_ahead)
         self._carried: list = [None] * len(self.batches)
+        self._dense_carried: list = [None] * len(self.batches)
         self._next = 0
         if compile_ahead:
             shapes: dict[Any, dict] = {signature: {} for signature in self.first}
@@ -139,7 +148,9 @@ class SegmentedCapture(_BatchCapture):
                     batch, mask = self.batches[index], self.masks[index]
                     lowered = self._programs.lower(("advance", k, signature), advance_fns[k], params, batch, shapes[signature])
                     shapes[signature] = lowered.out_info
-                    self._programs.lower(("stats", k, signature), stats_fns[k], params, batch, mask, shapes[signature])
+                    dense = (*self._dense, shapes[signature]) if self._dense else ()
+                    self._programs.lower(("stats", k, signature), stats_fns[k], params, batch, mask, shapes[signature],
+                                         *dense)
 
     def _plan(self, params, batch) -> _SegmentPlan:
         program = flatten_call(self.fn, _call(self.fn, params, batch, self.params_argnum))
@@ -183,13 +194,27 @@ class SegmentedCapture(_BatchCapture):
         group = self.groups[k]
         replay = plan.replay(start, stop)
 
-        def segment(params, batch, *rest):
-            mask, carried = rest if stats else (None, rest[0])
+        def environment(params, batch, carried):
             args = _call(self.fn, params, batch, self.params_argnum)
             env = dict(plan.program.consts)
             env.update(tag_inputs(plan.program, args, None, select=self.select, params_argnum=self.params_argnum))
             env.update((key, retag(value, plan.tags.get(key))) for key, value in carried.items())
-            recorder = _Recorder(self.shapes, self.hessian, mask) if stats else None
+            return env
+
+        def segment(params, batch, *rest):
+            mask, carried = rest[:2] if stats else (None, rest[0])
+            dense = None
+            if stats and len(rest) == 4:  # the dense model's segment first: its rows at the group's sites
+                dense = _DenseRows(self.shapes, mask)
+                dense_env = environment(rest[2], batch, rest[3])
+
+                def dense_hook(index, site, x, weight, observe):
+                    return dense.hook(site, x, weight) if group(site.path) else x
+
+                run_steps(plan.program, replay, dense_env, dense_hook, observations=True)
+                run_steps(plan.program, range(start, stop), dense_env, dense_hook, observations=True)
+            env = environment(params, batch, carried)
+            recorder = _Recorder(self.shapes, self.hessian, mask, dense) if stats else None
 
             def hook(index, site, x, weight, observe):
                 return recorder.hook(site, x, weight, observe) if stats and group(site.path) else x
@@ -212,6 +237,7 @@ class SegmentedCapture(_BatchCapture):
         """Cancel the compilations not started yet and drop the carried values."""
         super().close()
         self._carried = [None] * len(self.batches)
+        self._dense_carried = [None] * len(self.batches)
 
     def __call__(self, index: int, params: Any) -> dict[str, "LayerStatistics"]:
         """The statistics of group ``index`` (the next in order) with ``params``."""
@@ -223,9 +249,17 @@ class SegmentedCapture(_BatchCapture):
             carried = {} if index == 0 else self._carried[b]
             carried = self._programs.call(("advance", index, signature), advance_fns[index], params, batch, carried)
             self._carried[b] = carried
-            result = self._programs.call(("stats", index, signature), stats_fns[index], params, batch, mask, carried)
+            dense: tuple = ()
+            if self._dense:  # the dense model advanced by the same program
+                previous = {} if index == 0 else self._dense_carried[b]
+                self._dense_carried[b] = self._programs.call(("advance", index, signature), advance_fns[index],
+                                                             self._dense[0], batch, previous)
+                dense = (self._dense[0], self._dense_carried[b])
+            result = self._programs.call(("stats", index, signature), stats_fns[index], params, batch, mask, carried,
+                                         *dense)
             _accumulate(totals, jax.device_get(result))
         self._next += 1
         if self._next == len(self.groups):
             self._carried = [None] * len(self.batches)
+            self._dense_carried = [None] * len(self.batches)
         return _statistics(totals, self.sites[index])

@@ -245,7 +245,9 @@ def sparsegpt(
     block_size: int = 128,
     sequential: bool = True,
     allocation: Allocation = "uniform",
-    reconstruct: bool = False,
+    reconstruct: bool = True,
+    dense_target: bool = True,
+    target_damp: float = 1.0,
     step: int | None = None,
     row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
@@ -271,14 +273,25 @@ def sparsegpt(
         `jaxcompress.oneshot.allocation.OWL` (outlier-weighted per-leaf sparsities within
         ``+-spread`` of the rule's, exactly the rule's total count; unstructured rules only, N:M
         stays exact). Costs one extra calibration pass of the dense model.
-      reconstruct: after each leaf's OBS sweep, re-fit its kept weights jointly by masked least
-        squares on the same ``X^T X`` (`jaxcompress.oneshot.reconstruct`).
+      reconstruct: ``True`` (default): after each leaf's OBS sweep, re-fit its kept weights
+        jointly by masked least squares on the same ``X^T X`` (`jaxcompress.oneshot.reconstruct`).
+      dense_target: ``True`` (default): prune (and re-fit) each leaf towards the DENSE model's outputs on the
+        calibration rows, ``min ||W_s x - W x_d||`` with ``x_d`` the dense model's input there
+        (the dense model runs alongside the sequential capture, which then also records ``X^T X``;
+        `jaxcompress.oneshot.targets`). Only changes anything when ``sequential``.
+      target_damp: the dense target's ridge towards the leaf's own weight, relative to
+        ``mean(diag(X^T X))`` (measured: 1.0 beat 0.1 and 0.01 on all-MiniLM-L6-v2).
       step: where a rule's sparsity schedule is evaluated (required if a rule has a schedule).
       row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
         padding tokens: ``lambda batch: batch[1]``); see
         `jaxcompress.oneshot.capture.capture_statistics`.
       params_argnum: where params go among ``fn``'s positional arguments.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that matched nothing.
+
+    Measured defaults (``benchmarks/oneshot_prune.py``, all-MiniLM-L6-v2, 36 encoder kernels,
+    256 calibration / 256 held-out sentences, mean cosine to the fp32 embeddings): 50%
+    unstructured 0.9433 with the re-fit alone, 0.9508 with the dense target too; 2:4 0.9119
+    with both. ``reconstruct=False, dense_target=False`` is the paper's SparseGPT.
 
     Unlike magnitude pruning or Wanda, the KEPT weights change (they absorb the pruned ones'
     contribution on the calibration data). ``masks`` is like `jaxcompress.prune_params`'.
@@ -312,4 +325,6 @@ def sparsegpt(
         allocation=resolve_allocation(allocation),
         reconstruct=reconstruct,
         reconstruct_damp=max(damp, 1e-3),
+        dense_target=dense_target,
+        target_damp=target_damp,
     )

@@ -5,6 +5,9 @@
 * ``abs_sums``: ``sum_rows |x_j|`` (mean ``|x_j|`` = ``abs_sums / count``, AWQ),
 * ``absmax``: ``max_rows |x_j|`` (SmoothQuant),
 * ``count``: the rows seen,
+* ``cross`` (only when a capture is given the dense model too): ``sum_rows x x_d^T``, the
+  compressed model's input ``x`` against the DENSE model's input ``x_d`` on the same row (the
+  cross term of input-drift-aware targets: ``min_V sum ||V x - W x_d||^2``),
 
 where a "row" is one input vector of the weight's canonical matrix view (below). The per-batch
 reduction is one jitted function (compiled once per batch shape, float32 on the device, the
@@ -39,6 +42,9 @@ class LayerStatistics(NamedTuple):
       site: the first `DotSite` the leaf feeds.
       view: its `MatrixView` (``to_matrix(leaf, stats)`` uses it).
       num_sites: how many contractions pooled their rows here (> 1 for tied weights).
+      cross: ``(d_in, d_in)`` ``sum_rows x x_d^T`` with ``x_d`` the dense model's input on the
+        same row (``None`` unless the capture ran the dense model alongside; see
+        `dense_target_weight`).
     """
 
     hessian: np.ndarray | None
@@ -49,6 +55,7 @@ class LayerStatistics(NamedTuple):
     site: DotSite
     view: MatrixView
     num_sites: int = 1
+    cross: np.ndarray | None = None
 
 
 
@@ -76,16 +83,47 @@ def _masked_rows(site: DotSite, x: jax.Array, rows: jax.Array, mask: jax.Array):
     return jnp.where(keep[:, None], rows, 0.0), jnp.sum(keep, dtype=jnp.int32)
 
 
+def _site_rows(site: DotSite, x: jax.Array, shapes: dict, mask) -> tuple[jax.Array, jax.Array]:
+    """The (masked) rows of the activation ``x`` at ``site`` and how many count."""
+    view = matrix_view(site, shapes[site.path][site.stacked :])
+    rows = activation_rows(site, x, view)
+    if mask is None:
+        return rows, jnp.asarray(rows.shape[0], jnp.int32)
+    return _masked_rows(site, x, rows, mask)
+
+
+class _DenseRows:
+    """The hook of the DENSE model's run in a cross capture: keeps the (masked) activation rows of
+    every selected site, keyed by ``(path, occurrence)``, for `_Recorder` to pair with the
+    compressed model's rows of the same site (the same program, so the same order). Weights a
+    ``scan`` slices (``site.stacked``) are left out (no cross term for them)."""
+
+    def __init__(self, shapes: dict, mask):
+        self.shapes = shapes
+        self.mask = mask
+        self.rows: dict[tuple[str, int], jax.Array] = {}
+        self._seen: dict[str, int] = {}
+
+    def hook(self, site: DotSite, x: jax.Array, weight: jax.Array, observe=None) -> jax.Array:
+        occurrence = self._seen.get(site.path, 0)
+        self._seen[site.path] = occurrence + 1
+        if not site.stacked:
+            self.rows[(site.path, occurrence)] = _site_rows(site, x, self.shapes, self.mask)[0]
+        return x
+
+
 class _Recorder:
     """The statistics hook of one traced capture: reduces the activation at each site of a
     selected leaf (sites reading the same activation share one reduction) and records the
     reductions as observations of the program layer (summed over tied uses, carried out of
     loop bodies, stacked per layer for a weight a ``scan`` slices from its ``xs``)."""
 
-    def __init__(self, shapes: dict, with_hessian: bool, mask):
+    def __init__(self, shapes: dict, with_hessian: bool, mask, dense: _DenseRows | None = None):
         self.shapes = shapes
         self.with_hessian = with_hessian
         self.mask = mask
+        self.dense = dense  # the dense model's rows of the same sites: also record `cross`
+        self._seen: dict[str, int] = {}
         self.sites: dict[str, list[tuple[DotSite, MatrixView]]] = {}
         self.computed: list = []  # (activation, site signature, statistics): q / k / v share one
 
@@ -99,6 +137,8 @@ class _Recorder:
                 f"weights must share their input dimension to pool statistics"
             )
         known.append((site, view))
+        occurrence = self._seen.get(site.path, 0)
+        self._seen[site.path] = occurrence + 1
         signature = (site.primitive, site.activation_contracting_axes, repr(site.params) if view.kind == "conv" else "")
         for activation, known_signature, statistics in self.computed:
             if activation is x and known_signature == signature:
@@ -108,11 +148,15 @@ class _Recorder:
             count = rows.shape[0]
             if self.mask is not None:
                 rows, count = _masked_rows(site, x, rows, self.mask)
-            statistics = _row_statistics(rows, self.with_hessian) + (jnp.asarray(count, jnp.int32),)
+            dense = None if self.dense is None else self.dense.rows.get((site.path, occurrence))
+            cross = None if dense is None else jnp.matmul(rows.T, dense, precision=lax.Precision.HIGHEST)
+            statistics = _row_statistics(rows, self.with_hessian) + (jnp.asarray(count, jnp.int32), cross)
             self.computed.append((x, signature, statistics))
-        hessian, sq_norms, abs_sums, absmax, count = statistics
+        hessian, sq_norms, abs_sums, absmax, count, cross = statistics
         if hessian is not None:
             observe((site.path, "hessian"), hessian, "stack")
+        if cross is not None:
+            observe((site.path, "cross"), cross, "stack")
         observe((site.path, "sq_norms"), sq_norms, "stack")
         observe((site.path, "abs_sums"), abs_sums, "stack")
         observe((site.path, "absmax"), absmax, "stack" if site.stacked else "max")
@@ -125,18 +169,20 @@ class _Recorder:
             get = lambda name: observations.get((path, name))
             if get("count") is None:
                 continue
-            out[path] = (get("hessian") if self.with_hessian else None, get("sq_norms"), get("abs_sums"), get("absmax"), get("count"))
+            out[path] = (get("hessian") if self.with_hessian else None, get("sq_norms"), get("abs_sums"), get("absmax"),
+                         get("count"), get("cross"))
         return out
 
 
 def _accumulate(totals: dict, result: dict) -> None:
     """Add one batch's (device-fetched) statistics to the float64 host totals."""
-    for path, (gram, sq, abs_sum, absmax, rows) in result.items():
+    for path, (gram, sq, abs_sum, absmax, rows, cross) in result.items():
         rows = np.asarray(rows, np.int64)
         entry = totals.get(path)
         if entry is None:
             totals[path] = [None if gram is None else np.asarray(gram, np.float64), np.asarray(sq, np.float64),
-                            np.asarray(abs_sum, np.float64), np.asarray(absmax, np.float64), rows]
+                            np.asarray(abs_sum, np.float64), np.asarray(absmax, np.float64), rows,
+                            None if cross is None else np.asarray(cross, np.float64)]
         else:
             if gram is not None:
                 entry[0] += gram
@@ -144,13 +190,15 @@ def _accumulate(totals: dict, result: dict) -> None:
             entry[2] += abs_sum
             entry[3] = np.maximum(entry[3], absmax)
             entry[4] += rows
+            if cross is not None and entry[5] is not None:
+                entry[5] += cross
 
 
 def _statistics(totals: dict, sites: dict) -> dict[str, "LayerStatistics"]:
     out = {}
     for path in sites:  # program order (a jitted result's dict is key-sorted)
-        gram, sq, abs_sum, absmax, rows = totals[path]
+        gram, sq, abs_sum, absmax, rows, cross = totals[path]
         site, view = sites[path][0]
         count = int(rows) if np.ndim(rows) == 0 else np.asarray(rows)  # per layer for a scanned weight
-        out[path] = LayerStatistics(gram, sq, abs_sum, absmax, count, site, view, len(sites[path]))
+        out[path] = LayerStatistics(gram, sq, abs_sum, absmax, count, site, view, len(sites[path]), cross)
     return out

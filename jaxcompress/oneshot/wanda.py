@@ -212,6 +212,8 @@ def wanda(
     sequential: bool = True,
     allocation: Allocation = "uniform",
     reconstruct: bool = False,
+    dense_target: bool = False,
+    target_damp: float = 1.0,
     step: int | None = None,
     row_mask: Callable[[Any], Any] | None = None,
     params_argnum: int = 0,
@@ -238,6 +240,12 @@ def wanda(
       reconstruct: re-fit the kept weights of each pruned leaf by masked least squares on its
         calibration inputs (`jaxcompress.oneshot.reconstruct`; captures ``X^T X``, so wide
         layers cost memory). The mask is Wanda's; the kept weights then change.
+      dense_target: prune (and re-fit) each leaf towards the DENSE model's outputs on the
+        calibration rows, ``min ||W_s x - W x_d||`` with ``x_d`` the dense model's input there
+        (the dense model runs alongside the sequential capture, which then also records ``X^T X``;
+        `jaxcompress.oneshot.targets`). Only changes anything when ``sequential``.
+      target_damp: the dense target's ridge towards the leaf's own weight, relative to
+        ``mean(diag(X^T X))`` (measured: 1.0 beat 0.1 and 0.01 on all-MiniLM-L6-v2).
       step: where a rule's sparsity schedule is evaluated (required if a rule has a schedule).
       row_mask: ``row_mask(batch) -> array``: calibration rows where it is 0 are ignored (e.g.
         padding tokens: ``lambda batch: batch[1]``); see
@@ -274,4 +282,6 @@ def wanda(
         row_mask=row_mask,
         allocation=resolve_allocation(allocation),
         reconstruct=reconstruct,
+        dense_target=dense_target,
+        target_damp=target_damp,
     )
