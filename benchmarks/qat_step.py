@@ -179,7 +179,7 @@ def jaxcompress_w8a8_variant(arithmetic="float"):
     @jax.jit
     def step(params, opt_state, x, y):
         ranges, activation_ranges = jc.qat_ranges(opt_state), jc.qat_activation_ranges(opt_state)
-        extra = {"weight_ranges": ranges} if arithmetic == "integer" else {}
+        extra = {"weight_ranges": ranges} if arithmetic != "float" else {}
 
         def loss_fn(p):
             logits, observed = apply(jc.fake_quant(p, W8A8_RULES, ranges=ranges), x, ranges=activation_ranges, **extra)
@@ -201,6 +201,9 @@ def jaxcompress_w8a8_variant(arithmetic="float"):
     )
     if arithmetic == "integer":
         mode += "; forward: int8 x int8 -> int32 dots and convs (arithmetic='integer'), STE backward"
+    elif arithmetic == "auto":
+        mode += ("; forward: int8 x int8 -> int32 where compressed's cost model picks the integer path, "
+                 "float fake-quantized ops elsewhere (arithmetic='auto'), STE backward")
     else:
         mode += "; forward: float ops on fake-quantized values"
     return {"opt": opt, "step": step, "predict": predict, "mode": mode}
@@ -208,6 +211,10 @@ def jaxcompress_w8a8_variant(arithmetic="float"):
 
 def jaxcompress_w8a8_integer_variant():
     return jaxcompress_w8a8_variant("integer")
+
+
+def jaxcompress_w8a8_auto_variant():
+    return jaxcompress_w8a8_variant("auto")
 
 
 def _aqt_classes(quantize_conv: bool):
@@ -283,12 +290,15 @@ VARIANTS = {
     "jaxcompress": (jaxcompress_variant, None),
     "jaxcompress-w8a8": (jaxcompress_w8a8_variant, None),
     "jaxcompress-w8a8-int": (jaxcompress_w8a8_integer_variant, None),
+    "jaxcompress-w8a8-auto": (jaxcompress_w8a8_auto_variant, None),
     "qwix-w8a8": (qwix_w8a8_variant, "qwix"),
     "aqt": (aqt_variant, "aqtp"),
     "aqt-all": (aqt_all_variant, "aqtp"),
     "qwix": (qwix_variant, "qwix"),
 }
-DEFAULT_VARIANTS = ("float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "jaxcompress-w8a8-int", "qwix-w8a8")
+DEFAULT_VARIANTS = (
+    "float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "jaxcompress-w8a8-int", "jaxcompress-w8a8-auto", "qwix-w8a8"
+)
 
 
 def _version(package):
