@@ -47,8 +47,10 @@ def test_prune_step_quick(tmp_path):
         assert single["mask_update_s"] > 0 and single["ordinary_s"] > 0
         # the pruned kernels really are pruned by the polynomial schedule (> 0 after a few updates)
         assert 0.0 < rows["prune(adamw)"]["final_sparsity"] < 0.9
-        # the mask computation adds no temporary buffer to the compiled step (measured, not timed)
-        assert rows["prune(adamw)"]["xla_temp_mb"] <= rows["adamw"]["xla_temp_mb"] + 0.5
+        # the mask computation adds no temporary buffer to the compiled step (measured, not timed):
+        # the only extra is the masks packed to bits for the step's three uses (1/8 byte a weight)
+        bits_mb = model["pruned_weights"] / 8 / 1e6
+        assert rows["prune(adamw)"]["xla_temp_mb"] <= rows["adamw"]["xla_temp_mb"] + bits_mb + 0.5
 
 
 def test_prune_accuracy_quick(tmp_path):
