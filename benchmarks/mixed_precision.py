@@ -42,6 +42,7 @@ from jaxcompress.oneshot.mixed import candidate_label, mixed_precision  # noqa: 
 BITS_CANDIDATES = (2, 3, 4, 8)  # at group_size=128
 DEFAULT_CANDIDATES = None  # mixed_precision's own default: int4 per-channel / g128 / g64 / g32, int8 per-channel
 SENSITIVITIES = ("scaled", "output", "model")
+CANDIDATE_SETS = {"bits": ("int2/3/4/8 g128", BITS_CANDIDATES), "default": ("default (group sizes)", DEFAULT_CANDIDATES)}
 
 
 def parse_args(argv=None):
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="*", default=("tiny_lm", "minilm"), choices=("tiny_lm", "minilm"))
     parser.add_argument("--sensitivities", nargs="*", default=SENSITIVITIES, choices=SENSITIVITIES,
                         help="which to run (the Spearman correlations need 'model')")
+    parser.add_argument("--candidate-sets", nargs="*", default=tuple(CANDIDATE_SETS), choices=tuple(CANDIDATE_SETS),
+                        help="which candidate sets to run (default both)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default results/mixed_precision[_quick].json)")
     args = parser.parse_args(argv)
     args.out = args.out or RESULTS_DIR / ("mixed_precision_quick.json" if args.quick else "mixed_precision.json")
@@ -107,7 +110,8 @@ def minilm_setup(quick: bool):
                 metric="cosine", better=lambda a, b: a > b, row_mask=lambda batch: batch[1])
 
 
-def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITIVITIES) -> dict:
+def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITIVITIES,
+              candidate_sets=tuple(CANDIDATE_SETS)) -> dict:
     params, select = setup["params"], setup["select"]
     extra = {"row_mask": setup["row_mask"]} if "row_mask" in setup else {}
     # the same QuantSpec options as mixed_precision's defaults (per output channel, groups along the input)
@@ -120,7 +124,7 @@ def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITI
     rows.append({**base, "method": "uniform int4 g128", "candidates": "", "quality": uniform, "bytes": budget})
     print(f"{setup['name']}: fp32 {setup['metric']} {fp32:.4f}, uniform int4 g128 {uniform:.4f} ({budget} B)", flush=True)
     goals = {}
-    for cand_name, candidates in (("int2/3/4/8 g128", BITS_CANDIDATES), ("default (group sizes)", DEFAULT_CANDIDATES)):
+    for cand_name, candidates in (CANDIDATE_SETS[name] for name in candidate_sets):
         reports = {}
         for sensitivity in sensitivities:
             kwargs = {} if candidates is None else {"candidates": candidates}
@@ -147,9 +151,10 @@ def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITI
             errors = np.array([layer.errors for layer in reports[sensitivity].layers])
             correlations.append({**base, "candidates": cand_name, "sensitivity": sensitivity,
                                  "spearman_vs_model": spearman(errors, model_errors)})
-        default = next(r for r in rows if r["model"] == setup["name"] and r["method"] == "mixed scaled"
-                       and r["candidates"] == cand_name)
-        goals[f"{setup['name']} mixed (defaults: scaled) {cand_name} beats uniform int4 g128"] = default["beats_uniform"]
+        default = next((r for r in rows if r["model"] == setup["name"] and r["method"] == "mixed scaled"
+                        and r["candidates"] == cand_name), None)
+        if default is not None:
+            goals[f"{setup['name']} mixed (defaults: scaled) {cand_name} beats uniform int4 g128"] = default["beats_uniform"]
     return goals
 
 
@@ -165,7 +170,7 @@ def main(argv=None):
         except (FileNotFoundError, ImportError) as err:  # MiniLM / gensim not installed
             print(f"{name}: skipped ({type(err).__name__}: {err})")
             continue
-        goals.update(run_model(setup, rows, correlations, args.sensitivities))
+        goals.update(run_model(setup, rows, correlations, args.sensitivities, args.candidate_sets))
     data = {"benchmark": "mixed_precision", "quick": args.quick, "environment": environment(), "results": rows,
             "correlations": correlations, "goals": goals}
     path = write_json(args.out, data)

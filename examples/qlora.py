@@ -6,9 +6,9 @@
 1. load (or train once, cached) the tiny Llama-style LM and quantize every Dense kernel to NF4
    (groups of 64 inputs per output column, the QLoRA layout); the embedding stays float;
 2. rank-8 adapters on every kernel (`jaxcompress.lora.lora_init`); train them with Adam on
-   the training split: `lora_apply(apply)` runs the model on the NF4 base (never stored as float)
+   the ``tune`` split (text held out from pre-training and evaluation): `lora_apply(apply)` runs the model on the NF4 base (never stored as float)
    plus ``(x @ A) @ B``, `lora_train_step` differentiates the adapters only;
-3. held-out perplexity of the quantized base before and after;
+3. held-out (``eval`` split) perplexity of the quantized base before and after;
 4. save the adapters alone (a small safetensors file) and load them back against the base;
 5. merge them into the float weights (`merge_lora`) and quantize again (int4, g64) for
    deployment with `jaxcompress.compressed`.
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from examples.tiny_lm import load_or_train_tiny_lm, make_apply, perplexity, train_tokens  # noqa: E402
+from examples.tiny_lm import load_or_train_tiny_lm, make_apply, perplexity, tune_tokens  # noqa: E402
 from jaxcompress.lora import LoraRule, load_adapters, lora_apply, lora_init, lora_train_step, merge_lora, save_adapters  # noqa: E402
 
 NF4 = jc.QuantRule(pattern=r".*kernel", qtype="nf4", channel_axes=(-1,), group_size=64)
@@ -61,25 +61,26 @@ def main(argv=None) -> int:
     optimizer = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
     state = optimizer.init(adapters)
     step = lora_train_step(loss, optimizer)
-    stream = np.asarray(train_tokens(quick=args.quick))
+    stream = np.asarray(tune_tokens(quick=args.quick))
     rng = np.random.default_rng(0)
     seq_len = eval_tokens.shape[1]
 
     ppl_fp32 = perplexity(apply, params, eval_tokens)
-    ppl_base = perplexity(lambda p, ids: forward(p, adapters, ids), base, eval_tokens)
+    evaluate = lambda pair, ids: forward(pair[0], pair[1], ids)  # (base, adapters) -> logits, compiled once
+    ppl_base = perplexity(evaluate, (base, adapters), eval_tokens)
     for i in range(steps):
         starts = rng.integers(0, len(stream) - seq_len, 8)
         ids = jnp.asarray(np.stack([stream[s : s + seq_len] for s in starts]), jnp.int32)
         adapters, state, value = step(adapters, state, base, ids)
         if i % max(steps // 5, 1) == 0 or i == steps - 1:
             print(f"step {i:4d}  loss {float(value):.4f}", flush=True)
-    ppl_tuned = perplexity(lambda p, ids: forward(p, adapters, ids), base, eval_tokens)
+    ppl_tuned = perplexity(evaluate, (base, adapters), eval_tokens)
 
     folder = args.out or Path(tempfile.mkdtemp())
     path = Path(folder) / "adapters.safetensors"
     save_adapters(path, adapters, force=True)
     restored = load_adapters(path, base)
-    ppl_restored = perplexity(lambda p, ids: forward(p, restored, ids), base, eval_tokens)
+    ppl_restored = perplexity(evaluate, (base, restored), eval_tokens)
 
     deployed, _ = jc.quantize_params(merge_lora(base, restored), [INT4])
     ppl_deployed = perplexity(jc.compressed(apply), deployed, eval_tokens)
