@@ -42,6 +42,7 @@ from jaxcompress.execute.dot import (
     smooth_activation,
 )
 from jaxcompress.execute.depthwise import float_depthwise, integer_depthwise, is_depthwise, window_taps
+from jaxcompress.execute.native_conv import native_integer_conv, runs_natively, to_out_spec
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
@@ -75,6 +76,8 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
 
     reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
     codes, scale = quantize_activation(x, reduce_axes, mode, view.activation_scale)
+    if runs_natively(x.shape, view, params):
+        return native_integer_conv(codes, scale, view, params, out_dtype)
     patches = _patches(
         codes, lhs_spec, kernel_sizes, params["window_strides"], params["padding"],
         params["lhs_dilation"], params["rhs_dilation"],
@@ -100,13 +103,7 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
         dims = (((spatial_rank + 2,), (1,)), ((spatial_rank + 1,), (0,)))
         out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
         out = jnp.moveaxis(out, 0, -2).reshape(batch_shape + (out_features,))
-    # out is (N, *spatial, O); put it in out_spec's layout.
-    permutation = [0] * out.ndim
-    permutation[out_spec[0]] = 0
-    permutation[out_spec[1]] = out.ndim - 1
-    for i, axis in enumerate(out_spec[2:]):
-        permutation[axis] = 1 + i
-    return jnp.transpose(out, permutation)
+    return to_out_spec(out, out_spec)  # out is (N, *spatial, O)
 
 
 def conv_with_weight(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.execute.activation import quantize_activation
+from jaxcompress.execute.native_conv import to_out_spec
 from jaxcompress.execute.weight_view import WeightView
 
 __all__ = ["is_depthwise", "integer_depthwise", "float_depthwise", "window_taps"]
@@ -65,15 +66,6 @@ def window_taps(x_nhwc, kernel_sizes, window_strides, padding, lhs_dilation, rhs
 
 def _channels_last(x, lhs_spec):
     return jnp.transpose(x, (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],))
-
-
-def _to_out_spec(out, out_spec):
-    permutation = [0] * out.ndim
-    permutation[out_spec[0]] = 0
-    permutation[out_spec[1]] = out.ndim - 1
-    for i, axis in enumerate(out_spec[2:]):
-        permutation[axis] = 1 + i
-    return jnp.transpose(out, permutation)
 
 
 def _kernel_taps(kernel, rhs_spec, groups):
@@ -117,7 +109,7 @@ def integer_depthwise(x, view: WeightView, params: dict, out_dtype: Any, mode: s
         out = out * x_scale.reshape((x_scale.shape[lhs_spec[0]],) + (1,) * (out.ndim - 1))
     else:
         out = out * x_scale
-    return _to_out_spec(out, out_spec).astype(out_dtype)
+    return to_out_spec(out, out_spec).astype(out_dtype)
 
 
 def float_depthwise(x, kernel: jax.Array, params: dict, out_dtype: Any) -> jax.Array:
@@ -140,4 +132,4 @@ def float_depthwise(x, kernel: jax.Array, params: dict, out_dtype: Any) -> jax.A
     compute = jnp.result_type(x.dtype, kernel.dtype)
     taps = _kernel_taps(kernel.astype(compute), rhs_spec, groups)
     out = _accumulate(_channels_last(x.astype(compute), lhs_spec), taps, params, compute)
-    return _to_out_spec(out, out_spec).astype(out_dtype)
+    return to_out_spec(out, out_spec).astype(out_dtype)

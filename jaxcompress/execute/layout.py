@@ -21,8 +21,9 @@ The default (`default_layout`, what `jaxcompress.quantize_params` applies unless
 2-D leaf named ``kernel`` (a Flax ``Dense`` / nnx ``Linear`` kernel, ``(in, out)``) is stored
 ``(out, in)``. Convolution and ``DenseGeneral`` kernels and weight-only leaves keep the logical
 layout (nothing measured says their integer op is faster transposed: weight-only dots convert the
-codes to float, which XLA folds into the float dot either way); `store_for_integer_dots` stores
-those too when asked.
+codes to float, which XLA folds into the float dot either way, and a 2-D conv's ``HWIO`` kernel is
+the layout XLA's native integer convolution wants); `store_for_integer_dots` stores 3-D conv
+kernels for their im2col dot too when asked.
 """
 
 from __future__ import annotations
@@ -47,18 +48,20 @@ __all__ = [
 
 def default_contracting_axes(shape: Sequence[int]) -> tuple[int, ...] | None:
     """The axes a Flax kernel of this rank contracts, in the order the integer op flattens them:
-    ``(in, out)`` Dense -> ``(0,)``; ``(*window, in, out)`` Conv -> ``(in, *window)``. ``None``
-    for a rank that does not say (a 3-D kernel is a ``DenseGeneral`` or a 1-D conv).
+    ``(in, out)`` Dense -> ``(0,)``; a 3-D conv's ``(*window, in, out)`` -> ``(in, *window)`` (its
+    im2col dot). ``None`` for a rank whose integer op wants the logical layout or that does not
+    say: a 2-D conv kernel (``HWIO``) is what XLA's native integer convolution takes
+    (`jaxcompress.execute.native_conv`), and a 3-D kernel is a ``DenseGeneral`` or a 1-D conv.
 
-    >>> default_contracting_axes((512, 256)), default_contracting_axes((3, 3, 16, 32))
-    ((0,), (2, 0, 1))
-    >>> default_contracting_axes((3, 16, 32)) is None
-    True
+    >>> default_contracting_axes((512, 256)), default_contracting_axes((2, 3, 3, 16, 32))
+    ((0,), (3, 0, 1, 2))
+    >>> default_contracting_axes((3, 3, 16, 32)) is None, default_contracting_axes((3, 16, 32)) is None
+    (True, True)
     """
     ndim = len(shape)
     if ndim == 2:
         return (0,)
-    if ndim in (4, 5):  # 2-D / 3-D conv kernels (HWIO / DHWIO)
+    if ndim == 5:  # 3-D conv kernels (DHWIO)
         return (ndim - 2,) + tuple(range(ndim - 2))
     return None
 
@@ -69,7 +72,7 @@ def integer_layout(ndim: int, contracting_axes: Sequence[int]) -> tuple[int, ...
 
     >>> integer_layout(2, (0,))            # Dense (in, out) -> stored (out, in)
     (1, 0)
-    >>> integer_layout(4, (2, 0, 1))       # Conv HWIO -> stored (O, I, H, W)
+    >>> integer_layout(4, (2, 0, 1))       # HWIO -> stored (O, I, H, W)
     (3, 2, 0, 1)
     >>> integer_layout(2, (1,)) is None    # already (out, in)
     True

@@ -15,9 +15,12 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
 * ``"auto"``: a cost model written from those measurements (`auto_choice`): the integer path
   where it is known to win, the weight-only path (float activation, the weight converted from its
   codes, float op) elsewhere: dots contracting at least `MIN_CONTRACTION` values into at least
-  `MIN_OUTPUTS` features, and ungrouped convs whose int8 im2col patches are at most
-  `MAX_PATCH_EXPANSION` times the input (a 3x3 window needs stride 2; 1x1 convs qualify). Depthwise convs run as a window sum either way
-  (`jaxcompress.execute.depthwise`), which is faster than XLA's float convolution;
+  `MIN_OUTPUTS` features; ungrouped convs contracting at least `MIN_CONTRACTION` values that XLA
+  runs as its native int8 convolution (channels-last, `jaxcompress.execute.native_conv`: 3-7x
+  float32 on 3x3 convs); other ungrouped convs only where their int8 im2col patches are at most
+  `MAX_PATCH_EXPANSION` times the input (a 3x3 window needs stride 2; 1x1 convs qualify).
+  Depthwise convs run as a window sum either way (`jaxcompress.execute.depthwise`), which is
+  faster than XLA's float convolution;
 * ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
   parameters) on this machine, the faster one kept; timings are cached on disk
   (`jaxcompress.execute.measure`), so later processes decide without running anything;
@@ -46,7 +49,8 @@ DEFAULTS = ("rule", "auto", "measure") + PATHS
 MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
 MIN_OUTPUTS = 16  # ... and so do dots with fewer output features per row
 MIN_ROWS_MAJOR = 8  # a weight contracting its major stored axis needs this many rows
-# An ungrouped conv's int8 im2col patches hold window / prod(strides) values per input value; above
+# An ungrouped conv on the im2col dot (one XLA cannot run natively, `runs_natively`): its int8
+# patches hold window / prod(strides) values per input value; above
 # this the patches cost more than the int8 dot saves. Measured per site ("measure", cnn_speed.py,
 # 2-core Sapphire Rapids Xeon, shared): the MNIST CNN's second conv (3x3, stride 1, 32 -> 64, 9x)
 # ran 1.25x / 1.25x / 1.55x slower than weight-only at batch 1 / 32 / 256; the demo CNN's stride-2
@@ -164,6 +168,10 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
                 f"contracts {contraction} < {MIN_CONTRACTION} values (input channels x window): building int8 "
                 f"patches costs more than the int8 dot saves"
             )
+        from jaxcompress.execute.native_conv import runs_natively
+
+        if runs_natively(x_shape, view, params):
+            return "integer", f"XLA's native int8 convolution, contracting {contraction} values"
         window = math.prod(view.shape[a] for a in rhs_spec[2:])
         strides = math.prod(int(s) for s in params.get("window_strides", ()) or (1,))
         expansion = window / strides

@@ -58,20 +58,30 @@ def test_cost_model_decisions():
     assert auto_choice("dot_general", (1, 4096), stored, DENSE)[0] == "integer"
 
 
-def _conv_site(strides, window=(3, 3), in_features=32):
+def _conv_site(strides, window=(3, 3), in_features=32, stored=False):
     shape = (*window, in_features, 64)
     dnums = jax.lax.conv_dimension_numbers((1, 14, 14, in_features), shape, ("NHWC", "HWIO", "NHWC"))
-    return _view(shape), {"dimension_numbers": dnums, "window_strides": strides, "feature_group_count": 1}
+    view = _view(shape)
+    if stored:  # codes stored (O, I, H, W): a pending transpose XLA's native conv cannot take
+        view = WeightView.from_qarray(jc.quantize(jnp.ones(shape), channel_axes=(-1,), activation="dynamic").with_layout((3, 2, 0, 1)))
+    padding = tuple(((k - 1) // 2, k // 2) for k in window)
+    return view, {"dimension_numbers": dnums, "window_strides": strides, "padding": padding, "lhs_dilation": (1, 1),
+                  "rhs_dilation": (1, 1), "feature_group_count": 1, "batch_group_count": 1}
 
 
-def test_cost_model_counts_the_im2col_expansion():
+def test_cost_model_native_conv_and_the_im2col_expansion():
     x_shape = (32, 14, 14, 32)
-    # 3x3 stride 1: patches 9x the input (MNIST's second conv, measured slower than weight-only)
+    # channels-last 3x3 stride 1: XLA's native int8 convolution
     path, reason = auto_choice("conv_general_dilated", x_shape, *_conv_site((1, 1)))
+    assert path == "integer" and "native" in reason
+    # the same conv on the im2col dot: patches 9x the input (measured slower than weight-only)
+    path, reason = auto_choice("conv_general_dilated", x_shape, *_conv_site((1, 1), stored=True))
     assert path == "weight_only" and "9x" in reason
-    # 3x3 stride 2: 2.25x; 1x1: 1x
-    assert auto_choice("conv_general_dilated", x_shape, *_conv_site((2, 2)))[0] == "integer"
-    assert auto_choice("conv_general_dilated", (32, 14, 14, 128), *_conv_site((1, 1), (1, 1), 128))[0] == "integer"
+    # im2col at stride 2: 2.25x; 1x1: 1x
+    assert auto_choice("conv_general_dilated", x_shape, *_conv_site((2, 2), stored=True))[0] == "integer"
+    assert auto_choice("conv_general_dilated", (32, 14, 14, 128), *_conv_site((1, 1), (1, 1), 128, stored=True))[0] == "integer"
+    # one input channel contracts 9 values: weight-only, native or not
+    assert auto_choice("conv_general_dilated", (32, 14, 14, 1), *_conv_site((1, 1), in_features=1))[0] == "weight_only"
 
 
 def test_site_report_and_paths(net):
