@@ -3,6 +3,7 @@ is what `compressed(convert_qat(...))` deploys, the gradient is the float STE gr
 compiled step runs s8 x s8 -> s32 contractions, and sites the integer kernel cannot take keep the
 float fake-quantized op."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -36,6 +37,25 @@ class SmallMLP(nn.Module):
 
 
 MODELS = {"cnn": (SmallCNN(), (2, 8, 8, 1)), "mlp": (SmallMLP(), (5, 24))}
+
+
+def _rules(activation):
+    return [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation=activation)]
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_for(name, activation):
+    """`_trained` once per (model, activation mode) for the whole module (compiling the hooked
+    train step is most of this file's time)."""
+    model, shape = MODELS[name]
+    return _trained(model, shape, _rules(activation))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_grad(name, activation, arithmetic):
+    """One jitted ``value_and_grad`` of `_loss_fn` per (model, mode, arithmetic), shared by the
+    tests (the HLO test lowers the same function the value test ran)."""
+    return jax.jit(jax.value_and_grad(_loss_fn(MODELS[name][0], _rules(activation), arithmetic), has_aux=True))
 
 
 def _trained(model, shape, rules, steps=2):
@@ -76,18 +96,16 @@ def _loss_fn(model, rules, arithmetic):
 
 @pytest.mark.parametrize("name, activation", [("cnn", "static"), ("mlp", "dynamic")])
 def test_integer_forward_is_the_deployed_forward_and_gradient_is_the_float_ste(name, activation):
-    model, shape = MODELS[name]
-    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation=activation)]
-    x, params, state = _trained(model, shape, rules)
+    model, _ = MODELS[name]
+    rules = _rules(activation)
+    x, params, state = _trained_for(name, activation)
     deployed = jax.jit(compressed(model.apply))({"params": jc.convert_qat(params, rules, state)}, x)
 
-    grad = jax.value_and_grad(_loss_fn(model, rules, "integer"), has_aux=True)
-    (_, (y_int, observed_int)), g_int = jax.jit(grad)(params, state, x)
+    (_, (y_int, observed_int)), g_int = _jitted_grad(name, activation, "integer")(params, state, x)
     # the integer forward runs the deployed kernels: bit for bit
     np.testing.assert_array_equal(np.asarray(y_int), np.asarray(deployed))
 
-    float_grad = jax.value_and_grad(_loss_fn(model, rules, "float"), has_aux=True)
-    (_, (y_float, observed_float)), g_float = jax.jit(float_grad)(params, state, x)
+    (_, (y_float, observed_float)), g_float = _jitted_grad(name, activation, "float")(params, state, x)
     # the float forward differs from it by float rounding only (a few output steps at most)
     scale = np.abs(np.asarray(deployed)).max()
     assert np.abs(np.asarray(y_float) - np.asarray(deployed)).max() <= 1e-5 * scale
@@ -141,13 +159,11 @@ def _contractions(hlo: str):
 
 
 def test_compiled_step_runs_integer_contractions_and_drops_the_float_forward():
-    model, shape = MODELS["cnn"]
-    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="static")]
-    x, params, state = _trained(model, shape, rules, steps=1)
+    x, params, state = _trained_for("cnn", "static")
 
     def compiled(arithmetic):
-        grad = jax.grad(lambda p: _loss_fn(model, rules, arithmetic)(p, state, x)[0])
-        return jax.jit(grad).lower(params).compile().as_text()
+        # the gradient program (value and grad, the forward output kept as aux)
+        return _jitted_grad("cnn", "static", arithmetic).lower(params, state, x).compile().as_text()
 
     integer, integer_convs = _contractions(compiled("integer"))
     none, float_convs = _contractions(compiled("float"))
@@ -160,9 +176,9 @@ def test_compiled_step_runs_integer_contractions_and_drops_the_float_forward():
 
 
 def test_auto_keeps_the_float_op_where_the_cost_model_says_integer_loses():
-    model, shape = MODELS["cnn"]
-    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="dynamic")]
-    x, params, state = _trained(model, shape, rules, steps=1)
+    model, _ = MODELS["cnn"]
+    rules = _rules("dynamic")
+    x, params, state = _trained_for("cnn", "dynamic")
     outs, counts = {}, {}
     for arithmetic in ("float", "integer", "auto"):
         forward = jax.jit(lambda p: _loss_fn(model, rules, arithmetic)(p, state, x)[1][0])
