@@ -52,11 +52,16 @@ def check_common(data):
     assert data["quick"] is True and data["benchmark"] == "qat_step"
     assert data["batch_size"] == 128 and data["steps"] > 0 and data["test_examples"] > 0
     rows = {row["variant"]: row for row in data["results"]}
-    assert set(rows) == {"float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "jaxcompress-w8a8-int", "qwix-w8a8"}
+    assert set(rows) == {
+        "float", "jaxcompress", "aqt", "qwix", "jaxcompress-w8a8", "jaxcompress-w8a8-int", "jaxcompress-w8a8-auto", "qwix-w8a8"
+    }
     check_measured(rows["float"], data["steps"])
     check_measured(rows["jaxcompress"], data["steps"])
     check_measured(rows["jaxcompress-w8a8"], data["steps"])
     check_measured(rows["jaxcompress-w8a8-int"], data["steps"])
+    check_measured(rows["jaxcompress-w8a8-auto"], data["steps"])
+    assert "arithmetic='auto'" in rows["jaxcompress-w8a8-auto"]["mode"]
+    assert math.isfinite(data["goals"]["jaxcompress_w8a8_auto_ratio_vs_float"])
     assert "W8A8" in rows["jaxcompress-w8a8"]["mode"] and math.isfinite(data["goals"]["jaxcompress_w8a8_ratio_vs_float"])
     assert "int32" in rows["jaxcompress-w8a8-int"]["mode"]
     assert math.isfinite(data["goals"]["jaxcompress_w8a8_int_ratio_vs_float"])
