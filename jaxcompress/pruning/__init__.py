@@ -8,7 +8,8 @@ Modules, one idea each: `topk` (exact top-k by bisection, no sort), `scores`, `m
 (unstructured / filter / channel / block / N:M), `distributions` (uniform, ERK), `schedules`,
 `rule` (`PruneRule`), `plan` (rules -> per-leaf decisions and masks), `masktree` (apply/check
 mask trees), `params` (`prune_params`), `inner_state` (param-shaped optimizer state),
-`optax_wrapper` (`prune`, `prune_masks`), `dst` (SET / RigL).
+`optax_wrapper` (`prune`, `prune_masks`), `bitmask` (masks read as bits inside `prune`'s
+step), `dst` (SET / RigL).
 """
 
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
