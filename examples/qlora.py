@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         logp = jax.nn.log_softmax(forward(base, adapters, ids)[:, :-1], axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
 
-    optimizer = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
+    optimizer = optax.adam(optax.cosine_decay_schedule(2e-4, steps))  # 2e-3 overshoots a trained model
     state = optimizer.init(adapters)
     step = lora_train_step(loss, optimizer)
     stream = np.asarray(tune_tokens(quick=args.quick))
