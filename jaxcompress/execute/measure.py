@@ -10,7 +10,10 @@ cost (a median flips the choice when the load changes between the two programs' 
 timing runs at trace time in a helper thread
 (JAX's tracing state is per thread, so nothing is staged into the program being traced) and
 once per signature per machine: the timings are kept in memory and in
-``<cache dir>/site_timings.json`` keyed by the signature, the CPU / device and the jax version.
+``<cache dir>/site_timings.json`` keyed by the signature, the CPU / device, the jax version and
+the code that builds both programs (the jaxcompress version and a hash of the sources of
+``jaxcompress/execute``), so an upgrade that changes a kernel times it again instead of reusing a
+choice made for the old one.
 
 The cache directory is the policy's ``cache_dir``, else ``$JAXCOMPRESS_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/jaxcompress`` (``~/.cache/jaxcompress``). A directory that cannot be read or
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["measured_choice", "cache_path", "site_key", "time_site"]
+__all__ = ["measured_choice", "cache_path", "site_key", "time_site", "code_fingerprint"]
 
 CACHE_FILE = "site_timings.json"
 _MEMORY: dict[str, dict] = {}
@@ -67,6 +72,28 @@ def _machine() -> str:
     return f"{device.platform}:{device.device_kind}:{cpu}:{os.cpu_count()}:jax{jax.__version__}"
 
 
+def code_fingerprint(folder: str | Path | None = None) -> str:
+    """The jaxcompress version and a hash of the ``.py`` sources of ``folder`` (default: the
+    ``jaxcompress/execute`` package, which builds both programs a site is timed with): part of
+    every cache key, so timings of an older kernel are never reused.
+
+    >>> fp = code_fingerprint()
+    >>> fp.split(":")[0] == __import__("jaxcompress").__version__, len(fp.split(":")[1])
+    (True, 16)
+    """
+    return _fingerprint(str(Path(__file__).parent if folder is None else folder))
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(folder: str) -> str:
+    from jaxcompress._version import __version__
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"{__version__}:{digest.hexdigest()[:16]}"
+
+
 def _describe(value: Any) -> Any:
     if value is None:
         return None
@@ -90,6 +117,7 @@ def site_key(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: 
         "side": weight_side,
         "params": {name: _describe(params[name]) for name in sorted(params)},
         "machine": _machine(),
+        "code": code_fingerprint(),
     }
     return json.dumps(signature, sort_keys=True, default=repr)
 

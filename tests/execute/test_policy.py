@@ -2,6 +2,7 @@
 measured choice with its on-disk cache (written atomically, reused, safe when unwritable)."""
 
 import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -168,6 +169,32 @@ def test_measured_choice_is_cached_on_disk(tmp_path, monkeypatch):
 
 def _must_not_time(*args, **kwargs):
     raise AssertionError("a cached site was timed again")
+
+
+def test_changed_kernel_code_is_timed_again(tmp_path, monkeypatch):
+    # the cache key holds a hash of the execute sources: a kernel changed by an upgrade must not
+    # reuse the choice timed for the old one
+    q = jc.quantize(jax.random.normal(jax.random.key(1), (64, 16)), channel_axes=(-1,), activation="dynamic")
+    x = jnp.ones((8, 64))
+    policy = ExecutionPolicy("measure", cache_dir=str(tmp_path), rounds=1)
+    [site] = compressed(lambda w, x: x @ w, policy=policy).sites(q, x)
+    assert site.reason.startswith("measured")
+    monkeypatch.setattr(measure, "_MEMORY", {})
+    monkeypatch.setattr(measure, "code_fingerprint", lambda folder=None: "0.0.0:upgraded-kernels")
+    [again] = compressed(lambda w, x: x @ w, policy=policy).sites(q, x)
+    assert again.reason.startswith("measured")
+    assert len(json.loads((tmp_path / measure.CACHE_FILE).read_text())) == 2
+
+
+def test_code_fingerprint_follows_the_sources(tmp_path):
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text(f"X = '{name}'\n")
+    before = measure.code_fingerprint(tmp_path)
+    assert measure.code_fingerprint(tmp_path) == before
+    (tmp_path / "b.py").write_text("X = 'changed'\n")
+    measure._fingerprint.cache_clear()
+    assert measure.code_fingerprint(tmp_path) != before
+    assert measure.code_fingerprint() == measure.code_fingerprint(Path(measure.__file__).parent)
 
 
 def test_unwritable_or_corrupt_cache_is_not_an_error(tmp_path, monkeypatch):
