@@ -211,3 +211,25 @@ def test_misuse_is_reported():
     apply = jc.fake_quant_activations(lambda p, x: x @ p["w"], rules)
     with pytest.raises(TypeError, match="weight_ranges"):
         apply({"w": jnp.ones((2, 2))}, jnp.ones((1, 2)), weight_ranges={"w": (jnp.zeros(()), jnp.ones(()))})
+
+
+def _integer_dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of the operands of every ``s32`` dot in a compiled HLO text."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = re.findall(r"= s32\[[^\]]*\][^ ]* dot\(([^)]*)\)", hlo)
+    return [tuple(types[name.strip().lstrip("%")] for name in operands.split(",")) for operands in dots]
+
+
+def test_dense_kernel_codes_stay_int8_in_the_compiled_step():
+    # A Flax (in, out) kernel: quantize_params stores its codes (out, in) for compressed; in the
+    # QAT step the codes are computed in the program, and a pending transpose between the int8
+    # convert and the dot made XLA:CPU run it as s32 x s32.
+    model = nn.Dense(32)
+    x = jax.random.normal(jax.random.key(0), (16, 64))
+    params = model.init(jax.random.key(1), x)["params"]
+    rules = _rules("dynamic")
+    state = jc.qat(optax.adam(1e-2), rules).init(params)
+    grad = jax.jit(jax.value_and_grad(_loss_fn(model, rules, "integer"), has_aux=True))
+    operand_types = _integer_dot_operand_types(grad.lower(params, state, x).compile().as_text())
+    assert operand_types, "no integer dot in the compiled step"
+    assert all(types == ("s8", "s8") for types in operand_types), operand_types
