@@ -39,16 +39,13 @@ __all__ = ["calibrate_activations", "attach_activation_scales"]
 
 def _histogram_errors(counts: np.ndarray, absmax: float, ratios: np.ndarray) -> np.ndarray:
     """Mean squared int8 round-trip error of a histogram of ``|x|`` over ``[0, absmax]`` for each
-    clip ``ratio * absmax`` (bin centres stand for their values)."""
+    clip ``ratio * absmax`` (bin centres stand for their values; all ratios in one array op)."""
     edges = np.linspace(0.0, absmax, counts.size + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     total = max(float(counts.sum()), 1.0)
-    errors = []
-    for ratio in ratios:
-        scale = ratio * absmax / ACTIVATION_QMAX
-        codes = np.clip(np.round(centres / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX)
-        errors.append(float(np.sum(counts * np.square(codes * scale - centres)) / total))
-    return np.asarray(errors)
+    scales = (np.asarray(ratios, np.float64) * absmax / ACTIVATION_QMAX)[:, None]
+    codes = np.clip(np.round(centres[None, :] / scales), -ACTIVATION_QMAX, ACTIVATION_QMAX)
+    return np.sum(counts[None, :] * np.square(codes * scales - centres[None, :]), axis=1) / total
 
 
 def _mse_clip(counts: np.ndarray, absmax: float, grid_size: int, min_ratio: float) -> float:
@@ -62,8 +59,9 @@ _INF_BITS = 0x7F800000  # float32 +inf: the bit patterns of |x| (>= 0) sort as t
 
 def magnitude_percentile(magnitude: jax.Array, percentile: float) -> jax.Array:
     """``jnp.percentile(magnitude, percentile)`` (linear interpolation) of a 1-D array of values
-    ``>= 0``, without sorting: the two order statistics it interpolates are found by bisection on
-    the float32 bit patterns (31 counting passes, each one compare and sum over the values).
+    ``>= 0``, without sorting: the lower order statistic it interpolates is found by bisection on
+    the float32 bit patterns (31 counting passes, each one compare and sum over the values), its
+    neighbour by one more pass (count and minimum of the values above it).
 
     >>> x = jnp.arange(1000.0)[::-1]
     >>> float(magnitude_percentile(x, 99.9)), float(jnp.percentile(x, 99.9))
@@ -73,19 +71,25 @@ def magnitude_percentile(magnitude: jax.Array, percentile: float) -> jax.Array:
     position = percentile / 100.0 * (n - 1)
     lower = int(math.floor(position))
     upper = min(lower + 1, n - 1)
-    # sorted[i] is the (n - i)-th largest value
-    ks = jnp.asarray([n - lower, n - upper], jnp.int32)
+    k = n - lower  # sorted[lower] is the k-th largest value
     keys = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32), jnp.int32)
 
     def bisect(_, bounds):
         lo, hi = bounds  # count(keys >= lo) >= k > count(keys > hi)
         mid = lo + (hi - lo + 1) // 2
-        enough = jnp.sum(keys[None, :] >= mid[:, None], axis=1, dtype=jnp.int32) >= ks
+        enough = jnp.sum(keys >= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
 
-    start = (jnp.zeros(2, jnp.int32), jnp.full(2, _INF_BITS, jnp.int32))
-    found, _ = jax.lax.fori_loop(0, 31, bisect, start)
-    low, high = jax.lax.bitcast_convert_type(found, jnp.float32)
+    found, _ = jax.lax.fori_loop(0, 31, bisect, (jnp.int32(0), jnp.int32(_INF_BITS)))
+    if upper == lower:
+        following = found
+    else:
+        # sorted[upper] is the (k - 1)-th largest: the smallest value above sorted[lower] when
+        # exactly k - 1 values lie above it, else a tie with sorted[lower] (one more pass)
+        above = keys > found
+        smallest_above = jnp.min(jnp.where(above, keys, jnp.int32(_INF_BITS)))
+        following = jnp.where(jnp.sum(above, dtype=jnp.int32) >= k - 1, smallest_above, found)
+    low, high = jax.lax.bitcast_convert_type(jnp.stack([found, following]), jnp.float32)
     return low + (high - low) * jnp.float32(position - lower)
 
 
@@ -215,9 +219,9 @@ def _calibration_program(fn: Callable, method: str, percentile: float, bins: int
 
 
 def _merge(totals: dict, observed: dict, only: str | None = None) -> None:
-    for key, value in observed.items():
-        if only is not None and key[0] != only:
-            continue
+    if only is not None:
+        observed = {key: value for key, value in observed.items() if key[0] == only}
+    for key, value in jax.device_get(observed).items():  # one transfer for all observations
         value = np.asarray(value, np.float64)
         if key not in totals:
             totals[key] = value
