@@ -202,6 +202,12 @@ class Evaluator:
             self._scopes.pop()
 
     @property
+    def in_body(self) -> bool:
+        """Whether evaluation is inside a control-flow body (a ``scan`` / ``cond`` / ``while``
+        body being re-traced in its own scope): values made there belong to that body's trace."""
+        return len(self._scopes) > 1
+
+    @property
     def observations(self) -> dict[Any, Any]:
         """``{key: combined value}`` of the outermost scope."""
         return {key: value for key, (_, value, _) in self._scopes[0].items()}

@@ -52,6 +52,8 @@ class DotSite:
         over: the contracted axes of a dot; every axis but the batch axis of a conv.
       stacked: how many enclosing ``scan``\\ s sliced the weight from their ``xs`` (0: the
         weight is the whole leaf; 1: one layer of a stacked leaf, as under ``nn.scan``).
+      in_body: the site is inside a control-flow body (``scan`` / ``cond`` / ``while``): arrays
+        a hook makes there belong to that body's trace and must not be kept for another trace.
     """
 
     path: str
@@ -62,6 +64,7 @@ class DotSite:
     activation_contracting_axes: tuple[int, ...]
     activation_reduce_axes: tuple[int, ...]
     stacked: int = 0
+    in_body: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _dot(ev: Evaluator, eqn, invals: list) -> list:
         side, x, weight, contract = "rhs", invals[0], invals[1], lhs_contract
     else:
         side, x, weight, contract = "lhs", invals[1], invals[0], rhs_contract
-    site = DotSite(weight.path, "dot_general", side, dict(eqn.params), weight.layout, tuple(contract), tuple(contract), weight.stacked)
+    site = DotSite(weight.path, "dot_general", side, dict(eqn.params), weight.layout, tuple(contract), tuple(contract), weight.stacked, ev.in_body)
 
     def op(activation, kernel):
         return bind(eqn, [activation, kernel] if side == "rhs" else [kernel, activation])[0]
@@ -137,7 +140,7 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
         return bind(eqn, ev.plain_inputs(eqn, invals))
     lhs_spec = eqn.params["dimension_numbers"].lhs_spec
     reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
-    site = DotSite(weight.path, "conv_general_dilated", "rhs", dict(eqn.params), weight.layout, (lhs_spec[1],), reduce_axes, weight.stacked)
+    site = DotSite(weight.path, "conv_general_dilated", "rhs", dict(eqn.params), weight.layout, (lhs_spec[1],), reduce_axes, weight.stacked, ev.in_body)
 
     def op(activation, kernel):
         return bind(eqn, [activation, kernel])[0]

@@ -74,23 +74,31 @@ def _machine() -> str:
 
 def code_fingerprint(folder: str | Path | None = None) -> str:
     """The jaxcompress version and a hash of the ``.py`` sources of ``folder`` (default: the
-    ``jaxcompress/execute`` package, which builds both programs a site is timed with): part of
-    every cache key, so timings of an older kernel are never reused.
+    code that builds both programs a site is timed with: ``jaxcompress/execute``,
+    ``jaxcompress/quant``, ``jaxcompress/_program`` and ``jaxcompress/qarray*.py``): part of every
+    cache key, so timings of an older kernel are never reused.
 
     >>> fp = code_fingerprint()
     >>> fp.split(":")[0] == __import__("jaxcompress").__version__, len(fp.split(":")[1])
     (True, 16)
     """
-    return _fingerprint(str(Path(__file__).parent if folder is None else folder))
+    if folder is not None:
+        return _fingerprint((str(folder),))
+    package = Path(__file__).parent.parent
+    return _fingerprint(tuple(str(package / name) for name in ("execute", "quant", "_program", "qarray*.py")))
 
 
 @functools.lru_cache(maxsize=None)
-def _fingerprint(folder: str) -> str:
+def _fingerprint(sources: tuple[str, ...]) -> str:
     from jaxcompress._version import __version__
 
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        files += sorted(path.glob("*.py")) if path.is_dir() else sorted(path.parent.glob(path.name))
     digest = hashlib.sha256()
-    for file in sorted(Path(folder).glob("*.py")):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in files:
+        digest.update(str(file.relative_to(file.parent.parent)).encode() + b"\0" + file.read_bytes() + b"\0")
     return f"{__version__}:{digest.hexdigest()[:16]}"
 
 

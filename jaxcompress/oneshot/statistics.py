@@ -96,7 +96,9 @@ class _DenseRows:
     """The hook of the DENSE model's run in a cross capture: keeps the (masked) activation rows of
     every selected site, keyed by ``(path, occurrence)``, for `_Recorder` to pair with the
     compressed model's rows of the same site (the same program, so the same order). Weights a
-    ``scan`` slices (``site.stacked``) are left out (no cross term for them)."""
+    ``scan`` slices (``site.stacked``) and sites inside any control-flow body (``site.in_body``:
+    their rows belong to the dense run's body trace, which the compressed run cannot use) are
+    left out: no cross term for them, so their layers keep the plain target."""
 
     def __init__(self, shapes: dict, mask):
         self.shapes = shapes
@@ -107,7 +109,7 @@ class _DenseRows:
     def hook(self, site: DotSite, x: jax.Array, weight: jax.Array, observe=None) -> jax.Array:
         occurrence = self._seen.get(site.path, 0)
         self._seen[site.path] = occurrence + 1
-        if not site.stacked:
+        if not site.stacked and not site.in_body:
             self.rows[(site.path, occurrence)] = _site_rows(site, x, self.shapes, self.mask)[0]
         return x
 
@@ -148,7 +150,7 @@ class _Recorder:
             count = rows.shape[0]
             if self.mask is not None:
                 rows, count = _masked_rows(site, x, rows, self.mask)
-            dense = None if self.dense is None else self.dense.rows.get((site.path, occurrence))
+            dense = None if self.dense is None or site.in_body else self.dense.rows.get((site.path, occurrence))
             cross = None if dense is None else jnp.matmul(rows.T, dense, precision=lax.Precision.HIGHEST)
             statistics = _row_statistics(rows, self.with_hessian) + (jnp.asarray(count, jnp.int32), cross)
             self.computed.append((x, signature, statistics))
@@ -169,8 +171,11 @@ class _Recorder:
             get = lambda name: observations.get((path, name))
             if get("count") is None:
                 continue
+            # a cross term summed over only some uses of a weight (others in a body) would not
+            # match its Hessian: such a weight gets none
+            partial = any(site.stacked or site.in_body for site, _ in self.sites[path])
             out[path] = (get("hessian") if self.with_hessian else None, get("sq_norms"), get("abs_sums"), get("absmax"),
-                         get("count"), get("cross"))
+                         get("count"), None if partial else get("cross"))
         return out
 
 

@@ -16,7 +16,8 @@ Per step, inside the user's jitted ``update``:
 
 What a step costs beyond ``inner``: three selects that XLA fuses into the inner optimizer's own
 elementwise passes, reading the masks as bits (`bitmask.bit_view`: one read of the bool masks
-per step, packed to 1/8 of their bytes for the three uses). The switch passes the masks through
+per step, packed to 1/8 of their bytes for the three uses; with ``dst`` the regrowth step's
+``new & old`` is packed once more). The switch passes the masks through
 without a copy on ordinary steps (only the NEW masks are used afterwards, so the output aliases
 the donated input), and the mask computation needs no param-sized temporary (see `topk`): the
 compiled step's temporary buffer is the inner optimizer's own.

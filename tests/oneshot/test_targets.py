@@ -109,7 +109,33 @@ def test_pruning_dense_target_lowers_the_error_against_the_dense_model(method):
 def test_dense_target_without_sequential_changes_nothing():
     fn, params, batches = _mlp()
     rules = [jc.PruneRule(pattern=".*", sparsity=0.5)]
-    one_pass, _ = sparsegpt(fn, params, batches, rules, sequential=False)
+    one_pass, _ = sparsegpt(fn, params, batches, rules, sequential=False, dense_target=False)
     drift, _ = sparsegpt(fn, params, batches, rules, sequential=False, dense_target=True)
     for want, got in zip(jax.tree_util.tree_leaves(one_pass), jax.tree_util.tree_leaves(drift)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("flow", ["fori", "cond"])
+def test_dense_target_defaults_run_with_weights_inside_control_flow(flow):
+    # a weight used inside a loop / cond body gets no cross term (its dense rows belong to the
+    # dense run's body trace): it keeps the plain target, the others still get theirs
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {"a": jax.random.normal(keys[0], (8, 16)) / 3, "b": jax.random.normal(keys[1], (16, 16)) / 4,
+              "c": jax.random.normal(keys[2], (16, 4)) / 3}
+
+    def fn(p, x):
+        h = jnp.tanh(x @ p["a"])
+        if flow == "fori":
+            h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["b"]), h)
+        else:
+            h = jax.lax.cond(jnp.sum(x) > -1e9, lambda h: jnp.tanh(h @ p["b"]), lambda h: h, h)
+        return h @ p["c"]
+
+    batches = [jax.random.normal(keys[3], (64, 8))]
+    for method, rules in ((gptq, [jc.QuantRule(pattern=".*", bits=4, channel_axes=(-1,))]),
+                          (sparsegpt, [jc.PruneRule(pattern=".*", sparsity=0.5)])):
+        plain = method(fn, params, batches, rules, dense_target=False)[0]
+        drift = method(fn, params, batches, rules)[0]  # the defaults: dense_target=True
+        as_array = lambda leaf: np.asarray(leaf.dequantize() if isinstance(leaf, jc.QArray) else leaf)
+        np.testing.assert_array_equal(as_array(drift["b"]), as_array(plain["b"]))  # no cross term in the body
+        assert not np.array_equal(as_array(drift["c"]), as_array(plain["c"]))  # the target applies outside it
