@@ -21,19 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxcompress.pruning.topk import explicit_sharding
+
 __all__ = ["bit_view", "MIN_PACKED_SIZE"]
 
 # Below this many weights the extra pass and kernel launch cost more than the bytes they save.
 MIN_PACKED_SIZE = 1 << 16
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    try:
-        sharding = jax.typeof(x).sharding
-    except (TypeError, AttributeError):
-        return False
-    axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    return any(t == jax.sharding.AxisType.Explicit for t in axis_types)
 
 
 def bit_view(mask: jax.Array) -> jax.Array:
@@ -51,7 +44,7 @@ def bit_view(mask: jax.Array) -> jax.Array:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         mask = mask.astype(bool)
-    if mask.ndim == 0 or mask.size < MIN_PACKED_SIZE or _explicitly_sharded(mask):
+    if mask.ndim == 0 or mask.size < MIN_PACKED_SIZE or explicit_sharding(mask) is not None:
         return mask
     last = mask.shape[-1]
     bits = lax.optimization_barrier(_pack(mask))

@@ -97,14 +97,19 @@ def _fence(index: jax.Array) -> Callable[[Any], Any]:
 _FUSED_SPAN = 32
 
 
-def _explicitly_sharded(x: jax.Array) -> bool:
+def explicit_sharding(x: jax.Array) -> Any:
+    """``x``'s sharding when its mesh has an ``Explicit`` axis (sharding in types), else ``None``."""
     try:
         sharding = jax.typeof(x).sharding
     except (TypeError, AttributeError):
-        return False
+        return None
     axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    explicit = any(t == jax.sharding.AxisType.Explicit for t in axis_types)
-    return explicit and any(axis is not None for axis in getattr(sharding, "spec", ()))
+    return sharding if any(t == jax.sharding.AxisType.Explicit for t in axis_types) else None
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    sharding = explicit_sharding(x)
+    return sharding is not None and any(axis is not None for axis in getattr(sharding, "spec", ()))
 
 
 def count_true(pred: jax.Array) -> jax.Array:
