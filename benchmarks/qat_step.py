@@ -37,11 +37,13 @@ W8A8 variants (weights as above, activations int8 too):
     activation entering a conv / dense is fake-quantized with a per-tensor range that ``jc.qat``
     tracks (EMA of the observed ``max|x|``, passed to the update as ``activation_stats``).
     Evaluated as deployed: ``jc.convert_qat`` -> ``jc.compressed(model.apply)`` (int8 x int8 ->
-    int32 dots and convs with the tracked static activation scales). Its forward runs float ops on
-    the fake-quantized values.
-  * ``jaxcompress-w8a8-int``: the same with ``arithmetic="integer"``: the forward runs the integer
-    kernels ``jc.compressed`` deploys (int8 x int8 -> int32 dots and convs; the weight codes from
-    ``weight_ranges=jc.qat_ranges(state)``), the backward the same straight-through gradient.
+    int32 dots and convs with the tracked static activation scales). This variant passes
+    ``arithmetic="float"``: its forward runs float ops on the fake-quantized values.
+  * ``jaxcompress-w8a8-int``: the same with ``arithmetic="integer"`` (the default of
+    ``fake_quant_activations``): the forward runs the integer kernels ``jc.compressed`` deploys
+    (int8 x int8 -> int32 dots and convs; the weight codes from
+    ``weight_ranges=jc.qat_ranges(state)``), the backward the same straight-through gradient
+    (keeping the int8 activation codes and the clip mask, not the float activation).
   * ``jaxcompress-w8a8-auto``: ``arithmetic="auto"``: the integer kernel at the sites where
     `jc.compressed`'s cost model (`jaxcompress.execute.policy.auto_choice`) picks the integer path
     (here the 32 -> 64 conv and the 3136 -> 128 dense), the float fake-quantized op elsewhere (the
@@ -204,12 +206,12 @@ def jaxcompress_w8a8_variant(arithmetic="float"):
         "as an EMA of max|x|); evaluated as deployed: jc.convert_qat -> jc.compressed (int8 ops)"
     )
     if arithmetic == "integer":
-        mode += "; forward: int8 x int8 -> int32 dots and convs (arithmetic='integer'), STE backward"
+        mode += "; forward: int8 x int8 -> int32 dots and convs (arithmetic='integer', the default), STE backward"
     elif arithmetic == "auto":
         mode += ("; forward: int8 x int8 -> int32 where compressed's cost model picks the integer path, "
                  "float fake-quantized ops elsewhere (arithmetic='auto'), STE backward")
     else:
-        mode += "; forward: float ops on fake-quantized values"
+        mode += "; forward: float ops on fake-quantized values (arithmetic='float')"
     return {"opt": opt, "step": step, "predict": predict, "mode": mode}
 
 

@@ -28,6 +28,12 @@ The wrapped function returns ``(outputs, observed)`` where ``observed`` is ``{pa
 The fake-quantized value is computed by the same `quantize_activation` `compressed` uses (codes
 ``clip(round(x / scale), -127, 127)`` times the same float32 scale), so after conversion
 (`convert_qat`) the integer model sees the same activation codes the trained model saw.
+
+By default (``arithmetic="integer"``) each quantized dot / conv of the forward pass runs the
+integer kernel `compressed` deploys (int8 x int8 -> int32, `jaxcompress.training.integer_qat`)
+with the straight-through gradient of the fake-quantized float op, so the trained forward is the
+deployed one; ``arithmetic="float"`` runs the float op on the fake-quantized values instead
+(equal up to float rounding; the gradient is the same).
 """
 
 from __future__ import annotations
@@ -186,7 +192,7 @@ def fake_quant_activations(
     *,
     params_argnum: int = 0,
     on_unused: str = "warn",
-    arithmetic: Literal["float", "integer", "auto"] = "float",
+    arithmetic: Literal["float", "integer", "auto"] = "integer",
 ) -> Callable:
     """Wrap ``fn`` so the activations `compressed` would quantize are fake-quantized.
 
@@ -196,15 +202,18 @@ def fake_quant_activations(
       rules: the `QuantRule`\\ s (their ``activation`` mode says what to do per weight).
       params_argnum: which positional argument holds the params.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
-      arithmetic: ``"float"``: each quantized site runs the float op on the fake-quantized
-        activation and weight; ``"integer"``: it runs the integer kernel `compressed` deploys
-        (int8 x int8 -> int32), with the same straight-through gradient
-        (`jaxcompress.training.integer_qat`): the forward is then what `convert_qat` +
-        `compressed` compute. Pass the weight clip ranges the weights were fake-quantized
-        with (``weight_ranges=qat_ranges(state)``); without them each weight's range is its
-        fake-quantized absmax. ``"auto"``: the integer kernel where `compressed`'s cost model
-        (`jaxcompress.execute.policy.auto_choice`) says it is the faster one, the float
-        fake-quantized op elsewhere (equal up to float rounding).
+      arithmetic: ``"integer"`` (default): each quantized site runs the integer kernel
+        `compressed` deploys (int8 x int8 -> int32) with the straight-through gradient of the
+        fake-quantized float op (`jaxcompress.training.integer_qat`; the backward keeps the
+        int8 activation codes, not the float activation): the forward is then what
+        `convert_qat` + `compressed` compute. Pass the weight clip ranges the weights were
+        fake-quantized with (``weight_ranges=qat_ranges(state)``); without them each weight's
+        range is its fake-quantized absmax. Sites the integer kernel cannot take (a weight a
+        ``scan`` slices, an fp8 weight, ...) run the float fake-quantized op. ``"float"``: every
+        site runs the float op on the fake-quantized activation and weight (the same gradient;
+        outputs equal up to float rounding). ``"auto"``: the integer kernel where
+        `compressed`'s cost model (`jaxcompress.execute.policy.auto_choice`) says it is the
+        faster one, the float fake-quantized op elsewhere.
 
     Returns:
       ``wrapped(*args, ranges=None, steps=None, weight_ranges=None, **kwargs) -> (outputs,
@@ -225,11 +234,13 @@ def fake_quant_activations(
     ((4, 3), ['params/kernel'])
     >>> bool(observed["params/kernel"] == jnp.max(jnp.abs(x)))
     True
-    >>> integer = jc.fake_quant_activations(model.apply, rules, arithmetic="integer")
     >>> ranges = {"params/kernel": jnp.float32(2.0)}
-    >>> y, _ = integer(jc.fake_quant(params, rules), x, ranges=ranges)
     >>> deployed = jc.compressed(model.apply)(jc.convert_qat(params, rules, activation_ranges=ranges), x)
-    >>> bool(jnp.array_equal(y, deployed))
+    >>> bool(jnp.array_equal(y, deployed))            # the default integer forward is the deployed one
+    True
+    >>> in_float = jc.fake_quant_activations(model.apply, rules, arithmetic="float")
+    >>> y_float, _ = in_float(jc.fake_quant(params, rules), x, ranges=ranges)
+    >>> bool(jnp.allclose(y_float, deployed, atol=1e-5))
     True
     """
     from jaxcompress.training.fake_quantize import _quant_rules
@@ -293,7 +304,8 @@ def fake_quant_activations(
             axes = site.activation_reduce_axes
             if mode == "dynamic":
                 return run_site(site, x, weight, op, views.get(site.path), mode,
-                                lambda a, p: activation_fake_quant(a, "dynamic", axes), jnp.zeros((), jnp.float32), None, arithmetic)
+                                lambda a, p: activation_fake_quant(a, "dynamic", axes), jnp.zeros((), jnp.float32), None, arithmetic,
+                                ste="identity")
             if steps is not None:
                 if site.path not in steps:
                     raise ValueError(f"{site.path}: no LSQ activation step (see init_activation_steps)")
@@ -302,7 +314,8 @@ def fake_quant_activations(
                                 lambda a, p: activation_fake_quant(a, "static", axes, step=p), step, lambda a, p: p, arithmetic)
             tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32).reshape(())
             return run_site(site, x, weight, op, views.get(site.path), mode,
-                            lambda a, p: activation_fake_quant(a, "static", axes, absmax=p), tracked, _tracked_scale, arithmetic)
+                            lambda a, p: activation_fake_quant(a, "static", axes, absmax=p), tracked, _tracked_scale, arithmetic,
+                            ste="clipped")
 
         outputs, observed = call_with_dot_hook(
             fn, args, kwargs, integer_hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache,

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.execute.activation import ACTIVATION_QMAX, quantize_activation
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import UnsupportedQuantizedOp, dot_with_weight
 from jaxcompress.execute.hooks import DotSite
@@ -48,9 +49,13 @@ from jaxcompress.execute.policy import auto_choice
 from jaxcompress.execute.rules import follow_layout
 from jaxcompress.execute.weight_view import WeightView
 
-__all__ = ["integer_contraction", "run_site", "site_view", "ARITHMETICS"]
+__all__ = ["integer_contraction", "run_site", "site_view", "ARITHMETICS", "STES"]
 
 ARITHMETICS = ("float", "integer", "auto")
+# What the backward pass of `integer_contraction` keeps (see its docs): "input" the float
+# activation (any ``activation_quant``, e.g. LSQ, whose step gradient needs ``x / step`` itself);
+# "identity" / "clipped" only the int8 codes and their scale (+ the clip mask for "clipped").
+STES = ("input", "identity", "clipped")
 
 
 def site_view(site: DotSite, view: WeightView | None) -> WeightView | None:
@@ -61,10 +66,12 @@ def site_view(site: DotSite, view: WeightView | None) -> WeightView | None:
     return follow_layout(view, site.layout)
 
 
-def _zero_cotangent(array: jax.Array) -> Any:
-    if jnp.issubdtype(array.dtype, jnp.inexact):
-        return jnp.zeros_like(array)
-    return np.zeros(array.shape, jax.dtypes.float0)
+def _zero_cotangent(like: Any) -> Any:
+    """The zero cotangent of an array (or a ``ShapeDtypeStruct``): zeros for a float, float0
+    for an integer (the weight codes and scales get no gradient)."""
+    if jnp.issubdtype(like.dtype, jnp.inexact):
+        return jnp.zeros(like.shape, like.dtype)
+    return np.zeros(like.shape, jax.dtypes.float0)
 
 
 def _integer_op(site: DotSite, x: jax.Array, view: WeightView, mode: str, out_dtype: Any) -> jax.Array:
@@ -92,6 +99,8 @@ def integer_contraction(
     activation_quant: Callable[[jax.Array, jax.Array], jax.Array],
     activation_param: jax.Array,
     activation_scale: Callable[[jax.Array, jax.Array], jax.Array] | None,
+    *,
+    ste: str = "input",
 ) -> jax.Array:
     """``op(x, weight)`` computed by the integer kernel, with the float STE gradient.
 
@@ -109,6 +118,17 @@ def integer_contraction(
         for dynamic mode.
       activation_scale: static mode: ``activation_scale(x, activation_param)``, the float32
         per-tensor scale the integer kernel quantizes ``x`` with.
+      ste: what the backward pass keeps of the activation (the gradient is the same):
+        ``"input"``: ``x`` itself, and the backward differentiates ``activation_quant``
+        (needed for LSQ, whose step gradient reads ``x / step``); ``"identity"``: the int8
+        codes of ``x`` and their scale, for an ``activation_quant`` whose gradient is the
+        identity (dynamic mode); ``"clipped"``: the codes, the scale and the clip mask
+        ``|x / scale| <= 127`` (one byte per element: the codes alone cannot tell a value just
+        inside the clip range from one beyond it), for the tracked-range static mode's clipped
+        STE. The fake-quantized activation the weight gradient contracts is rebuilt as
+        ``codes * scale``, the very value ``activation_quant`` returns, so the gradient is the
+        same bit for bit; the backward no longer holds the float activation (1 or 2 bytes per
+        element instead of 4).
 
     Raises `UnsupportedQuantizedOp` where `compressed` would.
 
@@ -122,16 +142,31 @@ def integer_contraction(
     >>> op = lambda a, b: jax.lax.dot_general(a, b, dims)
     >>> fq = lambda a, p: activation_fake_quant(a, "dynamic", (1,))
     >>> f = lambda x, w: integer_contraction(site, x, w, op, WeightView.from_qarray(q), "dynamic",
-    ...                                      fq, jnp.float32(0), None)
+    ...                                      fq, jnp.float32(0), None, ste="identity")
     >>> w = q.dequantize()
     >>> bool(jnp.array_equal(f(x, w), jc.quantized_dot_general(x, q, dims, activation="dynamic")))
     True
     >>> g = jax.grad(lambda w: f(x, w).sum())(w)            # the float STE gradient
-    >>> bool(jnp.allclose(g, jax.grad(lambda w: op(fq(x, 0), w).sum())(w)))
+    >>> bool(jnp.array_equal(g, jax.grad(lambda w: op(fq(x, 0), w).sum())(w)))
     True
+    >>> _, f_vjp = jax.vjp(f, x, w)                         # what the backward keeps of x: int8 codes
+    >>> sorted({str(r.dtype) for r in jax.tree.leaves(f_vjp) if r.shape == x.shape})
+    ['int8']
     """
+    if ste not in STES:
+        raise ValueError(f"integer_contraction: ste must be one of {STES}, got {ste!r}")
+    if ste == "clipped" and (mode != "static" or activation_scale is None):
+        raise ValueError("integer_contraction: ste='clipped' is the static mode's clipped STE (needs activation_scale)")
+    if ste == "identity" and mode != "dynamic":
+        raise ValueError("integer_contraction: ste='identity' is the dynamic mode's STE")
     out_dtype = jax.eval_shape(op, x, weight).dtype
     arrays = (view.values, view.scale, view.zero_point, view.input_scale)
+    # the zero cotangents of the codes / scales and (codes residuals) of the range: built from
+    # shapes, so the backward pass keeps none of these arrays
+    array_zeros = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), arrays)
+    param_like = jax.ShapeDtypeStruct(jnp.shape(activation_param), jnp.result_type(activation_param))
+    reduce_axes = tuple(a % x.ndim for a in site.activation_reduce_axes)
+    x_dtype = x.dtype
 
     def forward(x, weight, param, arrays):
         values, scale, zero_point, input_scale = arrays
@@ -157,13 +192,35 @@ def integer_contraction(
     contraction = jax.custom_vjp(forward)
 
     def forward_with_residuals(x, weight, param, arrays):
-        return forward(x, weight, param, arrays), (x, weight, param, arrays)
+        y = forward(x, weight, param, arrays)
+        if ste == "input":
+            return y, (x, weight, param)
+        if ste == "identity":
+            codes, scale = quantize_activation(x, reduce_axes, "dynamic")
+            return y, (codes, scale, None, weight)
+        assert activation_scale is not None  # checked above
+        scale = activation_scale(x, param)
+        codes, _ = quantize_activation(x, (), "static", scale)
+        # the clip mask of the static STE (`activation_fake_quant`), on the same scale
+        inside = jnp.abs(x.astype(jnp.float32) / scale) <= ACTIVATION_QMAX
+        return y, (codes, scale, inside, weight)
 
     def backward(residuals, g):
-        x, weight, param, arrays = residuals
-        _, vjp = jax.vjp(reference, x, weight, param)
-        grad_x, grad_weight, grad_param = vjp(g)
-        return grad_x, grad_weight, grad_param, jax.tree.map(_zero_cotangent, arrays)
+        zeros = jax.tree.map(_zero_cotangent, array_zeros)
+        if ste == "input":
+            x_in, weight, param = residuals
+            _, vjp = jax.vjp(reference, x_in, weight, param)
+            grad_x, grad_weight, grad_param = vjp(g)
+            return grad_x, grad_weight, grad_param, zeros
+        codes, scale, inside, weight = residuals
+        # the fake-quantized activation as `activation_fake_quant` computes it
+        fake = (codes.astype(jnp.float32) * scale).astype(x_dtype)
+        _, vjp = jax.vjp(op, fake, weight)
+        grad_x, grad_weight = vjp(g)
+        if inside is not None:
+            grad_x = jnp.where(inside, grad_x, jnp.zeros_like(grad_x))
+        # neither STE gives the range / dummy parameter a gradient
+        return grad_x, grad_weight, _zero_cotangent(param_like), zeros
 
     contraction.defvjp(forward_with_residuals, backward)
     return contraction(x, weight, activation_param, arrays)
@@ -180,10 +237,13 @@ def run_site(
     activation_param: jax.Array,
     activation_scale: Callable[[jax.Array, jax.Array], jax.Array] | None,
     arithmetic: str = "integer",
+    *,
+    ste: str = "input",
 ) -> jax.Array:
-    """One site of the integer-arithmetic forward: `integer_contraction` where it can run (with
-    ``arithmetic="auto"``: where `compressed`'s cost model, `auto_choice`, says the integer
-    kernel is the faster one), the float fake-quantized op elsewhere (see the module docs)."""
+    """One site of the integer-arithmetic forward: `integer_contraction` (its ``ste``) where it
+    can run (with ``arithmetic="auto"``: where `compressed`'s cost model, `auto_choice`, says the
+    integer kernel is the faster one), the float fake-quantized op elsewhere (see the module
+    docs)."""
     at_site = site_view(site, view)
     if at_site is not None and arithmetic == "auto":
         path, _ = auto_choice(site.primitive, tuple(x.shape), at_site, site.params, site.weight_side)
@@ -191,7 +251,9 @@ def run_site(
             at_site = None
     if at_site is not None and jnp.issubdtype(x.dtype, jnp.floating):
         try:
-            return integer_contraction(site, x, weight, op, at_site, mode, activation_quant, activation_param, activation_scale)
+            return integer_contraction(
+                site, x, weight, op, at_site, mode, activation_quant, activation_param, activation_scale, ste=ste
+            )
         except UnsupportedQuantizedOp:
             pass  # what compressed cannot run as integers either: the float fake-quantized op
     return op(activation_quant(x, activation_param), weight)

@@ -64,7 +64,8 @@ def _trained(model, shape, rules, steps=2):
     params = model.init(jax.random.key(1), x)["params"]
     opt = jc.qat(optax.adam(1e-2), rules)
     state = opt.init(params)
-    apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules)
+    # trained with the float forward (the tests compare both arithmetics from these params)
+    apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules, arithmetic="float")
 
     @jax.jit
     def step(params, state):
@@ -199,7 +200,7 @@ def test_stacked_weight_under_scan_keeps_the_float_fake_quantized_op():
 
     x = jax.random.normal(jax.random.key(1), (2, 6))
     fq = jc.fake_quant(params, rules)
-    y_float, _ = jc.fake_quant_activations(fn, rules)(fq, x)
+    y_float, _ = jc.fake_quant_activations(fn, rules, arithmetic="float")(fq, x)
     y_int, _ = jc.fake_quant_activations(fn, rules, arithmetic="integer")(fq, x, weight_ranges=jc.weight_ranges(params, rules))
     np.testing.assert_array_equal(np.asarray(y_int), np.asarray(y_float))
 
@@ -208,7 +209,7 @@ def test_misuse_is_reported():
     rules = [jc.QuantRule(pattern="w", activation="dynamic")]
     with pytest.raises(ValueError, match="arithmetic"):
         jc.fake_quant_activations(lambda p, x: x @ p["w"], rules, arithmetic="int8")
-    apply = jc.fake_quant_activations(lambda p, x: x @ p["w"], rules)
+    apply = jc.fake_quant_activations(lambda p, x: x @ p["w"], rules, arithmetic="float")
     with pytest.raises(TypeError, match="weight_ranges"):
         apply({"w": jnp.ones((2, 2))}, jnp.ones((1, 2)), weight_ranges={"w": (jnp.zeros(()), jnp.ones(()))})
 
@@ -233,3 +234,52 @@ def test_dense_kernel_codes_stay_int8_in_the_compiled_step():
     operand_types = _integer_dot_operand_types(grad.lower(params, state, x).compile().as_text())
     assert operand_types, "no integer dot in the compiled step"
     assert all(types == ("s8", "s8") for types in operand_types), operand_types
+
+
+@pytest.mark.parametrize("activation", ["static", "dynamic"])
+def test_backward_keeps_the_int8_codes_not_the_float_activation(activation):
+    # The VJP's residuals of the activation are its int8 codes (+ the clip mask for the static
+    # clipped STE), not the float activation, and the gradient is the float fake-quant STE
+    # gradient bit for bit (a loss linear in the outputs: the cotangent does not depend on the
+    # forward's rounding, so the float and the integer forward get the same one).
+    model = nn.Dense(8)
+    x = 3.0 * jax.random.normal(jax.random.key(0), (6, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    rules = _rules(activation)
+    fq = jc.fake_quant(params, rules)
+    ranges = {"kernel": jnp.float32(2.5)} if activation == "static" else None  # clips some of x
+    cotangent = jax.random.normal(jax.random.key(2), (6, 8))
+
+    def loss(arithmetic):
+        apply = jc.fake_quant_activations(lambda p, v: model.apply({"params": p}, v), rules, arithmetic=arithmetic)
+        return lambda p, v: jnp.sum(cotangent * apply(p, v, ranges=ranges)[0])
+
+    _, f_vjp = jax.vjp(loss("integer"), fq, x)
+    kept = sorted(str(r.dtype) for r in jax.tree.leaves(f_vjp) if r.shape == x.shape)
+    assert kept == (["bool", "int8"] if activation == "static" else ["int8"]), kept
+    _, f_vjp_float = jax.vjp(loss("float"), fq, x)  # the float forward keeps a float activation
+    assert "float32" in [str(r.dtype) for r in jax.tree.leaves(f_vjp_float) if r.shape == x.shape]
+
+    g_int = jax.grad(loss("integer"), argnums=(0, 1))(fq, x)
+    g_float = jax.grad(loss("float"), argnums=(0, 1))(fq, x)
+    if activation == "static":
+        assert float(jnp.abs(g_int[1]).min()) == 0.0  # the clip mask is exercised
+    for a, b in zip(jax.tree.leaves(g_int), jax.tree.leaves(g_float)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_integer_contraction_rejects_an_ste_its_mode_cannot_use():
+    from jaxcompress.execute.weight_view import WeightView
+    from jaxcompress.execute.hooks import DotSite
+    from jaxcompress.training.integer_qat import integer_contraction
+
+    dims = (((1,), (0,)), ((), ()))
+    site = DotSite("w", "dot_general", "rhs", {"dimension_numbers": dims}, (), (1,), (1,))
+    view = WeightView.from_qarray(jc.quantize(jnp.ones((4, 2)), channel_axes=(-1,)))
+    args = (site, jnp.ones((3, 4)), jnp.ones((4, 2)), lambda a, b: jax.lax.dot_general(a, b, dims), view)
+    with pytest.raises(ValueError, match="ste must be one of"):
+        integer_contraction(*args, "dynamic", lambda a, p: a, jnp.float32(0), None, ste="codes")
+    with pytest.raises(ValueError, match="clipped"):
+        integer_contraction(*args, "dynamic", lambda a, p: a, jnp.float32(0), None, ste="clipped")
+    with pytest.raises(ValueError, match="identity"):
+        integer_contraction(*args, "static", lambda a, p: a, jnp.float32(1), lambda a, p: p, ste="identity")
