@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -376,6 +377,23 @@ def load_or_train_tiny_lm(
     folder = cache_dir_for(train, cache_root)
     if not retrain and (folder / "done").is_file():
         return _load(folder, train)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One trainer per cache root across processes (parallel test workers share the cache): the
+    # others wait on a lock on the root folder itself (no lock file left behind), then load what
+    # the first one cached.
+    lock = os.open(folder.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not retrain and (folder / "done").is_file():
+            return _load(folder, train)
+        return _train_and_cache(train, folder, verbose, max_train_seconds, retrain)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _train_and_cache(train: TrainConfig, folder: Path, verbose: bool, max_train_seconds: float | None,
+                     retrain: bool) -> TinyLM:
+    """`load_or_train_tiny_lm`'s training half, run under the cache folder's lock."""
     partial = folder.parent / f"{folder.name}.partial"
     if retrain:
         shutil.rmtree(partial, ignore_errors=True)

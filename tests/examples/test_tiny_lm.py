@@ -97,3 +97,26 @@ def test_cache_key_depends_on_the_config(tmp_path):
     assert tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path) == tiny_lm.cache_dir_for(tiny_lm.QUICK, tmp_path)
     assert tiny_lm.cache_dir_for(tiny_lm.FULL, tmp_path) != tiny_lm.cache_dir_for(
         dataclasses.replace(tiny_lm.FULL, corpus="lee"), tmp_path)
+
+
+def test_concurrent_processes_train_once_and_share_the_cache(tmp_path):
+    """Two processes asking for the same uncached model at once (as parallel test workers do):
+    one trains, the other waits on the cache root's lock and loads the same params."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (f"import dataclasses, sys; sys.path.insert(0, {str(root)!r}); from examples import tiny_lm; "
+            f"micro = tiny_lm.TrainConfig(**{dataclasses.asdict(MICRO)!r}); "
+            f"lm = tiny_lm.load_or_train_tiny_lm(train=micro, cache_root={str(tmp_path)!r}, verbose=True); "
+            "import numpy as np, jax; print('SUM', float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(lm.params))))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert sum(out.count("training ") for out, _ in outs) == 1  # trained once
+    sums = {line for out, _ in outs for line in out.splitlines() if line.startswith("SUM")}
+    assert len(sums) == 1  # both got the same params
+    folder = tiny_lm.cache_dir_for(MICRO, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no partial, staging or lock file left
