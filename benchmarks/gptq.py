@@ -13,7 +13,9 @@ Side by side in one run:
   predecessors: 24 capture passes), per block (one pass per transformer layer, the reference
   implementation's default), and one pass of the float model; with and without act-order;
   symmetric and asymmetric codes; with and without ``dense_target`` (each layer fit to the
-  dense model's outputs, the library's default; ``-dense`` modes).
+  dense model's outputs, the library's default; ``-dense`` modes); and ``defaults``: a rule
+  with only bits / channel axes / group size (asymmetric at 4 bits, `jaxcompress.QuantSpec`) and
+  ``gptq`` with no keyword arguments but the padding mask, as a user would call it.
 
 Quality: mean and minimum cosine similarity between the fp32 sentence embeddings and the
 quantized model's on held-out sentences of the Lee corpus (from sentence ``--offset`` on, never
@@ -97,8 +99,10 @@ def _stage(path: str) -> str:
     return layer_stage(path)
 
 
-# name -> (label, gptq's `sequential`, act_order, symmetric, dense_target)
+# name -> (label, gptq's `sequential`, act_order, symmetric, dense_target); ``None``: not passed
+# (the rule's / gptq's default: "defaults" is a rule without ``symmetric`` and no keyword arguments)
 MODES = {
+    "defaults": ("library defaults", None, None, None, None),
     "sequential-act": ("sequential", True, True, True, False),
     "sequential": ("sequential", True, False, True, False),
     "per-block-act": ("per block", _stage, True, True, False),
@@ -162,10 +166,11 @@ def run(args) -> dict:
 
     for mode in args.modes:
         label, sequential, act_order, symmetric, dense_target = MODES[mode]
-        rule = jc.QuantRule(pattern=args.kernels, symmetric=symmetric, **W4G128)
+        rule = jc.QuantRule(pattern=args.kernels, **W4G128, **({} if symmetric is None else {"symmetric": symmetric}))
+        options = {k: v for k, v in dict(sequential=sequential, act_order=act_order, dense_target=dense_target).items()
+                   if v is not None}
         start = time.perf_counter()
-        qparams, report = gptq(model.apply, params, calib_batches, [rule], sequential=sequential,
-                               act_order=act_order, dense_target=dense_target, row_mask=lambda batch: batch[1])
+        qparams, report = gptq(model.apply, params, calib_batches, [rule], row_mask=lambda batch: batch[1], **options)
         jax.block_until_ready(qparams)
         setting = f"w4g128 {label}{' act-order' if act_order else ''}"
         record("gptq", setting, qparams, time.perf_counter() - start, report)

@@ -42,8 +42,8 @@ alongside (`jaxcompress.oneshot.targets`; the dense model runs in the same captu
 
 Measured (``benchmarks/gptq.py``, all-MiniLM-L6-v2, W4 g128 act-order, 256 calibration
 sentences, mean cosine to fp32): 0.9823 symmetric without the clipping search, 0.9850 with it,
-0.9883 asymmetric with it, 0.9905 asymmetric with it and the dense target; use
-``symmetric=False`` rules at 4 bits and below.
+0.9883 asymmetric with it, 0.9905 asymmetric with it and the dense target: hence the
+defaults (a rule without ``symmetric`` is asymmetric at 4 bits and below, `jaxcompress.QuantSpec`).
 
 The scale / zero-point rule is the layer's `QuantRule` (bits 2..8, symmetric or asymmetric,
 ``calibration`` absmax / percentile / mse on the group's current values, ``scale_dtype``), using

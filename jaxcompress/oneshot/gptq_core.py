@@ -41,10 +41,10 @@ class GPTQResult(NamedTuple):
     damp: float
 
 
-def _matrix_spec(bits: int, symmetric: bool, calibration: Any, scale_dtype: str) -> ResolvedSpec:
+def _matrix_spec(bits: int, symmetric: bool | None, calibration: Any, scale_dtype: str) -> ResolvedSpec:
     spec = QuantSpec(bits=bits, symmetric=symmetric, calibration=calibration, scale_dtype=scale_dtype)
     return ResolvedSpec(
-        bits=spec.bits, qtype=INT_QTYPE, symmetric=spec.symmetric, channel_axes=(0,), group_axis=None,
+        bits=spec.bits, qtype=INT_QTYPE, symmetric=bool(spec.symmetric), channel_axes=(0,), group_axis=None,
         group_size=None, calibration=as_calibration(spec.calibration), allow_nonfinite=False, scale_dtype=spec.scale_dtype,
     )
 
@@ -225,7 +225,7 @@ def gptq_matrix(
     bits: int = 4,
     group_size: int | None = None,
     *,
-    symmetric: bool = True,
+    symmetric: bool | None = None,
     per_channel: bool = True,
     column_groups: Any = None,
     damp: float = 0.01,
@@ -248,7 +248,8 @@ def gptq_matrix(
       bits: 2..8.
       group_size: consecutive input columns sharing one scale (``None``: all of them); when it
         does not divide ``d_in`` the last group is shorter.
-      symmetric: symmetric codes (no zero point) or asymmetric.
+      symmetric: symmetric codes (no zero point) or asymmetric; ``None``: by ``bits``, as
+        `jaxcompress.QuantSpec` (asymmetric at 4 bits and below).
       per_channel: one scale per output row (else one per column group, shared by all rows).
       column_groups: ``(d_in,)`` int group index of every column (``0 .. n_groups - 1``, each
         used), overriding ``group_size`` (used for matrix views whose groups are not contiguous

@@ -15,7 +15,8 @@ from jaxcompress._errors import RuleMismatchError
 from jaxcompress.qarray import FP8_QTYPES, INT_QTYPE, NF4_QTYPE
 from jaxcompress.quant.groups import group_span, num_groups
 
-__all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "ACTIVATION_MODES"]
+__all__ = ["Calibration", "QuantSpec", "ResolvedSpec", "CALIBRATION_METHODS", "ACTIVATION_MODES", "ASYMMETRIC_MAX_BITS",
+           "default_symmetric"]
 
 CALIBRATION_METHODS = ("absmax", "percentile", "mse")
 # How `jaxcompress.compressed` treats the activation a quantized weight meets in a dot / conv.
@@ -58,6 +59,23 @@ class Calibration:
             raise ValueError(f"calibration min_ratio {self.min_ratio} is not in (0, 1]")
 
 
+# Integer codes of this many bits or fewer default to asymmetric (a zero point per scale group).
+ASYMMETRIC_MAX_BITS = 4
+
+
+def default_symmetric(bits: int, qtype: str = INT_QTYPE) -> bool:
+    """What ``QuantSpec(symmetric=None)`` resolves to: ``False`` (asymmetric, a zero point) for
+    integer codes of at most `ASYMMETRIC_MAX_BITS` bits, ``True`` otherwise (fp8 and nf4 are
+    symmetric-only formats).
+
+    >>> default_symmetric(4), default_symmetric(3), default_symmetric(8), default_symmetric(4, "nf4")
+    (False, False, True, True)
+    """
+    if qtype != INT_QTYPE or isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        return True  # non-integer qtypes; a bad `bits` is reported by the bits check
+    return not int(bits) <= ASYMMETRIC_MAX_BITS
+
+
 def _axes(channel_axes) -> tuple[int, ...]:
     """``channel_axes`` as a tuple of ints (a single int is one axis: ``-1`` -> ``(-1,)``)."""
     if isinstance(channel_axes, (int, np.integer)) and not isinstance(channel_axes, bool):
@@ -90,6 +108,15 @@ class QuantSpec:
         scale per group; symmetric and weight-only; QLoRA uses ``group_size=64``).
       symmetric: symmetric (no zero point, range ``[-(2^(b-1)-1), 2^(b-1)-1]``) or asymmetric
         (a zero point, full range ``[-2^(b-1), 2^(b-1)-1]``, zero exactly representable).
+        ``None`` (the default) resolves when the spec is built (`default_symmetric`):
+        asymmetric for integer codes of 4 bits or fewer, symmetric above 4 bits and for fp8 and
+        nf4 (symmetric-only formats), so ``spec.symmetric`` is always a bool. Measured at 4 bits
+        (groups of 128): all-MiniLM-L6-v2 GPTQ mean cosine 0.9850 symmetric vs 0.9883
+        asymmetric (0.9905 asymmetric with dense targets, the only setting that reaches 0.990),
+        a 135M decoder's GPTQ perplexity 31.1 vs 27.4; at 8 bits the zero point buys nothing
+        measurable and the integer paths are cheaper without it. Pass ``True`` / ``False`` to
+        force either. ``dataclasses.replace(spec, bits=...)`` keeps the resolved value: pass
+        ``symmetric=None`` too to resolve it again for the new width.
       channel_axes: axes that keep their own scale. ``()`` is per-tensor; ``(-1,)`` is
         per-output-channel for Flax ``Dense`` (in, out) and ``Conv`` (H, W, I, O) kernels.
       group_size: if set, the scale is also split into groups of this many consecutive elements
@@ -118,7 +145,7 @@ class QuantSpec:
 
     bits: int = 8
     qtype: str = INT_QTYPE
-    symmetric: bool = True
+    symmetric: bool | None = None
     channel_axes: tuple[int, ...] = ()
     group_size: int | None = None
     group_axis: int | None = None
@@ -130,6 +157,12 @@ class QuantSpec:
     def __post_init__(self):
         object.__setattr__(self, "channel_axes", _axes(self.channel_axes))
         object.__setattr__(self, "calibration", as_calibration(self.calibration))
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", default_symmetric(self.bits, self.qtype))
+        elif not isinstance(self.symmetric, (bool, np.bool_)):
+            raise TypeError(f"symmetric must be True, False or None (by bits), got {self.symmetric!r}")
+        else:
+            object.__setattr__(self, "symmetric", bool(self.symmetric))
         if self.qtype not in (INT_QTYPE, NF4_QTYPE) and self.qtype not in FP8_QTYPES:
             raise ValueError(
                 f"qtype {self.qtype!r} is not 'int', 'nf4' or one of {sorted(FP8_QTYPES)}"
@@ -200,7 +233,7 @@ class QuantSpec:
         return ResolvedSpec(
             bits=int(self.bits),
             qtype=self.qtype,
-            symmetric=self.symmetric,
+            symmetric=bool(self.symmetric),
             channel_axes=channel_axes,
             group_axis=group_axis,
             group_size=None if self.group_size is None else int(self.group_size),

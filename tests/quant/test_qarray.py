@@ -18,9 +18,14 @@ def test_storage_dtype_and_bits(bits, dtype, bits_per_value):
 
 
 @pytest.mark.parametrize("bits,values_bytes", [(8, 4096), (4, 2048), (3, 2048), (2, 1024)])
-def test_nbytes_per_channel(bits, values_bytes):
-    q = jc.quantize(jnp.ones((64, 64)), bits=bits, channel_axes=(-1,))
-    assert q.nbytes == values_bytes + 64 * 4
+@pytest.mark.parametrize("symmetric", [True, False, None])
+def test_nbytes_per_channel(bits, values_bytes, symmetric):
+    q = jc.quantize(jnp.ones((64, 64)), bits=bits, channel_axes=(-1,), symmetric=symmetric)
+    asymmetric = symmetric is False or (symmetric is None and bits <= 4)  # the default by bits
+    # 64 f32 scales; asymmetric: 64 zero points in the values' container (int4 below 5 bits, int8 else)
+    zero_bytes = 64 * storage_bits(storage_dtype(bits)) // 8 if asymmetric else 0
+    assert (q.zero_point is not None) == asymmetric
+    assert q.nbytes == values_bytes + 64 * 4 + zero_bytes
 
 
 def test_nbytes_grouped_asymmetric_and_fp8():
@@ -34,8 +39,10 @@ def test_nbytes_grouped_asymmetric_and_fp8():
 
 
 def test_odd_element_count_rounds_up_to_whole_bytes():
-    q = jc.quantize(jnp.ones((3, 3)), bits=4)
+    q = jc.quantize(jnp.ones((3, 3)), bits=4, symmetric=True)
     assert q.nbytes == 5 + 4  # 9 nibbles -> 5 bytes, plus one f32 scale
+    q = jc.quantize(jnp.ones((3, 3)), bits=4)  # asymmetric by default: one int4 zero point, 1 byte
+    assert q.nbytes == 5 + 4 + 1
 
 
 def test_is_a_pytree_with_static_metadata():

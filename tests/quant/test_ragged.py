@@ -127,7 +127,7 @@ def test_qarray_rejects_a_scale_that_contradicts_the_ragged_layout():
 
 def test_fake_quant_and_lsq_on_a_ragged_axis():
     x = jax.random.normal(jax.random.key(0), (10, 3))
-    for options in (dict(bits=4), dict(bits=3, symmetric=False, calibration="mse"), dict(qtype="nf4")):
+    for options in (dict(bits=4, symmetric=True), dict(bits=3, symmetric=False, calibration="mse"), dict(qtype="nf4")):
         spec = dict(options, group_size=4, group_axis=0)
         np.testing.assert_allclose(jc.fake_quant_array(x, **spec), jc.dequantize(jc.quantize(x, **spec)), rtol=1e-6, atol=1e-7)
         grad = np.asarray(jax.grad(lambda w: jc.fake_quant_array(w, **spec).sum())(x))
@@ -140,14 +140,14 @@ def test_fake_quant_and_lsq_on_a_ragged_axis():
             codes = np.asarray(x, np.float64) / scale + zero
             np.testing.assert_array_equal(grad, ((codes >= -4) & (codes <= 3)).astype(np.float32))
             assert grad.min() == 0.0  # the case does clip
-    step = jc.init_lsq_step(x, bits=4, group_size=4, group_axis=0)
+    step = jc.init_lsq_step(x, bits=4, symmetric=True, group_size=4, group_axis=0)  # LSQ: symmetric only
     x64 = np.asarray(x, np.float64)
     expected = [2 * np.abs(x64[s : s + 4]).mean() / np.sqrt(7) for s in (0, 4, 8)]  # the last: 2 rows
     np.testing.assert_allclose(np.asarray(step)[:, 0], expected, rtol=1e-6)
-    out = jc.lsq_fake_quant(x, step, bits=4, group_size=4, group_axis=0)
+    out = jc.lsq_fake_quant(x, step, bits=4, symmetric=True, group_size=4, group_axis=0)
     codes = np.clip(np.round(x64 / np.repeat(np.asarray(step, np.float64), 4, axis=0)[:10]), -7, 7)
     np.testing.assert_allclose(np.asarray(out), codes * np.repeat(np.asarray(step), 4, axis=0)[:10], rtol=1e-6)
-    _, grad_step = jax.grad(lambda w, s: jc.lsq_fake_quant(w, s, bits=4, group_size=4, group_axis=0).sum(), argnums=(0, 1))(x, step)
+    _, grad_step = jax.grad(lambda w, s: jc.lsq_fake_quant(w, s, bits=4, symmetric=True, group_size=4, group_axis=0).sum(), argnums=(0, 1))(x, step)
     assert grad_step.shape == (3, 1) and bool(jnp.all(jnp.isfinite(grad_step)))
 
 
