@@ -103,9 +103,9 @@ def test_pruned_and_rounding_zeros_are_counted_separately(tmp_path):
     w = rng.standard_normal((64, 32)).astype(np.float32)
     w[:, 0] = 1e-4  # rounds to zero at int4 with a per-column scale set by the large values
     w[0, :] = 100.0
-    q = jc.quantize(jnp.asarray(w), bits=4, channel_axes=(1,))
+    q = jc.quantize(jnp.asarray(w), bits=4, symmetric=True, channel_axes=(1,))
     codes = np.asarray(q.dequantize(np.float32))
-    expected_zeros = float(np.mean(codes == 0))
+    expected_zeros = float(np.mean(codes == 0))  # symmetric: zero is code 0 (bitmap-encodable below)
     assert expected_zeros > 0.5  # the 100.0 row makes most int4 codes zero
     never_pruned = tmp_path / "int4.safetensors"
     safetensors_io.export_safetensors(never_pruned, {"w": q})
@@ -113,7 +113,7 @@ def test_pruned_and_rounding_zeros_are_counted_separately(tmp_path):
     assert row.sparsity == 0.0 and row.zeros == pytest.approx(expected_zeros)
 
     mask = np.abs(w) > np.quantile(np.abs(w), 0.5)
-    qm = jc.quantize(jnp.where(mask, w, 0.0), bits=4, channel_axes=(1,))
+    qm = jc.quantize(jnp.where(mask, w, 0.0), bits=4, symmetric=True, channel_axes=(1,))
     pruned = tmp_path / "pruned.safetensors"
     safetensors_io.export_safetensors(pruned, {"w": qm}, {"w": mask})
     row, = inspect_checkpoint(pruned).rows

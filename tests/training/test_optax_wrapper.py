@@ -9,7 +9,7 @@ import pytest
 import jaxcompress as jc
 import jaxcompress.pruning as jp
 
-RULES = [jc.QuantRule(pattern=r".*kernel", bits=4, channel_axes=(-1,))]
+RULES = [jc.QuantRule(pattern=r".*kernel", bits=4, symmetric=True, channel_axes=(-1,))]  # pruned zeros are code 0
 
 
 def _problem(seed=0):
