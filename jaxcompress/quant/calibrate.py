@@ -131,9 +131,12 @@ def calibrate_array(x: jax.Array, spec: ResolvedSpec, block: int | None = None):
 
     >>> import jax.numpy as jnp
     >>> from jaxcompress.quant.spec import QuantSpec
-    >>> spec = QuantSpec(bits=4, group_size=2, group_axis=0).resolve((4, 1))
+    >>> spec = QuantSpec(bits=4, symmetric=True, group_size=2, group_axis=0).resolve((4, 1))
     >>> calibrate_array(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), spec, block=1)[1].ravel().tolist()
     [3.0, 2.0]
+    >>> asym = QuantSpec(bits=4, group_size=2, group_axis=0).resolve((4, 1))  # 4 bits: asymmetric
+    >>> [a.ravel().tolist() for a in calibrate_array(jnp.array([[1.0], [-3.0], [2.0], [0.5]]), asym, block=1)]
+    [[-3.0, 0.5], [1.0, 2.0]]
     """
     reduce_axes = spec.reduce_axes(x.ndim)
     if spec.group_axis is None or spec.group_size is None:
