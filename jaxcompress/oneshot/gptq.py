@@ -212,7 +212,7 @@ def gptq(
     *,
     damp: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     static_groups: bool = False,
     sequential: bool | Callable[[str], Any] = True,
     zero_dead: bool = True,
@@ -235,7 +235,11 @@ def gptq(
         output rows of the layer's matrix view, possibly split into groups along an input axis:
         per-output-channel (``channel_axes=(-1,)`` for Dense / Conv kernels), per-tensor, and
         groups along the input axis (the default ``group_axis``).
-      damp, block_size, act_order, static_groups, zero_dead: see `gptq_matrix`.
+      act_order: process columns by decreasing ``H_ii`` (default ``True``; `gptq_matrix`'s
+        default stays ``False``). Measured on all-MiniLM-L6-v2 (W4 g128, the default
+        asymmetric rule, clipping search and dense targets): 0.98983 mean cosine without it,
+        0.99048 with it.
+      damp, block_size, static_groups, zero_dead: see `gptq_matrix`.
       clip_search: ``True`` (default): each group's clipping range is searched (20 shrink ratios
         in [0.5, 1], the least ``diag(H)``-weighted rounding error; `gptq_matrix`) instead of
         taken from the rule's ``calibration`` alone.
