@@ -248,7 +248,8 @@ def run_model(setup: dict, rows: list, correlations: list, sensitivities=SENSITI
                 errors = np.array([layer.errors for layer in report.layers])
                 correlations.append({**base, "candidates": cand_name, "sensitivity": sensitivity,
                                      "forward_passes": passes, "seconds": seconds,
-                                     "quality": qualities[sensitivity], **correlate(errors, reference)})
+                                     "quality": qualities[sensitivity], **correlate(errors, reference),
+                                     "errors": errors.tolist()})
             correlations.append({**base, "candidates": cand_name, "sensitivity": "(end to end, held out)",
                                  "forward_passes": e2e_passes, "seconds": e2e_seconds, "quality": oracle,
                                  **{f"split_half_{k}": v for k, v in reliability.items()},

@@ -86,7 +86,8 @@ def _nbytes(qparams):
 
 def test_budget_is_exact_in_qarray_bytes_and_beats_uniform_int4():
     model, params, batches = _setup()
-    uniform_rule = jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,), group_size=32)
+    # symmetric like mixed_precision's rules (the library's own default is asymmetric at <= 4 bits)
+    uniform_rule = jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,), group_size=32, symmetric=True)
     uniform, _ = jc.quantize_params(params, [uniform_rule])
     budget = _nbytes(uniform)
     rules, report = mixed_precision(model.apply, params, batches, ".*kernel", group_size=32, budget_bytes=budget,
