@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import jaxcompress as jc  # noqa: E402
 from examples.bert import load_minilm, load_sentences, tokenize  # noqa: E402
 from jaxcompress.models.bert import BertModel, mean_pool  # noqa: E402
+from jaxcompress.oneshot.ranks import spearman  # noqa: E402  (re-exported: tests import it from here)
 from jaxcompress.rules import path_to_str  # noqa: E402
 
 KERNELS = r"params/encoder/layer_\d+/.*/kernel"
@@ -101,24 +102,6 @@ def load_word_pairs(name: str, limit: int | None = None) -> list[tuple[str, str,
         first, second, score = line.split("\t")[:3]
         pairs.append((first.strip().lower(), second.strip().lower(), float(score)))
     return pairs[:limit] if limit else pairs
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def ranks(x):
-        x = np.asarray(x, np.float64)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for value in np.unique(x):
-            tied = x == value
-            r[tied] = r[tied].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))
 
 
 def bucketed_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[tuple]:

@@ -50,8 +50,8 @@ def leaf_row(
 
     >>> import jax.numpy as jnp, jaxcompress as jc
     >>> row = leaf_row("w", jc.quantize(jnp.ones((4, 4)), bits=4, channel_axes=(1,)), None)
-    >>> row.format, row.granularity, row.bytes, row.bytes_before
-    ('int4', 'per-channel(1,)', 24, 64)
+    >>> row.format, row.granularity, row.bytes, row.bytes_before  # codes 8 B, scales 16 B, int4 zero points 2 B
+    ('int4', 'per-channel(1,)', 26, 64)
     """
     if isinstance(leaf, QArray):
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype).name

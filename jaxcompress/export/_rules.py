@@ -309,7 +309,8 @@ class GraphBuilder:
             return self.graph.constant("weight", np.transpose(np.asarray(value, np.float32), order)), None
         view = value.materialize()
         if view.qtype != "int" or view.zero_point is not None or view.input_scale is not None:
-            raise self.error(eqn, "export needs symmetric integer weights without smoothing scales", [value])
+            raise self.error(eqn, "export needs symmetric integer weights without smoothing scales (integer rules "
+                             "of <= 4 bits default to asymmetric: pass symmetric=True)", [value])
         scale = np.asarray(view.scale, np.float32)
         out_axis = order[0]
         if any(scale.shape[a] != 1 for a in range(scale.ndim) if a != out_axis):

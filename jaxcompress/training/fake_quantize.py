@@ -122,12 +122,12 @@ def fake_quant_array(
 
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> x = jnp.array([0.1, -0.6, 1.0, 0.33])
-    >>> [round(float(v), 3) for v in jc.fake_quant_array(x, bits=4)]
+    >>> [round(float(v), 3) for v in jc.fake_quant_array(x, bits=4, symmetric=True)]
     [0.143, -0.571, 1.0, 0.286]
-    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4).sum())(x).tolist()
+    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4, symmetric=True).sum())(x).tolist()
     [1.0, 1.0, 1.0, 1.0]
     >>> clipped = (jnp.array([-0.5]), jnp.array([0.5]))  # a range that clips 1.0 and -0.6
-    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4, clip_range=clipped).sum())(x).tolist()
+    >>> jax.grad(lambda w: jc.fake_quant_array(w, bits=4, symmetric=True, clip_range=clipped).sum())(x).tolist()
     [1.0, 0.0, 0.0, 1.0]
     """
     if spec is None:
@@ -161,7 +161,8 @@ def _scale_shape(spec: ResolvedSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_lsq(spec: ResolvedSpec, name: str) -> None:
     if spec.qtype != INT_QTYPE or not spec.symmetric:
-        raise ValueError(f"{name}: LSQ supports symmetric integer quantization only (got {spec.qtype}, symmetric={spec.symmetric})")
+        raise ValueError(f"{name}: LSQ supports symmetric integer quantization only (got {spec.qtype}, symmetric={spec.symmetric}; "
+                         "integer rules of <= 4 bits default to asymmetric: pass symmetric=True)")
 
 
 def _group_count(spec: ResolvedSpec, shape: tuple[int, ...]) -> Any:
@@ -225,7 +226,7 @@ def init_lsq_step(x: jax.Array, spec: QuantSpec | None = None, *, name: str = "a
     >>> step.shape, [round(float(v), 4) for v in step[0]]  # 2 * mean|x| / sqrt(7)
     ((1, 2), [1.5119, 2.2678])
     """
-    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**{"symmetric": True, **options}), name)  # LSQ: symmetric
     _check_lsq(resolved, name)
     _, qmax = int_range(resolved.bits, resolved.symmetric)
     grouped, block = _blocked(x, resolved)
@@ -246,7 +247,7 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, spec: QuantSpec | None = None,
     >>> gx.tolist()  # 3.0 / 0.5 = 6 > qmax = 3: clipped
     [[1.0, 1.0, 0.0]]
     """
-    resolved = _resolve(x, spec if spec is not None else QuantSpec(**options), name)
+    resolved = _resolve(x, spec if spec is not None else QuantSpec(**{"symmetric": True, **options}), name)  # LSQ: symmetric
     _check_lsq(resolved, name)
     expected = _scale_shape(resolved, tuple(x.shape))
     if tuple(step.shape) != tuple(expected):
@@ -276,7 +277,7 @@ def init_lsq_steps(params: Any, rules: Sequence[QuantRule] | QuantRule, *, on_un
     """Initial LSQ steps for every leaf the rules quantize: ``{path string: step}``.
 
     >>> import jax.numpy as jnp, jaxcompress as jc
-    >>> steps = jc.init_lsq_steps({"w": jnp.ones((4, 2))}, [jc.QuantRule(pattern="w", bits=4, channel_axes=(-1,))])
+    >>> steps = jc.init_lsq_steps({"w": jnp.ones((4, 2))}, [jc.QuantRule(pattern="w", bits=4, symmetric=True, channel_axes=(-1,))])
     >>> {k: v.shape for k, v in steps.items()}
     {'w': (1, 2)}
     """
@@ -331,7 +332,7 @@ def fake_quant(
 
     >>> import jax, jax.numpy as jnp, jaxcompress as jc
     >>> params = {"dense": {"kernel": jnp.linspace(-1, 1, 8).reshape(4, 2), "bias": jnp.ones(2)}}
-    >>> rules = [jc.QuantRule(pattern=".*kernel", bits=4, channel_axes=(-1,))]
+    >>> rules = [jc.QuantRule(pattern=".*kernel", bits=4, symmetric=True, channel_axes=(-1,))]
     >>> fq = jc.fake_quant(params, rules)
     >>> bool(jnp.all(fq["dense"]["kernel"] == jc.dequantize_params(jc.quantize_params(params, rules)[0])["dense"]["kernel"]))
     True

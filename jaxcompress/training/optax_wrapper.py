@@ -146,8 +146,9 @@ def qat(
     >>> state = opt.init(params)
     >>> grads = jax.grad(lambda p: jnp.sum(jc.fake_quant(p, rules, ranges=jc.qat_ranges(state))["w"] ** 2))(params)
     >>> updates, state = opt.update(grads, state, params)
-    >>> [round(float(v), 4) for v in jc.qat_ranges(state)["w"][1][0]]  # the new weights' absmax
-    [1.2, 0.8]
+    >>> lo, hi = jc.qat_ranges(state)["w"]  # int4 defaults to asymmetric: each channel's min and max
+    >>> [round(float(v), 4) for v in lo[0]], [round(float(v), 4) for v in hi[0]]
+    ([0.4, -0.8], [1.2, 0.2])
     """
     rules = _quant_rules(rules)
     if not 0.0 <= ema_decay < 1.0:
