@@ -77,18 +77,31 @@ def leaf_row(
                    bytes_before, sqnr, zeros=zeros)
 
 
+def _per_value(array: np.ndarray, leaf: QArray) -> np.ndarray:
+    """A scale-shaped array broadcast to ``leaf``'s logical shape (group entry ``i // group_size``)."""
+    if leaf.group_axis is not None and leaf.group_size is not None:
+        axis = leaf.group_axis % len(leaf.shape)
+        array = np.take(array, np.arange(leaf.shape[axis]) // leaf.group_size, axis=axis)
+    return np.broadcast_to(array, tuple(leaf.shape))
+
+
 def _zeros(leaf: Any) -> np.ndarray:
-    """Where ``leaf``'s values are zero (bool, logical shape). For a symmetric integer `QArray`
-    that is where its codes are 0 (a bool per value, no float copy of the leaf); other formats
-    are dequantized."""
+    """Where ``leaf``'s values are zero (bool, logical shape). For an integer `QArray` that is
+    where its code equals the zero point (0 when symmetric) or its scale is 0: a bool per value,
+    no float copy of the leaf. Other formats are dequantized."""
     if not isinstance(leaf, QArray):
         return np.asarray(leaf) == 0
-    if leaf.qtype == "int" and leaf.zero_point is None:
-        zero = np.asarray(leaf.values) == 0  # x = code * scale (/ input_scale): zero iff the code is
+    if leaf.qtype == "int":
+        codes = np.asarray(leaf.values)
         permutation = getattr(leaf, "stored_permutation", None)  # codes stored in another axis order
         if permutation is not None:
-            zero = np.transpose(zero, np.argsort(np.asarray(permutation)))
-        return zero
+            codes = np.transpose(codes, np.argsort(np.asarray(permutation)))
+        if leaf.zero_point is None:  # x = code * scale (/ input_scale): zero iff the code is
+            return codes == 0
+        # x = (code - zero_point) * scale (/ input_scale)
+        zero_point = _per_value(np.asarray(leaf.zero_point).astype(np.int16), leaf)
+        scale_zero = _per_value(np.asarray(leaf.scale) == 0, leaf)
+        return (codes.astype(np.int16) == zero_point) | scale_zero
     return np.asarray(leaf.dequantize(np.float32)) == 0
 
 

@@ -153,3 +153,25 @@ def test_zeros_match_the_dequantized_values(options):
     reference = float(np.mean(np.asarray(q.dequantize(np.float32), np.float64) == 0))
     row = leaf_row("w", q, None)
     assert reference >= 3 / 16 and row.zeros == pytest.approx(reference, abs=0) and row.sparsity == 0.0
+
+
+@pytest.mark.parametrize("options", [dict(bits=4, channel_axes=(0,)), dict(bits=4, channel_axes=(-1,), group_size=3, group_axis=0),
+                                     dict(bits=3, channel_axes=(0,), group_size=4, group_axis=1),
+                                     dict(bits=8, symmetric=False, channel_axes=())])
+@pytest.mark.parametrize("stored", [False, True])
+def test_asymmetric_zeros_come_from_the_codes_and_match_the_dequantized_leaf(options, stored):
+    """Asymmetric leaves (the int4 default): zero where the code equals its group's zero point,
+    the same set the dequantized float leaf gives (no float copy is made to find it)."""
+    from jaxcompress.checkpoint.inspection import _zeros
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(7, 10)).astype(np.float32)
+    w[rng.random(w.shape) < 0.4] = 0.0
+    w[2] = 0.0  # an all-zero row
+    q = jc.quantize(jnp.asarray(w), **options)
+    assert q.zero_point is not None
+    if stored:
+        q = q.with_layout((1, 0))
+    want = np.asarray(q.dequantize(np.float32)) == 0
+    np.testing.assert_array_equal(_zeros(q), want)
+    assert want.sum() >= (w == 0).sum() > 0
