@@ -9,10 +9,13 @@ from the source, one leaf at a time, and the ratio is the source file size over 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.checkpoint import orbax_io, treemeta
@@ -77,12 +80,16 @@ def leaf_row(
                    bytes_before, sqnr, zeros=zeros)
 
 
-def _per_value(array: np.ndarray, leaf: QArray) -> np.ndarray:
-    """A scale-shaped array broadcast to ``leaf``'s logical shape (group entry ``i // group_size``)."""
-    if leaf.group_axis is not None and leaf.group_size is not None:
-        axis = leaf.group_axis % len(leaf.shape)
-        array = np.take(array, np.arange(leaf.shape[axis]) // leaf.group_size, axis=axis)
-    return np.broadcast_to(array, tuple(leaf.shape))
+@functools.partial(jax.jit, static_argnames=("group_axis", "group_size"))
+def _asymmetric_zeros(codes: jax.Array, zero_point: jax.Array, scale: jax.Array, group_axis: int | None,
+                      group_size: int | None) -> jax.Array:
+    """``code == zero point or scale == 0`` per value, in one fused pass (only the bools are made)."""
+    zero = (zero_point == 0) if scale is None else (scale == 0)
+    point = zero_point.astype(jnp.int8)
+    if group_axis is not None and group_size is not None:
+        index = jnp.arange(codes.shape[group_axis]) // group_size
+        point, zero = jnp.take(point, index, axis=group_axis), jnp.take(zero, index, axis=group_axis)
+    return (codes.astype(jnp.int8) == point) | zero
 
 
 def _zeros(leaf: Any) -> np.ndarray:
@@ -92,16 +99,20 @@ def _zeros(leaf: Any) -> np.ndarray:
     if not isinstance(leaf, QArray):
         return np.asarray(leaf) == 0
     if leaf.qtype == "int":
-        codes = np.asarray(leaf.values)
+        if leaf.zero_point is None:  # x = code * scale (/ input_scale): zero iff the code is
+            zero = np.asarray(leaf.values) == 0
+        else:  # x = (code - zero_point) * scale (/ input_scale), in the stored axis order
+            permutation = leaf.stored_permutation
+            group_axis = None if leaf.group_axis is None else leaf.group_axis % len(leaf.shape)
+            point, scale = leaf.zero_point, leaf.scale
+            if permutation is not None:
+                point, scale = jnp.transpose(point, permutation), jnp.transpose(scale, permutation)
+                group_axis = None if group_axis is None else list(permutation).index(group_axis)
+            zero = np.asarray(_asymmetric_zeros(leaf.values, point, scale, group_axis, leaf.group_size))
         permutation = getattr(leaf, "stored_permutation", None)  # codes stored in another axis order
         if permutation is not None:
-            codes = np.transpose(codes, np.argsort(np.asarray(permutation)))
-        if leaf.zero_point is None:  # x = code * scale (/ input_scale): zero iff the code is
-            return codes == 0
-        # x = (code - zero_point) * scale (/ input_scale)
-        zero_point = _per_value(np.asarray(leaf.zero_point).astype(np.int16), leaf)
-        scale_zero = _per_value(np.asarray(leaf.scale) == 0, leaf)
-        return (codes.astype(np.int16) == zero_point) | scale_zero
+            zero = np.transpose(zero, np.argsort(np.asarray(permutation)))
+        return zero
     return np.asarray(leaf.dequantize(np.float32)) == 0
 
 
