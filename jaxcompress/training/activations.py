@@ -29,11 +29,14 @@ The fake-quantized value is computed by the same `quantize_activation` `compress
 ``clip(round(x / scale), -127, 127)`` times the same float32 scale), so after conversion
 (`convert_qat`) the integer model sees the same activation codes the trained model saw.
 
-By default (``arithmetic="integer"``) each quantized dot / conv of the forward pass runs the
+With ``arithmetic="integer"`` (the default whenever the call passes the weights' clip ranges,
+``weight_ranges=qat_ranges(state)``) each quantized dot / conv of the forward pass runs the
 integer kernel `compressed` deploys (int8 x int8 -> int32, `jaxcompress.training.integer_qat`)
 with the straight-through gradient of the fake-quantized float op, so the trained forward is the
-deployed one; ``arithmetic="float"`` runs the float op on the fake-quantized values instead
-(equal up to float rounding; the gradient is the same).
+deployed one; ``arithmetic="float"`` (the default without ``weight_ranges``) runs the float op on
+the fake-quantized values instead (equal up to float rounding; the gradient is the same). Without
+the ranges the integer path could only re-quantize each fake-quantized weight on its own absmax
+grid, which is not the grid `convert_qat` deploys once `qat` tracks or freezes a range.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ def fake_quant_activations(
     *,
     params_argnum: int = 0,
     on_unused: str = "warn",
-    arithmetic: Literal["float", "integer", "auto"] = "integer",
+    arithmetic: Literal["float", "integer", "auto"] | None = None,
 ) -> Callable:
     """Wrap ``fn`` so the activations `compressed` would quantize are fake-quantized.
 
@@ -202,7 +205,8 @@ def fake_quant_activations(
       rules: the `QuantRule`\\ s (their ``activation`` mode says what to do per weight).
       params_argnum: which positional argument holds the params.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
-      arithmetic: ``"integer"`` (default): each quantized site runs the integer kernel
+      arithmetic: ``None`` (default): ``"integer"`` in a call that passes ``weight_ranges``,
+        ``"float"`` in one that does not. ``"integer"``: each quantized site runs the integer kernel
         `compressed` deploys (int8 x int8 -> int32) with the straight-through gradient of the
         fake-quantized float op (`jaxcompress.training.integer_qat`; the backward keeps the
         int8 activation codes, not the float activation): the forward is then what
@@ -228,7 +232,7 @@ def fake_quant_activations(
     >>> x = jax.random.normal(jax.random.key(0), (4, 8))
     >>> params = model.init(jax.random.key(1), x)
     >>> rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="static")]
-    >>> apply = jc.fake_quant_activations(model.apply, rules)
+    >>> apply = jc.fake_quant_activations(model.apply, rules)  # no weight_ranges below: the float forward
     >>> y, observed = apply(jc.fake_quant(params, rules), x, ranges={"params/kernel": jnp.float32(2.0)})
     >>> y.shape, sorted(observed)
     ((4, 3), ['params/kernel'])
@@ -236,16 +240,16 @@ def fake_quant_activations(
     True
     >>> ranges = {"params/kernel": jnp.float32(2.0)}
     >>> deployed = jc.compressed(model.apply)(jc.convert_qat(params, rules, activation_ranges=ranges), x)
-    >>> bool(jnp.array_equal(y, deployed))            # the default integer forward is the deployed one
+    >>> bool(jnp.allclose(y, deployed, atol=1e-5))
     True
-    >>> in_float = jc.fake_quant_activations(model.apply, rules, arithmetic="float")
-    >>> y_float, _ = in_float(jc.fake_quant(params, rules), x, ranges=ranges)
-    >>> bool(jnp.allclose(y_float, deployed, atol=1e-5))
+    >>> in_int8 = jc.fake_quant_activations(model.apply, rules, arithmetic="integer")
+    >>> y_int8, _ = in_int8(jc.fake_quant(params, rules), x, ranges=ranges)
+    >>> bool(jnp.array_equal(y_int8, deployed))       # the integer forward is the deployed one
     True
     """
     from jaxcompress.training.fake_quantize import _quant_rules
 
-    if arithmetic not in ARITHMETICS:
+    if arithmetic is not None and arithmetic not in ARITHMETICS:
         raise ValueError(f"fake_quant_activations: arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
     rules = _quant_rules(rules)
     cache = TraceCache()
@@ -257,6 +261,7 @@ def fake_quant_activations(
             raise TypeError("weight_ranges is only used with integer arithmetic (the float forward takes fake_quant's weights as given)")
         if not 0 <= params_argnum < len(args):
             raise ValueError(f"params_argnum {params_argnum} is out of range for {len(args)} positional arguments")
+        chosen = arithmetic if arithmetic is not None else ("integer" if weight_ranges is not None else "float")
         modes = activation_modes(args[params_argnum], rules, on_unused=on_unused)
         static = {path for path, mode in modes.items() if mode == "static"}
         given = ranges if ranges is not None else steps
@@ -289,7 +294,7 @@ def fake_quant_activations(
             tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32)
             return activation_fake_quant(x, "static", site.activation_reduce_axes, absmax=tracked)
 
-        if arithmetic == "float":
+        if chosen == "float":
             outputs, observed = call_with_dot_hook(
                 fn, args, kwargs, hook, select=modes.__contains__, params_argnum=params_argnum, cache=cache, observations=True
             )
@@ -304,17 +309,17 @@ def fake_quant_activations(
             axes = site.activation_reduce_axes
             if mode == "dynamic":
                 return run_site(site, x, weight, op, views.get(site.path), mode,
-                                lambda a, p: activation_fake_quant(a, "dynamic", axes), jnp.zeros((), jnp.float32), None, arithmetic,
+                                lambda a, p: activation_fake_quant(a, "dynamic", axes), jnp.zeros((), jnp.float32), None, chosen,
                                 ste="identity")
             if steps is not None:
                 if site.path not in steps:
                     raise ValueError(f"{site.path}: no LSQ activation step (see init_activation_steps)")
                 step = jnp.asarray(steps[site.path], jnp.float32).reshape(())
                 return run_site(site, x, weight, op, views.get(site.path), mode,
-                                lambda a, p: activation_fake_quant(a, "static", axes, step=p), step, lambda a, p: p, arithmetic)
+                                lambda a, p: activation_fake_quant(a, "static", axes, step=p), step, lambda a, p: p, chosen)
             tracked = jnp.asarray(ranges.get(site.path, 0.0) if ranges is not None else 0.0, jnp.float32).reshape(())
             return run_site(site, x, weight, op, views.get(site.path), mode,
-                            lambda a, p: activation_fake_quant(a, "static", axes, absmax=p), tracked, _tracked_scale, arithmetic,
+                            lambda a, p: activation_fake_quant(a, "static", axes, absmax=p), tracked, _tracked_scale, chosen,
                             ste="clipped")
 
         outputs, observed = call_with_dot_hook(

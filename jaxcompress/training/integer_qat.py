@@ -8,8 +8,9 @@ trained forward is the deployed forward: the same codes, the same int32 sums, th
 rescaling. The backward pass is the float straight-through gradient of the fake-quantized op
 (`integer_contraction`: a `jax.custom_vjp` over the whole contraction whose backward is the VJP
 of ``op(activation_fake_quant(x), w_fake_quant)``), exactly the gradient of the float QAT
-forward; that float forward is never computed (XLA drops its unused primal). This is the default
-of `fake_quant_activations` (``arithmetic="integer"``).
+forward; that float forward is never computed (XLA drops its unused primal). It is what
+`fake_quant_activations` runs by default in a call that passes ``weight_ranges`` (its
+``arithmetic=None``), and always with ``arithmetic="integer"``.
 
 What the backward keeps of the activation: its int8 codes and scale (dynamic mode; plus the
 one-byte clip mask for the static tracked range, whose clipped STE zeroes the gradient beyond

@@ -191,3 +191,27 @@ def test_learned_steps_convert_and_errors():
         apply(params, x, ranges={}, steps={})
     with pytest.raises(ValueError, match="no activation range observed"):
         jc.convert_qat(params, rules, jc.qat(optax.sgd(0.1), rules).init(params))
+
+
+def test_default_arithmetic_follows_weight_ranges():
+    """Without ``weight_ranges`` the default forward is the float fake-quantized one (the integer
+    path could only re-grid each weight on its own absmax); with them it is the deployed int8
+    forward, also when the clip range is wider than the weights (a tracked / frozen range)."""
+    model = nn.Dense(16)
+    x = jax.random.normal(jax.random.key(0), (8, 64))
+    params = model.init(jax.random.key(1), x)
+    rules = [jc.QuantRule(pattern=".*kernel", channel_axes=(-1,), activation="static")]
+    state = jc.qat(optax.sgd(0.0), rules).init(params)
+    weight_ranges = jc.qat_ranges(state)  # the init weights' ranges, kept while the weights shrink
+    params = jax.tree.map(lambda w: 0.8 * w, params)
+    act = {"params/kernel": jnp.float32(3.0)}
+    fq = jc.fake_quant(params, rules, ranges=weight_ranges)
+    default = jc.fake_quant_activations(model.apply, rules)
+    y_float, _ = jc.fake_quant_activations(model.apply, rules, arithmetic="float")(fq, x, ranges=act)
+    y_default, _ = default(fq, x, ranges=act)
+    np.testing.assert_array_equal(np.asarray(y_default), np.asarray(y_float))
+    deployed = jc.compressed(model.apply)(jc.convert_qat(params, rules, state, activation_ranges=act), x)
+    y_int, _ = default(fq, x, ranges=act, weight_ranges=weight_ranges)
+    np.testing.assert_array_equal(np.asarray(y_int), np.asarray(deployed))
+    regridded, _ = jc.fake_quant_activations(model.apply, rules, arithmetic="integer")(fq, x, ranges=act)
+    assert not np.array_equal(np.asarray(regridded), np.asarray(deployed))  # what the old default did
