@@ -74,7 +74,7 @@ def _choose(values: np.ndarray, mask: np.ndarray | None, encoding: str, name: st
     exact = mask is None or sparse.zero_outside(values, mask)
     if not exact:
         if encoding in ("bitmap", "n:m"):
-            raise ArgumentError(f"{name}: {encoding} encoding needs zeros where the mask is False (asymmetric quantization?); use encoding 'auto' or 'dense'")
+            raise ArgumentError(f"{name}: {encoding} encoding needs zeros (or, for asymmetric codes, the zero point) where the mask is False; use encoding 'auto' or 'dense'")
         return "dense", None
     kept = int(np.count_nonzero(support))
     options: list[tuple[str, Any, int]] = [("bitmap", None, math.ceil(count / 8) + sparse.packed_nbytes(kept, values.dtype))]
@@ -162,12 +162,30 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
         dense_name = name
     if mask is not None and mask.shape != values.shape:
         raise ValueError(f"{where}: mask shape {mask.shape} differs from the leaf's {values.shape}")
+    if mask is not None and "zero_point" in arrays and encoding != "dense":
+        # Asymmetric codes: a pruned value's code is its group's zero point, not 0. Store 0 there
+        # (so the sparse encodings apply) and record that the reader puts the zero point back.
+        fill = _zero_point_fill(arrays["zero_point"], treemeta.qarray_static(leaf), values.shape)
+        if np.array_equal(values[~mask], fill[~mask]):
+            values = values.copy()
+            values[~mask] = 0
+            record["fill"] = "zero_point"
     try:
         tensors = _encode_values(name, dense_name, values, mask, encoding, where, record)
         tensors += [(f"{name}.{field}", _stored(value)[0]) for field, value in sorted(arrays.items())]
     except TypeError as err:
         raise TypeError(f"{where}: {err}") from None
     return record, tensors
+
+
+def _zero_point_fill(zero_point: np.ndarray, static: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """Each value's zero point (logical layout): group entry ``i // group_size`` along the group axis."""
+    group_axis, group_size = static.get("group_axis"), static.get("group_size")
+    point = np.asarray(zero_point)
+    if group_axis is not None and group_size is not None:
+        axis = int(group_axis) % len(shape)
+        point = np.take(point, np.arange(shape[axis]) // int(group_size), axis=axis)
+    return np.broadcast_to(point, shape)
 
 
 def _as_array(values: np.ndarray) -> Any:
@@ -276,6 +294,17 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
         values, mask = _sparse(sparse.decode_n_m, kept, indices, shape, n, m, axis, name=where)
     else:
         raise HeaderError(f"{where}: unknown encoding {encoding!r}")
+    if "fill" in record:
+        if record["fill"] != "zero_point" or kind != "qarray" or "zero_point" not in info or mask is None or encoding == "dense":
+            raise HeaderError(f"{where}: fill {record['fill']!r} needs an asymmetric QArray stored sparse "
+                              "(expected 'zero_point' on a bitmap / n:m leaf with a zero_point array)"[:300])
+        spec = info["zero_point"]
+        point = _read_values(read, f"{name}.zero_point", _dtype(spec["dtype"], where), _shape(spec["shape"], where), where)
+        try:
+            fill = _zero_point_fill(point, record["qarray"]["static"], tuple(values.shape))
+        except (ValueError, IndexError, TypeError) as err:
+            raise HeaderError(f"{where}: the zero point of shape {tuple(point.shape)} does not fit the values {tuple(values.shape)}: {err}") from None
+        values = np.where(mask, values, fill).astype(values.dtype)
     mask_out = jnp.asarray(mask) if record.get("mask") else treemeta.masked_node_or(None)
     if kind == "array":
         return _as_array(values), mask_out

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 import jaxcompress as jc
 from jaxcompress.checkpoint import safetensors_io
 from jaxcompress.checkpoint.safetensors_format import HeaderError, SafetensorsReader, SafetensorsWriter
+from jaxcompress.checkpoint.safetensors_records import METADATA_KEY
 from jaxcompress.qarray import QArray
 
 
@@ -72,7 +73,9 @@ def test_roundtrip_exact_with_masks(tmp_path):
     records = {r["name"]: r for r in safetensors_io.read_records(SafetensorsReader(path))}
     assert records["sparse_int8"]["encoding"] == "bitmap"
     assert records["nm_int8"]["encoding"] in ("n:m", "bitmap")
-    assert records["asym"]["encoding"] == "dense"  # pruned zeros sit at the zero point
+    # pruned zeros sit at the zero point: stored as 0, the reader puts the zero point back
+    assert records["asym"]["encoding"] == "bitmap" and records["asym"]["fill"] == "zero_point"
+    assert "fill" not in records["sparse_int8"]
 
 
 def test_names_are_documented_and_readable_by_safetensors(tmp_path):
@@ -105,8 +108,8 @@ def test_into_target_restores_structure(tmp_path):
 
 def test_forced_encodings_and_errors(tmp_path):
     params, masks = _tree_and_masks()
-    with pytest.raises(ValueError, match="asym.*bitmap encoding needs zeros"):
-        safetensors_io.export_safetensors(tmp_path / "x.safetensors", {"asym": params["asym"]}, {"asym": masks["asym"]}, encoding="bitmap")
+    with pytest.raises(ValueError, match="asym.*bitmap encoding needs zeros"):  # kept values outside the mask
+        safetensors_io.export_safetensors(tmp_path / "x.safetensors", {"asym": params["asym"]}, {"asym": ~masks["asym"]}, encoding="bitmap")
     assert not (tmp_path / "x.safetensors").exists()
     assert list(tmp_path.iterdir()) == []  # no scratch files left behind
     nm = {"w": params["nm_int8"]}
@@ -198,3 +201,43 @@ def test_malformed_records_are_header_errors(tmp_path, mutate, message):
         writer.metadata = safetensors_io.file_metadata([record])
     with pytest.raises(HeaderError, match=message):
         safetensors_io.import_safetensors(path)
+
+
+@pytest.mark.parametrize("options,structure", [(dict(channel_axes=(-1,)), "random"), (dict(channel_axes=(-1,), group_size=48, group_axis=0), "random"),
+                                               (dict(channel_axes=(-1,)), "2:4")])
+def test_pruned_asymmetric_int4_stays_sparse_and_exact(tmp_path, options, structure):
+    """int4 defaults to asymmetric codes, where a pruned value's code is its group's zero point:
+    the file stores 0 there (bitmap / n:m) and the reader puts the zero point back."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(128, 64)).astype(np.float32)
+    if structure == "2:4":
+        mask = np.zeros_like(w, bool)
+        mask[0::4] = mask[1::4] = True  # along axis 0, 2 of every 4
+    else:
+        mask = rng.random(w.shape) < 0.1
+    params = {"k": jnp.asarray(np.where(mask, w, 0.0))}
+    qparams, _ = jc.quantize_params(params, [jc.QuantRule(pattern="k", bits=4, **options)])
+    assert qparams["k"].zero_point is not None
+    sizes = {}
+    for encoding in ("auto", "dense"):
+        path = tmp_path / f"{encoding}.safetensors"
+        jc.export_safetensors(path, qparams, {"k": jnp.asarray(mask)}, encoding=encoding)
+        sizes[encoding] = path.stat().st_size
+        back, masks = jc.import_safetensors(path)
+        np.testing.assert_array_equal(np.asarray(back["k"].values), np.asarray(qparams["k"].values))
+        np.testing.assert_array_equal(np.asarray(back["k"].dequantize()), np.asarray(qparams["k"].dequantize()))
+        np.testing.assert_array_equal(np.asarray(masks["k"]), mask)
+    assert sizes["auto"] < 0.75 * sizes["dense"], sizes
+    # a record claiming a zero-point fill on a leaf without a zero point is refused, by name
+    path = tmp_path / "auto.safetensors"
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    header = json.loads(path.read_bytes()[8:8 + header_len])
+    meta = json.loads(header["__metadata__"][METADATA_KEY])
+    meta["leaves"][0]["fill"] = "something"
+    header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    tampered = tmp_path / "tampered.safetensors"
+    tampered.write_bytes(struct.pack("<Q", len(text)) + text + path.read_bytes()[8 + header_len:])
+    with pytest.raises(HeaderError, match="fill 'something'"):
+        jc.import_safetensors(tampered)
