@@ -9,16 +9,13 @@ from the source, one leaf at a time, and the ratio is the source file size over 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.checkpoint import orbax_io, treemeta
+from jaxcompress.checkpoint import orbax_io, sparse, treemeta
 from jaxcompress.checkpoint.report import CompressionTable, LeafRow
 from jaxcompress.checkpoint.safetensors_format import SafetensorsReader
 from jaxcompress.checkpoint.safetensors_io import decode_leaf, read_records
@@ -80,18 +77,6 @@ def leaf_row(
                    bytes_before, sqnr, zeros=zeros)
 
 
-@functools.partial(jax.jit, static_argnames=("group_axis", "group_size"))
-def _asymmetric_zeros(codes: jax.Array, zero_point: jax.Array, scale: jax.Array, group_axis: int | None,
-                      group_size: int | None) -> jax.Array:
-    """``code == zero point or scale == 0`` per value, in one fused pass (only the bools are made)."""
-    zero = (zero_point == 0) if scale is None else (scale == 0)
-    point = zero_point.astype(jnp.int8)
-    if group_axis is not None and group_size is not None:
-        index = jnp.arange(codes.shape[group_axis]) // group_size
-        point, zero = jnp.take(point, index, axis=group_axis), jnp.take(zero, index, axis=group_axis)
-    return (codes.astype(jnp.int8) == point) | zero
-
-
 def _zeros(leaf: Any) -> np.ndarray:
     """Where ``leaf``'s values are zero (bool, logical shape). For an integer `QArray` that is
     where its code equals the zero point (0 when symmetric) or its scale is 0: a bool per value,
@@ -99,20 +84,16 @@ def _zeros(leaf: Any) -> np.ndarray:
     if not isinstance(leaf, QArray):
         return np.asarray(leaf) == 0
     if leaf.qtype == "int":
-        if leaf.zero_point is None:  # x = code * scale (/ input_scale): zero iff the code is
-            zero = np.asarray(leaf.values) == 0
-        else:  # x = (code - zero_point) * scale (/ input_scale), in the stored axis order
-            permutation = leaf.stored_permutation
-            group_axis = None if leaf.group_axis is None else leaf.group_axis % len(leaf.shape)
-            point, scale = leaf.zero_point, leaf.scale
-            if permutation is not None:
-                point, scale = jnp.transpose(point, permutation), jnp.transpose(scale, permutation)
-                group_axis = None if group_axis is None else list(permutation).index(group_axis)
-            zero = np.asarray(_asymmetric_zeros(leaf.values, point, scale, group_axis, leaf.group_size))
-        permutation = getattr(leaf, "stored_permutation", None)  # codes stored in another axis order
+        codes = np.asarray(leaf.values)
+        permutation = leaf.stored_permutation  # codes stored in another axis order: a transposed view
         if permutation is not None:
-            zero = np.transpose(zero, np.argsort(np.asarray(permutation)))
-        return zero
+            codes = np.transpose(codes, np.argsort(np.asarray(permutation)))
+        if leaf.zero_point is None:  # x = code * scale (/ input_scale): zero iff the code is
+            return codes == 0
+        # x = (code - zero_point) * scale (/ input_scale): compared in the codes' own dtype, so
+        # only the bools (and, with groups, the per-value zero points) are made
+        shape, group = tuple(leaf.shape), (leaf.group_axis, leaf.group_size)
+        return (codes == sparse.per_value(np.asarray(leaf.zero_point), shape, *group)) | sparse.per_value(np.asarray(leaf.scale) == 0, shape, *group)
     return np.asarray(leaf.dequantize(np.float32)) == 0
 
 

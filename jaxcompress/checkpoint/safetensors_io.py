@@ -165,7 +165,7 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
     if mask is not None and "zero_point" in arrays and encoding != "dense":
         # Asymmetric codes: a pruned value's code is its group's zero point, not 0. Store 0 there
         # (so the sparse encodings apply) and record that the reader puts the zero point back.
-        fill = _zero_point_fill(arrays["zero_point"], treemeta.qarray_static(leaf), values.shape)
+        fill = sparse.per_value(arrays["zero_point"], values.shape, leaf.group_axis, leaf.group_size)
         if np.array_equal(values[~mask], fill[~mask]):
             values = values.copy()
             values[~mask] = 0
@@ -176,16 +176,6 @@ def encode_leaf(tokens: list, leaf: Any, mask: Any = None, *, encoding: str = "a
     except TypeError as err:
         raise TypeError(f"{where}: {err}") from None
     return record, tensors
-
-
-def _zero_point_fill(zero_point: np.ndarray, static: dict, shape: tuple[int, ...]) -> np.ndarray:
-    """Each value's zero point (logical layout): group entry ``i // group_size`` along the group axis."""
-    group_axis, group_size = static.get("group_axis"), static.get("group_size")
-    point = np.asarray(zero_point)
-    if group_axis is not None and group_size is not None:
-        axis = int(group_axis) % len(shape)
-        point = np.take(point, np.arange(shape[axis]) // int(group_size), axis=axis)
-    return np.broadcast_to(point, shape)
 
 
 def _as_array(values: np.ndarray) -> Any:
@@ -301,7 +291,8 @@ def _decode(record: dict, read: Callable, where: str, kind: str, dtype: np.dtype
         spec = info["zero_point"]
         point = _read_values(read, f"{name}.zero_point", _dtype(spec["dtype"], where), _shape(spec["shape"], where), where)
         try:
-            fill = _zero_point_fill(point, record["qarray"]["static"], tuple(values.shape))
+            static = record["qarray"]["static"]
+            fill = sparse.per_value(point, tuple(values.shape), static.get("group_axis"), static.get("group_size"))
         except (ValueError, IndexError, TypeError) as err:
             raise HeaderError(f"{where}: the zero point of shape {tuple(point.shape)} does not fit the values {tuple(values.shape)}: {err}") from None
         values = np.where(mask, values, fill).astype(values.dtype)

@@ -35,6 +35,7 @@ __all__ = [
     "n_m_pattern",
     "nonzero",
     "zero_outside",
+    "per_value",
     "index_bits",
     "encode_n_m",
     "decode_n_m",
@@ -180,6 +181,22 @@ def nonzero(array: Any) -> np.ndarray:
     for begin in range(0, flat.size, _CHUNK):
         out[begin : begin + _CHUNK] = flat[begin : begin + _CHUNK].astype(np.float32) != 0
     return out.reshape(array.shape)
+
+
+def per_value(array: Any, shape: tuple[int, ...], group_axis: int | None = None, group_size: int | None = None) -> np.ndarray:
+    """A scale-shaped array (a `QArray`'s scale or zero point, logical layout) broadcast to one
+    entry per value of ``shape``: along the group axis, value ``i`` takes entry ``i // group_size``.
+
+    >>> per_value(np.array([[1], [2]]), (2, 3)).tolist()
+    [[1, 1, 1], [2, 2, 2]]
+    >>> per_value(np.array([[1, 2]]), (1, 5), group_axis=1, group_size=3).tolist()
+    [[1, 1, 1, 2, 2]]
+    """
+    array = np.asarray(array)
+    if group_axis is not None and group_size is not None:
+        axis = int(group_axis) % len(shape)
+        array = np.take(array, np.arange(shape[axis]) // int(group_size), axis=axis)
+    return np.broadcast_to(array, shape)
 
 
 def zero_outside(array: Any, mask: Any) -> bool:
