@@ -20,12 +20,16 @@ Every conv / dense kernel is int8 per output channel with dynamic int8 activatio
   * ``measure``: ``compressed(model.apply, policy=ExecutionPolicy("measure", cache_dir=...))``
     (both paths timed once per site on this machine, the faster kept; the timing happens before
     the timed rounds, with its own cache directory under the results folder);
+  * ``tune``: ``compressed(model.apply, policy=ExecutionPolicy("tune", cache_dir=...))`` (whole
+    programs timed on this machine: `jaxcompress.execute.tune`; the tuning happens at the first
+    call, before the timed rounds, cached beside ``measure``'s timings);
   * ``auto_stored``: ``auto`` with the kernels stored for integer dots
     (`jaxcompress.execute.layout.store_for_integer_dots`; only where `QArray` has the
     ``stored_permutation`` field, the JSON says so otherwise).
 
 Timing: the variants of one (model, batch) are called round-robin, the order rotated every round,
-each call timed on its own; ``speedup`` = median f32 time / median variant time. The CPU is
+each call timed on its own, for at least ``--rounds`` rounds and until each variant has about
+``--min-seconds`` of calls (batch-1 calls take 0.1-0.4 ms: 20 of them are mostly noise); ``speedup`` = median f32 time / median variant time. The CPU is
 shared, so absolute times move between runs; the side-by-side ratios are what to read. The JSON
 also has each variant's max |difference| to the float output, and the ``auto`` site report.
 """
@@ -53,7 +57,7 @@ from jaxcompress.execute.policy import ExecutionPolicy  # noqa: E402
 from jaxcompress.execute.layout import store_for_integer_dots, supports_stored_layout  # noqa: E402
 from jaxcompress.demo.pipeline import CNN as DemoCNN  # noqa: E402
 
-GOALS = {"demo@256": 1.3}  # and >= 1.0 everywhere for the "auto" variant
+GOALS = {"demo@256": 1.3}  # for "auto" and "tune", and >= 1.0 everywhere for both
 
 
 class MnistCNN(nn.Module):
@@ -101,10 +105,18 @@ MODELS = {
 RULES = [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")]
 
 
-def interleaved(fns: dict, args: dict, rounds: int) -> dict:
+def interleaved(fns: dict, args: dict, rounds: int, min_seconds: float = 0.0, max_rounds: int = 2000) -> dict:
+    """Per-call seconds of each function, called round-robin (order rotated every round): at
+    least ``rounds`` rounds, more (up to ``max_rounds``) until the slowest warm-up call times the
+    rounds reaches ``min_seconds``: a 0.2 ms batch-1 call timed 20 times is mostly noise."""
+    slowest = 0.0
     for name, fn in fns.items():  # compile + warm up
         jax.block_until_ready(fn(*args[name]))
+        start = time.perf_counter()
         jax.block_until_ready(fn(*args[name]))
+        slowest = max(slowest, time.perf_counter() - start)
+    if min_seconds > 0 and slowest > 0:
+        rounds = max(rounds, min(max_rounds, int(np.ceil(min_seconds / slowest))))
     names = list(fns)
     runs = {name: [] for name in names}
     for r in range(rounds):
@@ -115,25 +127,27 @@ def interleaved(fns: dict, args: dict, rounds: int) -> dict:
     return runs
 
 
-def model_case(name: str, batch: int, rounds: int, cache_dir: Path) -> dict:
+def model_case(name: str, batch: int, rounds: int, cache_dir: Path, min_seconds: float = 0.0) -> dict:
     model, image = MODELS[name]
     x = jax.random.normal(jax.random.key(0), (batch,) + image)
     params = model.init(jax.random.key(1), x[:1])
     qparams, _ = jc.quantize_params(params, RULES, on_unused="error")
     auto = compressed(model.apply, policy="auto")
     measure = compressed(model.apply, policy=ExecutionPolicy("measure", cache_dir=str(cache_dir)))
+    tune = compressed(model.apply, policy=ExecutionPolicy("tune", cache_dir=str(cache_dir)))
     fns = {
         "f32": (jax.jit(model.apply), (params, x)),
         "rule": (jax.jit(compressed(model.apply)), (qparams, x)),
         "auto": (jax.jit(auto), (qparams, x)),
         "measure": (jax.jit(measure), (qparams, x)),
+        "tune": (jax.jit(tune), (qparams, x)),
     }
     notes = []
     if supports_stored_layout():
         fns["auto_stored"] = (jax.jit(auto), (store_for_integer_dots(qparams), x))
     else:
         notes.append("auto_stored: QArray has no stored_permutation field: skipped")
-    runs = interleaved({k: v[0] for k, v in fns.items()}, {k: v[1] for k, v in fns.items()}, rounds)
+    runs = interleaved({k: v[0] for k, v in fns.items()}, {k: v[1] for k, v in fns.items()}, rounds, min_seconds)
     reference = np.asarray(fns["f32"][0](*fns["f32"][1]), np.float64)
     base = float(np.median(runs["f32"]))
     rows = []
@@ -157,40 +171,48 @@ def model_case(name: str, batch: int, rounds: int, cache_dir: Path) -> dict:
         for s in auto.sites(qparams, x)
     ]
     measured = [{"path": s.path, "chosen": s.chosen, "reason": s.reason} for s in measure.sites(qparams, x)]
-    return {"rows": rows, "sites": sites, "measured_sites": measured, "notes": notes}
+    tuned = [{"path": s.path, "chosen": s.chosen, "reason": s.reason} for s in tune.sites(qparams, x)]
+    return {"rows": rows, "sites": sites, "measured_sites": measured, "tuned_sites": tuned, "notes": notes}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized run")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="at least this many interleaved rounds (default 20, quick 3)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="more rounds (up to 2000) until each variant has about this many seconds of calls (default 1.0, quick 0)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="*", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 20)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.quick else 1.0)
     batches = args.batches or ([1, 8] if args.quick else [1, 32, 256])
     out = args.out or RESULTS_DIR / ("cnn_speed_quick.json" if args.quick else "cnn_speed.json")
     started = time.perf_counter()
     rows, sites, notes = [], {}, []
     for name in args.models:
         for batch in batches:
-            result = model_case(name, batch, rounds, out.parent / "cnn_speed_site_cache")
+            result = model_case(name, batch, rounds, out.parent / "cnn_speed_site_cache", min_seconds)
             rows += result["rows"]
-            sites[f"{name}@{batch}"] = {"auto": result["sites"], "measure": result["measured_sites"]}
+            sites[f"{name}@{batch}"] = {"auto": result["sites"], "measure": result["measured_sites"], "tune": result["tuned_sites"]}
             notes += [n for n in result["notes"] if n not in notes]
     by = {(r["case"], r["variant"]): r["speedup"] for r in rows}
-    goals = [{"case": c, "variant": "auto", "goal_speedup": g, "measured": by.get((c, "auto"))} for c, g in GOALS.items()]
+    goals = [
+        {"case": c, "variant": v, "goal_speedup": g, "measured": by.get((c, v))} for c, g in GOALS.items() for v in ("auto", "tune")
+    ]
     goals += [
         {"case": r["case"], "variant": r["variant"], "goal_speedup": 1.0, "measured": r["speedup"]}
         for r in rows
-        if r["variant"] in ("auto", "measure", "auto_stored")
+        if r["variant"] in ("auto", "measure", "tune", "auto_stored")
     ]
     for goal in goals:
         goal["met"] = None if goal["measured"] is None else goal["measured"] >= goal["goal_speedup"]
     data = {
         "quick": args.quick,
         "rounds": rounds,
+        "min_seconds": min_seconds,
+        "rounds_per_case": {r["case"]: len(r["runs_s"]) for r in rows},
         "note": "speedup = f32 median / variant median, interleaved in one run on a shared CPU",
         "environment": environment(),
         "results": rows,

@@ -43,7 +43,7 @@ from typing import Any, Mapping, cast
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
 PATHS = ("integer", "weight_only")
-DEFAULTS = ("rule", "auto", "measure") + PATHS
+DEFAULTS = ("rule", "auto", "measure", "tune") + PATHS
 
 # Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
 MIN_CONTRACTION = 64  # integer dots contracting fewer values lose to float32
@@ -197,10 +197,10 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
     return "integer", f"{rows}x{contraction}x{outputs} int8 dot, weight contracts its {layout} stored axis"
 
 
-def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs"):
+def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs", plan=None):
     """``(mode, reason)``: the activation mode a site runs in (``"weight_only"`` or the weight's
     own integer mode) under ``policy``; ``x`` is the activation (or anything with its shape and
-    dtype)."""
+    dtype); ``plan``: the tuned ``{weight path: (path, reason)}`` of a ``"tune"`` policy."""
     requested = view.activation
     if requested == "weight_only":
         return "weight_only", "quantized weight-only"
@@ -211,6 +211,14 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
         path, reason = "integer", "the weight's activation mode (policy 'rule')"
     elif policy.default in PATHS:
         path, reason = policy.default, f"policy {policy.default!r}"
+    elif policy.default == "tune":
+        tuned = None if plan is None else plan.get(view.path or view.name)
+        if tuned is None:
+            raise ValueError(
+                f"ExecutionPolicy('tune'): no tuned path for {view.path or view.name!r}; the tuned policy runs "
+                f"through jaxcompress.compressed, which times the whole program first"
+            )
+        path, reason = tuned
     elif policy.default == "measure":
         from jaxcompress.execute.measure import measured_choice
 

@@ -50,6 +50,8 @@ class ExecutionOptions:
       policy: an `ExecutionPolicy` choosing integer or weight-only per site (``None``: the
         weight's own mode).
       record: a list the per-site `SiteChoice`\ s are appended to while tracing (or ``None``).
+      plan: ``{weight path: (path, reason)}`` of a tuned policy (``ExecutionPolicy("tune")``,
+        `jaxcompress.execute.tune`), filled in by `compressed` before the program runs.
     """
 
     on_unsupported: str = "error"
@@ -57,6 +59,7 @@ class ExecutionOptions:
     observe_activations: Callable[[Evaluator, WeightView, jax.Array, tuple], None] | None = None
     policy: ExecutionPolicy | None = None
     record: list | None = None
+    plan: Any = None
 
 
 def _classify(value: Any) -> str:
@@ -105,7 +108,7 @@ def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side
         return "weight_only"
     if context.policy is None:
         return None
-    mode, reason = choose_mode(context.policy, primitive, x, view, params, side)
+    mode, reason = choose_mode(context.policy, primitive, x, view, params, side, plan=context.plan)
     if context.record is not None:
         context.record.append(site_choice(primitive, x.shape, view, params, mode, reason))
     return mode

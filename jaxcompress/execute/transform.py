@@ -94,15 +94,25 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
     options = ExecutionOptions(on_unsupported=on_unsupported, policy=resolved)
     cache = TraceCache()
 
+    def run(f, a, k, opts):
+        return run_with_qarrays(f, a, k, opts, cache)[0]
+
+    def planned(base: ExecutionOptions, args: tuple, kwargs: dict) -> ExecutionOptions:
+        if resolved.default != "tune":
+            return base
+        from jaxcompress.execute.tune import tune_plan
+
+        return dataclasses.replace(base, plan=tune_plan(fn, args, kwargs, options, cache, run))
+
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return run_with_qarrays(fn, args, kwargs, options, cache)[0]
+        return run_with_qarrays(fn, args, kwargs, planned(options, args, kwargs), cache)[0]
 
     def sites(*args: Any, **kwargs: Any) -> list:
         """The `SiteChoice` of every dot / conv a quantized weight meets in ``fn(*args,
         **kwargs)`` (traced abstractly: nothing runs)."""
         record: list = []
-        recording = dataclasses.replace(options, record=record)
+        recording = dataclasses.replace(planned(options, args, kwargs), record=record)
         jax.eval_shape(lambda a, k: run_with_qarrays(fn, a, k, recording, cache)[0], args, kwargs)
         return record
 

@@ -1,0 +1,331 @@
+"""Whole-program tuning (``ExecutionPolicy("tune")``): the per-site choice that makes the
+compiled program fastest on this machine, found by timing whole programs, cached on disk.
+
+Per-site timings (``"measure"``) and cost models (``"auto"``) judge each dot / conv alone, but
+XLA compiles the program as a whole: on its CPU backend a float network can become one YNNPACK
+fusion, and an integer site cuts it where its int32 result leaves the fusion, so a site that wins
+alone can lose in the program (an MNIST CNN whose integer conv is 1.1x faster than its
+weight-only conv alone made the whole program 0.6x on an AMD EPYC), and which path a site
+should take depends on its neighbours' paths. ``"tune"`` times the programs themselves:
+
+1. the weights a quantized dot / conv meets are listed (`SiteChoice` of the ``"rule"`` program);
+   those quantized weight-only, and those an override forces, are not tuned;
+2. three programs are timed side by side: every tuned weight weight-only, every one integer, and
+   the ``"auto"`` cost model's choice; the fastest is the start;
+3. one pass over the tuned weights, largest site first: the weight's path is flipped, the flipped
+   and the current program are timed side by side, and the flip is kept when it is faster by more
+   than `MIN_GAIN` (noise on a shared CPU should not flip a choice);
+4. the float program (every `QArray` dequantized, the unmodified function) is timed beside the
+   start, for the record: the report says how the tuned program compares with it.
+
+A program's time is its fastest of ``rounds`` calls (the minimum is the steadiest estimate on a
+shared CPU, see `jaxcompress.execute.measure`). Tuning compiles ``4 + weights`` programs once per
+program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
+(random codes, positive scales: XLA's run time does not depend on the values), in a helper
+thread, so it works on traced arguments under ``jax.jit``. The result is kept in memory and in
+``<cache dir>/program_timings.json`` (the cache directory of `jaxcompress.execute.measure`),
+keyed by a hash of the traced program, the call's shapes and `QArray` layouts, the policy's
+overrides, the machine and the code fingerprint; a cache entry that does not name exactly the
+tuned weights with a valid path and positive times is ignored and measured again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import threading
+import time
+from typing import Any, Callable, Mapping, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress._program.trace import TraceCache, is_qarray, trace_call
+from jaxcompress.execute import measure
+from jaxcompress.execute.policy import PATHS, ExecutionPolicy
+from jaxcompress.qarray import QArray
+
+__all__ = ["TUNE_FILE", "MIN_GAIN", "Tuning", "tune_plan", "program_key"]
+
+TUNE_FILE = "program_timings.json"
+MIN_GAIN = 0.01  # a flip is kept when the flipped program is faster by more than this fraction
+TARGET_S = 0.05  # each timing gives a program at least this many seconds of calls ...
+MAX_ROUNDS = 400  # ... in at most this many calls (and at least the policy's rounds)
+_MEMORY: dict[str, "Tuning"] = {}
+_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The outcome of tuning one program signature.
+
+    Attributes:
+      choice: ``{weight path: "integer" | "weight_only"}`` for the tuned weights.
+      evidence: ``{weight path: (program s with it integer, program s with it weight-only)}``,
+        both timed side by side with the other weights as chosen before it.
+      program_s: the chosen program's time (fastest call).
+      float_s: the float program's time (every `QArray` dequantized), timed beside the start.
+      start: which start program won (``"weight_only"``, ``"integer"`` or ``"auto"``) and
+        ``starts``: their times.
+      source: ``"measured"`` (this call) or ``"cached"``.
+    """
+
+    choice: dict
+    evidence: dict
+    program_s: float
+    float_s: float
+    start: str
+    starts: dict
+    source: str = "measured"
+
+    def to_json(self) -> dict:
+        return {
+            "choice": dict(self.choice), "evidence": {k: list(v) for k, v in self.evidence.items()},
+            "program_s": self.program_s, "float_s": self.float_s, "start": self.start, "starts": dict(self.starts),
+        }
+
+    @classmethod
+    def from_json(cls, entry: Any, paths: tuple[str, ...]) -> "Tuning | None":
+        """The entry read from the cache file, or ``None`` when it is not a valid tuning of
+        exactly ``paths`` (never trust a loaded file)."""
+        if not isinstance(entry, dict):
+            return None
+        choice, evidence, starts = entry.get("choice"), entry.get("evidence"), entry.get("starts")
+        if not (isinstance(choice, dict) and isinstance(evidence, dict) and isinstance(starts, dict)):
+            return None
+        if set(choice) != set(paths) or set(evidence) != set(paths) or any(v not in PATHS for v in choice.values()):
+            return None
+
+        def positive(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+        pairs = list(evidence.values())
+        if not all(isinstance(p, list) and len(p) == 2 and all(positive(t) for t in p) for p in pairs):
+            return None
+        if not (positive(entry.get("program_s")) and positive(entry.get("float_s"))):
+            return None
+        if entry.get("start") not in starts or not all(positive(t) for t in starts.values()):
+            return None
+        return cls(
+            choice=dict(choice), evidence={k: (float(v[0]), float(v[1])) for k, v in evidence.items()},
+            program_s=float(entry["program_s"]), float_s=float(entry["float_s"]), start=str(entry["start"]),
+            starts={str(k): float(v) for k, v in starts.items()}, source="cached",
+        )
+
+    def reason(self, path: str) -> str:
+        integer, weight_only = self.evidence[path]
+        return (
+            f"tuned ({self.source}): whole program {1e3 * integer:.3f} ms with this weight integer, "
+            f"{1e3 * weight_only:.3f} ms weight-only; chosen program {1e3 * self.program_s:.3f} ms, "
+            f"float program {1e3 * self.float_s:.3f} ms"
+        )
+
+
+def _describe_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, QArray):
+        children, treedef = jax.tree_util.tree_flatten(leaf)
+        return ["qarray", str(treedef), [[list(c.shape), jnp.dtype(c.dtype).name] for c in children]]
+    return [list(jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf)).name]
+
+
+def program_key(traced, policy: ExecutionPolicy, on_unsupported: str) -> str:
+    """The signature a tuning is cached under: a hash of the traced program and of the call's
+    leaves (shapes, dtypes, `QArray` layouts and modes), the policy's overrides, the machine and
+    the code fingerprint."""
+    leaves = [_describe_leaf(traced.leaves[p]) for p in traced.dynamic_positions]
+    statics = [repr(traced.leaves[p]) for p in range(len(traced.leaves)) if p not in set(traced.dynamic_positions)]
+    text = json.dumps(
+        {
+            "program": str(traced.closed), "leaves": leaves, "statics": statics,
+            "overrides": [list(item) for item in cast(tuple, policy.overrides)], "on_unsupported": on_unsupported,
+            "rounds": policy.rounds, "machine": measure._machine(), "code": measure.code_fingerprint(),
+        },
+        sort_keys=True, default=repr,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stand_in(leaf: Any, rng: np.random.Generator) -> Any:
+    """A concrete array like ``leaf`` (a `QArray`: each child): random codes, positive floats."""
+
+    def one(array):
+        dtype = jnp.dtype(array.dtype)
+        shape = tuple(array.shape)
+        if jnp.issubdtype(dtype, jnp.floating):
+            return jnp.asarray(rng.uniform(0.5, 1.0, size=shape), dtype)
+        if jnp.issubdtype(dtype, jnp.integer):
+            low = 0 if jnp.issubdtype(dtype, jnp.unsignedinteger) else -7
+            return jnp.asarray(rng.integers(low, 8, size=shape), dtype)
+        return jnp.zeros(shape, dtype)
+
+    if isinstance(leaf, QArray):
+        return jax.tree_util.tree_map(one, leaf)
+    return one(jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)))
+
+
+def _macs(site) -> int:
+    return math.prod(site.activation_shape) * math.prod(site.weight_shape)
+
+
+def _override_policy(policy: ExecutionPolicy, choice: Mapping[str, str]) -> ExecutionPolicy:
+    """A ``"weight_only"`` policy with every weight of ``choice`` forced to its path (and the
+    user's own overrides first, so they keep winning)."""
+    exact = tuple((re.escape(path), chosen) for path, chosen in choice.items())
+    return ExecutionPolicy("weight_only", overrides=cast(tuple, policy.overrides) + exact, rounds=policy.rounds)
+
+
+class _Programs:
+    """Compiles and times whole programs on stand-in inputs (in the helper thread)."""
+
+    def __init__(self, policy: ExecutionPolicy, build_program: Callable, float_program: Callable,
+                 inputs: list, float_inputs: list):
+        self.policy, self.build_program, self.float_program = policy, build_program, float_program
+        self.inputs, self.float_inputs = inputs, float_inputs
+        self.compiled: dict = {}
+
+    def build(self, name: Any, choice: dict | None) -> Any:
+        """Compile the program of ``choice`` (``None``: the float program) under ``name``."""
+        if name not in self.compiled:
+            if choice is None:
+                program, args = jax.jit(self.float_program), self.float_inputs
+            else:
+                program, args = jax.jit(self.build_program(_override_policy(self.policy, choice))), self.inputs
+            jax.block_until_ready(program(*args))  # compile and run once
+            start = time.perf_counter()
+            jax.block_until_ready(program(*args))
+            seconds = time.perf_counter() - start
+            # short programs get more calls: the fastest of a few 0.1 ms calls is mostly noise
+            rounds = max(self.policy.rounds, min(MAX_ROUNDS, math.ceil(TARGET_S / max(seconds, 1e-6))))
+            self.compiled[name] = (program, args, rounds)
+        return name
+
+    def timed(self, names: list) -> dict:
+        """The fastest-call seconds of each built program, called round-robin."""
+        rounds = max(self.compiled[name][2] for name in names)
+        times: dict = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                program, args, _ = self.compiled[name]
+                start = time.perf_counter()
+                jax.block_until_ready(program(*args))
+                times[name].append(time.perf_counter() - start)
+        return {name: float(min(values)) for name, values in times.items()}
+
+
+def _search(paths: list, starts: dict, programs: Any) -> Tuning:
+    """The search of the module docs; ``programs`` has ``build(name, choice)`` (``choice``
+    ``None``: the float program) and ``timed(names) -> {name: seconds}``."""
+    keys: dict = {}
+    for name, choice in starts.items():  # identical starts are built and timed once
+        same = [other for other in keys if starts[other] == choice]
+        keys[name] = keys[same[0]] if same else programs.build(("start", name), choice)
+    programs.build("float", None)
+    start_times = programs.timed(list(dict.fromkeys(keys.values())) + ["float"])
+    float_s = start_times.pop("float")
+    start_s = {name: start_times[key] for name, key in keys.items()}
+    start = min(start_s, key=lambda name: start_s[name])
+    choice, best_key = dict(starts[start]), keys[start]
+    evidence: dict = {}
+    for number, path in enumerate(paths):
+        flipped = dict(choice)
+        flipped[path] = "weight_only" if choice[path] == "integer" else "integer"
+        flip_key = programs.build(("flip", number), flipped)
+        times = programs.timed([best_key, flip_key])
+        current, other = times[best_key], times[flip_key]
+        evidence[path] = (current, other) if choice[path] == "integer" else (other, current)
+        if other < current * (1.0 - MIN_GAIN):
+            choice, best_key = flipped, flip_key
+    # Each flip won a side-by-side run, but a chain of noisy wins can drift: the result must
+    # still beat the start it came from, timed side by side once more.
+    if best_key != keys[start]:
+        final = programs.timed([keys[start], best_key])
+        if final[best_key] >= final[keys[start]]:
+            choice, best_key = dict(starts[start]), keys[start]
+        program_s = final[best_key]
+    else:
+        program_s = start_s[start]
+    return Tuning(choice=choice, evidence=evidence, program_s=program_s, float_s=float_s, start=start, starts=start_s)
+
+
+def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, run: Callable) -> list:
+    """The `SiteChoice`\\ s of ``fn`` under ``policy`` (traced abstractly)."""
+    record: list = []
+    recording = dataclasses.replace(options, policy=policy, record=record, plan=None)
+    jax.eval_shape(lambda a, k: run(fn, a, k, recording), args, kwargs)
+    return record
+
+
+def _as_choice(sites: list, paths: tuple) -> dict:
+    chosen = {site.path: ("integer" if site.chosen.startswith("integer") else "weight_only") for site in sites}
+    return {path: chosen[path] for path in paths}
+
+
+def tune_plan(fn: Callable, args: tuple, kwargs: dict, options, cache: TraceCache | None,
+              run: Callable[..., Any]) -> dict[str, tuple[str, str]]:
+    """``{weight path: (path, reason)}`` for every tuned weight of ``fn(*args, **kwargs)``:
+    cached, or measured now (see the module docs). ``run(fn, args, kwargs, options)`` evaluates
+    the program under other options (`jaxcompress.execute.rules.run_with_qarrays`)."""
+    policy: ExecutionPolicy = options.policy
+    traced = trace_call(fn, args, kwargs, cache)
+    auto = _recorded(fn, args, kwargs, options, ExecutionPolicy("auto", overrides=policy.overrides), run)
+    sites = [s for s in auto if s.requested != "weight_only" and policy.forced(s.path) is None]
+    if not sites:
+        return {}
+    paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
+    key = program_key(traced, policy, options.on_unsupported)
+    file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)
+    memory_key = f"{file}|{key}"
+    with _LOCK:
+        tuning = _MEMORY.get(memory_key)
+        if tuning is None:
+            tuning = Tuning.from_json(measure._read(file).get(key), paths)
+        if tuning is None:
+            per_site = ExecutionPolicy("measure", overrides=policy.overrides, cache_dir=policy.cache_dir, rounds=policy.rounds)
+            starts = {
+                "weight_only": {p: "weight_only" for p in paths},
+                "integer": {p: "integer" for p in paths},
+                "auto": _as_choice(auto, paths),
+                "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, run), paths),
+            }
+            treedef = jax.tree_util.tree_structure((tuple(args), dict(kwargs)), is_leaf=is_qarray)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                tuning = pool.submit(_measure, fn, traced, treedef, policy, options, list(paths), starts, run).result()
+            measure._write(file, key, tuning.to_json())
+        _MEMORY[memory_key] = tuning
+    return {path: (tuning.choice[path], tuning.reason(path)) for path in paths}
+
+
+def _measure(fn: Callable, traced, treedef, policy: ExecutionPolicy, options, paths: list, starts: dict,
+             run: Callable) -> Tuning:
+    """Build the stand-in inputs and search (in the helper thread: nothing is staged into the
+    caller's trace)."""
+    rng = np.random.default_rng(0)
+    positions = traced.dynamic_positions
+    inputs = [_stand_in(traced.leaves[p], rng) for p in positions]
+    float_inputs = [leaf.dequantize() if isinstance(leaf, QArray) else leaf for leaf in inputs]
+
+    def call_args(dynamic):
+        filled = list(traced.leaves)
+        for position, value in zip(positions, dynamic):
+            filled[position] = value
+        return jax.tree_util.tree_unflatten(treedef, filled)
+
+    def build_program(candidate: ExecutionPolicy) -> Callable:
+        candidate_options = dataclasses.replace(options, policy=candidate, record=None, plan=None)
+
+        def program(*dynamic):
+            call, call_kwargs = call_args(dynamic)
+            return run(fn, call, call_kwargs, candidate_options)
+
+        return program
+
+    def float_program(*dynamic):
+        call, call_kwargs = call_args(dynamic)
+        return fn(*call, **call_kwargs)
+
+    return _search(paths, starts, _Programs(policy, build_program, float_program, inputs, float_inputs))
