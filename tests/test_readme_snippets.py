@@ -75,6 +75,8 @@ def _alarm(signum, frame):
 @pytest.mark.parametrize("name, source", CASES)
 def test_snippet_runs(name, source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # the "measure" / "tune" policies' timing cache: the test's own, not the user's ~/.cache
+    monkeypatch.setenv("JAXCOMPRESS_CACHE_DIR", str(tmp_path / "jaxcompress-cache"))
     code = compile(source, name, "exec")
     # A fresh module, as a script would have (dataclasses and flax modules look their module up).
     module = types.ModuleType("_readme_snippet")

@@ -24,7 +24,20 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
 * ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
   parameters) on this machine, the faster one kept; timings are cached on disk
   (`jaxcompress.execute.measure`), so later processes decide without running anything;
+* ``"tune"``: whole programs timed on this machine (`jaxcompress.execute.tune`): the site
+  choices are searched by compiling and timing the entire program -- four starts (all
+  weight-only, all integer, ``"auto"``, ``"measure"``), then one pass of side-by-side flips, one
+  weight at a time -- because XLA fuses across sites and a site that wins alone can lose in the
+  program; the float program (every weight dequantized) is timed beside them, and each site's
+  ``reason`` says how the chosen program compares with it. Cached on disk per program signature;
 * ``"integer"`` / ``"weight_only"``: that path everywhere it can run.
+
+The cost model was written from measurements on one machine (a 2-core Intel Sapphire Rapids
+Xeon with AMX-int8, where int8 convs run 3-7x float32); on a 2-core AMD EPYC (Zen 4, AVX-512
+VNNI, no AMX) the same XLA runs a float CNN as one YNNPACK fusion and its int8 convs lose to it,
+and ``"auto"`` made an MNIST CNN at batch 256 0.56x float where ``"tune"`` made it 1.03x
+(``benchmarks/cnn_speed.py``). Use ``"tune"`` where speed matters on a machine the cost model
+has not seen.
 
 ``overrides`` force a path for the weights whose leaf path matches a regex (first full match
 wins), whatever the default: ``ExecutionPolicy("auto", overrides={r".*/Conv_0/kernel":
@@ -86,10 +99,13 @@ class ExecutionPolicy:
     """How `compressed` picks a path per site (see the module docs).
 
     Attributes:
-      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"integer"`` or ``"weight_only"``.
+      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"tune"``, ``"integer"`` or ``"weight_only"``.
       overrides: ``{regex: "integer" | "weight_only"}`` on the leaf paths (first full match).
-      cache_dir: where ``"measure"`` keeps its timings (default: see `jaxcompress.execute.measure`).
-      rounds: timed calls per path when ``"measure"`` times a site.
+      cache_dir: where ``"measure"`` and ``"tune"`` keep their timings (default: see
+        `jaxcompress.execute.measure`).
+      rounds: timed calls per path when ``"measure"`` times a site; the least number of calls
+        per program when ``"tune"`` times programs (short programs get more, see
+        `jaxcompress.execute.tune`).
 
     >>> policy = ExecutionPolicy("auto", overrides={r".*/head/kernel": "weight_only"})
     >>> policy.forced("params/head/kernel"), policy.forced("params/body/kernel")

@@ -55,7 +55,9 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
         naming the primitive and the leaf; ``"dequantize"`` runs that op weight-only instead.
       policy: which path each dot / conv site runs on (`jaxcompress.execute.policy`):
         ``"rule"`` (default: the weight's own activation mode), ``"auto"`` (a cost model: the
-        integer op where XLA runs it faster than float, weight-only elsewhere), ``"integer"``,
+        integer op where XLA runs it faster than float, weight-only elsewhere), ``"measure"``
+        (each site's two programs timed alone), ``"tune"`` (whole programs timed: the fastest
+        mix found on this machine, once per call signature, cached on disk), ``"integer"``,
         ``"weight_only"``, or an `ExecutionPolicy` with per-leaf ``overrides``. The returned
         function's ``sites(*args, **kwargs)`` lists the choice made at each site (`SiteChoice`)
         without running anything.
@@ -110,7 +112,8 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
 
     def sites(*args: Any, **kwargs: Any) -> list:
         """The `SiteChoice` of every dot / conv a quantized weight meets in ``fn(*args,
-        **kwargs)`` (traced abstractly: nothing runs)."""
+        **kwargs)`` (traced abstractly: nothing of ``fn`` runs, except the one-time timing of
+        the ``"measure"`` and ``"tune"`` policies when nothing is cached)."""
         record: list = []
         recording = dataclasses.replace(planned(options, args, kwargs), record=record)
         jax.eval_shape(lambda a, k: run_with_qarrays(fn, a, k, recording, cache)[0], args, kwargs)

@@ -22,7 +22,9 @@ A program's time is its fastest of ``rounds`` calls (the minimum is the steadies
 shared CPU, see `jaxcompress.execute.measure`). Tuning compiles ``4 + weights`` programs once per
 program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
 (random codes, positive scales: XLA's run time does not depend on the values), in a helper
-thread, so it works on traced arguments under ``jax.jit``. The result is kept in memory and in
+thread, so it works on traced arguments under ``jax.jit`` (the stand-ins live on the default
+device: a program over sharded or ``vmap``-ped arguments is tuned as the single-device program of
+the shapes the function sees). The result is kept in memory and in
 ``<cache dir>/program_timings.json`` (the cache directory of `jaxcompress.execute.measure`),
 keyed by a hash of the traced program, the call's shapes and `QArray` layouts, the policy's
 overrides, the machine and the code fingerprint; a cache entry that does not name exactly the
