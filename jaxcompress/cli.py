@@ -50,7 +50,9 @@ The compression pipeline on a small CNN, end to end (jaxcompress.demo.pipeline):
      model.tflite / model.onnx, measured in LiteRT / ONNX Runtime.
 One table: test accuracy, size on disk, latency at batch 1 and 256 (median and interquartile
 range over interleaved runs: every variant timed in the same rounds). The int8 variants run
-through jaxcompress.compressed(model.apply): int8 x int8 -> int32 dots and convolutions. The
+through jaxcompress.compressed(model.apply, policy="tune"): int8 x int8 -> int32 dots and
+convolutions where they make the whole program faster on this machine (timed once per input
+shape, cached under ~/.cache/jaxcompress or $JAXCOMPRESS_CACHE_DIR). The
 masks are unstructured, so the pruned variants are smaller on disk but not faster on CPU.
 The files go to a temporary folder that is removed at the end (--out DIR or --keep keeps them).
 The default run takes about 60-90 s on 2 idle CPU cores (about 140 s of CPU time; a machine

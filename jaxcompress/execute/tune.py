@@ -170,8 +170,14 @@ def _stand_in(leaf: Any, rng: np.random.Generator) -> Any:
     return one(jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)))
 
 
+def _concrete_shapes(traced) -> bool:
+    leaves = [traced.leaves[p] for p in traced.dynamic_positions]
+    arrays = jax.tree_util.tree_leaves(leaves)  # a QArray's children
+    return all(isinstance(d, int) for a in arrays for d in jnp.shape(a))
+
+
 def _macs(site) -> int:
-    return math.prod(site.activation_shape) * math.prod(site.weight_shape)
+    return math.prod(int(d) for d in site.activation_shape) * math.prod(site.weight_shape)
 
 
 def _override_policy(policy: ExecutionPolicy, choice: Mapping[str, str]) -> ExecutionPolicy:
@@ -278,6 +284,13 @@ def tune_plan(fn: Callable, args: tuple, kwargs: dict, options, cache: TraceCach
     sites = [s for s in auto if s.requested != "weight_only" and policy.forced(s.path) is None]
     if not sites:
         return {}
+    if not _concrete_shapes(traced):
+        # jax.export with a symbolic batch: nothing of that shape can run, so the cost model decides
+        return {
+            s.path: (("integer" if s.chosen.startswith("integer") else "weight_only"),
+                     f"tune: symbolic shapes cannot be timed, so the cost model ('auto'): {s.reason}")
+            for s in sites
+        }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
     key = program_key(traced, policy, options.on_unsupported)
     file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)

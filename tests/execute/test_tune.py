@@ -217,3 +217,17 @@ def test_weight_only_dot_folds_a_stored_transpose(dims, subscripts, x_shape, w_s
     # the int8 codes are contracted in their stored layout: no transpose of an s8 tensor
     text = jax.jit(lambda x: weight_only_dot(x, view, dims, jnp.float32)).lower(jnp.asarray(x)).as_text()
     assert not [line for line in text.splitlines() if "transpose" in line and "xi8>" in line]
+
+
+def test_symbolic_shapes_fall_back_to_the_cost_model(mlp, tmp_path, monkeypatch):
+    model, _, qparams, x = mlp
+    monkeypatch.setattr(tune, "_search", lambda *a, **k: pytest.fail("a symbolic shape cannot be timed"))
+    apply = jax.jit(compressed(model.apply, policy=ExecutionPolicy("tune", cache_dir=str(tmp_path))))
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, x.shape[1]), x.dtype)
+    params_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), qparams)
+    exported = jax.export.export(apply)(params_spec, spec)
+    out = exported.call(qparams, x)
+    auto = jax.export.export(jax.jit(compressed(model.apply, policy="auto")))(params_spec, spec).call(qparams, x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(auto))  # the same program: the cost model's
+    assert not (tmp_path / tune.TUNE_FILE).exists()

@@ -47,6 +47,10 @@ def test_prune_step_quick(tmp_path):
         assert single["mask_update_s"] > 0 and single["ordinary_s"] > 0
         # the pruned kernels really are pruned by the polynomial schedule (> 0 after a few updates)
         assert 0.0 < rows["prune(adamw)"]["final_sparsity"] < 0.9
+        # the masking floor keeps its fixed 90% masks, side by side in the same rounds
+        assert abs(rows["masking floor"]["final_sparsity"] - 0.9) < 0.01
+        floor = sum(r["prune(adamw)"] for r in model["per_round_s"]) / sum(r["masking floor"] for r in model["per_round_s"])
+        assert abs(floor - model["ratio_to_floor"]) < 1e-9
         # the mask computation adds no temporary buffer to the compiled step (measured, not timed):
         # the only extra is the masks packed to bits for the step's three uses (1/8 byte a weight)
         bits_mb = model["pruned_weights"] / 8 / 1e6
