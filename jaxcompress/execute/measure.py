@@ -58,6 +58,7 @@ def cache_path(cache_dir: str | None = None) -> Path:
     return Path(cache_dir) / CACHE_FILE
 
 
+@functools.lru_cache(maxsize=None)
 def _machine() -> str:
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
@@ -214,7 +215,7 @@ def _write(path: Path, key: str, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read(path)
         data[key] = entry
-        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=".site_timings.", suffix=".tmp")
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "w") as file:
                 json.dump(data, file)

@@ -34,7 +34,10 @@ from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import InvalidQArrayError, QArray, check_qarray
 
-__all__ = ["ExecutionOptions", "WEIGHT_LAYOUT_RULES", "VIEW_LAYOUT", "follow_layout", "weight_rules", "run_with_qarrays", "unstack_view"]
+__all__ = [
+    "ExecutionOptions", "WEIGHT_LAYOUT_RULES", "VIEW_LAYOUT", "follow_layout", "weight_rules", "run_with_qarrays",
+    "record_sites", "unstack_view",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,3 +252,23 @@ def run_with_qarrays(
     evaluator = Evaluator(rules, context=options)
     outs = evaluator.run_plain(traced.closed.jaxpr, traced.closed.consts, inputs)
     return jax.tree_util.tree_unflatten(traced.out_tree, outs), evaluator.observations
+
+
+def record_sites(fn: Callable, args: tuple, kwargs: dict, options: ExecutionOptions, cache: TraceCache | None = None) -> list:
+    """The `SiteChoice`\\ s of ``fn(*args, **kwargs)`` under ``options`` (traced abstractly: only
+    the array leaves are abstract; Python values such as ``train=False`` or a string stay as
+    they are, as `run_with_qarrays` passes them)."""
+    traced = trace_call(fn, args, kwargs, cache)
+    treedef = jax.tree_util.tree_structure((tuple(args), dict(kwargs)), is_leaf=lambda x: isinstance(x, QArray))
+    record: list = []
+    recording = dataclasses.replace(options, record=record)
+
+    def call(*dynamic):
+        filled = list(traced.leaves)
+        for position, value in zip(traced.dynamic_positions, dynamic):
+            filled[position] = value
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+        return run_with_qarrays(fn, call_args, call_kwargs, recording, cache)[0]
+
+    jax.eval_shape(call, *[traced.leaves[p] for p in traced.dynamic_positions])
+    return record

@@ -38,7 +38,7 @@ import jax
 
 from jaxcompress._program import TraceCache
 from jaxcompress.execute.policy import resolve_policy
-from jaxcompress.execute.rules import ExecutionOptions, run_with_qarrays
+from jaxcompress.execute.rules import ExecutionOptions, record_sites, run_with_qarrays
 
 __all__ = ["compressed"]
 
@@ -114,10 +114,7 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
         """The `SiteChoice` of every dot / conv a quantized weight meets in ``fn(*args,
         **kwargs)`` (traced abstractly: nothing of ``fn`` runs, except the one-time timing of
         the ``"measure"`` and ``"tune"`` policies when nothing is cached)."""
-        record: list = []
-        recording = dataclasses.replace(planned(options, args, kwargs), record=record)
-        jax.eval_shape(lambda a, k: run_with_qarrays(fn, a, k, recording, cache)[0], args, kwargs)
-        return record
+        return record_sites(fn, args, kwargs, planned(options, args, kwargs), cache)
 
     setattr(wrapped, "sites", sites)  # a method of the returned function (see the docs above)
     return wrapped

@@ -10,8 +10,10 @@ should take depends on its neighbours' paths. ``"tune"`` times the programs them
 
 1. the weights a quantized dot / conv meets are listed (`SiteChoice` of the ``"rule"`` program);
    those quantized weight-only, and those an override forces, are not tuned;
-2. three programs are timed side by side: every tuned weight weight-only, every one integer, and
-   the ``"auto"`` cost model's choice; the fastest is the start;
+2. four start programs are timed side by side (identical ones once): every tuned weight
+   weight-only, every one integer, the ``"auto"`` cost model's choice and the per-site
+   ``"measure"`` choice (which times each site alone first, cached in ``site_timings.json``);
+   the fastest is the start;
 3. one pass over the tuned weights, largest site first: the weight's path is flipped, the flipped
    and the current program are timed side by side, and the flip is kept when it is faster by more
    than `MIN_GAIN` (noise on a shared CPU should not flip a choice);
@@ -19,8 +21,8 @@ should take depends on its neighbours' paths. ``"tune"`` times the programs them
    start, for the record: the report says how the tuned program compares with it.
 
 A program's time is its fastest of ``rounds`` calls (the minimum is the steadiest estimate on a
-shared CPU, see `jaxcompress.execute.measure`). Tuning compiles ``4 + weights`` programs once per
-program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
+shared CPU, see `jaxcompress.execute.measure`). Tuning compiles at most four starts, the float
+program and one program per tuned weight, once per program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
 (random codes, positive scales: XLA's run time does not depend on the values), in a helper
 thread, so it works on traced arguments under ``jax.jit`` (the stand-ins live on the default
 device: a program over sharded or ``vmap``-ped arguments is tuned as the single-device program of
@@ -34,6 +36,7 @@ tuned weights with a valid path and positive times is ignored and measured again
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,6 +62,7 @@ MIN_GAIN = 0.01  # a flip is kept when the flipped program is faster by more tha
 TARGET_S = 0.05  # each timing gives a program at least this many seconds of calls ...
 MAX_ROUNDS = 400  # ... in at most this many calls (and at least the policy's rounds)
 _MEMORY: dict[str, "Tuning"] = {}
+_PLANS: dict = {}  # (traced program id, policy, ...) -> (traced program, plan), this process
 _LOCK = threading.Lock()
 
 
@@ -72,7 +76,7 @@ class Tuning:
         both timed side by side with the other weights as chosen before it.
       program_s: the chosen program's time (fastest call).
       float_s: the float program's time (every `QArray` dequantized), timed beside the start.
-      start: which start program won (``"weight_only"``, ``"integer"`` or ``"auto"``) and
+      start: which start program won (``"weight_only"``, ``"integer"``, ``"auto"`` or ``"measure"``) and
         ``starts``: their times.
       source: ``"measured"`` (this call) or ``"cached"``.
     """
@@ -111,7 +115,9 @@ class Tuning:
             return None
         if not (positive(entry.get("program_s")) and positive(entry.get("float_s"))):
             return None
-        if entry.get("start") not in starts or not all(positive(t) for t in starts.values()):
+        if not all(isinstance(k, str) for k in starts) or not all(positive(t) for t in starts.values()):
+            return None
+        if not isinstance(entry.get("start"), str) or entry["start"] not in starts:
             return None
         return cls(
             choice=dict(choice), evidence={k: (float(v[0]), float(v[1])) for k, v in evidence.items()},
@@ -132,7 +138,7 @@ def _describe_leaf(leaf: Any) -> Any:
     if isinstance(leaf, QArray):
         children, treedef = jax.tree_util.tree_flatten(leaf)
         return ["qarray", str(treedef), [[list(c.shape), jnp.dtype(c.dtype).name] for c in children]]
-    return [list(jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf)).name]
+    return [list(jnp.shape(leaf)), str(getattr(leaf, "dtype", None) or jnp.result_type(leaf))]
 
 
 def program_key(traced, policy: ExecutionPolicy, on_unsupported: str) -> str:
@@ -146,16 +152,38 @@ def program_key(traced, policy: ExecutionPolicy, on_unsupported: str) -> str:
             "program": str(traced.closed), "leaves": leaves, "statics": statics,
             "overrides": [list(item) for item in cast(tuple, policy.overrides)], "on_unsupported": on_unsupported,
             "rounds": policy.rounds, "machine": measure._machine(), "code": measure.code_fingerprint(),
+            "settings": repr(_settings()),
         },
         sort_keys=True, default=repr,
     )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _settings() -> tuple:
+    """The caller's thread-local JAX settings that change a compiled program (the helper thread
+    that times programs does not inherit them, so they are re-entered there)."""
+    config: Any = jax.config  # its options are attributes set at run time (not in the type stubs)
+    return (config.jax_default_matmul_precision, bool(config.jax_enable_x64), config.jax_default_device)
+
+
+def _in_settings(settings: tuple, work: Callable, *args) -> Any:
+    precision, x64, device = settings
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.enable_x64(x64))
+        if precision is not None:
+            stack.enter_context(jax.default_matmul_precision(precision))
+        if device is not None:
+            stack.enter_context(jax.default_device(device))
+        return work(*args)
+
+
 def _stand_in(leaf: Any, rng: np.random.Generator) -> Any:
     """A concrete array like ``leaf`` (a `QArray`: each child): random codes, positive floats."""
 
     def one(array):
+        if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):  # a typed PRNG key (jax.random.key)
+            data = jax.eval_shape(jax.random.key_data, array)
+            return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype), impl=jax.random.key_impl(array))
         dtype = jnp.dtype(array.dtype)
         shape = tuple(array.shape)
         if jnp.issubdtype(dtype, jnp.floating):
@@ -167,7 +195,7 @@ def _stand_in(leaf: Any, rng: np.random.Generator) -> Any:
 
     if isinstance(leaf, QArray):
         return jax.tree_util.tree_map(one, leaf)
-    return one(jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)))
+    return one(leaf)
 
 
 def _concrete_shapes(traced) -> bool:
@@ -260,12 +288,11 @@ def _search(paths: list, starts: dict, programs: Any) -> Tuning:
     return Tuning(choice=choice, evidence=evidence, program_s=program_s, float_s=float_s, start=start, starts=start_s)
 
 
-def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, run: Callable) -> list:
+def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, cache) -> list:
     """The `SiteChoice`\\ s of ``fn`` under ``policy`` (traced abstractly)."""
-    record: list = []
-    recording = dataclasses.replace(options, policy=policy, record=record, plan=None)
-    jax.eval_shape(lambda a, k: run(fn, a, k, recording), args, kwargs)
-    return record
+    from jaxcompress.execute.rules import record_sites
+
+    return record_sites(fn, args, kwargs, dataclasses.replace(options, policy=policy, record=None, plan=None), cache)
 
 
 def _as_choice(sites: list, paths: tuple) -> dict:
@@ -280,7 +307,22 @@ def tune_plan(fn: Callable, args: tuple, kwargs: dict, options, cache: TraceCach
     the program under other options (`jaxcompress.execute.rules.run_with_qarrays`)."""
     policy: ExecutionPolicy = options.policy
     traced = trace_call(fn, args, kwargs, cache)
-    auto = _recorded(fn, args, kwargs, options, ExecutionPolicy("auto", overrides=policy.overrides), run)
+    # the same signature gives the same traced program (TraceCache): an eager loop pays the
+    # lookup once, not an abstract re-interpretation and a hash per call
+    memo_key = (id(traced.closed), policy, options.on_unsupported, _settings())
+    memo = _PLANS.get(memo_key)
+    if memo is not None and memo[0] is traced.closed:
+        return memo[1]
+    plan = _plan(fn, args, kwargs, options, cache, run, traced)
+    _PLANS[memo_key] = (traced.closed, plan)
+    while len(_PLANS) > 256:
+        _PLANS.pop(next(iter(_PLANS)))
+    return plan
+
+
+def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable, traced) -> dict:
+    policy: ExecutionPolicy = options.policy
+    auto = _recorded(fn, args, kwargs, options, ExecutionPolicy("auto", overrides=policy.overrides), cache)
     sites = [s for s in auto if s.requested != "weight_only" and policy.forced(s.path) is None]
     if not sites:
         return {}
@@ -305,11 +347,13 @@ def tune_plan(fn: Callable, args: tuple, kwargs: dict, options, cache: TraceCach
                 "weight_only": {p: "weight_only" for p in paths},
                 "integer": {p: "integer" for p in paths},
                 "auto": _as_choice(auto, paths),
-                "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, run), paths),
+                "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, cache), paths),
             }
             treedef = jax.tree_util.tree_structure((tuple(args), dict(kwargs)), is_leaf=is_qarray)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                tuning = pool.submit(_measure, fn, traced, treedef, policy, options, list(paths), starts, run).result()
+                tuning = pool.submit(
+                    _in_settings, _settings(), _measure, fn, traced, treedef, policy, options, list(paths), starts, run
+                ).result()
             measure._write(file, key, tuning.to_json())
         _MEMORY[memory_key] = tuning
     return {path: (tuning.choice[path], tuning.reason(path)) for path in paths}

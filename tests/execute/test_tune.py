@@ -44,6 +44,7 @@ def mlp():
 @pytest.fixture(autouse=True)
 def _fresh_memory(monkeypatch):
     monkeypatch.setattr(tune, "_MEMORY", {})
+    monkeypatch.setattr(tune, "_PLANS", {})
 
 
 class ScriptedPrograms:
@@ -159,6 +160,8 @@ def test_tuned_program_runs_the_choice_and_is_cached(mlp, tmp_path, monkeypatch)
     lambda e: e["evidence"]["params/b/kernel"].__setitem__(0, -1.0),  # not a time
     lambda e: e.update(program_s="soon"),
     lambda e: e.update(start="elsewhere"),
+    lambda e: e.update(start=["auto"]),  # unhashable: must not crash the reader
+    lambda e: e["starts"].update({"auto": "fast"}),
 ])
 def test_a_tampered_cache_entry_is_measured_again(mlp, tmp_path, tamper):
     model, _, qparams, x = mlp
@@ -231,3 +234,41 @@ def test_symbolic_shapes_fall_back_to_the_cost_model(mlp, tmp_path, monkeypatch)
     auto = jax.export.export(jax.jit(compressed(model.apply, policy="auto")))(params_spec, spec).call(qparams, x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(auto))  # the same program: the cost model's
     assert not (tmp_path / tune.TUNE_FILE).exists()
+
+
+class Dropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool, act: str = "relu"):
+        x = getattr(jax.nn, act)(nn.Dense(64, name="a")(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(8, name="b")(x)
+
+
+def test_python_values_and_keys_in_the_call(tmp_path):
+    """Static leaves (a bool the model branches on, a string) stay Python values while tuning,
+    as they do when the program runs; a typed PRNG key gets a key stand-in."""
+    model = Dropout()
+    x = jax.random.normal(jax.random.key(0), (16, 128))
+    params = model.init(jax.random.key(1), x, train=False)
+    qparams, _ = jc.quantize_params(params, [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")])
+    policy = ExecutionPolicy("tune", cache_dir=str(tmp_path), rounds=1)
+    apply = compressed(model.apply, policy=policy)
+    eager = apply(qparams, x, train=False, act="gelu")
+    jitted = jax.jit(apply, static_argnames=("train", "act"))(qparams, x, train=False, act="gelu")
+    assert eager.shape == jitted.shape == (16, 8)
+    rule = compressed(model.apply)(qparams, x, train=False, act="gelu")
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(rule), atol=0.05)
+    assert all(s.reason.startswith("tuned") for s in apply.sites(qparams, x, train=False, act="gelu"))
+    keyed = apply(qparams, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert keyed.shape == (16, 8)
+    assert len(json.loads((tmp_path / tune.TUNE_FILE).read_text())) == 2  # two programs: train=False / True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tune.TUNE_FILE, "site_timings.json"]  # nothing left over
+
+
+def test_an_eager_loop_looks_the_plan_up_once(mlp, tmp_path, monkeypatch):
+    model, _, qparams, x = mlp
+    apply = compressed(model.apply, policy=ExecutionPolicy("tune", cache_dir=str(tmp_path), rounds=1))
+    apply(qparams, x)
+    monkeypatch.setattr(tune, "_plan", lambda *a, **k: pytest.fail("planned again for the same signature"))
+    for _ in range(3):
+        apply(qparams, x)
