@@ -35,7 +35,7 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
 The cost model was written from measurements on one machine (a 2-core Intel Sapphire Rapids
 Xeon with AMX-int8, where int8 convs run 3-7x float32); on a 2-core AMD EPYC (Zen 4, AVX-512
 VNNI, no AMX) the same XLA runs a float CNN as one YNNPACK fusion and its int8 convs lose to it,
-and ``"auto"`` made an MNIST CNN at batch 256 0.57x float where ``"tune"`` made it 1.00x
+and ``"auto"`` made an MNIST CNN at batch 256 0.54-0.57x float where ``"tune"`` made it 0.95-1.00x (two runs)
 (``benchmarks/cnn_speed.py``). Use ``"tune"`` where speed matters on a machine the cost model
 has not seen.
 
