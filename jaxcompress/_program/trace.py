@@ -83,6 +83,19 @@ class TracedCall(NamedTuple):
     paths: list  # key paths of all flattened leaves of ``(args, kwargs)``
     leaves: list  # the leaves themselves
     dynamic_positions: list  # positions (in ``leaves``) of the jaxpr's inputs, in order
+    treedef: Any  # the structure of ``(args, kwargs)``, a `QArray` one leaf
+
+    def call_args(self, dynamic) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the call with ``dynamic`` in place of its array leaves (in
+        ``dynamic_positions`` order); Python values stay as they were."""
+        return _fill(self.treedef, self.leaves, self.dynamic_positions, dynamic)
+
+
+def _fill(treedef, leaves: list, positions: list, dynamic) -> Any:
+    filled = list(leaves)
+    for position, value in zip(positions, dynamic):
+        filled[position] = value
+    return jax.tree_util.tree_unflatten(treedef, filled)
 
 
 def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None = None) -> TracedCall:
@@ -109,10 +122,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None
     if traced is None:
 
         def flat_fn(*dynamic):
-            filled = list(leaves)
-            for position, value in zip(dynamic_positions, dynamic):
-                filled[position] = value
-            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+            call_args, call_kwargs = _fill(treedef, leaves, dynamic_positions, dynamic)
             return fn(*call_args, **call_kwargs)
 
         try:
@@ -129,7 +139,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, cache: TraceCache | None
         if cache is not None:
             cache.put(key, traced)
     closed, out_tree = traced
-    return TracedCall(closed, out_tree, paths, leaves, dynamic_positions)
+    return TracedCall(closed, out_tree, paths, leaves, dynamic_positions, treedef)
 
 
 def params_path(path, params_argnum: int) -> str | None:

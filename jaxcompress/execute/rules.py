@@ -259,15 +259,11 @@ def record_sites(fn: Callable, args: tuple, kwargs: dict, options: ExecutionOpti
     the array leaves are abstract; Python values such as ``train=False`` or a string stay as
     they are, as `run_with_qarrays` passes them)."""
     traced = trace_call(fn, args, kwargs, cache)
-    treedef = jax.tree_util.tree_structure((tuple(args), dict(kwargs)), is_leaf=lambda x: isinstance(x, QArray))
     record: list = []
     recording = dataclasses.replace(options, record=record)
 
     def call(*dynamic):
-        filled = list(traced.leaves)
-        for position, value in zip(traced.dynamic_positions, dynamic):
-            filled[position] = value
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, filled)
+        call_args, call_kwargs = traced.call_args(dynamic)
         return run_with_qarrays(fn, call_args, call_kwargs, recording, cache)[0]
 
     jax.eval_shape(call, *[traced.leaves[p] for p in traced.dynamic_positions])

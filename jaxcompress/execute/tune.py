@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress._program.trace import TraceCache, is_qarray, trace_call
+from jaxcompress._program.trace import TraceCache, trace_call
 from jaxcompress.execute import measure
 from jaxcompress.execute.policy import PATHS, ExecutionPolicy
 from jaxcompress.qarray import QArray
@@ -145,8 +145,9 @@ def program_key(traced, policy: ExecutionPolicy, on_unsupported: str) -> str:
     """The signature a tuning is cached under: a hash of the traced program and of the call's
     leaves (shapes, dtypes, `QArray` layouts and modes), the policy's overrides, the machine and
     the code fingerprint."""
+    dynamic = set(traced.dynamic_positions)
     leaves = [_describe_leaf(traced.leaves[p]) for p in traced.dynamic_positions]
-    statics = [repr(traced.leaves[p]) for p in range(len(traced.leaves)) if p not in set(traced.dynamic_positions)]
+    statics = [repr(leaf) for p, leaf in enumerate(traced.leaves) if p not in dynamic]
     text = json.dumps(
         {
             "program": str(traced.closed), "leaves": leaves, "statics": statics,
@@ -243,14 +244,7 @@ class _Programs:
     def timed(self, names: list) -> dict:
         """The fastest-call seconds of each built program, called round-robin."""
         rounds = max(self.compiled[name][2] for name in names)
-        times: dict = {name: [] for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                program, args, _ = self.compiled[name]
-                start = time.perf_counter()
-                jax.block_until_ready(program(*args))
-                times[name].append(time.perf_counter() - start)
-        return {name: float(min(values)) for name, values in times.items()}
+        return measure.fastest_calls({name: self.compiled[name][:2] for name in names}, rounds)
 
 
 def _search(paths: list, starts: dict, programs: Any) -> Tuning:
@@ -295,8 +289,13 @@ def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, cache) -> list
     return record_sites(fn, args, kwargs, dataclasses.replace(options, policy=policy, record=None, plan=None), cache)
 
 
+def _path_of(site) -> str:
+    """``"integer"`` or ``"weight_only"``: the path a `SiteChoice` took (depthwise included)."""
+    return "integer" if site.chosen.startswith("integer") else "weight_only"
+
+
 def _as_choice(sites: list, paths: tuple) -> dict:
-    chosen = {site.path: ("integer" if site.chosen.startswith("integer") else "weight_only") for site in sites}
+    chosen = {site.path: _path_of(site) for site in sites}
     return {path: chosen[path] for path in paths}
 
 
@@ -329,8 +328,7 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
     if not _concrete_shapes(traced):
         # jax.export with a symbolic batch: nothing of that shape can run, so the cost model decides
         return {
-            s.path: (("integer" if s.chosen.startswith("integer") else "weight_only"),
-                     f"tune: symbolic shapes cannot be timed, so the cost model ('auto'): {s.reason}")
+            s.path: (_path_of(s), f"tune: symbolic shapes cannot be timed, so the cost model ('auto'): {s.reason}")
             for s in sites
         }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
@@ -349,42 +347,34 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
                 "auto": _as_choice(auto, paths),
                 "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, cache), paths),
             }
-            treedef = jax.tree_util.tree_structure((tuple(args), dict(kwargs)), is_leaf=is_qarray)
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 tuning = pool.submit(
-                    _in_settings, _settings(), _measure, fn, traced, treedef, policy, options, list(paths), starts, run
+                    _in_settings, _settings(), _measure, fn, traced, policy, options, list(paths), starts, run
                 ).result()
             measure._write(file, key, tuning.to_json())
         _MEMORY[memory_key] = tuning
     return {path: (tuning.choice[path], tuning.reason(path)) for path in paths}
 
 
-def _measure(fn: Callable, traced, treedef, policy: ExecutionPolicy, options, paths: list, starts: dict,
+def _measure(fn: Callable, traced, policy: ExecutionPolicy, options, paths: list, starts: dict,
              run: Callable) -> Tuning:
     """Build the stand-in inputs and search (in the helper thread: nothing is staged into the
     caller's trace)."""
     rng = np.random.default_rng(0)
-    positions = traced.dynamic_positions
-    inputs = [_stand_in(traced.leaves[p], rng) for p in positions]
+    inputs = [_stand_in(traced.leaves[p], rng) for p in traced.dynamic_positions]
     float_inputs = [leaf.dequantize() if isinstance(leaf, QArray) else leaf for leaf in inputs]
-
-    def call_args(dynamic):
-        filled = list(traced.leaves)
-        for position, value in zip(positions, dynamic):
-            filled[position] = value
-        return jax.tree_util.tree_unflatten(treedef, filled)
 
     def build_program(candidate: ExecutionPolicy) -> Callable:
         candidate_options = dataclasses.replace(options, policy=candidate, record=None, plan=None)
 
         def program(*dynamic):
-            call, call_kwargs = call_args(dynamic)
+            call, call_kwargs = traced.call_args(dynamic)
             return run(fn, call, call_kwargs, candidate_options)
 
         return program
 
     def float_program(*dynamic):
-        call, call_kwargs = call_args(dynamic)
+        call, call_kwargs = traced.call_args(dynamic)
         return fn(*call, **call_kwargs)
 
     return _search(paths, starts, _Programs(policy, build_program, float_program, inputs, float_inputs))
