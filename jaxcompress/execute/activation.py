@@ -11,11 +11,15 @@ side), with round-half-to-even, the same rounding as `jaxcompress.quantize`:
   (`jaxcompress.calibrate_activations`); values beyond its range saturate at +-127.
 
 An all-zero row gets scale 1.0 (its codes are all 0), never 0 or NaN.
+
+The codes are int8 for XLA's integer dots, or ``bfloat16`` for the ``"integer_bf16"`` path
+(`jaxcompress.execute.dot`): every integer in ``[-256, 256]`` is exact in bfloat16, so the codes
+are the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +45,7 @@ def quantize_activation(
     reduce_axes: Sequence[int],
     mode: str,
     static_scale: jax.Array | None = None,
+    codes_dtype: Any = jnp.int8,
 ) -> tuple[jax.Array, jax.Array]:
     """Quantize an activation to int8 codes for an integer dot.
 
@@ -49,9 +54,10 @@ def quantize_activation(
       reduce_axes: axes one dynamic scale is shared over (the contracted axes).
       mode: ``"dynamic"`` or ``"static"``.
       static_scale: the calibrated scalar scale, for ``"static"``.
+      codes_dtype: ``jnp.int8`` (default) or ``jnp.bfloat16`` (the same integer codes).
 
     Returns:
-      ``(codes, scale)``: int8 codes of ``x``'s shape and a float32 scale that broadcasts
+      ``(codes, scale)``: integer codes of ``x``'s shape and a float32 scale that broadcasts
       against them (``x``'s rank with ``reduce_axes`` of size 1 for dynamic; a scalar for static),
       with ``x ~= codes * scale``.
 
@@ -71,5 +77,7 @@ def quantize_activation(
         scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     else:
         raise ValueError(f"activation mode {mode!r} is not 'dynamic' or 'static'")
+    if jnp.dtype(codes_dtype) not in (jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"activation codes_dtype must be int8 or bfloat16, got {jnp.dtype(codes_dtype)}")
     codes = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX)
-    return codes.astype(jnp.int8), scale
+    return codes.astype(codes_dtype), scale

@@ -31,6 +31,18 @@ the activation is divided by ``s`` along the matching contracted axes first and 
 on the codes of ``W s`` exactly as above (integer or weight-only). If ``s`` varies along an axis
 the dot does not contract, the weight is dequantized (``W`` itself) for a float dot instead.
 
+bfloat16 carrier (the ``"integer_bf16"`` path of `jaxcompress.execute.policy`): the same
+integer codes and scales, with the dot run as ``bfloat16 x bfloat16 -> float32`` instead of
+``int8 x int8 -> int32``. Integers up to 256 in magnitude are exact in bfloat16 and their
+products (at most 2^15) exact in float32, so every float32 partial sum is exact while it stays
+below 2^24 in magnitude -- always when the dot contracts at most 1040 values (1040 * 127 * 127 <
+2^24) -- and the result is then bit for bit the integer path's (whose exact int32 sum is rounded
+to float32 once; beyond 2^24 both round, at a relative 2^-24). Why: XLA's CPU backend runs
+bf16 dots in YNNPACK fusions with the float ops around them, while an s32 result leaves the
+fusion through a conversion kernel; on a 2-core AMD EPYC (Zen 4, AVX-512 BF16, no AMX) a
+4096x384x1536 dot ran 1.8x float32 as bf16 codes and 1.4x as s8 (``benchmarks/int8_matmul.py``).
+Matrix-vector products stay on the padded s8 dot (a one-row bf16 dot is slower).
+
 Weight-only path (``activation="weight_only"``): float activation, float dot with the weight
 converted from its integer codes. When the scale is constant along the contracted axes the scale
 is applied to the (smaller) output instead of the weight.
@@ -110,24 +122,30 @@ def integer_dot(
     dimension_numbers,
     out_dtype: Any,
     primitive: str = "dot_general",
+    carrier: Any = None,
 ) -> jax.Array:
-    """``dot_general(x, w)`` from int8 activation codes (``x ~= x_codes * x_scale``; the scale is
-    a scalar or has size 1 on the contracted axes) and a quantized weight on the right."""
+    """``dot_general(x, w)`` from integer activation codes (``x ~= x_codes * x_scale``; the
+    scale is a scalar or has size 1 on the contracted axes) and a quantized weight on the right;
+    ``carrier``: ``None`` (int8 x int8 -> int32) or ``jnp.bfloat16`` (the codes as bfloat16, a
+    float32 accumulator: see the module docs)."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
     view, rhs_contract, rhs_batch, fixup = view.fold(rhs_contract, rhs_batch)
     dims = ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
-    out = _integer_dot_stored(x_codes, x_scale, view, dims, out_dtype, primitive)
+    out = _integer_dot_stored(x_codes, x_scale, view, dims, out_dtype, primitive, carrier)
     if fixup is not None:
         lead = out.ndim - len(fixup)
         out = jnp.transpose(out, tuple(range(lead)) + tuple(lead + axis for axis in fixup))
     return out
 
 
-def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, out_dtype, primitive):
+def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, out_dtype, primitive, carrier=None):
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
-    small = _few_rows_dot(x_codes, x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
+    small = _few_rows_dot(x_codes.astype(jnp.int8), x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
     if small is not None:
         return small
+    # the accumulator: exact int32, or float32 sums of the codes as bfloat16 (module docs)
+    code_dtype, sum_dtype = (jnp.int8, jnp.int32) if carrier is None else (carrier, jnp.float32)
+    x_codes = x_codes.astype(code_dtype)
     x_scale_out = _to_output(
         x_scale, lhs_contract, lhs_batch, "lhs", view.ndim - len(rhs_contract) - len(rhs_batch)
     )
@@ -136,7 +154,7 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
         raise _unsupported(primitive, view, f"the scale varies along several contracted axes {grouped}")
     non_contract = [a for a in range(view.ndim) if a not in rhs_contract]
     scale, zero_point = view.full_scale(non_contract)
-    codes = view.int8_values()
+    codes = view.int8_values().astype(code_dtype)
     if grouped:
         # groups -> a leading batch dimension of the integer dot; summed after scaling.
         axis = grouped[0]
@@ -167,11 +185,11 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
         lhs_batch = (x_axis,) + shift(lhs_batch, x_axis)
         rhs_batch = (axis,) + shift(rhs_batch, axis)
     dims = ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
-    accumulator = jax.lax.dot_general(x_codes, codes, dims, preferred_element_type=jnp.int32)
+    accumulator = jax.lax.dot_general(x_codes, codes, dims, preferred_element_type=sum_dtype)
     if zero_point is not None:
-        row_sums = jnp.sum(x_codes, axis=lhs_contract, keepdims=True, dtype=jnp.int32)
+        row_sums = jnp.sum(x_codes, axis=lhs_contract, keepdims=True, dtype=sum_dtype)
         correction = jax.lax.dot_general(
-            row_sums, zero_point.astype(jnp.int32), dims, preferred_element_type=jnp.int32
+            row_sums, zero_point.astype(sum_dtype), dims, preferred_element_type=sum_dtype
         )
         accumulator = accumulator - correction
     n_lhs_free = len(_free(x_codes.ndim, lhs_contract, lhs_batch))
@@ -272,10 +290,12 @@ def dot_with_weight(
     preferred_element_type=None,
     on_activation=None,
     on_unsupported: str = "error",
+    carrier: Any = None,
 ) -> jax.Array:
     """``dot_general`` of a float activation and a quantized weight on either side (internal;
     `quantized_dot_general` is the public form). ``on_activation(view, x, reduce_axes)`` is
-    called with the activation the weight meets (activation calibration uses it)."""
+    called with the activation the weight meets (activation calibration uses it); ``carrier``
+    (``jnp.bfloat16``) runs an integer mode's dot on bfloat16 codes (module docs)."""
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
     if weight_side == "lhs":
         dimension_numbers = ((rhs_contract, lhs_contract), (rhs_batch, lhs_batch))
@@ -297,7 +317,7 @@ def dot_with_weight(
     out = None
     if mode != "weight_only":
         try:
-            out = _integer_dot_general(x, view, dimension_numbers, out_dtype, mode)
+            out = _integer_dot_general(x, view, dimension_numbers, out_dtype, mode, carrier)
         except UnsupportedQuantizedOp:
             if on_unsupported == "error":
                 raise
@@ -334,11 +354,12 @@ def check_integer_operands(primitive: str, x, view: WeightView, mode: str) -> No
         )
 
 
-def _integer_dot_general(x, view: WeightView, dimension_numbers, out_dtype, mode):
+def _integer_dot_general(x, view: WeightView, dimension_numbers, out_dtype, mode, carrier=None):
     check_integer_operands("dot_general", x, view, mode)
     lhs_contract = _dims(dimension_numbers)[0]
-    x_codes, x_scale = quantize_activation(x, lhs_contract, mode, view.activation_scale)
-    return integer_dot(x_codes, x_scale, view, dimension_numbers, out_dtype)
+    codes_dtype = jnp.int8 if carrier is None else carrier
+    x_codes, x_scale = quantize_activation(x, lhs_contract, mode, view.activation_scale, codes_dtype)
+    return integer_dot(x_codes, x_scale, view, dimension_numbers, out_dtype, carrier=carrier)
 
 
 def quantized_dot_general(
@@ -349,6 +370,7 @@ def quantized_dot_general(
     preferred_element_type=None,
     *,
     activation: str | None = None,
+    carrier: Any = None,
 ) -> jax.Array:
     """`jax.lax.dot_general` where one operand is a `QArray` weight and the other a float array.
 
@@ -358,6 +380,8 @@ def quantized_dot_general(
         (``precision`` only affects the weight-only float dot).
       activation: ``"weight_only"``, ``"dynamic"`` or ``"static"``; default: the `QArray`'s own
         ``activation`` (set from its `QuantSpec`).
+      carrier: ``None`` (the integer dot on int8 codes) or ``jnp.bfloat16``: the same codes as
+        bfloat16 with a float32 accumulator (see the module docs; no effect in weight-only mode).
 
     Returns:
       The float result, laid out and typed as `jax.lax.dot_general`'s.
@@ -374,9 +398,14 @@ def quantized_dot_general(
     >>> hlo = f.lower(x, q).compile().as_text()
     >>> "s8[4,16]" in hlo and "s32[4,8]" in hlo
     True
+    >>> carried = quantized_dot_general(x, q, dims, activation="dynamic", carrier=jnp.bfloat16)
+    >>> bool(jnp.array_equal(carried, out))   # the same integer sums, bit for bit
+    True
     """
     if isinstance(lhs, QArray) == isinstance(rhs, QArray):
         raise TypeError("quantized_dot_general expects exactly one QArray operand")
+    if carrier is not None and jnp.dtype(carrier) != jnp.dtype(jnp.bfloat16):
+        raise ValueError(f"quantized_dot_general: carrier must be None or jnp.bfloat16, got {carrier!r}")
     weight_side = "lhs" if isinstance(lhs, QArray) else "rhs"
     q, x = (lhs, rhs) if weight_side == "lhs" else (rhs, lhs)
     x = jnp.asarray(x)
@@ -388,4 +417,5 @@ def quantized_dot_general(
         mode=activation,
         precision=precision,
         preferred_element_type=preferred_element_type,
+        carrier=None if carrier is None else jnp.bfloat16,
     )

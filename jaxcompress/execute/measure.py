@@ -1,7 +1,8 @@
 """Measured per-site choice (``ExecutionPolicy("measure")``), with an on-disk timing cache.
 
-For a dot / conv site of a quantized weight, both programs `jaxcompress.compressed` could run
-there -- the integer op and the weight-only float op -- are compiled for the site's exact
+For a dot / conv site of a quantized weight, the programs `jaxcompress.compressed` could run
+there -- the integer op and the weight-only float op, and at a dot site also the integer dot on
+bfloat16 codes (``"integer_bf16"``, `jaxcompress.execute.policy`) -- are compiled for the site's exact
 signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
 the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
 warm-up), and the faster one is kept. Each program's time is its FASTEST call: on a shared CPU
@@ -40,6 +41,8 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcompress.execute.policy import CARRIER
 
 __all__ = ["measured_choice", "cache_path", "site_key", "time_site", "fastest_calls", "code_fingerprint"]
 
@@ -156,7 +159,7 @@ def _stand_in(view, seed: int = 0):
     )
 
 
-def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mode: str):
+def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mode: str, carrier=None):
     from jaxcompress.execute.conv import conv_with_weight
     from jaxcompress.execute.dot import dot_with_weight
 
@@ -171,7 +174,7 @@ def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mo
             return dot_with_weight(
                 x, site_view, params["dimension_numbers"], weight_side=weight_side, out_dtype=out_dtype, mode=mode,
                 precision=params.get("precision"), preferred_element_type=params.get("preferred_element_type"),
-                on_unsupported="dequantize",
+                on_unsupported="dequantize", carrier=carrier,
             )
         return conv_with_weight(x, site_view, params, out_dtype=out_dtype, mode=mode, on_unsupported="dequantize")
 
@@ -179,8 +182,9 @@ def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mo
 
 
 def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str, rounds: int) -> dict:
-    """Seconds of the fastest call of the integer and of the weight-only program of a site (on
-    stand-in data, interleaved); runs in the calling thread (see `measured_choice`)."""
+    """Seconds of the fastest call of each program of a site (integer, weight-only and, at a dot
+    site, integer on bfloat16 codes), on stand-in data, interleaved: ``{"<path>_s": seconds}``;
+    runs in the calling thread (see `measured_choice`)."""
     stand_in = _stand_in(view)
     x = jnp.asarray(np.random.default_rng(1).normal(size=tuple(x_shape)), x_dtype)
     out_dtype = jnp.result_type(x_dtype, view.dtype)
@@ -188,6 +192,8 @@ def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side:
         "integer": _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation),
         "weight_only": _site_fn(primitive, stand_in, params, weight_side, out_dtype, "weight_only"),
     }
+    if primitive == "dot_general":
+        fns[CARRIER] = _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation, jnp.bfloat16)
     for fn, arrays in fns.values():
         jax.block_until_ready(fn(x, arrays))
         jax.block_until_ready(fn(x, arrays))
@@ -236,10 +242,15 @@ def _write(path: Path, key: str, entry: dict) -> None:
         pass  # an unwritable cache: the timing stays in memory for this process
 
 
-def _valid(entry: Any) -> bool:
-    return isinstance(entry, dict) and all(
-        isinstance(entry.get(name), (int, float)) and entry[name] > 0 for name in ("integer_s", "weight_only_s")
-    )
+def _site_paths(primitive: str) -> tuple[str, ...]:
+    return ("integer", "weight_only", CARRIER) if primitive == "dot_general" else ("integer", "weight_only")
+
+
+def _valid(entry: Any, primitive: str) -> bool:
+    def positive(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+    return isinstance(entry, dict) and all(positive(entry.get(f"{name}_s")) for name in _site_paths(primitive))
 
 
 def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
@@ -254,13 +265,14 @@ def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: 
         source = "cached"
         if entry is None:
             entry = _read(path).get(key)
-            if not _valid(entry):
+            if not _valid(entry, primitive):
                 with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                     entry = pool.submit(time_site, primitive, x_shape, x_dtype, view, params, weight_side, policy.rounds).result()
                 _write(path, key, entry)
                 source = "measured"
             _MEMORY[memory_key] = cast(dict, entry)  # read or measured just above
     timings = cast(dict, entry)
-    integer, weight_only = timings["integer_s"], timings["weight_only_s"]
-    chosen = "integer" if integer <= weight_only else "weight_only"
-    return chosen, f"{source}: integer {1e3 * integer:.3f} ms, weight-only {1e3 * weight_only:.3f} ms"
+    paths = _site_paths(primitive)  # ties go to the earlier path: integer, then weight-only
+    chosen = min(paths, key=lambda name: (timings[f"{name}_s"], paths.index(name)))
+    shown = ", ".join(f"{name.replace('_', '-')} {1e3 * timings[f'{name}_s']:.3f} ms" for name in paths)
+    return chosen, f"{source}: {shown}"

@@ -30,7 +30,17 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
   weight at a time -- because XLA fuses across sites and a site that wins alone can lose in the
   program; the float program (every weight dequantized) is timed beside them, and each site's
   ``reason`` says how the chosen program compares with it. Cached on disk per program signature;
-* ``"integer"`` / ``"weight_only"``: that path everywhere it can run.
+* ``"integer"`` / ``"weight_only"`` / ``"integer_bf16"``: that path everywhere it can run.
+
+``"integer_bf16"`` is a third path for dot sites: the integer path's numbers (the same int8
+activation and weight codes, the same scales) with the dot run as bfloat16 x bfloat16 -> float32,
+bit for bit the integer result while the float32 partial sums stay below 2^24 in magnitude
+(always for contractions of at most 1040 values; `jaxcompress.execute.dot`). XLA's CPU backend
+keeps a bf16 dot inside a YNNPACK fusion with the float ops around it where an int32 result
+leaves it; on CPUs with AVX-512 BF16 and no AMX it is the faster integer path for dots with many
+rows. Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
+``"integer_bf16"`` runs the integer conv, and the site's reason says so. ``"tune"`` and
+``"measure"`` try it at every dot site; ``"auto"``'s cost model never picks it.
 
 The cost model was written from measurements on one machine (a 2-core Intel Sapphire Rapids
 Xeon with AMX-int8, where int8 convs run 3-7x float32); on a 2-core AMD EPYC (Zen 4, AVX-512
@@ -55,7 +65,8 @@ from typing import Any, Mapping, cast
 
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
-PATHS = ("integer", "weight_only")
+PATHS = ("integer", "weight_only", "integer_bf16")
+CARRIER = "integer_bf16"  # the dot path whose integer codes travel as bfloat16
 DEFAULTS = ("rule", "auto", "measure", "tune") + PATHS
 
 # Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
@@ -80,7 +91,7 @@ class SiteChoice:
       primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
       activation_shape / weight_shape: the operand shapes at the site.
       requested: the weight's own activation mode.
-      chosen: ``"integer"``, ``"integer_depthwise"``, ``"weight_only"`` or
+      chosen: ``"integer"``, ``"integer_bf16"``, ``"integer_depthwise"``, ``"weight_only"`` or
         ``"weight_only_depthwise"``.
       reason: why.
     """
@@ -99,8 +110,10 @@ class ExecutionPolicy:
     """How `compressed` picks a path per site (see the module docs).
 
     Attributes:
-      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"tune"``, ``"integer"`` or ``"weight_only"``.
-      overrides: ``{regex: "integer" | "weight_only"}`` on the leaf paths (first full match).
+      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"tune"``, ``"integer"``, ``"weight_only"``
+        or ``"integer_bf16"``.
+      overrides: ``{regex: "integer" | "weight_only" | "integer_bf16"}`` on the leaf paths (first
+        full match).
       cache_dir: where ``"measure"`` and ``"tune"`` keep their timings (default: see
         `jaxcompress.execute.measure`).
       rounds: timed calls per path when ``"measure"`` times a site; the least number of calls
@@ -214,12 +227,14 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
 
 
 def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs", plan=None):
-    """``(mode, reason)``: the activation mode a site runs in (``"weight_only"`` or the weight's
-    own integer mode) under ``policy``; ``x`` is the activation (or anything with its shape and
-    dtype); ``plan``: the tuned ``{weight path: (path, reason)}`` of a ``"tune"`` policy."""
+    """``(mode, carrier, reason)``: the activation mode a site runs in (``"weight_only"`` or the
+    weight's own integer mode) under ``policy``, and ``carrier`` ``jnp.bfloat16`` where the
+    integer dot runs on bfloat16 codes (``"integer_bf16"``), else ``None``; ``x`` is the
+    activation (or anything with its shape and dtype); ``plan``: the tuned
+    ``{weight path: (path, reason)}`` of a ``"tune"`` policy."""
     requested = view.activation
     if requested == "weight_only":
-        return "weight_only", "quantized weight-only"
+        return "weight_only", None, "quantized weight-only"
     forced = policy.forced(view.path or view.name)
     if forced is not None:
         path, reason = forced, "forced by an ExecutionPolicy override"
@@ -241,14 +256,22 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
         path, reason = measured_choice(policy, primitive, x, view, params, weight_side)
     else:
         path, reason = auto_choice(primitive, tuple(x.shape), view, params, weight_side)
-    return (requested if path == "integer" else "weight_only"), reason
+    if path == "weight_only":
+        return "weight_only", None, reason
+    if path == CARRIER:
+        if primitive != "dot_general":
+            return requested, None, f"{reason}; {CARRIER} runs dots only, so this conv runs its integer op"
+        import jax.numpy as jnp
+
+        return requested, jnp.bfloat16, reason
+    return requested, None, reason
 
 
-def site_choice(primitive: str, x_shape, view, params: dict, mode: str, reason: str) -> SiteChoice:
+def site_choice(primitive: str, x_shape, view, params: dict, mode: str, reason: str, carrier=None) -> SiteChoice:
     """The `SiteChoice` record of a decided site."""
     from jaxcompress.execute.depthwise import is_depthwise
 
-    chosen = "weight_only" if mode == "weight_only" else "integer"
+    chosen = "weight_only" if mode == "weight_only" else (CARRIER if carrier is not None else "integer")
     if primitive == "conv_general_dilated" and is_depthwise(view.shape, params):
         chosen += "_depthwise"
     return SiteChoice(view.path or view.name, primitive, tuple(x_shape), tuple(view.shape), view.activation, chosen, reason)

@@ -105,16 +105,17 @@ def unstack_view(view: WeightView) -> tuple[Any, Callable[[Any], WeightView]]:
     return arrays, rebuild
 
 
-def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side: str = "rhs") -> str | None:
+def _mode(ev: Evaluator, primitive: str, x, view: WeightView, params: dict, side: str = "rhs") -> tuple:
+    """``(mode, carrier)`` of a site (`choose_mode`; ``(None, None)``: the weight's own mode)."""
     context = ev.context
     if context.weight_only:
-        return "weight_only"
+        return "weight_only", None
     if context.policy is None:
-        return None
-    mode, reason = choose_mode(context.policy, primitive, x, view, params, side, plan=context.plan)
+        return None, None
+    mode, carrier, reason = choose_mode(context.policy, primitive, x, view, params, side, plan=context.plan)
     if context.record is not None:
-        context.record.append(site_choice(primitive, x.shape, view, params, mode, reason))
-    return mode
+        context.record.append(site_choice(primitive, x.shape, view, params, mode, reason, carrier))
+    return mode, carrier
 
 
 def _observer(ev: Evaluator):
@@ -128,17 +129,19 @@ def _dot(ev: Evaluator, eqn, invals: list) -> list:
         lhs = ev.plain(lhs, eqn.invars[0].aval)
     x, view, side = (rhs, lhs, "lhs") if isinstance(lhs, WeightView) else (lhs, rhs, "rhs")
     params = eqn.params
+    mode, carrier = _mode(ev, "dot_general", x, view, params, side)
     out = dot_with_weight(
         x,
         view,
         params["dimension_numbers"],
         weight_side=side,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev, "dot_general", x, view, params, side),
+        mode=mode,
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
         on_activation=_observer(ev),
         on_unsupported=ev.context.on_unsupported,
+        carrier=carrier,
     )
     return [out]
 
@@ -152,7 +155,7 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
         rhs,
         eqn.params,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev, "conv_general_dilated", lhs, rhs, eqn.params),
+        mode=_mode(ev, "conv_general_dilated", lhs, rhs, eqn.params)[0],  # no carrier for convs
         on_activation=_observer(ev),
         on_unsupported=ev.context.on_unsupported,
     )

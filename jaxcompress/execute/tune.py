@@ -10,19 +10,21 @@ should take depends on its neighbours' paths. ``"tune"`` times the programs them
 
 1. the weights a quantized dot / conv meets are listed (`SiteChoice` of the ``"rule"`` program);
    those quantized weight-only, and those an override forces, are not tuned;
-2. four start programs are timed side by side (identical ones once): every tuned weight
-   weight-only, every one integer, the ``"auto"`` cost model's choice and the per-site
+2. five start programs are timed side by side (identical ones once): every tuned weight
+   weight-only, every one integer, every one integer with its dots on bfloat16 codes
+   (``"integer_bf16"``; its convs integer), the ``"auto"`` cost model's choice and the per-site
    ``"measure"`` choice (which times each site alone first, cached in ``site_timings.json``);
    the fastest is the start;
-3. one pass over the tuned weights, largest site first: the weight's path is flipped, the flipped
-   and the current program are timed side by side, and the flip is kept when it is faster by more
-   than `MIN_GAIN` (noise on a shared CPU should not flip a choice);
+3. one pass over the tuned weights, largest site first: each other path the weight can take
+   (``"integer_bf16"`` only for a weight a dot meets) is tried, those programs and the current one
+   are timed side by side, and the fastest is kept when it beats the current one by more than
+   `MIN_GAIN` (noise on a shared CPU should not flip a choice);
 4. the float program (every `QArray` dequantized, the unmodified function) is timed beside the
    start, for the record: the report says how the tuned program compares with it.
 
 A program's time is its fastest of ``rounds`` calls (the minimum is the steadiest estimate on a
-shared CPU, see `jaxcompress.execute.measure`). Tuning compiles at most four starts, the float
-program and one program per tuned weight, once per program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
+shared CPU, see `jaxcompress.execute.measure`). Tuning compiles at most five starts, the float
+program and one or two programs per tuned weight, once per program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
 (random codes, positive scales: XLA's run time does not depend on the values), in a helper
 thread, so it works on traced arguments under ``jax.jit`` (the stand-ins live on the default
 device: a program over sharded or ``vmap``-ped arguments is tuned as the single-device program of
@@ -52,7 +54,7 @@ import numpy as np
 
 from jaxcompress._program.trace import TraceCache, trace_call
 from jaxcompress.execute import measure
-from jaxcompress.execute.policy import PATHS, ExecutionPolicy
+from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy
 from jaxcompress.qarray import QArray
 
 __all__ = ["TUNE_FILE", "MIN_GAIN", "Tuning", "tune_plan", "program_key"]
@@ -71,12 +73,13 @@ class Tuning:
     """The outcome of tuning one program signature.
 
     Attributes:
-      choice: ``{weight path: "integer" | "weight_only"}`` for the tuned weights.
-      evidence: ``{weight path: (program s with it integer, program s with it weight-only)}``,
-        both timed side by side with the other weights as chosen before it.
+      choice: ``{weight path: "integer" | "weight_only" | "integer_bf16"}`` for the tuned weights.
+      evidence: ``{weight path: {path: program s with the weight on that path}}``, timed side by
+        side with the other weights as chosen before it.
       program_s: the chosen program's time (fastest call).
       float_s: the float program's time (every `QArray` dequantized), timed beside the start.
-      start: which start program won (``"weight_only"``, ``"integer"``, ``"auto"`` or ``"measure"``) and
+      start: which start program won (``"weight_only"``, ``"integer"``, ``"integer_bf16"``,
+        ``"auto"`` or ``"measure"``) and
         ``starts``: their times.
       source: ``"measured"`` (this call) or ``"cached"``.
     """
@@ -91,7 +94,7 @@ class Tuning:
 
     def to_json(self) -> dict:
         return {
-            "choice": dict(self.choice), "evidence": {k: list(v) for k, v in self.evidence.items()},
+            "choice": dict(self.choice), "evidence": {k: dict(v) for k, v in self.evidence.items()},
             "program_s": self.program_s, "float_s": self.float_s, "start": self.start, "starts": dict(self.starts),
         }
 
@@ -110,9 +113,11 @@ class Tuning:
         def positive(value):
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
-        pairs = list(evidence.values())
-        if not all(isinstance(p, list) and len(p) == 2 and all(positive(t) for t in p) for p in pairs):
-            return None
+        for path, times in evidence.items():
+            if not (isinstance(times, dict) and len(times) >= 2 and choice[path] in times):
+                return None
+            if not all(name in PATHS and positive(t) for name, t in times.items()):
+                return None
         if not (positive(entry.get("program_s")) and positive(entry.get("float_s"))):
             return None
         if not all(isinstance(k, str) for k in starts) or not all(positive(t) for t in starts.values()):
@@ -120,17 +125,17 @@ class Tuning:
         if not isinstance(entry.get("start"), str) or entry["start"] not in starts:
             return None
         return cls(
-            choice=dict(choice), evidence={k: (float(v[0]), float(v[1])) for k, v in evidence.items()},
+            choice=dict(choice), evidence={k: {n: float(t) for n, t in v.items()} for k, v in evidence.items()},
             program_s=float(entry["program_s"]), float_s=float(entry["float_s"]), start=str(entry["start"]),
             starts={str(k): float(v) for k, v in starts.items()}, source="cached",
         )
 
     def reason(self, path: str) -> str:
-        integer, weight_only = self.evidence[path]
+        times = self.evidence[path]
+        shown = ", ".join(f"{1e3 * times[name]:.3f} ms {name.replace('_', '-')}" for name in PATHS if name in times)
         return (
-            f"tuned ({self.source}): whole program {1e3 * integer:.3f} ms with this weight integer, "
-            f"{1e3 * weight_only:.3f} ms weight-only; chosen program {1e3 * self.program_s:.3f} ms, "
-            f"float program {1e3 * self.float_s:.3f} ms"
+            f"tuned ({self.source}): whole program with this weight {shown}; chosen program "
+            f"{1e3 * self.program_s:.3f} ms, float program {1e3 * self.float_s:.3f} ms"
         )
 
 
@@ -247,9 +252,10 @@ class _Programs:
         return measure.fastest_calls({name: self.compiled[name][:2] for name in names}, rounds)
 
 
-def _search(paths: list, starts: dict, programs: Any) -> Tuning:
+def _search(paths: list, starts: dict, programs: Any, options: Mapping[str, tuple] | None = None) -> Tuning:
     """The search of the module docs; ``programs`` has ``build(name, choice)`` (``choice``
-    ``None``: the float program) and ``timed(names) -> {name: seconds}``."""
+    ``None``: the float program) and ``timed(names) -> {name: seconds}``; ``options``:
+    ``{weight path: the paths it can take}`` (default: integer and weight-only)."""
     keys: dict = {}
     for name, choice in starts.items():  # identical starts are built and timed once
         same = [other for other in keys if starts[other] == choice]
@@ -262,14 +268,18 @@ def _search(paths: list, starts: dict, programs: Any) -> Tuning:
     choice, best_key = dict(starts[start]), keys[start]
     evidence: dict = {}
     for number, path in enumerate(paths):
-        flipped = dict(choice)
-        flipped[path] = "weight_only" if choice[path] == "integer" else "integer"
-        flip_key = programs.build(("flip", number), flipped)
-        times = programs.timed([best_key, flip_key])
-        current, other = times[best_key], times[flip_key]
-        evidence[path] = (current, other) if choice[path] == "integer" else (other, current)
-        if other < current * (1.0 - MIN_GAIN):
-            choice, best_key = flipped, flip_key
+        tried = {choice[path]: best_key}
+        candidates = {}
+        for alternative in (options or {}).get(path, PATHS[:2]):
+            if alternative not in tried:
+                candidates[alternative] = dict(choice, **{path: alternative})
+                tried[alternative] = programs.build(("flip", number, alternative), candidates[alternative])
+        times = programs.timed(list(tried.values()))
+        evidence[path] = {name: times[key] for name, key in tried.items()}
+        current = times[best_key]
+        fastest = min(candidates, key=lambda name: times[tried[name]]) if candidates else None
+        if fastest is not None and times[tried[fastest]] < current * (1.0 - MIN_GAIN):
+            choice, best_key = candidates[fastest], tried[fastest]
     # Each flip won a side-by-side run, but a chain of noisy wins can drift: the result must
     # still beat the start it came from, timed side by side once more.
     if best_key != keys[start]:
@@ -290,7 +300,9 @@ def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, cache) -> list
 
 
 def _path_of(site) -> str:
-    """``"integer"`` or ``"weight_only"``: the path a `SiteChoice` took (depthwise included)."""
+    """The path in `PATHS` a `SiteChoice` took (depthwise included)."""
+    if site.chosen == CARRIER:
+        return CARRIER
     return "integer" if site.chosen.startswith("integer") else "weight_only"
 
 
@@ -332,6 +344,8 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             for s in sites
         }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
+    dotted = {s.path for s in sites if s.primitive == "dot_general"}  # weights that can take integer_bf16
+    paths_of = {p: PATHS if p in dotted else PATHS[:2] for p in paths}
     key = program_key(traced, policy, options.on_unsupported)
     file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)
     memory_key = f"{file}|{key}"
@@ -344,12 +358,13 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             starts = {
                 "weight_only": {p: "weight_only" for p in paths},
                 "integer": {p: "integer" for p in paths},
+                CARRIER: {p: CARRIER if p in dotted else "integer" for p in paths},
                 "auto": _as_choice(auto, paths),
                 "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, cache), paths),
             }
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 tuning = pool.submit(
-                    _in_settings, _settings(), _measure, fn, traced, policy, options, list(paths), starts, run
+                    _in_settings, _settings(), _measure, fn, traced, policy, options, list(paths), starts, run, paths_of
                 ).result()
             measure._write(file, key, tuning.to_json())
         _MEMORY[memory_key] = tuning
@@ -357,7 +372,7 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
 
 
 def _measure(fn: Callable, traced, policy: ExecutionPolicy, options, paths: list, starts: dict,
-             run: Callable) -> Tuning:
+             run: Callable, paths_of: Mapping[str, tuple]) -> Tuning:
     """Build the stand-in inputs and search (in the helper thread: nothing is staged into the
     caller's trace)."""
     rng = np.random.default_rng(0)
@@ -377,4 +392,4 @@ def _measure(fn: Callable, traced, policy: ExecutionPolicy, options, paths: list
         call, call_kwargs = traced.call_args(dynamic)
         return fn(*call, **call_kwargs)
 
-    return _search(paths, starts, _Programs(policy, build_program, float_program, inputs, float_inputs))
+    return _search(paths, starts, _Programs(policy, build_program, float_program, inputs, float_inputs), paths_of)

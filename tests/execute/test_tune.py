@@ -91,8 +91,10 @@ def test_search_finds_the_per_weight_optimum_of_an_additive_cost():
     result = tune._search(["x", "y", "z"], _starts(["x", "y", "z"]), programs)
     assert result.choice == {"x": "integer", "y": "weight_only", "z": "integer"}
     assert result.program_s == pytest.approx(2.5) and result.float_s == 2.0
-    # evidence: (integer, weight_only) program times for each weight, the others as chosen before it
-    assert result.evidence["y"][0] > result.evidence["y"][1] and result.evidence["x"][0] < result.evidence["x"][1]
+    # evidence: each path's program time for each weight, the others as chosen before it
+    assert result.evidence["y"]["integer"] > result.evidence["y"]["weight_only"]
+    assert result.evidence["x"]["integer"] < result.evidence["x"]["weight_only"]
+    assert all(set(e) == {"integer", "weight_only"} for e in result.evidence.values())  # default options
     # identical starts ("auto" = "integer", "measure" = "weight_only" here) are built once
     assert sum(1 for name in programs.built if name[0] == "start") == 2
 
@@ -110,18 +112,36 @@ def test_search_sees_interactions_that_per_site_choices_miss():
 def test_small_gains_do_not_flip_and_drift_is_reverted():
     table = {"x": {"integer": 1.0, "weight_only": 1.005}}  # 0.5% < MIN_GAIN: noise, not a win
     result = tune._search(["x"], {"weight_only": {"x": "weight_only"}}, ScriptedPrograms(_additive(table)))
-    assert result.choice == {"x": "weight_only"} and result.evidence["x"] == (1.0, 1.005)
+    assert result.choice == {"x": "weight_only"} and result.evidence["x"] == {"integer": 1.0, "weight_only": 1.005}
 
     # scripted noise: the flip of x looks 10% faster in its own comparison, but the final
     # side-by-side check against the start says otherwise: the start is kept
     table = {"x": {"integer": 1.0, "weight_only": 1.0}}
 
     def noise(call, name):
-        return -0.2 if call == 2 and name == ("flip", 0) else 0.0
+        return -0.2 if call == 2 and name == ("flip", 0, "integer") else 0.0
 
     programs = ScriptedPrograms(_additive(table), noise)
     result = tune._search(["x"], {"weight_only": {"x": "weight_only"}}, programs)
     assert result.choice == {"x": "weight_only"} and programs.calls == 3
+
+
+def test_search_tries_every_path_a_weight_can_take():
+    # x (a dot weight) can take integer_bf16, z (a conv weight) cannot: the search tries the
+    # bf16 carrier for x only and keeps it where it is fastest
+    table = {"x": {"integer": 1.0, "weight_only": 1.2, "integer_bf16": 0.7},
+             "z": {"integer": 0.9, "weight_only": 0.5, "integer_bf16": 0.1}}
+    programs = ScriptedPrograms(_additive(table))
+    options = {"x": ("integer", "weight_only", "integer_bf16"), "z": ("integer", "weight_only")}
+    starts = _starts(["x", "z"])
+    result = tune._search(["x", "z"], starts, programs, options)
+    assert result.choice == {"x": "integer_bf16", "z": "weight_only"}
+    assert set(result.evidence["x"]) == {"integer", "weight_only", "integer_bf16"}
+    assert set(result.evidence["z"]) == {"integer", "weight_only"}
+    assert all(choice is None or choice["z"] != "integer_bf16" for choice in programs.built.values())
+    # a carrier start wins outright when it is the fastest program
+    starts["integer_bf16"] = {"x": "integer_bf16", "z": "integer"}
+    assert tune._search(["x", "z"], starts, ScriptedPrograms(_additive(table)), options).choice["x"] == "integer_bf16"
 
 
 def test_tuned_program_runs_the_choice_and_is_cached(mlp, tmp_path, monkeypatch):
@@ -157,7 +177,9 @@ def test_tuned_program_runs_the_choice_and_is_cached(mlp, tmp_path, monkeypatch)
 @pytest.mark.parametrize("tamper", [
     lambda e: e["choice"].update({"params/a/kernel": "fast"}),  # not a path
     lambda e: e["choice"].pop("params/a/kernel"),  # not the tuned weights
-    lambda e: e["evidence"]["params/b/kernel"].__setitem__(0, -1.0),  # not a time
+    lambda e: e["evidence"]["params/b/kernel"].__setitem__("integer", -1.0),  # not a time
+    lambda e: e["evidence"]["params/b/kernel"].__setitem__("fast", 1.0),  # not a path
+    lambda e: e["evidence"].__setitem__("params/b/kernel", [1.0, 2.0]),  # the old pair format
     lambda e: e.update(program_s="soon"),
     lambda e: e.update(start="elsewhere"),
     lambda e: e.update(start=["auto"]),  # unhashable: must not crash the reader
