@@ -24,6 +24,9 @@ Kernel level, ``y = x @ w`` with ``x: (M, K)`` float32 and ``w: (K, N)``:
     `jaxcompress.quantize_params` (W8A8 rule; its default ``layout="auto"`` stores the codes
     ``(out, in)``, `QArray.stored_permutation`, the logical shape unchanged) and
     ``compressed(lambda p, x: x @ p["kernel"])``.
+  * ``w8a8_bf16``: ``w8a8_stored`` with ``policy="integer_bf16"``: the same int8 codes and
+    scales, the dot run as bf16 x bf16 -> f32 (`jaxcompress.execute.dot`; bit for bit the integer
+    result while the partial sums stay below 2^24).
   * ``raw_s8``: a bare s8 x s8 -> s32 dot on already-quantized operands (the ceiling).
   * ``qwix_ptq``: Qwix 0.1.8 PTQ (``QtRule(weight_qtype=int8, act_qtype=int8)``) of a linen Dense.
   * ``aqt_int8``: AQT 0.9.0 ``config_v4(fwd_bits=8)`` ``dot_general``; note it quantizes the float
@@ -36,7 +39,8 @@ Kernel level, ``y = x @ w`` with ``x: (M, K)`` float32 and ``w: (K, N)``:
 End to end: the real all-MiniLM-L6-v2 (``examples/bert.py``) at batch 32 x 128 tokens, every
 encoder Dense kernel int8 per output channel with dynamic int8 activations through
 ``compressed(model.apply)`` (``quantize_params``' default layout; ``w8a8_logical``: the same with
-``layout="logical"``, the codes ``(in, out)``), vs the float32 model; plus mean cosine similarity of the sentence
+``layout="logical"``, the codes ``(in, out)``; ``w8a8_bf16``: ``policy="integer_bf16"``, every
+encoder dot on bf16 codes), vs the float32 model; plus mean cosine similarity of the sentence
 embeddings (mean pooling + L2) on held-out sentences. The full run also calibrates static
 activation scales (percentile 99.99 over 4 batches of other sentences) and reports that variant.
 """
@@ -70,6 +74,7 @@ GOALS = {
     "w8a8_out_in@1x4096x4096": 1.0,
     "wo_scale_out@256x1024x1024": 1.0,
     "minilm": 1.5,
+    "minilm_bf16": 1.5,
 }
 
 
@@ -139,6 +144,7 @@ def dense_case(m, k, n, rounds, comparators=True) -> dict:
     }
     flax_params, _ = jc.quantize_params({"kernel": w}, [jc.QuantRule(pattern="kernel", channel_axes=(-1,), activation="dynamic")])
     fns["w8a8_stored"] = (jax.jit(compressed(lambda p, x: x @ p["kernel"])), (flax_params, x))
+    fns["w8a8_bf16"] = (jax.jit(compressed(lambda p, x: x @ p["kernel"], policy="integer_bf16")), (flax_params, x))
     unavailable = []
     if comparators:
         qwix_dense = _qwix_dense(x, w)
@@ -223,29 +229,34 @@ def minilm_case(batch, length, sentences_n, rounds, calibrate_batches=0) -> dict
     qparams, report = jc.quantize_params(params, rules, on_unused="error")
     fp32 = jax.jit(model.apply)
     w8a8 = jax.jit(compressed(model.apply))
+    w8a8_bf16 = jax.jit(compressed(model.apply, policy="integer_bf16"))
 
     timing_sentences, _ = load_sentences(batch, offset=0)
     timing_batch = tokenize(tokenizer, timing_sentences, max_length=length, pad_to=length)
     ids, mask, types = (jnp.asarray(timing_batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
     logical, _ = jc.quantize_params(params, rules, on_unused="error", layout="logical")
-    variants = {"fp32": fp32, "w8a8": w8a8, "w8a8_logical": w8a8}
+    variants = {"fp32": fp32, "w8a8": w8a8, "w8a8_logical": w8a8, "w8a8_bf16": w8a8_bf16}
     variant_args = {
         "fp32": (params, ids, mask, types),
         "w8a8": (qparams, ids, mask, types),
         "w8a8_logical": (logical, ids, mask, types),
+        "w8a8_bf16": (qparams, ids, mask, types),
     }
     timings = interleaved(variants, variant_args, rounds)
 
     held_out, source = load_sentences(sentences_n, offset=batch)
-    cosines = []
+    cosines, bf16_cosines, bf16_max_diff = [], [], 0.0
     for start in range(0, sentences_n, batch):
         chunk = held_out[start : start + batch]
         chunk = chunk + [chunk[-1]] * (batch - len(chunk))  # fixed shape: no recompiles
         tokens = tokenize(tokenizer, chunk, max_length=length, pad_to=length)
         reference = np.asarray(embed(fp32, params, tokens), np.float64)
         quantized = np.asarray(embed(w8a8, qparams, tokens), np.float64)
+        carried = np.asarray(embed(w8a8_bf16, qparams, tokens), np.float64)
         keep = min(batch, sentences_n - start)
         cosines.extend(np.sum(reference * quantized, axis=-1)[:keep].tolist())
+        bf16_cosines.extend(np.sum(reference * carried, axis=-1)[:keep].tolist())
+        bf16_max_diff = max(bf16_max_diff, float(np.abs(carried - quantized)[:keep].max()))
     static = None
     if calibrate_batches:
         from jaxcompress.execute import attach_activation_scales, calibrate_activations
@@ -267,13 +278,15 @@ def minilm_case(batch, length, sentences_n, rounds, calibrate_batches=0) -> dict
             keep = min(batch, sentences_n - start)
             static_cosines.extend(np.sum(reference * quantized, axis=-1)[:keep].tolist())
         static_timing = interleaved(
-            {"fp32": fp32, "w8a8_static": w8a8},
-            {"fp32": (params, ids, mask, types), "w8a8_static": (static_params, ids, mask, types)},
+            {"fp32": fp32, "w8a8_static": w8a8, "w8a8_static_bf16": w8a8_bf16},
+            {"fp32": (params, ids, mask, types), "w8a8_static": (static_params, ids, mask, types),
+             "w8a8_static_bf16": (static_params, ids, mask, types)},
             rounds,
         )
         static = {
             "calibration": f"percentile 99.99 over {len(batches)} batches of {batch} (sentences not in the held-out set)",
             "speedup": static_timing["fp32"]["median_s"] / static_timing["w8a8_static"]["median_s"],
+            "bf16_speedup": static_timing["fp32"]["median_s"] / static_timing["w8a8_static_bf16"]["median_s"],
             "cosine_mean": float(np.mean(static_cosines)),
             "cosine_min": float(np.min(static_cosines)),
         }
@@ -288,6 +301,10 @@ def minilm_case(batch, length, sentences_n, rounds, calibrate_batches=0) -> dict
         "w8a8_median_ms": 1e3 * timings["w8a8"]["median_s"],
         "speedup": timings["fp32"]["median_s"] / timings["w8a8"]["median_s"],
         "logical_speedup": timings["fp32"]["median_s"] / timings["w8a8_logical"]["median_s"],
+        "bf16_median_ms": 1e3 * timings["w8a8_bf16"]["median_s"],
+        "bf16_speedup": timings["fp32"]["median_s"] / timings["w8a8_bf16"]["median_s"],
+        "bf16_cosine_mean": float(np.mean(bf16_cosines)),
+        "bf16_max_abs_diff_vs_w8a8": bf16_max_diff,
         "stored_kernels": sum(1 for q in jax.tree_util.tree_leaves(qparams, is_leaf=lambda x: isinstance(x, jc.QArray))
                               if isinstance(q, jc.QArray) and q.stored_permutation is not None),
         "cosine_mean": float(np.mean(cosines)),
@@ -312,10 +329,11 @@ def main(argv=None) -> int:
     dense_shapes = [(32, 4096, 4096), (256, 1024, 1024), (1, 4096, 4096)]
     if not args.quick:
         dense_shapes.insert(2, (2048, 2048, 2048))
+        dense_shapes.insert(2, (4096, 384, 1536))  # a MiniLM FFN dot at 32 x 128 tokens
     started = time.perf_counter()
     rows, hlo = [], {}
     for shape in dense_shapes:
-        result = dense_case(*shape, rounds=rounds if shape[0] < 2048 else max(3, rounds // 5))
+        result = dense_case(*shape, rounds=rounds if shape[0] * shape[1] * shape[2] < 2**31 else max(3, rounds // 5))
         rows += result["rows"]
         hlo["x".join(map(str, shape))] = result["hlo_s32_dots"]
     rows += weight_only_case(256, 1024, 1024, rounds)
@@ -329,7 +347,10 @@ def main(argv=None) -> int:
     by_case = {row["case"]: row for row in rows}
     goals = []
     for case, target in GOALS.items():
-        measured = minilm["speedup"] if case == "minilm" and minilm else by_case.get(case, {}).get("speedup")
+        if case.startswith("minilm"):
+            measured = None if not minilm else minilm["bf16_speedup" if case == "minilm_bf16" else "speedup"]
+        else:
+            measured = by_case.get(case, {}).get("speedup")
         goals.append({"case": case, "goal_speedup": target, "measured": measured, "met": None if measured is None else measured >= target})
     data = {
         "quick": args.quick,
@@ -353,9 +374,13 @@ def main(argv=None) -> int:
         )
         print(f"  ({minilm['stored_kernels']} kernels stored (out, in) by quantize_params' default layout; "
               f"with layout='logical', codes (in, out): speedup {minilm['logical_speedup']:.2f}x)")
+        print(f"  policy='integer_bf16' (bf16 codes, f32 sums): {minilm['bf16_median_ms']:.1f} ms, speedup "
+              f"{minilm['bf16_speedup']:.2f}x, cosine mean {minilm['bf16_cosine_mean']:.5f}, max |diff| vs W8A8 "
+              f"{minilm['bf16_max_abs_diff_vs_w8a8']:.1e}")
         if minilm["static"]:
             st = minilm["static"]
-            print(f"  static W8A8 ({st['calibration']}): speedup {st['speedup']:.2f}x, cosine mean {st['cosine_mean']:.5f} (min {st['cosine_min']:.5f})")
+            print(f"  static W8A8 ({st['calibration']}): speedup {st['speedup']:.2f}x (integer_bf16 {st['bf16_speedup']:.2f}x), "
+                  f"cosine mean {st['cosine_mean']:.5f} (min {st['cosine_min']:.5f})")
     print("\nbatch-1 integer dot (w8a8_out_in@1x4096x4096) in the compiled HLO:")
     for line in hlo.get("1x4096x4096", {}).get("w8a8_out_in", []):
         print("  " + line)

@@ -21,14 +21,14 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
   `MAX_PATCH_EXPANSION` times the input (a 3x3 window needs stride 2; 1x1 convs qualify).
   Depthwise convs run as a window sum either way (`jaxcompress.execute.depthwise`), which is
   faster than XLA's float convolution;
-* ``"measure"``: both paths timed once per site signature (shapes, dtypes, layout, op
-  parameters) on this machine, the faster one kept; timings are cached on disk
+* ``"measure"``: each path timed once per site signature (shapes, dtypes, layout, op
+  parameters) on this machine, the fastest one kept; timings are cached on disk
   (`jaxcompress.execute.measure`), so later processes decide without running anything;
 * ``"tune"``: whole programs timed on this machine (`jaxcompress.execute.tune`): the site
-  choices are searched by compiling and timing the entire program -- four starts (all
-  weight-only, all integer, ``"auto"``, ``"measure"``), then one pass of side-by-side flips, one
-  weight at a time -- because XLA fuses across sites and a site that wins alone can lose in the
-  program; the float program (every weight dequantized) is timed beside them, and each site's
+  choices are searched by compiling and timing the entire program -- five starts (all
+  weight-only, all integer, all ``"integer_bf16"`` at dots, ``"auto"``, ``"measure"``), then one
+  pass trying each other path, one weight at a time, side by side -- because XLA fuses across
+  sites and a site that wins alone can lose in the program; the float program (every weight dequantized) is timed beside them, and each site's
   ``reason`` says how the chosen program compares with it. Cached on disk per program signature;
 * ``"integer"`` / ``"weight_only"`` / ``"integer_bf16"``: that path everywhere it can run.
 

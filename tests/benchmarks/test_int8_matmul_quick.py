@@ -54,8 +54,13 @@ def test_int8_matmul_quick_writes_json(tmp_path):
     assert minilm["cosine_mean"] > 0.99 and minilm["speedup"] > 0
     assert {goal["case"] for goal in data["goals"]} == {
         "w8a8@32x4096x4096", "w8a8_stored@32x4096x4096", "w8a8_stored@1x4096x4096",
-        "w8a8_out_in@1x4096x4096", "wo_scale_out@256x1024x1024", "minilm",
+        "w8a8_out_in@1x4096x4096", "wo_scale_out@256x1024x1024", "minilm", "minilm_bf16",
     }
+    # the bf16 carrier of the same codes: the same numbers (bit for bit while sums stay < 2^24)
+    for shape in ("32x4096x4096", "256x1024x1024"):
+        assert rows[f"w8a8_bf16@{shape}"]["rel_max_error"] == rows[f"w8a8_stored@{shape}"]["rel_max_error"]
+    assert minilm["bf16_speedup"] > 0 and minilm["bf16_cosine_mean"] > 0.99
+    assert minilm["bf16_max_abs_diff_vs_w8a8"] < 1e-3
     # the Flax kernel as quantize_params stores it (codes (out, in)): an s8 dot, sane numbers
     for shape in ("32x4096x4096", "1x4096x4096"):
         row = rows[f"w8a8_stored@{shape}"]
