@@ -18,7 +18,7 @@ Every conv / dense kernel is int8 per output channel with dynamic int8 activatio
   * ``auto``: ``compressed(model.apply, policy="auto")`` (the per-site cost model of
     `jaxcompress.execute.policy`);
   * ``measure``: ``compressed(model.apply, policy=ExecutionPolicy("measure", cache_dir=...))``
-    (both paths timed once per site on this machine, the faster kept; the timing happens before
+    (each path timed once per site on this machine, the fastest kept; the timing happens before
     the timed rounds, with its own cache directory under the results folder);
   * ``tune``: ``compressed(model.apply, policy=ExecutionPolicy("tune", cache_dir=...))`` (whole
     programs timed on this machine: `jaxcompress.execute.tune`; the tuning happens at the first

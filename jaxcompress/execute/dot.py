@@ -35,13 +35,16 @@ bfloat16 carrier (the ``"integer_bf16"`` path of `jaxcompress.execute.policy`): 
 integer codes and scales, with the dot run as ``bfloat16 x bfloat16 -> float32`` instead of
 ``int8 x int8 -> int32``. Integers up to 256 in magnitude are exact in bfloat16 and their
 products (at most 2^15) exact in float32, so every float32 partial sum is exact while it stays
-below 2^24 in magnitude -- always when the dot contracts at most 1040 values (1040 * 127 * 127 <
-2^24) -- and the result is then bit for bit the integer path's (whose exact int32 sum is rounded
-to float32 once; beyond 2^24 both round, at a relative 2^-24). Why: XLA's CPU backend runs
+below 2^24 in magnitude -- always when the dot contracts at most 1032 values (1032 * 127 * 128 <
+2^24; 1040 with symmetric weights, whose codes stop at 127) -- and the result is then bit for bit
+the integer path's (whose exact int32 sum is rounded to float32 once). Beyond that the float32
+accumulator rounds partial sums, by up to a few float32 ulps of their magnitude each, which
+cancellation (or the zero-point subtraction) can make large relative to a small result. Why: XLA's CPU backend runs
 bf16 dots in YNNPACK fusions with the float ops around them, while an s32 result leaves the
 fusion through a conversion kernel; on a 2-core AMD EPYC (Zen 4, AVX-512 BF16, no AMX) a
 4096x384x1536 dot ran 1.8x float32 as bf16 codes and 1.4x as s8 (``benchmarks/int8_matmul.py``).
-Matrix-vector products stay on the padded s8 dot (a one-row bf16 dot is slower).
+Matrix-vector products of a 2-D weight (fewer than `MIN_ROWS` rows) stay on the padded s8 dot
+(a one-row bf16 dot is slower); `policy` reports such sites as ``"integer"``.
 
 Weight-only path (``activation="weight_only"``): float activation, float dot with the weight
 converted from its integer codes. When the scale is constant along the contracted axes the scale
@@ -140,7 +143,7 @@ def integer_dot(
 
 def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, out_dtype, primitive, carrier=None):
     lhs_contract, rhs_contract, lhs_batch, rhs_batch = _dims(dimension_numbers)
-    small = _few_rows_dot(x_codes.astype(jnp.int8), x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
+    small = _few_rows_dot(x_codes, x_scale, view, lhs_contract, rhs_contract, lhs_batch, out_dtype)
     if small is not None:
         return small
     # the accumulator: exact int32, or float32 sums of the codes as bfloat16 (module docs)
@@ -188,8 +191,10 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
     accumulator = jax.lax.dot_general(x_codes, codes, dims, preferred_element_type=sum_dtype)
     if zero_point is not None:
         row_sums = jnp.sum(x_codes, axis=lhs_contract, keepdims=True, dtype=sum_dtype)
+        # HIGHEST: a float32 correction must not go through a bf16 / tf32 matmul unit on accelerators
         correction = jax.lax.dot_general(
-            row_sums, zero_point.astype(sum_dtype), dims, preferred_element_type=sum_dtype
+            row_sums, zero_point.astype(sum_dtype), dims, preferred_element_type=sum_dtype,
+            precision=None if carrier is None else jax.lax.Precision.HIGHEST,
         )
         accumulator = accumulator - correction
     n_lhs_free = len(_free(x_codes.ndim, lhs_contract, lhs_batch))
@@ -200,6 +205,16 @@ def _integer_dot_stored(x_codes, x_scale, view: WeightView, dimension_numbers, o
     return out.astype(out_dtype)
 
 
+def few_rows(x_shape, view: WeightView, lhs_contract, rhs_contract, lhs_batch) -> bool:
+    """Whether an integer dot runs as the padded matrix-vector s8 dot (`_few_rows_dot`): a 2-D
+    weight with one contracted axis and a scale constant along it, no batch dimensions, and a
+    known row count below `MIN_ROWS` (a symbolic jax.export batch does not qualify)."""
+    if lhs_batch or view.ndim != 2 or len(rhs_contract) != 1 or view.scale.shape[rhs_contract[0]] != 1:
+        return False
+    free_dims = [d for a, d in enumerate(x_shape) if a != lhs_contract[0]]
+    return all(isinstance(d, int) for d in free_dims) and math.prod(free_dims) < MIN_ROWS
+
+
 def _few_rows_dot(x_codes, x_scale, view: WeightView, lhs_contract, rhs_contract, lhs_batch, out_dtype):
     """Matrix-vector shaped integer dots (fewer than `MIN_ROWS` activation rows, a 2-D weight
     with one contracted axis, per-channel or per-tensor scale): XLA's CPU backend rewrites an s8
@@ -207,15 +222,11 @@ def _few_rows_dot(x_codes, x_scale, view: WeightView, lhs_contract, rhs_contract
     `MIN_ROWS`. When the weight's contracted axis is its minor one (an ``(out, in)`` layout), the
     weight becomes the dot's left operand, the layout XLA's integer matmul runs fastest for
     skinny products. Returns ``None`` when the case does not apply."""
-    if lhs_batch or view.ndim != 2 or len(rhs_contract) != 1 or view.scale.shape[rhs_contract[0]] != 1:
+    if not few_rows(x_codes.shape, view, lhs_contract, rhs_contract, lhs_batch):
         return None
+    x_codes = x_codes.astype(jnp.int8)  # bfloat16 codes of the carrier: the same integers
     x_axis = lhs_contract[0]
-    free_dims = [d for a, d in enumerate(x_codes.shape) if a != x_axis]
-    if not all(isinstance(d, int) for d in free_dims):
-        return None  # a symbolic (jax.export) batch size: the row count is unknown here
-    rows = math.prod(free_dims)
-    if rows >= MIN_ROWS:
-        return None
+    rows = math.prod(d for a, d in enumerate(x_codes.shape) if a != x_axis)
     free_shape = tuple(d for a, d in enumerate(x_codes.shape) if a != x_axis)
     k = x_codes.shape[x_axis]
     matrix = jnp.moveaxis(x_codes, x_axis, -1).reshape(rows, k)

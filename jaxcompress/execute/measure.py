@@ -5,14 +5,14 @@ there -- the integer op and the weight-only float op, and at a dot site also the
 bfloat16 codes (``"integer_bf16"``, `jaxcompress.execute.policy`) -- are compiled for the site's exact
 signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
 the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
-warm-up), and the faster one is kept. Each program's time is its FASTEST call: on a shared CPU
+warm-up), and the fastest one is kept. Each program's time is its FASTEST call: on a shared CPU
 other work only ever adds time, so the minimum is the steadiest estimate of the program's own
 cost (a median flips the choice when the load changes between the two programs' calls). The
 timing runs at trace time in a helper thread
 (JAX's tracing state is per thread, so nothing is staged into the program being traced) and
 once per signature per machine: the timings are kept in memory and in
 ``<cache dir>/site_timings.json`` keyed by the signature, the CPU / device, the jax version and
-the code that builds both programs (the jaxcompress version and a hash of the sources of
+the code that builds the programs (the jaxcompress version and a hash of the sources of
 ``jaxcompress/execute``), so an upgrade that changes a kernel times it again instead of reusing a
 choice made for the old one.
 
@@ -78,7 +78,7 @@ def _machine() -> str:
 
 def code_fingerprint(folder: str | Path | None = None) -> str:
     """The jaxcompress version and a hash of the ``.py`` sources of ``folder`` (default: the
-    code that builds both programs a site is timed with: ``jaxcompress/execute``,
+    code that builds the programs a site is timed with: ``jaxcompress/execute``,
     ``jaxcompress/quant``, ``jaxcompress/_program`` and ``jaxcompress/qarray*.py``): part of every
     cache key, so timings of an older kernel are never reused.
 
@@ -254,7 +254,7 @@ def _valid(entry: Any, primitive: str) -> bool:
 
 
 def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
-    """``(path, reason)`` from the (cached) timings of both programs of a site (``x``: the
+    """``(path, reason)`` from the (cached) timings of the programs of a site (``x``: the
     activation, or anything with its shape and dtype)."""
     x_shape, x_dtype = tuple(x.shape), jnp.dtype(x.dtype)
     key = site_key(primitive, x_shape, x_dtype, view, params, weight_side)

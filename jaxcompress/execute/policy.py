@@ -35,10 +35,12 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
 ``"integer_bf16"`` is a third path for dot sites: the integer path's numbers (the same int8
 activation and weight codes, the same scales) with the dot run as bfloat16 x bfloat16 -> float32,
 bit for bit the integer result while the float32 partial sums stay below 2^24 in magnitude
-(always for contractions of at most 1040 values; `jaxcompress.execute.dot`). XLA's CPU backend
+(always for contractions of at most 1032 values, 1040 with symmetric weights;
+`jaxcompress.execute.dot`). XLA's CPU backend
 keeps a bf16 dot inside a YNNPACK fusion with the float ops around it where an int32 result
 leaves it; on CPUs with AVX-512 BF16 and no AMX it is the faster integer path for dots with many
-rows. Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
+rows. Matrix-vector products of a 2-D weight run the padded s8 dot either way (reported as
+``"integer"``). Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
 ``"integer_bf16"`` runs the integer conv, and the site's reason says so. ``"tune"`` and
 ``"measure"`` try it at every dot site; ``"auto"``'s cost model never picks it.
 
@@ -180,6 +182,18 @@ def _dot_sizes(x_shape, view, dimension_numbers, weight_side):
     return contraction, outputs, rows, minor
 
 
+def _matrix_vector(x_shape, view, dimension_numbers, weight_side) -> bool:
+    """Whether the integer dot of this site is the padded s8 matrix-vector dot
+    (`jaxcompress.execute.dot.few_rows`, judged on the weight as `integer_dot` folds it)."""
+    from jaxcompress.execute.dot import few_rows
+
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if weight_side == "lhs":
+        lhs_contract, rhs_contract, lhs_batch, rhs_batch = rhs_contract, lhs_contract, rhs_batch, lhs_batch
+    stored, stored_contract, _, _ = view.fold(tuple(map(int, rhs_contract)), tuple(map(int, rhs_batch)))
+    return few_rows(x_shape, stored, tuple(map(int, lhs_contract)), stored_contract, tuple(lhs_batch))
+
+
 def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
     """The cost model: ``(path, reason)`` for a site (see the module docs)."""
     if primitive == "conv_general_dilated":
@@ -261,6 +275,8 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
     if path == CARRIER:
         if primitive != "dot_general":
             return requested, None, f"{reason}; {CARRIER} runs dots only, so this conv runs its integer op"
+        if _matrix_vector(tuple(x.shape), view, params["dimension_numbers"], weight_side):
+            return requested, None, f"{reason}; a matrix-vector product runs the padded s8 dot either way"
         import jax.numpy as jnp
 
         return requested, jnp.bfloat16, reason

@@ -50,7 +50,8 @@ class ExecutionOptions:
       weight_only: run every quantized weight weight-only (calibration does).
       observe_activations: ``observe(evaluator, view, x, reduce_axes)`` called with every
         activation that meets a quantized weight in a dot / conv (it records observations).
-      policy: an `ExecutionPolicy` choosing integer or weight-only per site (``None``: the
+      policy: an `ExecutionPolicy` choosing the path of each site (integer, weight-only,
+        ``"integer_bf16"`` at dots) (``None``: the
         weight's own mode).
       record: a list the per-site `SiteChoice`\ s are appended to while tracing (or ``None``).
       plan: ``{weight path: (path, reason)}`` of a tuned policy (``ExecutionPolicy("tune")``,
