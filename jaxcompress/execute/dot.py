@@ -39,10 +39,11 @@ below 2^24 in magnitude -- always when the dot contracts at most 1032 values (10
 2^24; 1040 with symmetric weights, whose codes stop at 127) -- and the result is then bit for bit
 the integer path's (whose exact int32 sum is rounded to float32 once). Beyond that the float32
 accumulator rounds partial sums, by up to a few float32 ulps of their magnitude each, which
-cancellation (or the zero-point subtraction) can make large relative to a small result. Why: XLA's CPU backend runs
-bf16 dots in YNNPACK fusions with the float ops around them, while an s32 result leaves the
-fusion through a conversion kernel; on a 2-core AMD EPYC (Zen 4, AVX-512 BF16, no AMX) a
-4096x384x1536 dot ran 1.8x float32 as bf16 codes and 1.4x as s8 (``benchmarks/int8_matmul.py``).
+cancellation (or the zero-point subtraction) can make large relative to a small result.
+Why: XLA's CPU backend runs bf16 dots in YNNPACK fusions with the float ops around them, while
+an s32 result leaves the fusion through a conversion kernel; on a 2-core AMD EPYC (Zen 4,
+AVX-512 BF16, no AMX) a W8A8 4096x384x1536 dot, activation quantization included, ran 1.56x
+float32 on bf16 codes and 1.08x on s8 (``benchmarks/int8_matmul.py``).
 Matrix-vector products of a 2-D weight (fewer than `MIN_ROWS` rows) stay on the padded s8 dot
 (a one-row bf16 dot is slower); `policy` reports such sites as ``"integer"``.
 

@@ -28,16 +28,16 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
   choices are searched by compiling and timing the entire program -- five starts (all
   weight-only, all integer, all ``"integer_bf16"`` at dots, ``"auto"``, ``"measure"``), then one
   pass trying each other path, one weight at a time, side by side -- because XLA fuses across
-  sites and a site that wins alone can lose in the program; the float program (every weight dequantized) is timed beside them, and each site's
-  ``reason`` says how the chosen program compares with it. Cached on disk per program signature;
+  sites and a site that wins alone can lose in the program; the float program (every weight
+  dequantized) is timed beside them, and each site's ``reason`` says how the chosen program
+  compares with it. Cached on disk per program signature;
 * ``"integer"`` / ``"weight_only"`` / ``"integer_bf16"``: that path everywhere it can run.
 
 ``"integer_bf16"`` is a third path for dot sites: the integer path's numbers (the same int8
 activation and weight codes, the same scales) with the dot run as bfloat16 x bfloat16 -> float32,
 bit for bit the integer result while the float32 partial sums stay below 2^24 in magnitude
 (always for contractions of at most 1032 values, 1040 with symmetric weights;
-`jaxcompress.execute.dot`). XLA's CPU backend
-keeps a bf16 dot inside a YNNPACK fusion with the float ops around it where an int32 result
+`jaxcompress.execute.dot`). XLA's CPU backend keeps a bf16 dot inside a YNNPACK fusion with the float ops around it where an int32 result
 leaves it; on CPUs with AVX-512 BF16 and no AMX it is the faster integer path for dots with many
 rows. Matrix-vector products of a 2-D weight run the padded s8 dot either way (reported as
 ``"integer"``). Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
