@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.execute.policy import CARRIER
+from jaxcompress.execute.policy import CARRIER, site_paths
 
 __all__ = ["measured_choice", "cache_path", "site_key", "time_site", "fastest_calls", "code_fingerprint"]
 
@@ -242,15 +242,13 @@ def _write(path: Path, key: str, entry: dict) -> None:
         pass  # an unwritable cache: the timing stays in memory for this process
 
 
-def _site_paths(primitive: str) -> tuple[str, ...]:
-    return ("integer", "weight_only", CARRIER) if primitive == "dot_general" else ("integer", "weight_only")
+def positive_seconds(value: Any) -> bool:
+    """Whether a value read from a timing cache file is a time: a finite positive number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def _valid(entry: Any, primitive: str) -> bool:
-    def positive(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
-
-    return isinstance(entry, dict) and all(positive(entry.get(f"{name}_s")) for name in _site_paths(primitive))
+    return isinstance(entry, dict) and all(positive_seconds(entry.get(f"{name}_s")) for name in site_paths(primitive))
 
 
 def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
@@ -272,7 +270,7 @@ def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: 
                 source = "measured"
             _MEMORY[memory_key] = cast(dict, entry)  # read or measured just above
     timings = cast(dict, entry)
-    paths = _site_paths(primitive)  # ties go to the earlier path: integer, then weight-only
+    paths = site_paths(primitive)  # ties go to the earlier path: integer, then weight-only
     chosen = min(paths, key=lambda name: (timings[f"{name}_s"], paths.index(name)))
     shown = ", ".join(f"{name.replace('_', '-')} {1e3 * timings[f'{name}_s']:.3f} ms" for name in paths)
     return chosen, f"{source}: {shown}"

@@ -159,6 +159,11 @@ class ExecutionPolicy:
         return None
 
 
+def site_paths(primitive: str) -> tuple[str, ...]:
+    """The paths a site of ``primitive`` can take (`CARRIER` only at dots)."""
+    return PATHS if primitive == "dot_general" else PATHS[:2]
+
+
 def resolve_policy(policy: Any) -> ExecutionPolicy:
     """An `ExecutionPolicy` from ``policy`` (a policy, or a default name)."""
     if isinstance(policy, ExecutionPolicy):

@@ -54,7 +54,7 @@ import numpy as np
 
 from jaxcompress._program.trace import TraceCache, trace_call
 from jaxcompress.execute import measure
-from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy
+from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy, site_paths
 from jaxcompress.qarray import QArray
 
 __all__ = ["TUNE_FILE", "MIN_GAIN", "Tuning", "tune_plan", "program_key"]
@@ -110,8 +110,7 @@ class Tuning:
         if set(choice) != set(paths) or set(evidence) != set(paths) or any(v not in PATHS for v in choice.values()):
             return None
 
-        def positive(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        positive = measure.positive_seconds
 
         for path, times in evidence.items():
             if not (isinstance(times, dict) and len(times) >= 2 and choice[path] in times):
@@ -344,8 +343,10 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             for s in sites
         }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
-    dotted = {s.path for s in sites if s.primitive == "dot_general"}  # weights that can take integer_bf16
-    paths_of = {p: PATHS if p in dotted else PATHS[:2] for p in paths}
+    reachable: dict[str, set[str]] = {p: set() for p in paths}  # the paths each weight's sites can take
+    for s in sites:
+        reachable[s.path].update(site_paths(s.primitive))
+    paths_of = {p: tuple(name for name in PATHS if name in reachable[p]) for p in paths}
     key = program_key(traced, policy, options.on_unsupported)
     file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)
     memory_key = f"{file}|{key}"
@@ -358,7 +359,7 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             starts = {
                 "weight_only": {p: "weight_only" for p in paths},
                 "integer": {p: "integer" for p in paths},
-                CARRIER: {p: CARRIER if p in dotted else "integer" for p in paths},
+                CARRIER: {p: CARRIER if CARRIER in paths_of[p] else "integer" for p in paths},
                 "auto": _as_choice(auto, paths),
                 "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, cache), paths),
             }
