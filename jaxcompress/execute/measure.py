@@ -2,7 +2,8 @@
 
 For a dot / conv site of a quantized weight, the programs `jaxcompress.compressed` could run
 there -- the integer op and the weight-only float op, and at a dot site also the integer dot on
-bfloat16 codes (``"integer_bf16"``, `jaxcompress.execute.policy`) -- are compiled for the site's exact
+bfloat16 codes (``"integer_bf16"``, `jaxcompress.execute.policy`; not at a matrix-vector dot,
+which runs the same padded s8 dot on both integer paths) -- are compiled for the site's exact
 signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
 the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
 warm-up), and the fastest one is kept. Each program's time is its FASTEST call: on a shared CPU
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.execute.policy import CARRIER, site_paths
+from jaxcompress.execute.policy import CARRIER, dot_runs_matrix_vector, site_paths
 
 __all__ = ["measured_choice", "cache_path", "site_key", "time_site", "fastest_calls", "code_fingerprint"]
 
@@ -62,7 +63,8 @@ def cache_path(cache_dir: str | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _machine() -> str:
+def machine_signature() -> str:
+    """What a cached timing is only valid on: the device, the CPU model and count, the jax version."""
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:
@@ -128,7 +130,7 @@ def site_key(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: 
         "permutation": view.permutation,
         "side": weight_side,
         "params": {name: _describe(params[name]) for name in sorted(params)},
-        "machine": _machine(),
+        "machine": machine_signature(),
         "code": code_fingerprint(),
     }
     return json.dumps(signature, sort_keys=True, default=repr)
@@ -183,8 +185,9 @@ def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mo
 
 def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str, rounds: int) -> dict:
     """Seconds of the fastest call of each program of a site (integer, weight-only and, at a dot
-    site, integer on bfloat16 codes), on stand-in data, interleaved: ``{"<path>_s": seconds}``;
-    runs in the calling thread (see `measured_choice`)."""
+    site that is not a matrix-vector product, integer on bfloat16 codes: `_paths`), on stand-in
+    data, interleaved: ``{"<path>_s": seconds}``; runs in the calling thread (see
+    `measured_choice`)."""
     stand_in = _stand_in(view)
     x = jnp.asarray(np.random.default_rng(1).normal(size=tuple(x_shape)), x_dtype)
     out_dtype = jnp.result_type(x_dtype, view.dtype)
@@ -192,7 +195,7 @@ def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side:
         "integer": _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation),
         "weight_only": _site_fn(primitive, stand_in, params, weight_side, out_dtype, "weight_only"),
     }
-    if primitive == "dot_general":
+    if CARRIER in _paths(primitive, x_shape, view, params, weight_side):
         fns[CARRIER] = _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation, jnp.bfloat16)
     for fn, arrays in fns.values():
         jax.block_until_ready(fn(x, arrays))
@@ -217,7 +220,9 @@ def fastest_calls(programs: dict, rounds: int) -> dict:
     return {name: float(np.min(values)) for name, values in times.items()}
 
 
-def _read(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
+    """The JSON object of a timing cache file (``{}`` when missing, unreadable or not an object;
+    the entries are still to be validated by the reader)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -225,10 +230,12 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write(path: Path, key: str, entry: dict) -> None:
+def write_cache(path: Path, key: str, entry: dict) -> None:
+    """Set ``key`` to ``entry`` in a timing cache file, replacing it atomically (a scratch file
+    beside it, then a rename); an unwritable directory is not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _read(path)
+        data = read_cache(path)
         data[key] = entry
         handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         try:
@@ -247,8 +254,14 @@ def positive_seconds(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
-def _valid(entry: Any, primitive: str) -> bool:
-    return isinstance(entry, dict) and all(positive_seconds(entry.get(f"{name}_s")) for name in site_paths(primitive))
+def _paths(primitive: str, x_shape, view, params: dict, weight_side: str) -> tuple[str, ...]:
+    """The distinct programs of a site (`jaxcompress.execute.policy.site_paths`)."""
+    matrix_vector = primitive == "dot_general" and dot_runs_matrix_vector(x_shape, view, params, weight_side)
+    return site_paths(primitive, matrix_vector)
+
+
+def _valid(entry: Any, paths: tuple[str, ...]) -> bool:
+    return isinstance(entry, dict) and all(positive_seconds(entry.get(f"{name}_s")) for name in paths)
 
 
 def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: str = "rhs") -> tuple[str, str]:
@@ -256,21 +269,21 @@ def measured_choice(policy, primitive: str, x, view, params: dict, weight_side: 
     activation, or anything with its shape and dtype)."""
     x_shape, x_dtype = tuple(x.shape), jnp.dtype(x.dtype)
     key = site_key(primitive, x_shape, x_dtype, view, params, weight_side)
+    paths = _paths(primitive, x_shape, view, params, weight_side)  # ties go to the earlier one
     path = cache_path(policy.cache_dir)
     memory_key = f"{path}|{key}"
     with _LOCK:
         entry = _MEMORY.get(memory_key)
         source = "cached"
         if entry is None:
-            entry = _read(path).get(key)
-            if not _valid(entry, primitive):
+            entry = read_cache(path).get(key)
+            if not _valid(entry, paths):
                 with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                     entry = pool.submit(time_site, primitive, x_shape, x_dtype, view, params, weight_side, policy.rounds).result()
-                _write(path, key, entry)
+                write_cache(path, key, entry)
                 source = "measured"
             _MEMORY[memory_key] = cast(dict, entry)  # read or measured just above
     timings = cast(dict, entry)
-    paths = site_paths(primitive)  # ties go to the earlier path: integer, then weight-only
     chosen = min(paths, key=lambda name: (timings[f"{name}_s"], paths.index(name)))
     shown = ", ".join(f"{name.replace('_', '-')} {1e3 * timings[f'{name}_s']:.3f} ms" for name in paths)
     return chosen, f"{source}: {shown}"

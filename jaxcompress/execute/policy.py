@@ -159,9 +159,17 @@ class ExecutionPolicy:
         return None
 
 
-def site_paths(primitive: str) -> tuple[str, ...]:
-    """The paths a site of ``primitive`` can take (`CARRIER` only at dots)."""
-    return PATHS if primitive == "dot_general" else PATHS[:2]
+def site_paths(primitive: str, matrix_vector: bool = False) -> tuple[str, ...]:
+    """The distinct programs a site of ``primitive`` can run: `CARRIER` only at dots, and not at
+    a matrix-vector dot (``matrix_vector``: `dot_runs_matrix_vector`), which runs the padded s8
+    dot on either integer path."""
+    return PATHS if primitive == "dot_general" and not matrix_vector else PATHS[:2]
+
+
+def dot_runs_matrix_vector(x_shape, view, params: dict, weight_side: str = "rhs") -> bool:
+    """Whether the integer dot of a site is the padded s8 matrix-vector dot (``"integer"`` and
+    `CARRIER` then compile to the same program)."""
+    return _matrix_vector(tuple(x_shape), view, params["dimension_numbers"], weight_side)
 
 
 def resolve_policy(policy: Any) -> ExecutionPolicy:
@@ -280,7 +288,7 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
     if path == CARRIER:
         if primitive != "dot_general":
             return requested, None, f"{reason}; {CARRIER} runs dots only, so this conv runs its integer op"
-        if _matrix_vector(tuple(x.shape), view, params["dimension_numbers"], weight_side):
+        if dot_runs_matrix_vector(x.shape, view, params, weight_side):
             return requested, None, f"{reason}; a matrix-vector product runs the padded s8 dot either way"
         import jax.numpy as jnp
 

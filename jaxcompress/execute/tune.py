@@ -16,7 +16,8 @@ should take depends on its neighbours' paths. ``"tune"`` times the programs them
    ``"measure"`` choice (which times each site alone first, cached in ``site_timings.json``);
    the fastest is the start;
 3. one pass over the tuned weights, largest site first: each other path the weight can take
-   (``"integer_bf16"`` only for a weight a dot meets) is tried, those programs and the current one
+   (``"integer_bf16"`` only for a weight a dot meets that is not a matrix-vector product: there it
+   compiles to the integer program) is tried, those programs and the current one
    are timed side by side, and the fastest is kept when it beats the current one by more than
    `MIN_GAIN` (noise on a shared CPU should not flip a choice);
 4. the float program (every `QArray` dequantized, the unmodified function) is timed beside the
@@ -54,7 +55,7 @@ import numpy as np
 
 from jaxcompress._program.trace import TraceCache, trace_call
 from jaxcompress.execute import measure
-from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy, site_paths
+from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy
 from jaxcompress.qarray import QArray
 
 __all__ = ["TUNE_FILE", "MIN_GAIN", "Tuning", "tune_plan", "program_key"]
@@ -99,15 +100,19 @@ class Tuning:
         }
 
     @classmethod
-    def from_json(cls, entry: Any, paths: tuple[str, ...]) -> "Tuning | None":
+    def from_json(cls, entry: Any, paths: tuple[str, ...], options: Mapping[str, tuple] | None = None) -> "Tuning | None":
         """The entry read from the cache file, or ``None`` when it is not a valid tuning of
-        exactly ``paths`` (never trust a loaded file)."""
+        exactly the weights ``paths`` on paths each weight can take (``options``: ``{weight:
+        its paths}``, default every path in `PATHS`; never trust a loaded file)."""
         if not isinstance(entry, dict):
             return None
         choice, evidence, starts = entry.get("choice"), entry.get("evidence"), entry.get("starts")
         if not (isinstance(choice, dict) and isinstance(evidence, dict) and isinstance(starts, dict)):
             return None
-        if set(choice) != set(paths) or set(evidence) != set(paths) or any(v not in PATHS for v in choice.values()):
+        if set(choice) != set(paths) or set(evidence) != set(paths):
+            return None
+        allowed = {path: tuple((options or {}).get(path, PATHS)) for path in paths}
+        if any(not isinstance(v, str) or v not in allowed[path] for path, v in choice.items()):
             return None
 
         positive = measure.positive_seconds
@@ -115,7 +120,7 @@ class Tuning:
         for path, times in evidence.items():
             if not (isinstance(times, dict) and len(times) >= 2 and choice[path] in times):
                 return None
-            if not all(name in PATHS and positive(t) for name, t in times.items()):
+            if not all(name in allowed[path] and positive(t) for name, t in times.items()):
                 return None
         if not (positive(entry.get("program_s")) and positive(entry.get("float_s"))):
             return None
@@ -156,7 +161,7 @@ def program_key(traced, policy: ExecutionPolicy, on_unsupported: str) -> str:
         {
             "program": str(traced.closed), "leaves": leaves, "statics": statics,
             "overrides": [list(item) for item in cast(tuple, policy.overrides)], "on_unsupported": on_unsupported,
-            "rounds": policy.rounds, "machine": measure._machine(), "code": measure.code_fingerprint(),
+            "rounds": policy.rounds, "machine": measure.machine_signature(), "code": measure.code_fingerprint(),
             "settings": repr(_settings()),
         },
         sort_keys=True, default=repr,
@@ -343,17 +348,18 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             for s in sites
         }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
-    reachable: dict[str, set[str]] = {p: set() for p in paths}  # the paths each weight's sites can take
-    for s in sites:
-        reachable[s.path].update(site_paths(s.primitive))
-    paths_of = {p: tuple(name for name in PATHS if name in reachable[p]) for p in paths}
+    # the distinct programs each weight's sites can run: the carrier only where a site runs it
+    # (a dot that is not a matrix-vector product: elsewhere it is the integer program again)
+    on_carrier = _recorded(fn, args, kwargs, options, ExecutionPolicy(CARRIER, overrides=policy.overrides), cache)
+    carried = {s.path for s in on_carrier if s.chosen == CARRIER}
+    paths_of = {p: PATHS if p in carried else PATHS[:2] for p in paths}
     key = program_key(traced, policy, options.on_unsupported)
     file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)
     memory_key = f"{file}|{key}"
     with _LOCK:
         tuning = _MEMORY.get(memory_key)
         if tuning is None:
-            tuning = Tuning.from_json(measure._read(file).get(key), paths)
+            tuning = Tuning.from_json(measure.read_cache(file).get(key), paths, paths_of)
         if tuning is None:
             per_site = ExecutionPolicy("measure", overrides=policy.overrides, cache_dir=policy.cache_dir, rounds=policy.rounds)
             starts = {
@@ -367,7 +373,7 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
                 tuning = pool.submit(
                     _in_settings, _settings(), _measure, fn, traced, policy, options, list(paths), starts, run, paths_of
                 ).result()
-            measure._write(file, key, tuning.to_json())
+            measure.write_cache(file, key, tuning.to_json())
         _MEMORY[memory_key] = tuning
     return {path: (tuning.choice[path], tuning.reason(path)) for path in paths}
 

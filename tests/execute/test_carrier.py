@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import jaxcompress as jc
 from jaxcompress.execute import quantized_dot_general as _dot
-from jaxcompress.execute.policy import ExecutionPolicy
+from jaxcompress.execute import tune
+from jaxcompress.execute.policy import PATHS, ExecutionPolicy
 from jaxcompress.execute.transform import compressed
 from tests.execute.reference import activation_codes, count_s8_contractions, dense_w8a8, weight_parts
 
@@ -167,3 +168,32 @@ def test_measure_times_the_carrier_at_dot_sites_only(convnet, tmp_path):
     chosen = sites["params/head/kernel"].chosen
     timings = by_primitive["dot_general"]
     assert timings[f"{chosen}_s"] == min(timings.values())
+
+
+def test_matrix_vector_sites_do_not_time_the_carrier(convnet, tmp_path):
+    # at 2 rows the head is a matrix-vector dot: its integer_bf16 program IS the padded s8 one,
+    # so neither measure nor tune compiles it (nor can a cached tuning choose it)
+    model, qparams, x = convnet
+    x = x[:2]
+    policy = ExecutionPolicy("measure", cache_dir=str(tmp_path), rounds=1)
+    sites = {s.path: s for s in compressed(model.apply, policy=policy).sites(qparams, x)}
+    assert "integer-bf16" not in sites["params/head/kernel"].reason
+    entries = json.loads((tmp_path / "site_timings.json").read_text())
+    by_primitive = {json.loads(key)["primitive"]: entry for key, entry in entries.items()}
+    assert set(by_primitive["dot_general"]) == {"integer_s", "weight_only_s"}
+
+    tuned = ExecutionPolicy("tune", cache_dir=str(tmp_path), rounds=1)
+    sites = {s.path: s for s in compressed(model.apply, policy=tuned).sites(qparams, x)}
+    assert "integer-bf16" not in sites["params/head/kernel"].reason
+    assert {s.chosen for s in sites.values()} <= {"integer", "weight_only"}
+    [(key, entry)] = json.loads((tmp_path / tune.TUNE_FILE).read_text()).items()
+    assert set(entry["starts"]) == {"weight_only", "integer", "integer_bf16", "auto", "measure"}
+    assert entry["starts"]["integer_bf16"] == entry["starts"]["integer"]  # the same program, timed once
+    assert set(entry["evidence"]["params/head/kernel"]) <= {"integer", "weight_only"}
+    paths = tuple(entry["choice"])
+    options = {path: PATHS[:2] for path in paths}
+    assert tune.Tuning.from_json(entry, paths, options) is not None
+    entry["choice"]["params/head/kernel"] = "integer_bf16"  # a tampered file: the head cannot take it
+    entry["evidence"]["params/head/kernel"]["integer_bf16"] = 1e-3
+    assert tune.Tuning.from_json(entry, paths, options) is None
+    assert tune.Tuning.from_json(entry, paths) is not None  # on a weight that can, it would be valid
