@@ -8,7 +8,11 @@ on the output, grouped kernels as a batch dimension). XLA's CPU backend upcasts 
 ``convolution`` to s32 before running it; the patches formulation keeps the contraction an s8 dot,
 which XLA runs on its integer matmul path. ``feature_group_count`` (grouped / depthwise convs)
 becomes a batch dimension of that dot. Patches cost ``prod(kernel window)`` times the int8
-input in memory (a quarter of a float32 im2col).
+input in memory (a quarter of a float32 im2col). Channels-last 1-D / 2-D convs that XLA's CPU
+backend runs natively on s8 (`jaxcompress.execute.native_conv.runs_natively`) are emitted as that
+native convolution instead, unless the site's path is ``"integer_im2col"``
+(`jaxcompress.execute.policy`): on a CPU where XLA runs its native s8 convolution on one thread
+(a 2-core AMD EPYC, Zen 4), the patches' s8 dot runs on all of them and can be the faster one.
 
 Patch features are ordered ``(input channel, window position)`` so that a per-group kernel scale
 along the input-channel axis stays contiguous after flattening.
@@ -59,9 +63,11 @@ def _patches(codes, lhs_spec, kernel_sizes, window_strides, padding, lhs_dilatio
     return jnp.stack(slices, axis=-1)
 
 
-def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax.Array:
+def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str, im2col: bool = False) -> jax.Array:
     """The integer path (see the module docs); raises `UnsupportedQuantizedOp` when the kernel's
-    scale layout or the conv's options do not allow it."""
+    scale layout or the conv's options do not allow it. ``im2col``: the s8 dot on int8 patches
+    even where XLA's native s8 convolution could run (the ``"integer_im2col"`` path of
+    `jaxcompress.execute.policy`; the same int32 sums, so the same result)."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     check_integer_operands("conv_general_dilated", x, view, mode)
     if params.get("batch_group_count", 1) != 1:
@@ -76,7 +82,7 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str) -> jax
 
     reduce_axes = tuple(a for a in range(x.ndim) if a != lhs_spec[0])
     codes, scale = quantize_activation(x, reduce_axes, mode, view.activation_scale)
-    if runs_natively(x.shape, view, params):
+    if not im2col and runs_natively(x.shape, view, params):
         return native_integer_conv(codes, scale, view, params, out_dtype)
     patches = _patches(
         codes, lhs_spec, kernel_sizes, params["window_strides"], params["padding"],
@@ -115,10 +121,11 @@ def conv_with_weight(
     mode: str | None = None,
     on_activation=None,
     on_unsupported: str = "error",
+    im2col: bool = False,
 ) -> jax.Array:
     """``conv_general_dilated(x, w)`` with the primitive's own ``params`` (explicit padding,
     `ConvDimensionNumbers`) and a quantized kernel (internal; see
-    `quantized_conv_general_dilated`)."""
+    `quantized_conv_general_dilated`; ``im2col``: see `integer_conv`)."""
     mode = view.activation if mode is None else mode
     if view.input_scale is not None:
         lhs_spec, rhs_spec, _ = params["dimension_numbers"]
@@ -144,7 +151,7 @@ def conv_with_weight(
                 out = integer_depthwise(x, view, params, out_dtype, mode)
                 if out is not None:
                     return out
-            return integer_conv(x, view, params, out_dtype, mode).astype(out_dtype)
+            return integer_conv(x, view, params, out_dtype, mode, im2col).astype(out_dtype)
         except UnsupportedQuantizedOp:
             if on_unsupported == "error":
                 raise

@@ -3,7 +3,8 @@
 For a dot / conv site of a quantized weight, the programs `jaxcompress.compressed` could run
 there -- the integer op and the weight-only float op, and at a dot site also the integer dot on
 bfloat16 codes (``"integer_bf16"``, `jaxcompress.execute.policy`; not at a matrix-vector dot,
-which runs the same padded s8 dot on both integer paths) -- are compiled for the site's exact
+which runs the same padded s8 dot on both integer paths), and at a conv XLA runs as its native s8
+convolution also the s8 dot on im2col patches (``"integer_im2col"``) -- are compiled for the site's exact
 signature (activation shape and dtype, the weight's stored shapes, dtypes and pending layout,
 the primitive's parameters) on stand-in data, timed interleaved (``rounds`` calls each after a
 warm-up), and the fastest one is kept. Each program's time is its FASTEST call: on a shared CPU
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.execute.policy import CARRIER, dot_runs_matrix_vector, site_paths
+from jaxcompress.execute.policy import CARRIER, PATCHES, has_third_path, site_paths
 
 __all__ = ["measured_choice", "cache_path", "site_key", "time_site", "fastest_calls", "code_fingerprint"]
 
@@ -162,6 +163,7 @@ def _stand_in(view, seed: int = 0):
 
 
 def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mode: str, carrier=None):
+    """The jitted program of one site on one path (``carrier``: as `choose_mode` returns it)."""
     from jaxcompress.execute.conv import conv_with_weight
     from jaxcompress.execute.dot import dot_with_weight
 
@@ -178,16 +180,18 @@ def _site_fn(primitive: str, view, params: dict, weight_side: str, out_dtype, mo
                 precision=params.get("precision"), preferred_element_type=params.get("preferred_element_type"),
                 on_unsupported="dequantize", carrier=carrier,
             )
-        return conv_with_weight(x, site_view, params, out_dtype=out_dtype, mode=mode, on_unsupported="dequantize")
+        return conv_with_weight(
+            x, site_view, params, out_dtype=out_dtype, mode=mode, on_unsupported="dequantize", im2col=carrier == PATCHES
+        )
 
     return jax.jit(run), arrays
 
 
 def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side: str, rounds: int) -> dict:
-    """Seconds of the fastest call of each program of a site (integer, weight-only and, at a dot
-    site that is not a matrix-vector product, integer on bfloat16 codes: `_paths`), on stand-in
-    data, interleaved: ``{"<path>_s": seconds}``; runs in the calling thread (see
-    `measured_choice`)."""
+    """Seconds of the fastest call of each program of a site, on stand-in data, interleaved:
+    ``{"<path>_s": seconds}`` for integer, weight-only and the site's third path where it has one
+    (`_paths`: the dot on bfloat16 codes, or the conv as an s8 dot on im2col patches); runs in
+    the calling thread (see `measured_choice`)."""
     stand_in = _stand_in(view)
     x = jnp.asarray(np.random.default_rng(1).normal(size=tuple(x_shape)), x_dtype)
     out_dtype = jnp.result_type(x_dtype, view.dtype)
@@ -195,8 +199,11 @@ def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side:
         "integer": _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation),
         "weight_only": _site_fn(primitive, stand_in, params, weight_side, out_dtype, "weight_only"),
     }
-    if CARRIER in _paths(primitive, x_shape, view, params, weight_side):
+    paths = _paths(primitive, x_shape, view, params, weight_side)
+    if CARRIER in paths:
         fns[CARRIER] = _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation, jnp.bfloat16)
+    if PATCHES in paths:
+        fns[PATCHES] = _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation, PATCHES)
     for fn, arrays in fns.values():
         jax.block_until_ready(fn(x, arrays))
         jax.block_until_ready(fn(x, arrays))
@@ -256,8 +263,7 @@ def positive_seconds(value: Any) -> bool:
 
 def _paths(primitive: str, x_shape, view, params: dict, weight_side: str) -> tuple[str, ...]:
     """The distinct programs of a site (`jaxcompress.execute.policy.site_paths`)."""
-    matrix_vector = primitive == "dot_general" and dot_runs_matrix_vector(x_shape, view, params, weight_side)
-    return site_paths(primitive, matrix_vector)
+    return site_paths(primitive, has_third_path(primitive, x_shape, view, params, weight_side))
 
 
 def _valid(entry: Any, paths: tuple[str, ...]) -> bool:

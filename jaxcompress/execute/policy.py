@@ -25,13 +25,15 @@ know: ``"measure"`` times it (``benchmarks/cnn_speed.py``). `ExecutionPolicy` de
   parameters) on this machine, the fastest one kept; timings are cached on disk
   (`jaxcompress.execute.measure`), so later processes decide without running anything;
 * ``"tune"``: whole programs timed on this machine (`jaxcompress.execute.tune`): the site
-  choices are searched by compiling and timing the entire program -- five starts (all
-  weight-only, all integer, all ``"integer_bf16"`` at dots, ``"auto"``, ``"measure"``), then one
+  choices are searched by compiling and timing the entire program -- six starts (all
+  weight-only, all integer, all ``"integer_bf16"`` at dots, all ``"integer_im2col"`` at native
+  convs, ``"auto"``, ``"measure"``), then one
   pass trying each other path, one weight at a time, side by side -- because XLA fuses across
   sites and a site that wins alone can lose in the program; the float program (every weight
   dequantized) is timed beside them, and each site's ``reason`` says how the chosen program
   compares with it. Cached on disk per program signature;
-* ``"integer"`` / ``"weight_only"`` / ``"integer_bf16"``: that path everywhere it can run.
+* ``"integer"`` / ``"weight_only"`` / ``"integer_bf16"`` / ``"integer_im2col"``: that path
+  everywhere it can run.
 
 ``"integer_bf16"`` is a third path for dot sites: the integer path's numbers (the same int8
 activation and weight codes, the same scales) with the dot run as bfloat16 x bfloat16 -> float32,
@@ -43,6 +45,16 @@ rows. Matrix-vector products of a 2-D weight run the padded s8 dot either way (r
 ``"integer"``). Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
 ``"integer_bf16"`` runs the integer conv, and the site's reason says so. ``"tune"`` and
 ``"measure"`` try it at every dot site; ``"auto"``'s cost model never picks it.
+
+``"integer_im2col"`` is the conv sites' third path: a conv XLA would run as its native s8
+convolution (channels-last, `jaxcompress.execute.native_conv`) runs as the s8 dot on int8 im2col
+patches instead -- the same int32 sums, so the same result bit for bit. On a CPU where XLA's native
+s8 convolution runs on one thread (a 2-core AMD EPYC, Zen 4: process CPU / wall time 1.1) the
+patches' dot runs on all cores: the demo CNN's 256x14x14x32 -> 64 stride-2 conv took 3.6 ms on
+patches against 4.8 ms native (``"measure"``'s timings, ``benchmarks/cnn_speed.py``). Other convs
+(grouped, depthwise, channels-first) have no third program (their integer op is im2col or a
+window sum already; at a dot site it runs the integer dot), and the site's reason says so.
+``"tune"`` and ``"measure"`` try it where it is a program of its own; ``"auto"`` never picks it.
 
 The cost model was written from measurements on one machine (a 2-core Intel Sapphire Rapids
 Xeon with AMX-int8, where int8 convs run 3-7x float32); on a 2-core AMD EPYC (Zen 4, AVX-512
@@ -67,8 +79,9 @@ from typing import Any, Mapping, cast
 
 __all__ = ["ExecutionPolicy", "SiteChoice", "resolve_policy", "auto_choice", "choose_mode", "site_choice", "PATHS"]
 
-PATHS = ("integer", "weight_only", "integer_bf16")
+PATHS = ("integer", "weight_only", "integer_bf16", "integer_im2col")
 CARRIER = "integer_bf16"  # the dot path whose integer codes travel as bfloat16
+PATCHES = "integer_im2col"  # the conv path that runs XLA's s8 dot on int8 patches, not its s8 conv
 DEFAULTS = ("rule", "auto", "measure", "tune") + PATHS
 
 # Cost-model thresholds (benchmarks/cnn_speed.py, benchmarks/int8_matmul.py; 2-core Xeon).
@@ -159,17 +172,30 @@ class ExecutionPolicy:
         return None
 
 
-def site_paths(primitive: str, matrix_vector: bool = False) -> tuple[str, ...]:
-    """The distinct programs a site of ``primitive`` can run: `CARRIER` only at dots, and not at
-    a matrix-vector dot (``matrix_vector``: `dot_runs_matrix_vector`), which runs the padded s8
-    dot on either integer path."""
-    return PATHS if primitive == "dot_general" and not matrix_vector else PATHS[:2]
+def site_paths(primitive: str, third: bool = True) -> tuple[str, ...]:
+    """The distinct programs a site of ``primitive`` can run: integer, weight-only and, where
+    ``third`` (`has_third_path`), `CARRIER` at a dot or `PATCHES` at a conv."""
+    if not third:
+        return PATHS[:2]
+    return PATHS[:2] + ((CARRIER,) if primitive == "dot_general" else (PATCHES,))
 
 
-def dot_runs_matrix_vector(x_shape, view, params: dict, weight_side: str = "rhs") -> bool:
-    """Whether the integer dot of a site is the padded s8 matrix-vector dot (``"integer"`` and
-    `CARRIER` then compile to the same program)."""
-    return _matrix_vector(tuple(x_shape), view, params["dimension_numbers"], weight_side)
+def has_third_path(primitive: str, x_shape, view, params: dict, weight_side: str = "rhs") -> bool:
+    """Whether a site's third path is a program of its own: at a dot, `CARRIER` unless the dot
+    is a matrix-vector product (the padded s8 dot either way); at a conv, `PATCHES` where the
+    integer conv would otherwise be XLA's native s8 convolution (elsewhere it is im2col already,
+    or a depthwise window sum)."""
+    if primitive == "dot_general":
+        return not _matrix_vector(tuple(x_shape), view, params["dimension_numbers"], weight_side)
+    return _native_conv(tuple(x_shape), view, params)
+
+
+def _native_conv(x_shape, view, params: dict) -> bool:
+    from jaxcompress.execute.depthwise import is_depthwise
+    from jaxcompress.execute.native_conv import runs_natively
+
+    ungrouped = int(params.get("feature_group_count", 1)) == 1
+    return ungrouped and not is_depthwise(view.shape, params) and runs_natively(x_shape, view, params)
 
 
 def resolve_policy(policy: Any) -> ExecutionPolicy:
@@ -255,8 +281,9 @@ def auto_choice(primitive: str, x_shape, view, params: dict, weight_side: str = 
 
 def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, weight_side: str = "rhs", plan=None):
     """``(mode, carrier, reason)``: the activation mode a site runs in (``"weight_only"`` or the
-    weight's own integer mode) under ``policy``, and ``carrier`` ``jnp.bfloat16`` where the
-    integer dot runs on bfloat16 codes (``"integer_bf16"``), else ``None``; ``x`` is the
+    weight's own integer mode) under ``policy``, and ``carrier``: ``jnp.bfloat16`` where the
+    integer dot runs on bfloat16 codes (`CARRIER`), `PATCHES` where the integer conv runs as an
+    s8 dot on im2col patches, else ``None``; ``x`` is the
     activation (or anything with its shape and dtype); ``plan``: the tuned
     ``{weight path: (path, reason)}`` of a ``"tune"`` policy."""
     requested = view.activation
@@ -288,11 +315,17 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
     if path == CARRIER:
         if primitive != "dot_general":
             return requested, None, f"{reason}; {CARRIER} runs dots only, so this conv runs its integer op"
-        if dot_runs_matrix_vector(x.shape, view, params, weight_side):
+        if not has_third_path(primitive, x.shape, view, params, weight_side):
             return requested, None, f"{reason}; a matrix-vector product runs the padded s8 dot either way"
         import jax.numpy as jnp
 
         return requested, jnp.bfloat16, reason
+    if path == PATCHES:
+        if primitive != "conv_general_dilated":
+            return requested, None, f"{reason}; {PATCHES} runs convs only, so this dot runs its integer op"
+        if not has_third_path(primitive, x.shape, view, params, weight_side):
+            return requested, None, f"{reason}; not a native int8 conv here: its integer op is the same program"
+        return requested, PATCHES, reason
     return requested, None, reason
 
 
@@ -300,7 +333,7 @@ def site_choice(primitive: str, x_shape, view, params: dict, mode: str, reason: 
     """The `SiteChoice` record of a decided site."""
     from jaxcompress.execute.depthwise import is_depthwise
 
-    chosen = "weight_only" if mode == "weight_only" else (CARRIER if carrier is not None else "integer")
+    chosen = "weight_only" if mode == "weight_only" else (PATCHES if isinstance(carrier, str) else CARRIER if carrier is not None else "integer")
     if primitive == "conv_general_dilated" and is_depthwise(view.shape, params):
         chosen += "_depthwise"
     return SiteChoice(view.path or view.name, primitive, tuple(x_shape), tuple(view.shape), view.activation, chosen, reason)

@@ -30,7 +30,7 @@ from jaxcompress._program import PLAIN, Evaluator, RuleSet, bind
 from jaxcompress._program.trace import TraceCache, leaf_name, params_path, trace_call
 from jaxcompress.execute.conv import conv_with_weight
 from jaxcompress.execute.dot import dot_with_weight
-from jaxcompress.execute.policy import ExecutionPolicy, choose_mode, site_choice
+from jaxcompress.execute.policy import PATCHES, ExecutionPolicy, choose_mode, site_choice
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import InvalidQArrayError, QArray, check_qarray
 
@@ -51,7 +51,7 @@ class ExecutionOptions:
       observe_activations: ``observe(evaluator, view, x, reduce_axes)`` called with every
         activation that meets a quantized weight in a dot / conv (it records observations).
       policy: an `ExecutionPolicy` choosing the path of each site (integer, weight-only,
-        ``"integer_bf16"`` at dots) (``None``: the
+        ``"integer_bf16"`` at dots, ``"integer_im2col"`` at native s8 convs) (``None``: the
         weight's own mode).
       record: a list the per-site `SiteChoice`\ s are appended to while tracing (or ``None``).
       plan: ``{weight path: (path, reason)}`` of a tuned policy (``ExecutionPolicy("tune")``,
@@ -151,14 +151,16 @@ def _conv(ev: Evaluator, eqn, invals: list) -> list:
     lhs, rhs = invals
     if isinstance(lhs, WeightView) or not isinstance(rhs, WeightView):
         return bind(eqn, ev.plain_inputs(eqn, invals))  # a quantized conv INPUT is not a kernel
+    mode, form = _mode(ev, "conv_general_dilated", lhs, rhs, eqn.params)
     out = conv_with_weight(
         lhs,
         rhs,
         eqn.params,
         out_dtype=eqn.outvars[0].aval.dtype,
-        mode=_mode(ev, "conv_general_dilated", lhs, rhs, eqn.params)[0],  # no carrier for convs
+        mode=mode,
         on_activation=_observer(ev),
         on_unsupported=ev.context.on_unsupported,
+        im2col=form == PATCHES,
     )
     return [out]
 

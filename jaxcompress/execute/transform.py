@@ -56,10 +56,11 @@ def compressed(fn: Callable, *, on_unsupported: str = "error", policy: Any = "ru
       policy: which path each dot / conv site runs on (`jaxcompress.execute.policy`):
         ``"rule"`` (default: the weight's own activation mode), ``"auto"`` (a cost model: the
         integer op where XLA runs it faster than float, weight-only elsewhere), ``"measure"``
-        (each site's programs -- integer, weight-only and at dots ``"integer_bf16"`` -- timed
-        alone), ``"tune"`` (whole programs timed: the fastest mix found on this machine, once
-        per call signature, cached on disk), ``"integer"``, ``"weight_only"``,
-        ``"integer_bf16"``, or an `ExecutionPolicy` with per-leaf ``overrides``. The returned
+        (each site's programs -- integer, weight-only, at dots ``"integer_bf16"`` and at native
+        s8 convs ``"integer_im2col"`` -- timed alone), ``"tune"`` (whole programs timed: the
+        fastest mix found on this machine, once per call signature, cached on disk),
+        ``"integer"``, ``"weight_only"``, ``"integer_bf16"``, ``"integer_im2col"``, or an
+        `ExecutionPolicy` with per-leaf ``overrides``. The returned
         function's ``sites(*args, **kwargs)`` lists the choice made at each site (`SiteChoice`)
         without running anything.
 

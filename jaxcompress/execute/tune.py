@@ -10,22 +10,24 @@ should take depends on its neighbours' paths. ``"tune"`` times the programs them
 
 1. the weights a quantized dot / conv meets are listed (`SiteChoice` of the ``"rule"`` program);
    those quantized weight-only, and those an override forces, are not tuned;
-2. five start programs are timed side by side (identical ones once): every tuned weight
+2. six start programs are timed side by side (identical ones once): every tuned weight
    weight-only, every one integer, every one integer with its dots on bfloat16 codes
-   (``"integer_bf16"``; its convs integer), the ``"auto"`` cost model's choice and the per-site
+   (``"integer_bf16"``; its convs integer), every one integer with its native s8 convs run on
+   im2col patches (``"integer_im2col"``; its dots integer), the ``"auto"`` cost model's choice and the per-site
    ``"measure"`` choice (which times each site alone first, cached in ``site_timings.json``);
    the fastest is the start;
 3. one pass over the tuned weights, largest site first: each other path the weight can take
-   (``"integer_bf16"`` only for a weight a dot meets that is not a matrix-vector product: there it
-   compiles to the integer program) is tried, those programs and the current one
+   (``"integer_bf16"`` only for a weight a dot meets that is not a matrix-vector product,
+   ``"integer_im2col"`` only for one a native s8 conv meets: elsewhere each compiles to the
+   integer program) is tried, those programs and the current one
    are timed side by side, and the fastest is kept when it beats the current one by more than
    `MIN_GAIN` (noise on a shared CPU should not flip a choice);
 4. the float program (every `QArray` dequantized, the unmodified function) is timed beside the
    start, for the record: the report says how the tuned program compares with it.
 
 A program's time is its fastest of ``rounds`` calls (the minimum is the steadiest estimate on a
-shared CPU, see `jaxcompress.execute.measure`). Tuning compiles at most five starts, the float
-program and one or two programs per tuned weight, once per program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
+shared CPU, see `jaxcompress.execute.measure`). Tuning compiles at most six starts, the float
+program and up to three programs per tuned weight, once per program signature and machine; programs run on stand-in arrays of the call's shapes and dtypes
 (random codes, positive scales: XLA's run time does not depend on the values), in a helper
 thread, so it works on traced arguments under ``jax.jit`` (the stand-ins live on the default
 device: a program over sharded or ``vmap``-ped arguments is tuned as the single-device program of
@@ -55,7 +57,7 @@ import numpy as np
 
 from jaxcompress._program.trace import TraceCache, trace_call
 from jaxcompress.execute import measure
-from jaxcompress.execute.policy import CARRIER, PATHS, ExecutionPolicy
+from jaxcompress.execute.policy import CARRIER, PATCHES, PATHS, ExecutionPolicy
 from jaxcompress.qarray import QArray
 
 __all__ = ["TUNE_FILE", "MIN_GAIN", "Tuning", "tune_plan", "program_key"]
@@ -74,12 +76,12 @@ class Tuning:
     """The outcome of tuning one program signature.
 
     Attributes:
-      choice: ``{weight path: "integer" | "weight_only" | "integer_bf16"}`` for the tuned weights.
+      choice: ``{weight path: a path of PATHS}`` for the tuned weights.
       evidence: ``{weight path: {path: program s with the weight on that path}}``, timed side by
         side with the other weights as chosen before it.
       program_s: the chosen program's time (fastest call).
       float_s: the float program's time (every `QArray` dequantized), timed beside the start.
-      start: which start program won (``"weight_only"``, ``"integer"``, ``"integer_bf16"``,
+      start: which start program won (``"weight_only"``, ``"integer"``, ``"integer_bf16"``, ``"integer_im2col"``,
         ``"auto"`` or ``"measure"``) and
         ``starts``: their times.
       source: ``"measured"`` (this call) or ``"cached"``.
@@ -305,8 +307,8 @@ def _recorded(fn, args, kwargs, options, policy: ExecutionPolicy, cache) -> list
 
 def _path_of(site) -> str:
     """The path in `PATHS` a `SiteChoice` took (depthwise included)."""
-    if site.chosen == CARRIER:
-        return CARRIER
+    if site.chosen in (CARRIER, PATCHES):
+        return site.chosen
     return "integer" if site.chosen.startswith("integer") else "weight_only"
 
 
@@ -348,11 +350,15 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
             for s in sites
         }
     paths = tuple(dict.fromkeys(s.path for s in sorted(sites, key=_macs, reverse=True)))  # largest first
-    # the distinct programs each weight's sites can run: the carrier only where a site runs it
-    # (a dot that is not a matrix-vector product: elsewhere it is the integer program again)
-    on_carrier = _recorded(fn, args, kwargs, options, ExecutionPolicy(CARRIER, overrides=policy.overrides), cache)
-    carried = {s.path for s in on_carrier if s.chosen == CARRIER}
-    paths_of = {p: PATHS if p in carried else PATHS[:2] for p in paths}
+    # the distinct programs each weight's sites can run: a third path only where a site runs it
+    # (the carrier at a dot that is not a matrix-vector product, patches at a native s8 conv:
+    # elsewhere it is the integer program again)
+    third = {
+        name: {s.path for s in _recorded(fn, args, kwargs, options, ExecutionPolicy(name, overrides=policy.overrides), cache)
+               if s.chosen == name}
+        for name in (CARRIER, PATCHES)
+    }
+    paths_of = {p: PATHS[:2] + tuple(name for name in (CARRIER, PATCHES) if p in third[name]) for p in paths}
     key = program_key(traced, policy, options.on_unsupported)
     file = measure.cache_path(policy.cache_dir).with_name(TUNE_FILE)
     memory_key = f"{file}|{key}"
@@ -366,6 +372,7 @@ def _plan(fn: Callable, args: tuple, kwargs: dict, options, cache, run: Callable
                 "weight_only": {p: "weight_only" for p in paths},
                 "integer": {p: "integer" for p in paths},
                 CARRIER: {p: CARRIER if CARRIER in paths_of[p] else "integer" for p in paths},
+                PATCHES: {p: PATCHES if PATCHES in paths_of[p] else "integer" for p in paths},
                 "auto": _as_choice(auto, paths),
                 "measure": _as_choice(_recorded(fn, args, kwargs, options, per_site, cache), paths),
             }

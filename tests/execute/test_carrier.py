@@ -187,7 +187,7 @@ def test_matrix_vector_sites_do_not_time_the_carrier(convnet, tmp_path):
     assert "integer-bf16" not in sites["params/head/kernel"].reason
     assert {s.chosen for s in sites.values()} <= {"integer", "weight_only"}
     [(key, entry)] = json.loads((tmp_path / tune.TUNE_FILE).read_text()).items()
-    assert set(entry["starts"]) == {"weight_only", "integer", "integer_bf16", "auto", "measure"}
+    assert set(entry["starts"]) == {"weight_only", "integer", "integer_bf16", "integer_im2col", "auto", "measure"}
     assert entry["starts"]["integer_bf16"] == entry["starts"]["integer"]  # the same program, timed once
     assert set(entry["evidence"]["params/head/kernel"]) <= {"integer", "weight_only"}
     paths = tuple(entry["choice"])
