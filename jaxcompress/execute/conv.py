@@ -51,7 +51,7 @@ from jaxcompress.execute.native_conv import native_integer_conv, runs_natively, 
 from jaxcompress.execute.weight_view import WeightView
 from jaxcompress.qarray import QArray
 
-__all__ = ["quantized_conv_general_dilated", "conv_with_weight"]
+__all__ = ["quantized_conv_general_dilated", "conv_with_weight", "patches_kernel"]
 
 
 def _patches(codes, lhs_spec, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation, channels_minor=False):
@@ -63,6 +63,30 @@ def _patches(codes, lhs_spec, kernel_sizes, window_strides, padding, lhs_dilatio
     taps = window_taps(x, kernel_sizes, window_strides, padding, lhs_dilation, rhs_dilation, 0)
     slices = [tap for _, tap in taps]
     return jnp.stack(slices, axis=-2 if channels_minor else -1)
+
+
+def patches_kernel(view: WeightView, params: dict) -> tuple[WeightView | None, bool]:
+    """The kernel of the im2col dot, ``(in_features * window, out_features)`` (with feature
+    groups ``(groups, in_features * window, out_features // groups)``), and whether the patch
+    features are ordered (window, channel); the kernel is ``None`` where its scale layout does
+    not flatten that way (e.g. ragged groups along the output axis)."""
+    _, rhs_spec, _ = params["dimension_numbers"]
+    out_axis, in_axis, kernel_axes = rhs_spec[0], rhs_spec[1], tuple(rhs_spec[2:])
+    groups = int(params.get("feature_group_count", 1))
+    window = math.prod(view.shape[a] for a in kernel_axes)
+    in_features, out_features = view.shape[in_axis], view.shape[out_axis]
+    # Patch features (window, C) where nothing needs the input channels contiguous: each tap's
+    # channels are then one contiguous copy (the (C, window) interleave is a strided scatter,
+    # ~1.9x slower to build on a 256x14x14x32 3x3 stride-2 conv); (C, window) for feature groups
+    # and for a kernel scale that varies along the input channels (a group axis), whose groups
+    # must stay contiguous after flattening.
+    channels_minor = groups == 1 and view.scale_shape[in_axis] == 1
+    order = kernel_axes + (in_axis,) if channels_minor else (in_axis,) + kernel_axes
+    kernel = view.transpose(order + (out_axis,)).reshape((in_features * window, out_features))
+    if kernel is not None and groups != 1:
+        kernel = kernel.reshape((in_features * window, groups, out_features // groups))
+        kernel = None if kernel is None else kernel.transpose((1, 0, 2))
+    return kernel, channels_minor
 
 
 def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str, im2col: bool = False) -> jax.Array:
@@ -86,23 +110,15 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str, im2col
     codes, scale = quantize_activation(x, reduce_axes, mode, view.activation_scale)
     if not im2col and runs_natively(x.shape, view, params):
         return native_integer_conv(codes, scale, view, params, out_dtype)
-    # Patch features (window, C) where nothing needs the input channels contiguous: each tap's
-    # channels are then one contiguous copy (the (C, window) interleave is a strided scatter,
-    # ~1.9x slower to build on a 256x14x14x32 3x3 stride-2 conv); (C, window) for feature groups
-    # and for a kernel scale that varies along the input channels (a group axis), whose groups
-    # must stay contiguous after flattening.
-    channels_minor = groups == 1 and view.scale_shape[in_axis] == 1
+    kernel, channels_minor = patches_kernel(view, params)
+    if kernel is None:
+        raise _unsupported("conv_general_dilated", view, "the kernel scale does not flatten to (in * window, out) per feature group")
     patches = _patches(
         codes, lhs_spec, kernel_sizes, params["window_strides"], params["padding"],
         params["lhs_dilation"], params["rhs_dilation"], channels_minor,
     )
     spatial_rank = len(kernel_sizes)
     batch_shape = patches.shape[: 1 + spatial_rank]
-    # kernel -> (in_features * window, out_features), in the patches' feature order.
-    order = kernel_axes + (in_axis,) if channels_minor else (in_axis,) + kernel_axes
-    kernel = view.transpose(order + (out_axis,)).reshape((in_features * window, out_features))
-    if kernel is None:
-        raise _unsupported("conv_general_dilated", view, "the kernel scale does not flatten to (in * window, out)")
     if scale.ndim:
         scale = scale.reshape((batch_shape[0],) + (1,) * (spatial_rank + (1 if groups == 1 else 2)))
     if groups == 1:
@@ -111,10 +127,6 @@ def integer_conv(x, view: WeightView, params: dict, out_dtype, mode: str, im2col
         out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
     else:
         patches = patches.reshape(batch_shape + (groups, in_features * window))
-        kernel = kernel.reshape((in_features * window, groups, out_features // groups))
-        if kernel is None:
-            raise _unsupported("conv_general_dilated", view, "the kernel scale does not split into feature groups")
-        kernel = kernel.transpose((1, 0, 2))
         dims = (((spatial_rank + 2,), (1,)), ((spatial_rank + 1,), (0,)))
         out = integer_dot(patches, scale, kernel, dims, out_dtype, "conv_general_dilated")
         out = jnp.moveaxis(out, 0, -2).reshape(batch_shape + (out_features,))

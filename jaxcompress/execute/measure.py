@@ -199,7 +199,7 @@ def time_site(primitive: str, x_shape, x_dtype, view, params: dict, weight_side:
         "integer": _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation),
         "weight_only": _site_fn(primitive, stand_in, params, weight_side, out_dtype, "weight_only"),
     }
-    paths = _paths(primitive, x_shape, view, params, weight_side)
+    paths = _paths(primitive, x_shape, stand_in, params, weight_side)  # concrete: this may run in a helper thread
     if CARRIER in paths:
         fns[CARRIER] = _site_fn(primitive, stand_in, params, weight_side, out_dtype, view.activation, jnp.bfloat16)
     if PATCHES in paths:

@@ -44,16 +44,19 @@ leaves it; on CPUs with AVX-512 BF16 and no AMX it is the faster integer path fo
 rows. Matrix-vector products of a 2-D weight run the padded s8 dot either way (reported as
 ``"integer"``). Convs have no such path (XLA:CPU converts a bf16 conv to float32): at a conv site
 ``"integer_bf16"`` runs the integer conv, and the site's reason says so. ``"tune"`` and
-``"measure"`` try it at every dot site; ``"auto"``'s cost model never picks it.
+``"measure"`` try it at every dot site that is not a matrix-vector product; ``"auto"``'s cost
+model never picks it.
 
 ``"integer_im2col"`` is the conv sites' third path: a conv XLA would run as its native s8
 convolution (channels-last, `jaxcompress.execute.native_conv`) runs as the s8 dot on int8 im2col
 patches instead -- the same int32 sums, so the same result bit for bit. On a CPU where XLA's native
 s8 convolution runs on one thread (a 2-core AMD EPYC, Zen 4: process CPU / wall time 1.1) the
-patches' dot runs on all cores: the demo CNN's 256x14x14x32 -> 64 stride-2 conv took 3.6 ms on
-patches against 4.8 ms native (``"measure"``'s timings, ``benchmarks/cnn_speed.py``). Other convs
-(grouped, depthwise, channels-first) have no third program (their integer op is im2col or a
-window sum already; at a dot site it runs the integer dot), and the site's reason says so.
+patches' dot runs on all cores: the demo CNN's 256x14x14x32 -> 64 stride-2 conv took 3.3 ms on
+patches against 5.3 ms native and 6.8 ms weight-only (``"measure"``'s fastest calls,
+``benchmarks/cnn_speed.py``). Convs XLA does not run natively (channels-first, small channel
+counts), depthwise convs (a window sum) and kernels whose scale does not flatten into the
+patches' dot (ragged groups along the output axis) have no third program, and dots run their
+integer op under it; the site's reason says so.
 ``"tune"`` and ``"measure"`` try it where it is a program of its own; ``"auto"`` never picks it.
 
 The cost model was written from measurements on one machine (a 2-core Intel Sapphire Rapids
@@ -106,8 +109,8 @@ class SiteChoice:
       primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
       activation_shape / weight_shape: the operand shapes at the site.
       requested: the weight's own activation mode.
-      chosen: ``"integer"``, ``"integer_bf16"``, ``"integer_depthwise"``, ``"weight_only"`` or
-        ``"weight_only_depthwise"``.
+      chosen: ``"integer"``, ``"integer_bf16"``, ``"integer_im2col"``, ``"integer_depthwise"``,
+        ``"weight_only"`` or ``"weight_only_depthwise"``.
       reason: why.
     """
 
@@ -125,10 +128,10 @@ class ExecutionPolicy:
     """How `compressed` picks a path per site (see the module docs).
 
     Attributes:
-      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"tune"``, ``"integer"``, ``"weight_only"``
-        or ``"integer_bf16"``.
-      overrides: ``{regex: "integer" | "weight_only" | "integer_bf16"}`` on the leaf paths (first
-        full match).
+      default: ``"rule"``, ``"auto"``, ``"measure"``, ``"tune"``, ``"integer"``, ``"weight_only"``,
+        ``"integer_bf16"`` or ``"integer_im2col"``.
+      overrides: ``{regex: a path of PATHS}`` (``"integer"``, ``"weight_only"``,
+        ``"integer_bf16"``, ``"integer_im2col"``) on the leaf paths (first full match).
       cache_dir: where ``"measure"`` and ``"tune"`` keep their timings (default: see
         `jaxcompress.execute.measure`).
       rounds: timed calls per path when ``"measure"`` times a site; the least number of calls
@@ -183,19 +186,21 @@ def site_paths(primitive: str, third: bool = True) -> tuple[str, ...]:
 def has_third_path(primitive: str, x_shape, view, params: dict, weight_side: str = "rhs") -> bool:
     """Whether a site's third path is a program of its own: at a dot, `CARRIER` unless the dot
     is a matrix-vector product (the padded s8 dot either way); at a conv, `PATCHES` where the
-    integer conv would otherwise be XLA's native s8 convolution (elsewhere it is im2col already,
-    or a depthwise window sum)."""
+    integer conv would otherwise be XLA's native s8 convolution and its kernel flattens into
+    the patches' dot (elsewhere it is im2col already, or a depthwise window sum)."""
     if primitive == "dot_general":
         return not _matrix_vector(tuple(x_shape), view, params["dimension_numbers"], weight_side)
     return _native_conv(tuple(x_shape), view, params)
 
 
 def _native_conv(x_shape, view, params: dict) -> bool:
+    from jaxcompress.execute.conv import patches_kernel
     from jaxcompress.execute.depthwise import is_depthwise
     from jaxcompress.execute.native_conv import runs_natively
 
-    ungrouped = int(params.get("feature_group_count", 1)) == 1
-    return ungrouped and not is_depthwise(view.shape, params) and runs_natively(x_shape, view, params)
+    if is_depthwise(view.shape, params) or not runs_natively(x_shape, view, params):
+        return False
+    return patches_kernel(view, params)[0] is not None
 
 
 def resolve_policy(policy: Any) -> ExecutionPolicy:

@@ -3,6 +3,7 @@ s8 dot on int8 im2col patches instead (the same int32 sums, so the same numbers)
 site by `ExecutionPolicy`, ``"measure"`` and ``"tune"``."""
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -87,7 +88,43 @@ def test_measure_and_tune_time_patches_at_native_convs_only(net, tmp_path):
     assert PATCHES in entry["starts"]
     assert PATCHES in entry["evidence"]["params/native/kernel"] or entry["choice"]["params/native/kernel"] == PATCHES
     assert PATCHES not in entry["evidence"]["params/grouped/kernel"]
-    run = jax.jit(compressed(model.apply, policy=tuned))
-    reference = jax.jit(compressed(model.apply, policy="integer"))(qparams, x)
-    if all(chosen != "weight_only" for chosen in entry["choice"].values()):
-        np.testing.assert_array_equal(np.asarray(run(qparams, x)), np.asarray(reference))
+    # the tuned program runs its choice: forced to the same choice it gives the same numbers
+    forced = ExecutionPolicy("weight_only", overrides={re.escape(k): v for k, v in entry["choice"].items()})
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(compressed(model.apply, policy=tuned))(qparams, x)),
+        np.asarray(jax.jit(compressed(model.apply, policy=forced))(qparams, x)),
+    )
+
+
+def test_grouped_native_conv_runs_on_patches():
+    model = nn.Conv(48, (3, 3), feature_group_count=2)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 40))
+    params = model.init(jax.random.key(1), x)
+    qparams = jc.quantize_params(params, [jc.QuantRule(pattern=r".*kernel", channel_axes=(-1,), activation="dynamic")])[0]
+    patched = compressed(model.apply, policy=PATCHES)
+    [site] = patched.sites(qparams, x)
+    assert site.chosen == PATCHES
+    integer = jax.jit(compressed(model.apply, policy="integer"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(patched)(qparams, x)), np.asarray(integer(qparams, x)))
+    assert count_s8_contractions(integer.lower(qparams, x).compile().as_text(), "convolution") == 1
+    assert count_s8_contractions(jax.jit(patched).lower(qparams, x).compile().as_text(), "convolution") == 0
+
+
+def test_a_kernel_that_does_not_flatten_keeps_its_native_conv(tmp_path):
+    # ragged groups of 7 along the 24 output channels: the native conv runs it, the patches'
+    # (in * window, out) kernel cannot be built, so there is no third program to offer
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 20))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 20, 24))
+    params = {"kernel": jc.quantize(w, activation="dynamic", channel_axes=(), group_axis=3, group_size=7)}
+
+    def conv(p, x):
+        return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    reference = np.asarray(jax.jit(compressed(conv, policy="integer"))(params, x))
+    for policy in (PATCHES, ExecutionPolicy("measure", cache_dir=str(tmp_path), rounds=1),
+                   ExecutionPolicy("tune", cache_dir=str(tmp_path), rounds=1)):
+        fn = compressed(conv, policy=policy)
+        [site] = fn.sites(params, x)
+        assert site.chosen in ("integer", "weight_only") and "integer-im2col" not in site.reason
+        if site.chosen == "integer":
+            np.testing.assert_array_equal(np.asarray(jax.jit(fn)(params, x)), reference)
