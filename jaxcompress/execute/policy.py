@@ -329,7 +329,7 @@ def choose_mode(policy: ExecutionPolicy, primitive: str, x, view, params: dict, 
         if primitive != "conv_general_dilated":
             return requested, None, f"{reason}; {PATCHES} runs convs only, so this dot runs its integer op"
         if not has_third_path(primitive, x.shape, view, params, weight_side):
-            return requested, None, f"{reason}; not a native int8 conv here: its integer op is the same program"
+            return requested, None, f"{reason}; no patches program of its own here (not a native int8 conv, or its kernel does not flatten into one): its integer op is the same program"
         return requested, PATCHES, reason
     return requested, None, reason
 
