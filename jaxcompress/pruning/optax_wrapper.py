@@ -26,7 +26,10 @@ Make `prune` the outermost transformation that produces updates (wrap the whole 
 e.g. ``prune(optax.chain(clip, adamw))``); a transformation chained after it would rescale the
 ``-param`` term. This is checked: every ``update_every`` steps the switch also verifies that the
 params are zero wherever the previous update pruned them, and raises naming the leaf
-(``ValueError`` eagerly; under ``jit`` the same message in a ``JaxRuntimeError``). Schedules that
+(``ValueError`` eagerly; under ``jit`` the same message when the step's results are used: a
+``JaxRuntimeError``, or a ``ValueError`` when they are passed to the next jitted step). The checks
+call the host only when they fail (`jaxcompress._checks.checked`): the step holds no effect, so
+``jit`` dispatches it on its C++ fast path, asynchronously. Schedules that
 return NaN or a sparsity outside ``[0, 1)`` raise the same way, naming the rule. `prune`
 composes with `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` on either side;
 `prune_masks` finds the masks in any such nesting.
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxcompress._checks import runtime_check
+from jaxcompress._checks import checked
 from jaxcompress.pruning.bitmask import bit_view
 from jaxcompress.pruning.dst import _DynamicSparsity
 from jaxcompress.pruning.inner_state import zero_outside
@@ -99,16 +102,18 @@ def _zero_where_pruned(params: Any, masks: Any) -> jax.Array:
     return jnp.stack(flags) if flags else jnp.ones((0,), bool)
 
 
-def _report_not_outermost(names: list[str], flags: jax.Array) -> None:
-    for i, name in enumerate(names):
-        runtime_check(
-            flags[i],
-            f"{name}: non-zero params at pruned positions, although prune's last update set them to "
-            "exactly zero. prune must be the outermost transformation: wrap the whole optimizer "
+def _not_outermost_message(names: list[str]) -> Any:
+    def message(flags: Any) -> str:
+        dirty = [name for name, ok in zip(names, flags) if not ok]
+        return (
+            f"{', '.join(dirty)}: non-zero params at pruned positions, although prune's last update set them "
+            "to exactly zero. prune must be the outermost transformation: wrap the whole optimizer "
             "(prune(optax.chain(..., optax.scale(0.5)), rules)) instead of chaining after it "
             "(optax.chain(prune(...), optax.scale(0.5))), and apply its updates unchanged with "
-            "optax.apply_updates",
+            "optax.apply_updates"
         )
+
+    return message
 
 
 def prune(
@@ -262,7 +267,6 @@ def prune(
         # must) reads the old ones to write new ones: otherwise XLA copies the donated masks and
         # the switch's output on every step (it does with dst: 2 bytes per pruned weight).
         new_masks = lax.switch(index, branches)
-        lax.cond(jnp.all(clean), lambda: None, lambda: _report_not_outermost(names, clean))
 
         # Each mask is used three times below, in three elementwise passes that XLA fuses with
         # the inner optimizer's own: read as bits there (`bit_view`), one byte per weight is
@@ -282,7 +286,9 @@ def prune(
         final = _mask_tree_map(
             lambda m, u, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)), bits, inner_updates, params
         )
-        return final, PruneState(optax.safe_int32_increment(step), new_masks, state.key, inner_state)
+        # The check's error rides on the step count (`checked`: no host callback unless it fails).
+        count = checked(optax.safe_int32_increment(step), clean, _not_outermost_message(names))
+        return final, PruneState(count, new_masks, state.key, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

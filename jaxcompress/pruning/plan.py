@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from optax import MaskedNode
 
-from jaxcompress._checks import runtime_check
+from jaxcompress._checks import checked
 from jaxcompress.pruning import masks as masks_lib
 from jaxcompress.pruning import scores as scores_lib
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
@@ -148,7 +148,7 @@ class PrunePlan(LeafDecisions):
                 continue
             target = jnp.asarray(rule.sparsity_at(step), jnp.float32)
             if callable(rule.sparsity):
-                _check_scheduled(rule, target, step)
+                target = _check_scheduled(rule, target, step)
             shapes = [cast("tuple[int, ...]", self.leaves[i].shape) for i in group]  # pruned: arrays
             spread = erk_sparsities if rule.distribution == "erk" else uniform_sparsities
             for i, value in zip(group, spread(shapes, target)):
@@ -228,7 +228,8 @@ def _identity(x):
     return x
 
 
-def _check_scheduled(rule: PruneRule, value: jax.Array, step: Any) -> None:
+def _check_scheduled(rule: PruneRule, value: jax.Array, step: Any) -> jax.Array:
+    """``value``, a scheduled sparsity checked to be in [0, 1) (the check rides on the value)."""
     where = f"PruneRule(pattern={rule.pattern!r})"
     if value.shape != ():
         raise ValueError(f"{where}: a sparsity schedule must return a scalar, got shape {value.shape}")
@@ -236,8 +237,9 @@ def _check_scheduled(rule: PruneRule, value: jax.Array, step: Any) -> None:
     if not isinstance(ok, jax.core.Tracer):
         if not bool(ok):
             raise ValueError(f"{where}: schedule gives sparsity {float(value)} at step {step}; it must be in [0, 1)")
-        return
-    runtime_check(
+        return value
+    return checked(
+        value,
         ok,
         f"{where}: its sparsity schedule returned NaN or a value outside [0, 1) at a mask-update step; "
         "a schedule must return the fraction of zeros, in [0, 1)",

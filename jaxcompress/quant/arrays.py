@@ -3,8 +3,10 @@
 Eagerly (concrete input) the work runs in one jit-compiled function cached per shape and spec,
 and a NaN/Inf raises a `ValueError` naming the array. Under a transformation (``jit``, ``vmap``,
 ``grad`` of something else...) `quantize` traces inline; a NaN/Inf then raises from a host
-callback when the computation runs (the error surfaces as a ``JaxRuntimeError`` carrying the same
-message), unless ``allow_nonfinite=True``.
+callback when the computation runs (the error surfaces, carrying the same message, as a
+``JaxRuntimeError`` when the result is used, or a ``ValueError`` when it is passed on to another
+jitted call), unless ``allow_nonfinite=True``. The check adds no effect to the program (see
+`jaxcompress._checks`): ``jit`` keeps its fast dispatch path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxcompress._checks import runtime_check
+from jaxcompress._checks import checked
 from jaxcompress.qarray import NF4_QTYPE, QArray
 from jaxcompress.quant.calibrate import calibrate_array
 from jaxcompress.quant.codec import block_size, decode_array, encode_array, scale_from_range, to_grouped
@@ -84,13 +86,14 @@ def quantize(x: Any, spec: QuantSpec | None = None, *, name: str = "array", **op
     resolved = spec.resolve(tuple(x.shape), name)
     if isinstance(x, jax.core.Tracer):
         qarray, finite = _quantize_impl(x, resolved, block_size(x, resolved))
-        if not resolved.allow_nonfinite:
-            runtime_check(finite, _nonfinite_message(name))
-        return qarray
-    x = jnp.asarray(x)
-    qarray, finite = _quantize_jit(x, resolved, block_size(x, resolved), _named(x))
+    else:
+        x = jnp.asarray(x)
+        qarray, finite = _quantize_jit(x, resolved, block_size(x, resolved), _named(x))
     if not resolved.allow_nonfinite:
-        runtime_check(finite, _nonfinite_message(name))
+        # The check rides on the scale (`checked`: a zero added under jit, nothing eagerly).
+        scale = checked(qarray.scale, finite, _nonfinite_message(name))
+        if scale is not qarray.scale:
+            qarray = dataclasses.replace(qarray, scale=scale)
     return qarray
 
 
