@@ -78,9 +78,9 @@ def checked(value: Any, ok: Any, message: str | Callable[[np.ndarray], str]) -> 
     2.0
     """
     if not isinstance(ok, jax.core.Tracer):
-        flags = np.asarray(ok)
-        if not bool(np.all(flags)):
-            raise ValueError(_message(message, flags))
+        host_flags = np.asarray(ok)
+        if not bool(np.all(host_flags)):
+            raise ValueError(_message(message, host_flags))
         return value
     value = jnp.asarray(value)
     flags = ok if callable(message) else jnp.all(ok)
