@@ -29,7 +29,8 @@ params are zero wherever the previous update pruned them, and raises naming the 
 (``ValueError`` eagerly; under ``jit`` the same message when the step's results are used: a
 ``JaxRuntimeError``, or a ``ValueError`` when they are passed to the next jitted step). The checks
 call the host only when they fail (`jaxcompress._checks.checked`): the step holds no effect, so
-``jit`` dispatches it on its C++ fast path, asynchronously. Schedules that
+``jit`` dispatches it on its C++ fast path (XLA:CPU still runs a program holding a host callback
+synchronously: about 3% of the 5.3M-param MLP step on a 2-core Xeon). Schedules that
 return NaN or a sparsity outside ``[0, 1)`` raise the same way, naming the rule. `prune`
 composes with `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` on either side;
 `prune_masks` finds the masks in any such nesting.
