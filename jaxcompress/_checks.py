@@ -15,8 +15,9 @@ through here, so how such checks cost and behave is decided in one place:
   2-core Xeon, a jitted 16-element function took 134 us per call with one such check and 4.3 us
   with this one (3.5 us without); `prune(adamw)`'s step on a 5.3M-param MLP paid about 1.5 ms a
   step for it. (XLA:CPU still runs a program that holds any host callback synchronously on the
-calling thread: measured ~3% of that prune step.) Here the host is reached only when a check fails (and under ``vmap``, whose
-  batched predicate runs both branches, once per call with the batch).
+  calling thread: measured ~3% of that prune step.) Here the host is reached only when a check
+  fails (and under ``vmap``, whose batched predicate runs both branches, once per call with the
+  batch).
 * ``ok`` is reduced to ONE boolean inside the program (``jnp.all``) before it reaches the host:
   on a sharded ``ok`` that is a local reduction plus a scalar all-reduce, never a gather of the
   array to the device that runs the callback. Only a ``message`` that is a function of the flags

@@ -5,8 +5,8 @@ The setting of issue 21: a small decoder-style stack with kernels sharded FSDP x
 attention-out and MLP-down kernels ``P("model", "data")``, the others ``P("data", "model")``),
 gradual magnitude pruning to 50% (masks recomputed under prune's ``lax.switch`` every
 ``--update-every`` steps), int8 per-channel fake-quant with qat's tracked ranges (``lax.cond``
-until ``freeze_step``), a quantize NaN check and a schedule check (host callbacks, called when a check fails, through
-`jaxcompress._checks.checked`) inside the jitted step. Prints ``OK <steps> <loss>`` on
+until ``freeze_step``), a quantize NaN check and a schedule check (host callbacks, called when a
+check fails, through `jaxcompress._checks.checked`) inside the jitted step. Prints ``OK <steps> <loss>`` on
 success; XLA aborts the process if a collective never completes.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/sharded_step.py --steps 40
