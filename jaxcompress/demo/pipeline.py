@@ -37,7 +37,7 @@ from jaxcompress.demo.data import Dataset, load_image_dataset
 from jaxcompress.demo.runtimes import runtime_rows_and_calls
 from jaxcompress.demo.timing import Spread, interleaved_latency
 from jaxcompress.params import quantize_params
-from jaxcompress.pruning import PruneRule, polynomial, prune
+from jaxcompress.pruning import PruneRule, polynomial, prune, prune_masks
 from jaxcompress.training import convert_qat, fake_quant, fake_quant_activations, qat, qat_activation_ranges, qat_ranges
 from jaxcompress.rules import QuantRule
 
@@ -278,7 +278,7 @@ def _run(config: PipelineConfig, data: Dataset | None, out_dir: str) -> dict[str
     ]
     pruner = prune(optax.adam(config.learning_rate / 2), prune_rules, update_every=every, end_step=end)
     pruned, prune_state = trainer.run(fp32, pruner, config.prune_steps, "gradual pruning")
-    masks = prune_state.masks
+    masks = prune_masks(prune_state)
 
     # 4. QAT of the pruned model: masks frozen, weight and activation ranges tracked, then frozen
     #    for the last 20%; the activations compressed() quantizes are fake-quantized too.

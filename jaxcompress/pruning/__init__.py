@@ -8,8 +8,7 @@ Modules, one idea each: `topk` (exact top-k by bisection, no sort), `scores`, `m
 (unstructured / filter / channel / block / N:M), `distributions` (uniform, ERK), `schedules`,
 `rule` (`PruneRule`), `plan` (rules -> per-leaf decisions and masks), `masktree` (apply/check
 mask trees), `params` (`prune_params`), `inner_state` (param-shaped optimizer state),
-`optax_wrapper` (`prune`, `prune_masks`), `bitmask` (masks read as bits inside `prune`'s
-step), `dst` (SET / RigL).
+`optax_wrapper` (`prune`, `prune_masks`, `prune_errors`), `dst` (SET / RigL).
 """
 
 from jaxcompress.pruning.distributions import erk_sparsities, uniform_sparsities
@@ -23,7 +22,7 @@ from jaxcompress.pruning.masks import (
     unstructured_mask,
 )
 from jaxcompress.pruning.masktree import apply_masks, check_masks, mask_sparsity
-from jaxcompress.pruning.optax_wrapper import PruneState, prune, prune_masks
+from jaxcompress.pruning.optax_wrapper import PruneFaults, PruneState, prune, prune_errors, prune_masks
 from jaxcompress.pruning.params import prune_params
 from jaxcompress.pruning.plan import PruneDecision, PrunePlan, plan_pruning
 from jaxcompress.pruning.rule import PruneRule
@@ -36,6 +35,7 @@ __all__ = [
     "PruneDecision",
     "PrunePlan",
     "PruneRule",
+    "PruneFaults",
     "PruneState",
     "RigL",
     "SET",
@@ -56,6 +56,7 @@ __all__ = [
     "plan_pruning",
     "polynomial",
     "prune",
+    "prune_errors",
     "prune_masks",
     "prune_params",
     "random_scores",

@@ -14,26 +14,34 @@ Per step, inside the user's jitted ``update``:
 3. the returned update is the inner update where the mask is True and ``-param`` where it is
    False: after `optax.apply_updates` the params are EXACTLY zero there (``p + (-p) == 0``).
 
-What a step costs beyond ``inner``: three selects that XLA fuses into the inner optimizer's own
-elementwise passes, reading the masks as bits (`bitmask.bit_view`: one read of the bool masks
-per step, packed to 1/8 of their bytes for the three uses; with ``dst`` the regrowth step's
-``new & old`` is packed once more). The switch passes the masks through
-without a copy on ordinary steps (only the NEW masks are used afterwards, so the output aliases
-the donated input), and the mask computation needs no param-sized temporary (see `topk`): the
-compiled step's temporary buffer is the inner optimizer's own.
+What a step costs beyond ``inner``: three selects on the bool masks that XLA fuses into the
+inner optimizer's own elementwise passes. The switch passes the masks through without a copy
+on ordinary steps (only the NEW masks are used afterwards, so the output aliases the donated
+input), and the mask computation needs no param-sized temporary (see `topk`): the compiled
+step's temporary buffer is the inner optimizer's own. (Reading the masks packed to bits, as
+version 0.x did, cost 4.6% of the 5.3M-param MLP step on a 2-core AMX Xeon, where it had saved
+2% on an AMD EPYC; the bool masks are read as they are.)
 
 Make `prune` the outermost transformation that produces updates (wrap the whole optimizer,
 e.g. ``prune(optax.chain(clip, adamw))``); a transformation chained after it would rescale the
 ``-param`` term. This is checked: every ``update_every`` steps the switch also verifies that the
-params are zero wherever the previous update pruned them, and raises naming the leaf
-(``ValueError`` eagerly; under ``jit`` the same message when the step's results are used: a
-``JaxRuntimeError``, or a ``ValueError`` when they are passed to the next jitted step). The checks
-call the host only when they fail (`jaxcompress._checks.checked`): the step holds no effect, so
-``jit`` dispatches it on its C++ fast path (XLA:CPU still runs a program holding a host callback
-synchronously: about 3% of the 5.3M-param MLP step on a 2-core Xeon). Schedules that
-return NaN or a sparsity outside ``[0, 1)`` raise the same way, naming the rule. `prune`
-composes with `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` on either side;
-`prune_masks` finds the masks in any such nesting.
+params are zero wherever the previous update pruned them; schedules that return NaN or a
+sparsity outside ``[0, 1)`` are checked at every mask update. A failed check never updates the
+masks by the rules (that step keeps every weight: the masks are all True until the next mask
+update that passes) and, by ``checks``:
+
+* ``checks="state"`` (the default): the failure is recorded in the state (`PruneFaults`:
+  which leaves, which kind, the first step), sticky; `prune_masks` raises it as a
+  ``ValueError`` naming the leaves, and `prune_errors` lists it. The step holds no host
+  callback: XLA:CPU runs a program holding one synchronously on the calling thread, which cost
+  ~3-4% of the 5.3M-param MLP step (`benchmarks/prune_step.py`).
+* ``checks="raise"``: also raised by the running step (`jaxcompress._checks.checked`: a
+  ``JaxRuntimeError`` when the step's results are used, or a ``ValueError`` when they are passed
+  to the next jitted step), naming the leaf and the rule; the host is called only when a check
+  fails, but the program holds the callback.
+
+`prune` composes with `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` on
+either side; `prune_masks` finds the masks in any such nesting.
 """
 
 from __future__ import annotations
@@ -42,11 +50,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from jaxcompress._checks import checked
-from jaxcompress.pruning.bitmask import bit_view
 from jaxcompress.pruning.dst import _DynamicSparsity
 from jaxcompress.pruning.inner_state import zero_outside
 from jaxcompress.pruning.masktree import check_masks, is_masked_node
@@ -54,21 +62,34 @@ from jaxcompress.pruning.plan import as_rules, plan_pruning
 from jaxcompress.pruning.topk import count_true
 from jaxcompress.rules import path_to_keystr
 
-__all__ = ["prune", "PruneState", "prune_masks"]
+__all__ = ["prune", "PruneState", "PruneFaults", "prune_masks", "prune_errors"]
 
 _KEEP, _FAILED, _BY_RULES, _BY_DST = range(4)
 # With masks updated every step, how often the params are checked once the masks are frozen.
 _CHECK_PERIOD = 100
 
 
+class PruneFaults(NamedTuple):
+    """Failed checks of a `prune` step, per pruned leaf (in flattening order of the masks), sticky:
+    ``not_zero``: non-zero params at positions the previous update pruned (`prune` is not the
+    outermost transformation); ``bad_sparsity``: the leaf's sparsity schedule gave NaN or a value
+    outside ``[0, 1)`` at a mask update; ``first_step``: the step of the first failure (-1: none)."""
+
+    not_zero: jax.Array
+    bad_sparsity: jax.Array
+    first_step: jax.Array
+
+
 class PruneState(NamedTuple):
     """State of `prune`: step ``count``, the ``masks`` tree (params' shapes, `optax.MaskedNode()`
-    for unpruned leaves), the PRNG ``key`` for random scores / SET, and the ``inner_state``."""
+    for unpruned leaves), the PRNG ``key`` for random scores / SET, the ``inner_state``, and the
+    ``faults`` its checks recorded (`PruneFaults`; read them with `prune_errors`)."""
 
     count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count (kept: the state's public layout)
     masks: Any
     key: jax.Array
     inner_state: Any
+    faults: PruneFaults
 
 
 def _mask_tree_map(fn, masks, *trees):
@@ -78,10 +99,6 @@ def _mask_tree_map(fn, masks, *trees):
         *trees,
         is_leaf=is_masked_node,
     )
-
-
-def _bit_views(masks: Any) -> Any:
-    return jax.tree.map(lambda m: m if is_masked_node(m) else bit_view(m), masks, is_leaf=is_masked_node)
 
 
 def _pruned_names(masks: Any) -> list[str]:
@@ -103,18 +120,32 @@ def _zero_where_pruned(params: Any, masks: Any) -> jax.Array:
     return jnp.stack(flags) if flags else jnp.ones((0,), bool)
 
 
-def _not_outermost_message(names: list[str]) -> Any:
-    def message(flags: Any) -> str:
-        dirty = [name for name, ok in zip(names, flags) if not ok]
-        return (
-            f"{', '.join(dirty)}: non-zero params at pruned positions, although prune's last update set them "
-            "to exactly zero. prune must be the outermost transformation: wrap the whole optimizer "
-            "(prune(optax.chain(..., optax.scale(0.5)), rules)) instead of chaining after it "
-            "(optax.chain(prune(...), optax.scale(0.5))), and apply its updates unchanged with "
-            "optax.apply_updates"
-        )
+_NOT_OUTERMOST = (
+    "non-zero params at pruned positions, although prune's last update set them to exactly zero. "
+    "prune must be the outermost transformation: wrap the whole optimizer "
+    "(prune(optax.chain(..., optax.scale(0.5)), rules)) instead of chaining after it "
+    "(optax.chain(prune(...), optax.scale(0.5))), and apply its updates unchanged with optax.apply_updates"
+)
+_BAD_SPARSITY = (
+    "its sparsity schedule returned NaN or a value outside [0, 1) at a mask-update step; a schedule must "
+    "return the fraction of zeros, in [0, 1)"
+)
 
-    return message
+
+def _fault_messages(names: list[str], not_zero: Any, bad_sparsity: Any, rules_of: list[str] | None = None) -> list[str]:
+    """One message per kind of failure, naming the leaves (and, when known, their rules)."""
+    out = []
+    dirty = [name for name, bad in zip(names, not_zero) if bad]
+    if dirty:
+        out.append(f"{', '.join(dirty)}: {_NOT_OUTERMOST}")
+    scheduled = [
+        name + (f" ({rules_of[i]})" if rules_of and rules_of[i] else "")
+        for i, (name, bad) in enumerate(zip(names, bad_sparsity))
+        if bad
+    ]
+    if scheduled:
+        out.append(f"{', '.join(scheduled)}: {_BAD_SPARSITY}")
+    return out
 
 
 def prune(
@@ -128,6 +159,7 @@ def prune(
     dst: _DynamicSparsity | None = None,
     seed: int = 0,
     on_unused: str = "warn",
+    checks: str = "state",
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so that training keeps the params pruned as ``rules`` say.
 
@@ -146,6 +178,9 @@ def prune(
         ``start_step`` and must have a constant sparsity.
       seed: seeds random scores and SET regrowth.
       on_unused: ``"warn"``, ``"error"`` or ``"ignore"`` for rules that match no param.
+      checks: ``"state"`` (default): failed checks are recorded in the state and raised by
+        `prune_masks` (the step holds no host callback); ``"raise"``: also raised by the running
+        step, through a host callback (see the module docstring for what it costs).
 
     ``init`` works under `jax.eval_shape` (an abstract target for checkpoint restore).
 
@@ -163,6 +198,8 @@ def prune(
         raise ValueError("prune needs rules, masks, or both")
     if rules is not None:
         rules = as_rules(rules)
+    if checks not in ("state", "raise"):
+        raise ValueError(f"checks must be 'state' or 'raise', got {checks!r}")
     if not isinstance(update_every, int) and not hasattr(update_every, "dtype"):
         raise TypeError(f"update_every must be an int, got {update_every!r}")
     if isinstance(update_every, int) and update_every < 1:
@@ -201,11 +238,13 @@ def prune(
         inner_state = inner.init(params)
         if masks is not None:
             inner_state = zero_outside(inner_state, initial, params)
-        return PruneState(jnp.zeros((), jnp.int32), initial, jax.random.PRNGKey(seed), inner_state)
+        n_pruned = len(_pruned_names(initial))
+        faults = PruneFaults(jnp.zeros((n_pruned,), bool), jnp.zeros((n_pruned,), bool), jnp.int32(-1))
+        return PruneState(jnp.zeros((), jnp.int32), initial, jax.random.PRNGKey(seed), inner_state, faults)
 
-    def recompute(params, grads, state, step, key):
-        plan = plan_pruning(params, rules, on_unused="ignore")
-        new = plan.masks(params, grads if plan.needs_grads else None, step=step, key=key)
+    def recompute(plan, params, grads, state, step, key):
+        # The schedules were checked before the switch (a failure selects the FAILED branch).
+        new = plan.masks(params, grads if plan.needs_grads else None, step=step, key=key, check=False)
         # Keep the given masks' sentinels where the rules prune nothing.
         return jax.tree.map(
             lambda old, fresh: old if is_masked_node(fresh) else fresh, state.masks, new, is_leaf=is_masked_node
@@ -255,13 +294,26 @@ def prune(
         # them in place: the switch below depends on its result (a failed check selects a branch
         # of its own), so XLA orders it first instead of copying the donated buffers every step.
         clean = lax.cond(is_check_step(step), lambda: _zero_where_pruned(params, state.masks), lambda: all_clean)
-        index = jnp.where(jnp.all(clean), branch_index(step), _FAILED)
+        due = branch_index(step)
+        plan, schedule_ok, rules_of = None, all_clean, None
+        if rules is not None:
+            plan = plan_pruning(params, rules, on_unused="ignore")
+            leaf_index = [i for i, m in enumerate(jax.tree_util.tree_leaves(state.masks, is_leaf=is_masked_node))
+                          if not is_masked_node(m)]
+            faults_at = plan.schedule_faults(step)
+            if faults_at:
+                bad = jnp.stack([faults_at.get(i, jnp.bool_(False)) for i in leaf_index])
+                schedule_ok = ~(bad & (due == _BY_RULES))
+            rule_at = {i: plan.rules[r] for r, group in enumerate(plan.groups) for i in group}
+            rules_of = [f"PruneRule(pattern={rule_at[i].pattern!r})" if i in rule_at else "" for i in leaf_index]
+        ok = jnp.all(clean) & jnp.all(schedule_ok)
+        index = jnp.where(ok, due, _FAILED)
         branches = [
             lambda: state.masks,
-            lambda: jax.tree.map(jnp.ones_like, state.masks),  # failed: the error is raised below
+            lambda: jax.tree.map(jnp.ones_like, state.masks),  # failed: recorded (and raised) below
         ]
         if rules is not None:
-            branches.append(lambda: recompute(params, updates, state, step, key))
+            branches.append(lambda: recompute(plan, params, updates, state, step, key))
         if dst is not None:
             branches.append(lambda: regrow(params, updates, state, step, key))
         # Only the NEW masks are used after the switch, and no branch but DST's regrowth (which
@@ -269,42 +321,41 @@ def prune(
         # the switch's output on every step (it does with dst: 2 bytes per pruned weight).
         new_masks = lax.switch(index, branches)
 
-        # Each mask is used three times below, in three elementwise passes that XLA fuses with
-        # the inner optimizer's own: read as bits there (`bit_view`), one byte per weight is
-        # read once per step instead of three times.
-        bits = _bit_views(new_masks)
-        masked_grads = _mask_tree_map(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), bits, updates)
+        masked_grads = _mask_tree_map(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), new_masks, updates)
         # The inner state is zeroed where the new masks prune (moments of a newly pruned weight
         # are dropped). Where a weight was pruned before, its moments are already zero (its
         # gradients were masked); with dynamic sparse training, whose regrowth reads the old
         # masks anyway, regrown weights are also reset explicitly (fresh moments whatever the
         # inner optimizer keeps at pruned positions).
-        keep = bits
+        keep = new_masks
         if dst is not None:
-            keep = _bit_views(_mask_tree_map(lambda new, old: new & old, new_masks, state.masks))
+            keep = _mask_tree_map(lambda new, old: new & old, new_masks, state.masks)
         inner_state = zero_outside(state.inner_state, keep, params)
         inner_updates, inner_state = inner.update(masked_grads, inner_state, params, **extra_args)
         final = _mask_tree_map(
-            lambda m, u, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)), bits, inner_updates, params
+            lambda m, u, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)), new_masks, inner_updates, params
         )
-        # The check's error rides on the step count (`checked`: no host callback unless it fails).
-        count = checked(optax.safe_int32_increment(step), clean, _not_outermost_message(names))
-        return final, PruneState(count, new_masks, state.key, inner_state)
+        old = state.faults
+        faults = PruneFaults(
+            old.not_zero | ~clean,
+            old.bad_sparsity | ~schedule_ok,
+            jnp.where((old.first_step < 0) & ~ok, step, old.first_step),
+        )
+        count = optax.safe_int32_increment(step)
+        if checks == "raise":
+            # The error rides on the step count (`checked`: no host call unless it fails).
+            n = len(names)
+            count = checked(
+                count,
+                jnp.concatenate([clean, schedule_ok]),
+                lambda flags: "; ".join(_fault_messages(names, ~flags[:n], ~flags[n:], rules_of)),
+            )
+        return final, PruneState(count, new_masks, state.key, inner_state, faults)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def prune_masks(state: Any) -> Any:
-    """The masks of the (single) `prune` state inside an optimizer state, however nested
-    (`optax.chain`, `optax.inject_hyperparams`, `optax.MultiSteps`, `qat`): a tree with the
-    params' structure, a bool array per pruned leaf and `optax.MaskedNode()` elsewhere (what
-    `apply_masks` and `mask_sparsity` take).
-
-    >>> import jax.numpy as jnp, optax, jaxcompress.pruning as jp
-    >>> opt = optax.MultiSteps(jp.prune(optax.sgd(0.1), {"w": 0.5}), every_k_schedule=2)
-    >>> jp.prune_masks(opt.init({"w": jnp.ones(4)}))["w"].tolist()
-    [True, True, True, True]
-    """
+def _find_prune_state(state: Any) -> PruneState:
     found = [
         node
         for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, PruneState))
@@ -312,4 +363,58 @@ def prune_masks(state: Any) -> Any:
     ]
     if len(found) != 1:
         raise ValueError(f"expected exactly one PruneState in the optimizer state, found {len(found)}")
-    return found[0].masks
+    return found[0]
+
+
+def prune_errors(state: Any) -> list[str]:
+    """What the checks of the (single) `prune` state inside ``state`` recorded (see `PruneFaults`):
+    one message per kind of failure, naming the leaves and the first failing step; ``[]`` when
+    every check passed. Reads the state on the host: call it outside ``jit``.
+
+    >>> import jax, jax.numpy as jnp, optax, jaxcompress.pruning as jp
+    >>> opt = optax.chain(jp.prune(optax.sgd(0.1), {"w": 0.5}, update_every=2), optax.scale(0.5))
+    >>> params, state = {"w": jnp.arange(1.0, 9.0)}, None
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...     updates, state = opt.update({"w": jnp.ones(8)}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> print(jp.prune_errors(state)[0][:60])
+    params['w']: non-zero params at pruned positions, although p
+    """
+    found = _find_prune_state(state)
+    faults = found.faults
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(faults)):
+        raise TypeError("prune_errors reads the optimizer state on the host: call it outside jit")
+    names = _pruned_names(found.masks)
+    not_zero, bad_sparsity = np.asarray(faults.not_zero), np.asarray(faults.bad_sparsity)
+    if not_zero.shape != (len(names),) or bad_sparsity.shape != (len(names),):
+        raise ValueError(
+            f"PruneState.faults has flags of shapes {not_zero.shape} / {bad_sparsity.shape}, expected "
+            f"({len(names)},): one per pruned leaf of the masks"
+        )
+    messages = _fault_messages(names, not_zero, bad_sparsity)
+    first = int(np.asarray(faults.first_step))
+    return [f"{m} (first failed at step {first})" for m in messages]
+
+
+def prune_masks(state: Any, *, check: bool = True) -> Any:
+    """The masks of the (single) `prune` state inside an optimizer state, however nested
+    (`optax.chain`, `optax.inject_hyperparams`, `optax.MultiSteps`, `qat`): a tree with the
+    params' structure, a bool array per pruned leaf and `optax.MaskedNode()` elsewhere (what
+    `apply_masks` and `mask_sparsity` take).
+
+    With ``check`` (the default) and a concrete state, a failure its checks recorded
+    (`prune_errors`) raises a ``ValueError`` here, so masks of a run that went wrong are not
+    used unknowingly; ``check=False`` returns them anyway. Under ``jit`` nothing is checked.
+
+    >>> import jax.numpy as jnp, optax, jaxcompress.pruning as jp
+    >>> opt = optax.MultiSteps(jp.prune(optax.sgd(0.1), {"w": 0.5}), every_k_schedule=2)
+    >>> jp.prune_masks(opt.init({"w": jnp.ones(4)}))["w"].tolist()
+    [True, True, True, True]
+    """
+    found = _find_prune_state(state)
+    if check and not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(found.faults)):
+        errors = prune_errors(found)
+        if errors:
+            raise ValueError("; ".join(errors) + " (prune_masks(state, check=False) returns the masks anyway)")
+    return found.masks

@@ -131,11 +131,27 @@ class PrunePlan(LeafDecisions):
             [jnp.ones_like(x, dtype=bool) if i in pruned else MaskedNode() for i, x in enumerate(leaves)]
         )
 
-    def target_sparsities(self, step: Any = 0) -> dict[int, jax.Array]:
+    def schedule_faults(self, step: Any) -> dict[int, jax.Array]:
+        """Per pruned leaf index whose rule's sparsity is a schedule: whether that schedule gives
+        NaN or a value outside ``[0, 1)`` at ``step`` (a bool scalar; computed, never raised)."""
+        out: dict[int, jax.Array] = {}
+        for rule_index, group in enumerate(self.groups):
+            rule = self.rules[rule_index]
+            if group and rule.structure != "n:m" and callable(rule.sparsity):
+                value = jnp.asarray(rule.sparsity_at(step), jnp.float32)
+                if value.shape != ():
+                    raise ValueError(f"PruneRule(pattern={rule.pattern!r}): a sparsity schedule must return a scalar, got shape {value.shape}")
+                bad = ~(jnp.isfinite(value) & (value >= 0.0) & (value < 1.0))
+                out.update((i, bad) for i in group)
+        return out
+
+    def target_sparsities(self, step: Any = 0, *, check: bool = True) -> dict[int, jax.Array]:
         """Per pruned leaf index, the sparsity its rule asks for at ``step`` (after distribution).
 
         A schedule that gives NaN or a value outside ``[0, 1)`` raises a ValueError naming the
-        rule: at once when the value is concrete, when the computation runs under ``jit``."""
+        rule: at once when the value is concrete, when the computation runs under ``jit``.
+        ``check=False`` leaves traced values unchecked (no host callback in the program; the
+        caller checks them, as `prune` does with `schedule_faults`)."""
         out: dict[int, jax.Array] = {}
         for rule_index, group in enumerate(self.groups):
             rule = self.rules[rule_index]
@@ -147,7 +163,7 @@ class PrunePlan(LeafDecisions):
                     out[i] = jnp.float32(1.0 - n / m)
                 continue
             target = jnp.asarray(rule.sparsity_at(step), jnp.float32)
-            if callable(rule.sparsity):
+            if callable(rule.sparsity) and (check or not isinstance(target, jax.core.Tracer)):
                 target = _check_scheduled(rule, target, step)
             shapes = [cast("tuple[int, ...]", self.leaves[i].shape) for i in group]  # pruned: arrays
             spread = erk_sparsities if rule.distribution == "erk" else uniform_sparsities
@@ -155,15 +171,18 @@ class PrunePlan(LeafDecisions):
                 out[i] = value
         return out
 
-    def masks(self, params: Any, grads: Any = None, *, step: Any = 0, key: jax.Array | None = None) -> Any:
+    def masks(
+        self, params: Any, grads: Any = None, *, step: Any = 0, key: jax.Array | None = None, check: bool = True
+    ) -> Any:
         """The mask tree for ``params`` at ``step`` (pure; jit-able with traced step and key).
 
-        All leaves' top-k selections share one bisection loop (`topk.top_k_masks`).
+        All leaves' top-k selections share one bisection loop (`topk.top_k_masks`). ``check``:
+        as in `target_sparsities`.
         """
         leaves = self.leaves_of(params)
         grad_leaves = None if grads is None else self.leaves_of(grads)
         out: list[Any] = [MaskedNode()] * len(leaves)
-        sparsities = self.target_sparsities(step)
+        sparsities = self.target_sparsities(step, check=check)
         groups, ks, finish = [], [], []
         for rule_index, group in enumerate(self.groups):
             if not group:

@@ -95,9 +95,30 @@ def _run(opt, steps, params=None):
 def test_schedule_out_of_range_inside_jit_raises_naming_the_rule(bad):
     # valid at step 0 (checked at init), bad from the second mask update on
     rule = jp.PruneRule(pattern=r"l\d/kernel", sparsity=lambda step: jnp.where(step >= 10, bad, 0.5))
-    opt = jp.prune(optax.sgd(0.1), rule, update_every=10)
-    with pytest.raises(RUN_TIME_ERRORS, match=r"PruneRule\(pattern='l\\\\d/kernel'\): its sparsity schedule"):
+    opt = jp.prune(optax.sgd(0.1), rule, update_every=10, checks="raise")
+    with pytest.raises(
+        RUN_TIME_ERRORS,
+        match=r"params\['l1'\]\['kernel'\] \(PruneRule\(pattern='l\\\\d/kernel'\)\), .*: its sparsity schedule",
+    ):
         _run(opt, 12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.25])
+def test_schedule_out_of_range_is_recorded_in_the_state(bad):
+    # checks="state" (the default): the step runs on, the failure is kept in the state, the
+    # failing mask update keeps every weight, and prune_masks raises naming the leaves.
+    rule = jp.PruneRule(pattern=r"l\d/kernel", sparsity=lambda step: jnp.where(step >= 10, bad, 0.5))
+    _, state = _run(jp.prune(optax.sgd(0.1), rule, update_every=10), 13)
+    errors = jp.prune_errors(state)
+    assert len(errors) == 1
+    assert errors[0].startswith("params['l1']['kernel'], params['l2']['kernel']: its sparsity schedule")
+    assert errors[0].endswith("(first failed at step 10)")
+    assert np.asarray(state.faults.bad_sparsity).tolist() == [True, True]
+    assert not np.asarray(state.faults.not_zero).any()
+    with pytest.raises(ValueError, match=r"params\['l1'\]\['kernel'\].*its sparsity schedule"):
+        jp.prune_masks(state)
+    masks = jp.prune_masks(state, check=False)
+    assert all(np.asarray(m).all() for m in jax.tree.leaves(masks))
 
 
 def test_schedule_in_range_never_raises():
@@ -108,9 +129,46 @@ def test_schedule_in_range_never_raises():
 
 @pytest.mark.parametrize("after", [optax.scale(0.5), optax.add_decayed_weights(0.1)], ids=["scale", "weight_decay"])
 def test_prune_not_outermost_raises_naming_the_leaf(after):
-    opt = optax.chain(jp.prune(optax.adam(1e-2), {"l2/kernel": 0.5}, update_every=5), after)
+    opt = optax.chain(jp.prune(optax.adam(1e-2), {"l2/kernel": 0.5}, update_every=5, checks="raise"), after)
     with pytest.raises(RUN_TIME_ERRORS, match=r"params\['l2'\]\['kernel'\]: non-zero params at pruned positions"):
         _run(opt, 7)
+
+
+@pytest.mark.parametrize("after", [optax.scale(0.5), optax.add_decayed_weights(0.1)], ids=["scale", "weight_decay"])
+def test_prune_not_outermost_is_recorded_in_the_state(after):
+    opt = optax.chain(jp.prune(optax.adam(1e-2), {"l2/kernel": 0.5}, update_every=5), after)
+    _, state = _run(opt, 7)  # step 1 checks the params step 0 pruned
+    (error,) = jp.prune_errors(state)
+    assert error.startswith("params['l2']['kernel']: non-zero params at pruned positions")
+    assert error.endswith("(first failed at step 1)")
+    with pytest.raises(ValueError, match="prune must be the outermost transformation"):
+        jp.prune_masks(state)
+
+
+def test_checks_argument_is_validated_and_clean_runs_record_nothing():
+    with pytest.raises(ValueError, match="checks must be 'state' or 'raise', got 'eager'"):
+        jp.prune(optax.sgd(0.1), {"l2/kernel": 0.5}, checks="eager")
+    _, state = _run(jp.prune(optax.adam(1e-2), [GRADUAL], update_every=5), 12)
+    assert jp.prune_errors(state) == []
+    assert int(state.faults.first_step) == -1
+    with pytest.raises(TypeError, match="call it outside jit"):
+        jax.jit(jp.prune_errors)(state)
+
+
+def test_step_holds_no_host_callback_by_default():
+    # checks="state": nothing in the compiled step calls the host (XLA:CPU would run it
+    # synchronously); checks="raise" holds the callback of `_checks.checked`.
+    params, (x, y) = mlp_params(), data()
+
+    def hlo(opt):
+        def step(params, state):
+            updates, state = opt.update(jax.grad(loss)(params, x, y), state, params)
+            return optax.apply_updates(params, updates), state
+
+        return jax.jit(step).lower(params, opt.init(params)).as_text()
+
+    assert "callback" not in hlo(jp.prune(optax.adam(1e-2), [GRADUAL], update_every=5))
+    assert "callback" in hlo(jp.prune(optax.adam(1e-2), [GRADUAL], update_every=5, checks="raise"))
 
 
 def test_given_masks_on_dense_params_are_not_a_false_alarm():
