@@ -140,7 +140,10 @@ class PrunePlan(LeafDecisions):
             if group and rule.structure != "n:m" and callable(rule.sparsity):
                 value = jnp.asarray(rule.sparsity_at(step), jnp.float32)
                 if value.shape != ():
-                    raise ValueError(f"PruneRule(pattern={rule.pattern!r}): a sparsity schedule must return a scalar, got shape {value.shape}")
+                    raise ValueError(
+                        f"PruneRule(pattern={rule.pattern!r}): a sparsity schedule must return a scalar, "
+                        f"got shape {value.shape}"
+                    )
                 bad = ~(jnp.isfinite(value) & (value >= 0.0) & (value < 1.0))
                 out.update((i, bad) for i in group)
         return out
