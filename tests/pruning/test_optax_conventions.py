@@ -153,6 +153,11 @@ def test_checks_argument_is_validated_and_clean_runs_record_nothing():
     assert int(state.faults.first_step) == -1
     with pytest.raises(TypeError, match="call it outside jit"):
         jax.jit(jp.prune_errors)(state)
+    # an abstract state (a checkpoint-restore target) has masks to find and nothing to check
+    abstract = jax.eval_shape(jp.prune(optax.adam(1e-2), [GRADUAL]).init, mlp_params())
+    assert jp.prune_masks(abstract)["l1"]["kernel"].shape == mlp_params()["l1"]["kernel"].shape
+    with pytest.raises(TypeError, match="not one from jax.eval_shape"):
+        jp.prune_errors(abstract)
 
 
 def test_step_holds_no_host_callback_by_default():
