@@ -83,10 +83,20 @@ def test_the_library_steps_hold_no_effect():
 
 def test_prune_step_dispatches_on_the_fast_path_and_still_checks():
     params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}
-    opt = optax.chain(jp.prune(optax.sgd(0.1), {"w": 0.5}, update_every=2), optax.scale(0.5))
+    # checks="raise": the running step raises (its host callback is called only on failure)
+    opt = optax.chain(jp.prune(optax.sgd(0.1), {"w": 0.5}, update_every=2, checks="raise"), optax.scale(0.5))
     state = opt.init(params)
     step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(p, s, p)))
     with pytest.raises(RUN_TIME_ERRORS, match=r"\['w'\]: non-zero params at pruned positions"):
         for _ in range(4):
             params, state = step(params, state)
         jax.block_until_ready(params)
+    # checks="state" (the default): no callback at all; the failure is recorded and raised on the host
+    params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}
+    opt = optax.chain(jp.prune(optax.sgd(0.1), {"w": 0.5}, update_every=2), optax.scale(0.5))
+    state = opt.init(params)
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(p, s, p)))
+    for _ in range(4):
+        params, state = step(params, state)
+    with pytest.raises(ValueError, match=r"\['w'\]: non-zero params at pruned positions"):
+        jp.prune_masks(state)
